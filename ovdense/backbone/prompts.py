@@ -1,0 +1,153 @@
+"""Prompts: template sets, class vocabularies with synonyms, and the on-disk text-embedding cache.
+
+* Template sets: ``"imagenet80"`` is CLIP's 80 ImageNet prompt templates (Radford et al. 2021,
+  the zero-shot notebook; taken from open_clip's copy so there is one source), ``"single"`` is
+  ``"a photo of a {}."``, or any list of strings with one ``{}``.
+* A vocabulary is a list of classes; a class is one name or several synonyms. A string entry
+  with commas is split into synonyms (``"person, man, woman"``), the convention of the
+  ``cls_*.txt`` files of SCLIP / ClearCLIP / NACLIP. The first synonym names the class.
+* The cache stores one L2-normalised embedding per (model fingerprint, templates, name) as a
+  ``.npy`` file, so a vocabulary is encoded once, and a second vocabulary that shares names
+  with the first encodes only the new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+
+from ovdense.errors import OvdenseError
+from ovdense.io import write_bytes
+
+Templates = Union[str, Sequence[str]]
+ClassSpec = Union[str, Sequence[str]]
+
+SINGLE_TEMPLATE = ("a photo of a {}.",)
+
+
+def imagenet80_templates() -> tuple[str, ...]:
+    """CLIP's 80 ImageNet templates as format strings (from ``open_clip.zero_shot_metadata``)."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
+
+
+def resolve_templates(templates: Templates) -> tuple[str, ...]:
+    """Turn a template-set name or a list of templates into a tuple of format strings."""
+    if isinstance(templates, str):
+        if templates == "imagenet80":
+            return imagenet80_templates()
+        if templates == "single":
+            return SINGLE_TEMPLATE
+        if "{}" in templates:
+            return (templates,)
+        raise OvdenseError(
+            f"unknown template set {templates!r}: use 'imagenet80', 'single' or a list of "
+            "strings with '{}' where the class name goes"
+        )
+    resolved = tuple(templates)
+    if not resolved:
+        raise OvdenseError("the template list is empty")
+    for template in resolved:
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise OvdenseError(f"a template must be a string with exactly one '{{}}': {template!r}")
+    return resolved
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Classes with synonyms, flattened into prompts.
+
+    Attributes:
+        names: ``C`` class names (each class's first synonym).
+        prompts: ``Q`` prompt words, every synonym of every class, class by class.
+        class_of_prompt: ``Q`` indices into ``names``.
+    """
+
+    names: tuple[str, ...]
+    prompts: tuple[str, ...]
+    class_of_prompt: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @classmethod
+    def parse(cls, classes: Sequence[ClassSpec]) -> "Vocabulary":
+        """Build a vocabulary from class entries (a string, commas for synonyms, or a list)."""
+        if isinstance(classes, str):
+            raise OvdenseError(
+                "classes must be a list of class names, not one string; "
+                "for example ['cat', 'dog'] (use 'person, man, woman' for synonyms)"
+            )
+        if len(classes) == 0:
+            raise OvdenseError("the class list is empty: give at least one class name")
+        names: list[str] = []
+        prompts: list[str] = []
+        class_of_prompt: list[int] = []
+        for index, entry in enumerate(classes):
+            words = entry.split(",") if isinstance(entry, str) else list(entry)
+            words = [w.strip() for w in words if isinstance(w, str) and w.strip()]
+            if not words:
+                raise OvdenseError(f"class {index} has an empty name: {entry!r}")
+            names.append(words[0])
+            prompts.extend(words)
+            class_of_prompt.extend([index] * len(words))
+        return cls(tuple(names), tuple(prompts), tuple(class_of_prompt))
+
+    @classmethod
+    def from_file(cls, path: Union[str, os.PathLike]) -> "Vocabulary":
+        """Read a class file: one class per line, synonyms separated by commas."""
+        path = Path(path)
+        if not path.is_file():
+            raise OvdenseError(f"class file not found: {path}")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        entries = [line for line in lines if line and not line.startswith("#")]
+        if not entries:
+            raise OvdenseError(f"class file {path} has no class names")
+        return cls.parse(entries)
+
+
+def default_cache_dir() -> Path:
+    """``$OVDENSE_CACHE`` if set, else ``~/.cache/ovdense``: the one folder for ovdense caches."""
+    return Path(os.environ.get("OVDENSE_CACHE", Path.home() / ".cache" / "ovdense"))
+
+
+class TextCache:
+    """One ``.npy`` file per (model fingerprint, templates, prompt word) under ``root/text``.
+
+    The fingerprint must change whenever the text tower's weights change (see
+    ``ClipBackbone.fingerprint``); the templates are part of the key, so a different prompt
+    ensemble never reuses an embedding.
+    """
+
+    VERSION = 1
+
+    def __init__(self, root: Union[str, os.PathLike], fingerprint: str, templates: tuple[str, ...]):
+        key = json.dumps({"v": self.VERSION, "model": fingerprint, "templates": list(templates)})
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:24]
+        self.folder = Path(root) / "text" / digest
+
+    def _path(self, word: str) -> Path:
+        return self.folder / (hashlib.sha256(word.encode("utf-8")).hexdigest()[:32] + ".npy")
+
+    def get(self, word: str) -> np.ndarray | None:
+        path = self._path(word)
+        if not path.is_file():
+            return None
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None  # a damaged entry is re-encoded and overwritten
+
+    def put(self, word: str, embedding: np.ndarray) -> None:
+        import io
+
+        buffer = io.BytesIO()
+        np.save(buffer, embedding.astype(np.float32), allow_pickle=False)
+        write_bytes(self._path(word), buffer.getvalue())

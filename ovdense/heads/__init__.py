@@ -1,0 +1,1 @@
+"""Heads on the shared backbone, one file each."""

@@ -1,0 +1,246 @@
+"""Image input and result output: the one image loader, the one palette, the one file writer.
+
+Input rule (``load_image``) — every image becomes an RGB ``uint8`` array ``[H, W, 3]``:
+
+* a path is opened with Pillow (EXIF orientation applied);
+* grayscale (``L``, ``I;16``, ``I``, ``F``) is replicated to three channels;
+* 16-bit data (PNG ``I;16`` or a ``uint16`` array) is scaled to 8 bit by ``v * 255 / 65535``
+  rounded, i.e. the full 16-bit range maps to the full 8-bit range;
+* palette images are expanded to RGB;
+* an alpha channel (``RGBA``, ``LA``, ``PA``) is composited over white, so transparent areas
+  look as they do in a viewer, not black;
+* float arrays must be in ``[0, 1]`` and are scaled to 8 bit.
+
+Output: every file is written atomically (a temporary file in the same folder, then
+``os.replace``), so a crash never leaves a half-written result. The CLI names outputs
+``<stem>_labels.png`` etc. and refuses an output path that is one of its inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+from ovdense.errors import OvdenseError
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def load_image(image: ImageInput) -> np.ndarray:
+    """Return ``image`` as an RGB ``uint8`` array ``[H, W, 3]`` by the rule in the module doc.
+
+    Raises:
+        OvdenseError: the file is missing or not a readable image, or the array has a shape or
+            dtype that is not an image.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise OvdenseError(f"image not found: {path}")
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                pil = ImageOps.exif_transpose(opened)
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise OvdenseError(f"cannot read image {path}: {e}") from e
+        return _pil_to_rgb(pil)
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image)
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
+    raise OvdenseError(
+        f"an image must be a path, a PIL image or a numpy array, not {type(image).__name__}"
+    )
+
+
+def _pil_to_rgb(pil: Image.Image) -> np.ndarray:
+    if pil.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _array_to_rgb(np.asarray(pil))
+    if pil.mode == "P":
+        pil = pil.convert("RGBA" if "transparency" in pil.info else "RGB")
+    if pil.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", pil.size, (255, 255, 255, 255))
+        pil = Image.alpha_composite(background, pil.convert("RGBA"))
+    return np.ascontiguousarray(np.asarray(pil.convert("RGB"), dtype=np.uint8))
+
+
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise OvdenseError(
+            f"an image array must be [H, W], [H, W, 3] or [H, W, 4], got shape {array.shape}"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise OvdenseError(f"the image is empty (shape {array.shape})")
+    if array.dtype == np.uint8:
+        pass
+    elif array.dtype == np.uint16:
+        array = np.round(array.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8)
+    elif array.dtype in (np.int32, np.int64):
+        if array.min() < 0 or array.max() > 65535:
+            raise OvdenseError("an integer image must hold values in [0, 65535]")
+        scale = 255.0 / 65535.0 if array.max() > 255 else 1.0
+        array = np.round(array.astype(np.float64) * scale).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise OvdenseError("a float image must hold finite values in [0, 1]")
+        array = np.round(array * 255.0).astype(np.uint8)
+    else:
+        raise OvdenseError(f"unsupported image dtype {array.dtype}")
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.shape[2] == 4:
+        alpha = array[:, :, 3:4].astype(np.float64) / 255.0
+        rgb = array[:, :, :3].astype(np.float64) * alpha + 255.0 * (1.0 - alpha)
+        array = np.round(rgb).astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def list_images(inputs: Sequence[Union[str, os.PathLike]]) -> list[Path]:
+    """Expand files and folders into a sorted list of image paths (folders: one level deep)."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# Palette
+
+
+def palette(num_colors: int = 256) -> np.ndarray:
+    """The one ovdense palette: ``[num_colors, 3]`` ``uint8``, index 0 black.
+
+    It is the PASCAL VOC colour map (the bits of the index spread over the three channels, most
+    significant first), so a label PNG looks like the VOC and mmseg ones.
+    """
+    colors = np.zeros((num_colors, 3), dtype=np.uint8)
+    for index in range(num_colors):
+        value, r, g, b = index, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= ((value >> 0) & 1) << shift
+            g |= ((value >> 1) & 1) << shift
+            b |= ((value >> 2) & 1) << shift
+            value >>= 3
+        colors[index] = (r, g, b)
+    return colors
+
+
+def colorize(labels: np.ndarray) -> np.ndarray:
+    """Map ``labels[H, W]`` (int) to ``[H, W, 3]`` ``uint8`` colours of the palette."""
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError("labels must lie in [0, 255] to be coloured by the palette")
+    return palette()[labels]
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writing
+
+
+def write_bytes(path: Union[str, os.PathLike], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    return path
+
+
+def _encode_pil(pil: Image.Image, format: str, **params: Any) -> bytes:
+    import io as _io
+
+    buffer = _io.BytesIO()
+    pil.save(buffer, format=format, **params)
+    return buffer.getvalue()
+
+
+def write_label_png(path: Union[str, os.PathLike], labels: np.ndarray) -> Path:
+    """Write ``labels[H, W]`` (values 0..255) as an indexed PNG with the ovdense palette."""
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be [H, W], got {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError("an indexed PNG holds labels 0..255 only")
+    pil = Image.fromarray(labels.astype(np.uint8), mode="P")
+    pil.putpalette(palette().reshape(-1).tolist())
+    return write_bytes(path, _encode_pil(pil, "PNG"))
+
+
+def write_image(path: Union[str, os.PathLike], rgb: np.ndarray, quality: int = 92) -> Path:
+    """Write an RGB ``uint8`` array; the format follows the suffix (.png, .jpg)."""
+    path = Path(path)
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    params = {"quality": quality} if fmt == "JPEG" else {}
+    return write_bytes(path, _encode_pil(Image.fromarray(rgb), fmt, **params))
+
+
+def write_json(path: Union[str, os.PathLike], obj: Any) -> Path:
+    """Write ``obj`` as indented UTF-8 JSON, atomically."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    return write_bytes(path, text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------------------
+# Overlay
+
+
+def overlay(
+    image: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    alpha: float = 0.5,
+    legend: bool = True,
+) -> np.ndarray:
+    """Blend ``image[H, W, 3]`` with the colour map of ``labels[H, W]``; add a legend strip.
+
+    The legend lists the classes present in ``labels`` (most pixels first) with their colour
+    and pixel share; it is drawn on a white strip to the right of the image.
+    Returns an RGB ``uint8`` array ``[H, W + legend width, 3]``.
+    """
+    if image.shape[:2] != labels.shape:
+        raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
+    colors = colorize(labels).astype(np.float32)
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colors
+    blended = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    if not legend:
+        return blended
+    counts = np.bincount(labels.reshape(-1), minlength=len(class_names))
+    present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
+    font = ImageFont.load_default()
+    row = 16
+    width = 200
+    height = max(labels.shape[0], row * (len(present) + 1))
+    canvas = Image.new("RGB", (blended.shape[1] + width, height), (255, 255, 255))
+    canvas.paste(Image.fromarray(blended), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    x0 = blended.shape[1] + 6
+    pal = palette()
+    for n, index in enumerate(present):
+        y = 4 + n * row
+        draw.rectangle([x0, y, x0 + 11, y + 11], fill=tuple(int(c) for c in pal[index]),
+                       outline=(0, 0, 0))
+        name = class_names[index] if index < len(class_names) else str(index)
+        share = 100.0 * counts[index] / labels.size
+        draw.text((x0 + 16, y), f"{name} {share:.1f}%", fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)

@@ -1,0 +1,1 @@
+"""Post-processing of dense predictions: PAMR, CLIPtrase clustering."""

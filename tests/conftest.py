@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny random-weight CLIP (12 blocks so every method's layer choices exist,
+width 32, patch 8, 32 px native) and a private cache folder for each test session."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+TINY_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 12, "width": 32, "head_width": 8, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_config_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "tiny-vit.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_config_path, tmp_path_factory):
+    from ovdense import create_backbone
+
+    torch.manual_seed(0)
+    backbone = create_backbone(str(tiny_config_path), cache_dir=tmp_path_factory.mktemp("cache"))
+    _spread_weights(backbone)
+    return backbone
+
+
+def _spread_weights(backbone):
+    """Random init leaves attention nearly uniform; larger q/k weights make the attention
+    variants differ visibly, so a wrong equation cannot hide behind near-equal outputs."""
+    generator = torch.Generator().manual_seed(1)
+    for block in backbone.model.visual.transformer.resblocks:
+        w = block.attn.in_proj_weight
+        w.data = torch.randn(w.shape, generator=generator) * 0.4
+        block.attn.in_proj_bias.data = torch.randn(w.shape[0], generator=generator) * 0.1
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
