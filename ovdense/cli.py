@@ -125,7 +125,7 @@ def _command_segment(args: argparse.Namespace) -> int:
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
     backbone = create_backbone(args.model, pretrained=pretrained, device=args.device)
     segmenter = Segmenter(
-        backbone, args.method, [list(s) for s in _synonyms(vocabulary)], templates=templates,
+        backbone, args.method, vocabulary, templates=templates,
         short_side=args.short_side, window=tuple(args.window) if args.window else None,
         logit_scale=args.logit_scale, bg_threshold=args.bg_threshold, pamr=args.pamr,
     )
@@ -152,20 +152,13 @@ def _command_segment(args: argparse.Namespace) -> int:
             "settings": segmenter.settings(),
             "classes": [
                 {"index": i, "name": name, "synonyms": list(syn), "pixel_share": shares[i]}
-                for i, (name, syn) in enumerate(zip(result.classes, _synonyms(vocabulary)))
+                for i, (name, syn) in enumerate(zip(result.classes, vocabulary.synonyms()))
             ],
             "seconds": round(seconds, 4),
         })
     if failed:
         print(f"ovdense: {failed} of {len(images)} images failed", file=sys.stderr)
     return 1 if failed else 0
-
-
-def _synonyms(vocabulary) -> list[tuple[str, ...]]:
-    groups: list[list[str]] = [[] for _ in vocabulary.names]
-    for word, index in zip(vocabulary.prompts, vocabulary.class_of_prompt):
-        groups[index].append(word)
-    return [tuple(g) for g in groups]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -215,7 +215,8 @@ def cliptrase_block(block: nn.Module, x: torch.Tensor, grid: tuple[int, int]) ->
         x ← x + mlp(ln_2(x))
 
     Residual and FFN are kept. The clustering post-step is ``cliptrase_affinity`` + the
-    Segmenter's ``cluster`` option.
+    Segmenter's ``cluster`` option. The official evaluation resizes the short side to 224 and
+    centre-crops a square; ovdense keeps the whole image (short side 224, one pass).
     """
     q, k, v = qkv(block, x)
     weights = self_softmax(q, q) + self_softmax(k, k) + self_softmax(v, v)  # B, heads, N, N
@@ -330,7 +331,7 @@ METHODS: dict[str, MethodSpec] = {
     "cliptrase": MethodSpec(
         cliptrase_block, "Shao et al., ECCV 2024 (CLIPtrase)",
         "softmax(qqᵀs) + softmax(kkᵀs) + softmax(vvᵀs); residual and FFN kept",
-        Protocol(window=(0, 0), logit_scale=100.0),
+        Protocol(short_side=224, window=(0, 0), logit_scale=100.0),
     ),
     "itaclip": MethodSpec(
         itaclip_block, "Aydın et al., CVPRW 2025 (ITACLIP)",

@@ -77,6 +77,13 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.names)
 
+    def synonyms(self) -> list[tuple[str, ...]]:
+        """Each class's words, in class order: ``[("person", "man"), ("dog",), …]``."""
+        groups: list[list[str]] = [[] for _ in self.names]
+        for word, index in zip(self.prompts, self.class_of_prompt):
+            groups[index].append(word)
+        return [tuple(g) for g in groups]
+
     @classmethod
     def parse(cls, classes: Sequence[ClassSpec]) -> "Vocabulary":
         """Build a vocabulary from class entries (a string, commas for synonyms, or a list)."""

@@ -4,32 +4,48 @@ The protocol is the official repos' (SCLIP ``clip_segmentor.py``, ClearCLIP and 
 ``*_segmentor.py``/``naclip.py``, all on mmseg 1.x):
 
 1. resize so the short side is ``short_side`` (long side capped at 2048, mmcv's ``imrescale``
-   rule with bilinear interpolation);
-2. sliding windows of ``window = (crop, stride)``: each window's patch–prompt cosine logits
-   are upsampled bilinearly to the window, summed on the canvas and divided by the number of
-   windows covering each pixel;
-3. the canvas is resized bilinearly to the original image (optionally refined by PAMR);
+   rule with bilinear interpolation), normalise with the backbone's mean and std;
+2. sliding windows of ``window = (crop, stride)`` (mmseg ``slide_inference``): each window is
+   zero-padded to a patch multiple, centred (ClearCLIP's ``compute_padsize``; a no-op for the
+   usual patch-multiple windows), its patch–prompt cosine logits are upsampled bilinearly to
+   the padded window and cut back; the canvas sums them and divides by the number of windows
+   covering each pixel;
+3. the canvas is resized bilinearly to the original image; optional PAMR refines these logits
+   guided by the normalised image resized to the same size (dilations 8 and 16, 10 steps);
 4. ``softmax(logit_scale · logits)`` over all ``Q`` prompts (every synonym of every class); a
-   class's probability is the max over its synonyms; the label is the argmax over classes;
-5. pixels whose best probability is below ``bg_threshold`` become class 0 (background).
+   class's probability is the max over its synonyms;
+5. optional area threshold (SCLIP/ITACLIP ``area_thd``): a class other than 0 whose argmax
+   area is at most ``area_threshold`` of all non-background argmax pixels gets probability 0;
+6. the label is the argmax over classes; pixels whose best probability is below
+   ``bg_threshold`` become class 0 (background; ``prob_thd`` in the repos).
+
+Method extras, each off unless the method's protocol or the caller turns it on: ITACLIP's image
+engineering (in step 2), its class definitions (in the text features) and its 3×3 closing of
+the label map; CLIPtrase's cluster vote (after step 6).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import torchvision.transforms.functional as TF
+
 from ovdense.backbone.clip import ClipBackbone
-from ovdense.backbone.dense import METHODS, MethodSpec
+from ovdense.backbone.dense import METHODS, MethodSpec, block_input_affinity
 from ovdense.backbone.prompts import ClassSpec, Templates, Vocabulary
 from ovdense.errors import OvdenseError
 from ovdense.io import ImageInput, load_image
+from ovdense.refine.cluster import cluster_vote, default_dbscan_params
 from ovdense.refine.pamr import pamr as pamr_refine
+
+PAMR_DILATIONS = (8, 16)  # ``pamr_stride`` in SCLIP, NACLIP, ClearCLIP and ITACLIP
+PAMR_STEPS = 10
 
 MAX_LONG_SIDE = 2048
 
@@ -81,20 +97,34 @@ def window_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[
 class Segmenter:
     """Segment images with any list of classes by a training-free method.
 
+    Every ``None`` argument takes the method's official default (``ovdense methods`` lists
+    them; ``dense.METHODS[method].protocol`` holds them).
+
     Args:
         backbone: the shared CLIP backbone.
         method: a name from ``ovdense.backbone.dense.METHODS``.
         classes: class names; a string with commas (or a list) gives synonyms, e.g.
             ``["background", "person, man, woman", "dog"]``.
         templates: ``"imagenet80"``, ``"single"`` or a list of templates with ``{}``.
-        short_side: resize the short side to this; ``0`` keeps the size; ``None`` = the
-            method's official default.
-        window: ``(crop, stride)`` in pixels; ``(0, 0)`` = one pass over the whole image;
-            ``None`` = the method's default.
-        logit_scale: softmax temperature factor; ``None`` = the method's default.
+        short_side: resize the short side to this; ``0`` keeps the size.
+        window: ``(crop, stride)`` in pixels; ``(0, 0)`` = one pass over the whole image.
+        logit_scale: softmax temperature factor.
         bg_threshold: pixels whose best probability is below it become class 0.
-        pamr: refine the logits with PAMR; ``None`` = the method's default.
-        method_options: extra options of the method (see its function in ``dense``).
+        area_threshold: classes ≥ 1 covering at most this fraction of the non-background
+            argmax pixels are dropped (SCLIP/ITACLIP ``area_thd``; VOC21 uses 0.1).
+        pamr: refine the logits with PAMR.
+        image_engineering: ITACLIP's test-time variants: features averaged over the
+            original, grayscale and Gaussian-blurred window (kernel 11, σ = 5), mixed
+            ``0.75 : 0.25`` with the mean logits of its vertical and horizontal flips.
+        close_labels: ITACLIP's 3×3 morphological closing of the label map.
+        cluster: CLIPtrase's cluster vote (DBSCAN on the block-11 affinity).
+        cluster_params: DBSCAN ``(eps, min_samples)``; ``None`` = the official pair for the
+            nearest patch count (``(0.7, 3)`` at 14×14 patches, ``(1.1, 7)`` at 21×21).
+        definitions: ITACLIP's class definitions, ``{class name: text}``; each prompt of a
+            defined class becomes ``(1 − w) · t_name + w · t_definition`` (not renormalised,
+            as in the official code), ``w = definition_weight``.
+        definition_weight: ``w`` above (official 0.2).
+        method_options: extra options of the method's block function (see ``dense``).
     """
 
     def __init__(
@@ -107,7 +137,14 @@ class Segmenter:
         window: Optional[tuple[int, int]] = None,
         logit_scale: Optional[float] = None,
         bg_threshold: Optional[float] = None,
+        area_threshold: Optional[float] = None,
         pamr: Optional[bool] = None,
+        image_engineering: Optional[bool] = None,
+        close_labels: Optional[bool] = None,
+        cluster: Optional[bool] = None,
+        cluster_params: Optional[tuple[float, int]] = None,
+        definitions: Optional[Mapping[str, str]] = None,
+        definition_weight: float = 0.2,
         method_options: Optional[dict] = None,
     ):
         if method not in METHODS:
@@ -119,29 +156,59 @@ class Segmenter:
         self.vocabulary = classes if isinstance(classes, Vocabulary) else Vocabulary.parse(classes)
         self.templates = templates
         self.short_side = defaults.short_side if short_side is None else int(short_side)
-        self.window = tuple(defaults.window if window is None else window)
+        self.window = tuple(int(v) for v in (defaults.window if window is None else window))
         self.logit_scale = defaults.logit_scale if logit_scale is None else float(logit_scale)
         self.bg_threshold = bg_threshold
+        self.area_threshold = area_threshold
         self.pamr = defaults.pamr if pamr is None else bool(pamr)
+        self.image_engineering = _choose(image_engineering, defaults.image_engineering)
+        self.close_labels = _choose(close_labels, defaults.close_labels)
+        self.cluster = _choose(cluster, defaults.cluster)
+        self.cluster_params = cluster_params
+        self.definitions = dict(definitions or {})
+        self.definition_weight = float(definition_weight)
         self.method_options = dict(method_options or {})
         self._validate()
-        self.text = backbone.encode_text(self.vocabulary.prompts, templates)  # Q, D
+        self.text = self._text_features()  # Q, D
         self.class_of_prompt = torch.tensor(self.vocabulary.class_of_prompt, device=backbone.device)
 
     def _validate(self) -> None:
         if self.short_side < 0:
             raise OvdenseError(f"short_side must be ≥ 0, got {self.short_side}")
+        if len(self.window) != 2:
+            raise OvdenseError(f"window must be (crop, stride), got {self.window}")
         crop, stride = self.window
         if (crop, stride) != (0, 0) and (crop <= 0 or stride <= 0):
             raise OvdenseError(f"window must be two positive ints (or 0 0), got {self.window}")
-        if crop and crop % self.backbone.patch_size:
-            raise OvdenseError(
-                f"window {crop} is not a multiple of the patch size {self.backbone.patch_size}"
-            )
-        if self.bg_threshold is not None and not 0.0 <= self.bg_threshold <= 1.0:
-            raise OvdenseError(f"bg_threshold must lie in [0, 1], got {self.bg_threshold}")
+        for name in ("bg_threshold", "area_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise OvdenseError(f"{name} must lie in [0, 1], got {value}")
         if self.logit_scale <= 0:
             raise OvdenseError(f"logit_scale must be positive, got {self.logit_scale}")
+        unknown = sorted(set(self.definitions) - set(self.vocabulary.names))
+        if unknown:
+            raise OvdenseError(
+                f"definitions given for unknown classes {unknown}; classes are {list(self.classes)}"
+            )
+        if not 0.0 <= self.definition_weight <= 1.0:
+            raise OvdenseError(f"definition_weight must lie in [0, 1], got {self.definition_weight}")
+
+    def _text_features(self) -> torch.Tensor:
+        """``[Q, D]`` prompt features, with ITACLIP's definitions mixed in where given."""
+        text = self.backbone.encode_text(self.vocabulary.prompts, self.templates)  # Q, D
+        if not self.definitions:
+            return text
+        names = list(self.definitions)
+        described = self.backbone.encode_text([self.definitions[n] for n in names], self.templates)
+        row_of = {name: row for row, name in enumerate(names)}
+        w = self.definition_weight
+        mixed = text.clone()
+        for q, c in enumerate(self.vocabulary.class_of_prompt):
+            row = row_of.get(self.vocabulary.names[c])
+            if row is not None:
+                mixed[q] = (1.0 - w) * text[q] + w * described[row]
+        return mixed
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -156,7 +223,14 @@ class Segmenter:
             "window": list(self.window),
             "logit_scale": self.logit_scale,
             "bg_threshold": self.bg_threshold,
+            "area_threshold": self.area_threshold,
             "pamr": self.pamr,
+            "image_engineering": self.image_engineering,
+            "close_labels": self.close_labels,
+            "cluster": self.cluster,
+            "cluster_params": list(self.cluster_params) if self.cluster_params else None,
+            "definitions": self.definitions,
+            "definition_weight": self.definition_weight,
             "method_options": self.method_options,
         }
 
@@ -166,24 +240,33 @@ class Segmenter:
     def predict(self, image: ImageInput) -> SegmentationResult:
         """Segment one image (path, PIL image or RGB array) at its own resolution."""
         rgb = load_image(image)
-        logits = self.predict_logits(rgb)  # Q, H, W
+        x = self.prepare(rgb)  # 1, 3, H', W'
+        logits = self.logits(x, rgb.shape[:2])  # Q, H, W
         labels, scores = self.classify(logits)
+        if self.cluster:
+            labels = self._cluster_vote(x, labels)
+        if self.close_labels:
+            labels = close_labels(labels)
         return SegmentationResult(labels.cpu().numpy(), scores.cpu().numpy(), self.classes)
 
-    @torch.inference_mode()
-    def predict_logits(self, rgb: np.ndarray) -> torch.Tensor:
-        """Per-prompt cosine logits ``[Q, H, W]`` at the image's resolution (before the scale)."""
-        height, width = rgb.shape[:2]
-        resized = rgb
+    def prepare(self, rgb: np.ndarray) -> torch.Tensor:
+        """Resize by the short side and normalise: ``[1, 3, H', W']`` on the backbone's device."""
         if self.short_side:
-            new_h, new_w = rescale_size(height, width, self.short_side)
-            resized = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-        x = self.backbone.to_tensor(resized)  # 1, 3, H', W'
+            new_h, new_w = rescale_size(rgb.shape[0], rgb.shape[1], self.short_side)
+            rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        return self.backbone.to_tensor(rgb)
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Per-prompt cosine logits ``[Q, H, W]`` at ``size = (H, W)`` (before the scale).
+
+        ``x`` is the prepared image ``[1, 3, H', W']``; PAMR, if on, is applied here.
+        """
         canvas = self._slide(x)  # 1, Q, H', W'
-        logits = F.interpolate(canvas, size=(height, width), mode="bilinear", align_corners=False)
+        logits = F.interpolate(canvas, size=size, mode="bilinear", align_corners=False)
         if self.pamr:
-            full = self.backbone.to_tensor(rgb).float()  # 1, 3, H, W
-            logits = pamr_refine(full, logits, **self.spec.pamr_options)
+            guide = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+            logits = pamr_refine(guide, logits, dilations=PAMR_DILATIONS, num_iter=PAMR_STEPS)
         return logits[0]
 
     def classify(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,22 +279,64 @@ class Segmenter:
             class_probs = class_probs.scatter_reduce(0, index, probs, reduce="amax")
         else:
             class_probs = probs
+        if self.area_threshold is not None:
+            area = torch.bincount(class_probs.argmax(dim=0).flatten(), minlength=C).float()  # C
+            area[0] = 0.0
+            keep = area > self.area_threshold * area.sum()
+            keep[0] = True
+            class_probs = class_probs * keep.view(-1, 1, 1)
         scores, labels = class_probs.max(dim=0)  # H, W
         if self.bg_threshold is not None:
             labels = torch.where(scores < self.bg_threshold, torch.zeros_like(labels), labels)
         return labels, scores
 
+    def _cluster_vote(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """CLIPtrase's vote on the affinity of the whole prepared image (block 11 of 12)."""
+        p = self.backbone.patch_size
+        x = _pad_to_multiple(x, p)[0]
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        affinity = block_input_affinity(self.backbone.model.visual, x, -2)[0]  # N, N
+        denoised = (affinity[1:, 1:] - affinity[:1, 1:]).clamp(min=0)  # hw, hw
+        eps, min_samples = self.cluster_params or default_dbscan_params(grid[0] * grid[1])
+        return cluster_vote(denoised, grid, labels, eps, min_samples)
+
     def _window_logits(self, crop: torch.Tensor) -> torch.Tensor:
         """Cosine logits of one window ``[1, 3, h, w]`` upsampled to the window: ``[1, Q, h, w]``."""
-        p = self.backbone.patch_size
         h, w = crop.shape[-2:]
-        pad_h, pad_w = (-h) % p, (-w) % p
-        if pad_h or pad_w:  # windows smaller than a patch multiple are zero-padded, then cut
-            crop = F.pad(crop, (0, pad_w, 0, pad_h))
-        feats = self.backbone.encode_dense(crop, self.method, **self.method_options)  # 1, D, h/p, w/p
-        logits = torch.einsum("bdhw,qd->bqhw", feats.float(), self.text.float())  # 1, Q, h/p, w/p
-        logits = F.interpolate(logits, size=crop.shape[-2:], mode="bilinear", align_corners=False)
-        return logits[:, :, :h, :w]
+        padded, (top, left) = _pad_to_multiple(crop, self.backbone.patch_size)
+        size = padded.shape[-2:]
+        if self.image_engineering:
+            logits = self._engineered_logits(padded)  # 1, Q, H_p, W_p
+        else:
+            logits = F.interpolate(self._patch_logits(padded), size=size, mode="bilinear",
+                                   align_corners=False)
+        return logits[:, :, top:top + h, left:left + w]
+
+    def _patch_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch–prompt cosine logits ``[1, Q, h/p, w/p]`` of a patch-multiple image."""
+        feats = self.backbone.encode_dense(x, self.method, **self.method_options)  # 1, D, h, w
+        return torch.einsum("bdhw,qd->bqhw", feats.float(), self.text.float())
+
+    def _engineered_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """ITACLIP's image engineering (Aydın et al. 2025, §3.3; ``forward_feature`` in
+        ``itaclip_segmentor.py``) at the window's size: ``[1, Q, h, w]``.
+
+        Features of the window, its grayscale (on the normalised tensor, as torchvision's
+        ``Grayscale``) and its Gaussian blur (kernel 11, σ = 5) are averaged without
+        renormalising — equal to averaging their logits; the flips' logits are upsampled,
+        flipped back and averaged; the two are mixed ``0.75 : 0.25``.
+        """
+        size = x.shape[-2:]
+        gray = TF.rgb_to_grayscale(x, num_output_channels=1).expand_as(x)
+        blurred = TF.gaussian_blur(x, kernel_size=[11, 11], sigma=[5.0, 5.0])
+        main = torch.stack([self._patch_logits(v) for v in (x, gray, blurred)]).mean(dim=0)
+        main = F.interpolate(main, size=size, mode="bilinear", align_corners=False)
+        flipped = []
+        for dims in ((-2,), (-1,)):  # vertical, horizontal
+            logits = self._patch_logits(torch.flip(x, dims))
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            flipped.append(torch.flip(logits, dims))
+        return 0.75 * main + 0.25 * torch.stack(flipped).mean(dim=0)
 
     def _slide(self, x: torch.Tensor) -> torch.Tensor:
         """The sliding-window canvas ``[1, Q, H, W]`` (or one pass if ``window == (0, 0)``)."""
@@ -225,3 +350,28 @@ class Segmenter:
             canvas[:, :, y1:y2, x1:x2] += self._window_logits(x[:, :, y1:y2, x1:x2])
             count[:, :, y1:y2, x1:x2] += 1
         return canvas / count
+
+
+def _choose(value: Optional[bool], default: bool) -> bool:
+    return default if value is None else bool(value)
+
+
+def _pad_to_multiple(x: torch.Tensor, p: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Zero-pad ``[B, 3, h, w]`` to multiples of ``p``, centred (``l = pad // 2``, as ClearCLIP's
+    ``compute_padsize``): the padded tensor and the ``(top, left)`` offset of the original."""
+    h, w = x.shape[-2:]
+    pad_h, pad_w = (-h) % p, (-w) % p
+    top, left = pad_h // 2, pad_w // 2
+    if pad_h or pad_w:
+        x = F.pad(x, (left, pad_w - left, top, pad_h - top))
+    return x, (top, left)
+
+
+def close_labels(labels: torch.Tensor) -> torch.Tensor:
+    """ITACLIP's post-step: morphological closing of the ``[H, W]`` label map with a 3×3
+    square (``cv2.MORPH_CLOSE``, i.e. dilation then erosion of the label values)."""
+    array = labels.cpu().numpy()
+    dtype = np.uint8 if array.max(initial=0) < 256 else np.uint16
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (3, 3))
+    closed = cv2.morphologyEx(array.astype(dtype), cv2.MORPH_CLOSE, kernel)
+    return torch.from_numpy(closed.astype(np.int64)).to(labels.device)

@@ -38,7 +38,7 @@ def _shifted(x: torch.Tensor, offsets: Sequence[tuple[int, int]], dilation: int)
 def pamr(
     image: torch.Tensor,
     masks: torch.Tensor,
-    dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
+    dilations: Sequence[int] = (8, 16),
     num_iter: int = 10,
 ) -> torch.Tensor:
     """Refine class maps with image-adaptive affinities.
