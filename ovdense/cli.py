@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from ovdense.errors import OvdenseError
 
@@ -100,7 +100,14 @@ def _command_segment(args: argparse.Namespace) -> int:
     from ovdense import Segmenter, create_backbone
     from ovdense.backbone.dense import METHODS
     from ovdense.backbone.prompts import Vocabulary
-    from ovdense.io import list_images, load_image, overlay, write_image, write_json, write_label_png
+    from ovdense.io import (
+        list_images,
+        load_image,
+        overlay,
+        write_image,
+        write_json,
+        write_label_png,
+    )
 
     if args.method not in METHODS:
         raise OvdenseError(f"unknown method {args.method!r}; choose from: {', '.join(METHODS)}")
@@ -161,7 +168,7 @@ def _command_segment(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "methods":

@@ -21,15 +21,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from ovdense.errors import OvdenseError
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -105,7 +106,7 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def list_images(inputs: Sequence[Union[str, os.PathLike]]) -> list[Path]:
+def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Expand files and folders into a sorted list of image paths (folders: one level deep)."""
     paths: list[Path] = []
     for item in inputs:
@@ -150,7 +151,7 @@ def colorize(labels: np.ndarray) -> np.ndarray:
 # Atomic writing
 
 
-def write_bytes(path: Union[str, os.PathLike], data: bytes) -> Path:
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +177,7 @@ def _encode_pil(pil: Image.Image, format: str, **params: Any) -> bytes:
     return buffer.getvalue()
 
 
-def write_label_png(path: Union[str, os.PathLike], labels: np.ndarray) -> Path:
+def write_label_png(path: str | os.PathLike, labels: np.ndarray) -> Path:
     """Write ``labels[H, W]`` (values 0..255) as an indexed PNG with the ovdense palette."""
     if labels.ndim != 2:
         raise ValueError(f"labels must be [H, W], got {labels.shape}")
@@ -187,7 +188,7 @@ def write_label_png(path: Union[str, os.PathLike], labels: np.ndarray) -> Path:
     return write_bytes(path, _encode_pil(pil, "PNG"))
 
 
-def write_image(path: Union[str, os.PathLike], rgb: np.ndarray, quality: int = 92) -> Path:
+def write_image(path: str | os.PathLike, rgb: np.ndarray, quality: int = 92) -> Path:
     """Write an RGB ``uint8`` array; the format follows the suffix (.png, .jpg)."""
     path = Path(path)
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
@@ -195,7 +196,7 @@ def write_image(path: Union[str, os.PathLike], rgb: np.ndarray, quality: int = 9
     return write_bytes(path, _encode_pil(Image.fromarray(rgb), fmt, **params))
 
 
-def write_json(path: Union[str, os.PathLike], obj: Any) -> Path:
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented UTF-8 JSON, atomically."""
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
     return write_bytes(path, text.encode("utf-8"))

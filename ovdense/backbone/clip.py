@@ -19,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ovdense.backbone import dense
-from ovdense.backbone.prompts import TextCache, Templates, default_cache_dir, resolve_templates
+from ovdense.backbone.prompts import Templates, TextCache, default_cache_dir, resolve_templates
 from ovdense.errors import OvdenseError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -41,7 +41,7 @@ class WeightsSource:
     """Where the weights came from: ``kind`` is ``tag``, ``file`` or ``random``."""
 
     kind: str
-    value: Optional[str] = None
+    value: str | None = None
 
 
 class ClipBackbone(nn.Module):
@@ -66,7 +66,7 @@ class ClipBackbone(nn.Module):
         weights: WeightsSource,
         mean: Sequence[float] = OPENAI_MEAN,
         std: Sequence[float] = OPENAI_STD,
-        cache_dir: Optional[Union[str, os.PathLike]] = None,
+        cache_dir: str | os.PathLike | None = None,
     ):
         super().__init__()
         dense.check_supported(model.visual, name)
@@ -85,7 +85,7 @@ class ClipBackbone(nn.Module):
         self.embed_dim = int(visual.output_dim)
         self.width = int(visual.transformer.width)
         self.num_layers = len(visual.transformer.resblocks)
-        self._fingerprint: Optional[str] = None
+        self._fingerprint: str | None = None
 
     # ----------------------------------------------------------------------------------------
     # Properties and preprocessing
@@ -217,11 +217,11 @@ class ClipBackbone(nn.Module):
 
 def create_backbone(
     name: str,
-    pretrained: Optional[str] = None,
-    device: Union[str, torch.device] = "cpu",
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
     precision: str = "fp32",
-    cache_dir: Optional[Union[str, os.PathLike]] = None,
-    weights_cache_dir: Optional[str] = None,
+    cache_dir: str | os.PathLike | None = None,
+    weights_cache_dir: str | None = None,
 ) -> ClipBackbone:
     """Create the shared backbone from an open_clip ViT.
 
@@ -260,7 +260,7 @@ def create_backbone(
     return ClipBackbone(model, tokenizer, name, source, mean, std, cache_dir)
 
 
-def _from_config_file(path: str, pretrained: Optional[str]):
+def _from_config_file(path: str, pretrained: str | None):
     import json
 
     import open_clip
@@ -318,7 +318,7 @@ def _key_mismatch_message(file, missing: Sequence[str], unexpected: Sequence[str
     )
 
 
-def _from_open_clip(name: str, pretrained: Optional[str], weights_cache_dir: Optional[str]):
+def _from_open_clip(name: str, pretrained: str | None, weights_cache_dir: str | None):
     import open_clip
 
     schema = name.split(":", 1)[0] if name.startswith(("hf-hub:", "local-dir:")) else None
@@ -392,7 +392,7 @@ def _online(host: str = "huggingface.co") -> bool:
     return True
 
 
-def _cached_weights(tag_cfg: dict, weights_cache_dir: Optional[str]) -> Optional[str]:
+def _cached_weights(tag_cfg: dict, weights_cache_dir: str | None) -> str | None:
     """The local file of a tag's weights if it is already downloaded, else ``None``."""
     if tag_cfg.get("file") and os.path.isfile(tag_cfg["file"]):
         return tag_cfg["file"]
@@ -419,7 +419,7 @@ def _cached_weights(tag_cfg: dict, weights_cache_dir: Optional[str]) -> Optional
     return None
 
 
-def _offline_message(name: str, tag: str, tag_cfg: dict, weights_cache_dir: Optional[str]) -> str:
+def _offline_message(name: str, tag: str, tag_cfg: dict, weights_cache_dir: str | None) -> str:
     hub = tag_cfg.get("hf_hub", "").rstrip("/") or tag_cfg.get("url", "")
     folder = weights_cache_dir or os.environ.get("HF_HUB_CACHE") or "~/.cache/huggingface/hub"
     return (

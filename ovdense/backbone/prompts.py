@@ -16,17 +16,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 
 from ovdense.errors import OvdenseError
 from ovdense.io import write_bytes
 
-Templates = Union[str, Sequence[str]]
-ClassSpec = Union[str, Sequence[str]]
+Templates = str | Sequence[str]
+ClassSpec = str | Sequence[str]
 
 SINGLE_TEMPLATE = ("a photo of a {}.",)
 
@@ -85,7 +85,7 @@ class Vocabulary:
         return [tuple(g) for g in groups]
 
     @classmethod
-    def parse(cls, classes: Sequence[ClassSpec]) -> "Vocabulary":
+    def parse(cls, classes: Sequence[ClassSpec]) -> Vocabulary:
         """Build a vocabulary from class entries (a string, commas for synonyms, or a list)."""
         if isinstance(classes, str):
             raise OvdenseError(
@@ -108,7 +108,7 @@ class Vocabulary:
         return cls(tuple(names), tuple(prompts), tuple(class_of_prompt))
 
     @classmethod
-    def from_file(cls, path: Union[str, os.PathLike]) -> "Vocabulary":
+    def from_file(cls, path: str | os.PathLike) -> Vocabulary:
         """Read a class file: one class per line, synonyms separated by commas."""
         path = Path(path)
         if not path.is_file():
@@ -135,7 +135,7 @@ class TextCache:
 
     VERSION = 1
 
-    def __init__(self, root: Union[str, os.PathLike], fingerprint: str, templates: tuple[str, ...]):
+    def __init__(self, root: str | os.PathLike, fingerprint: str, templates: tuple[str, ...]):
         key = json.dumps({"v": self.VERSION, "model": fingerprint, "templates": list(templates)})
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:24]
         self.folder = Path(root) / "text" / digest

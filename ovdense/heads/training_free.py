@@ -26,14 +26,13 @@ the label map; CLIPtrase's cluster vote (after step 6).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Union
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 import torchvision.transforms.functional as TF
 
 from ovdense.backbone.clip import ClipBackbone
@@ -131,21 +130,21 @@ class Segmenter:
         self,
         backbone: ClipBackbone,
         method: str = "clearclip",
-        classes: Union[Sequence[ClassSpec], Vocabulary] = (),
+        classes: Sequence[ClassSpec] | Vocabulary = (),
         templates: Templates = "imagenet80",
-        short_side: Optional[int] = None,
-        window: Optional[tuple[int, int]] = None,
-        logit_scale: Optional[float] = None,
-        bg_threshold: Optional[float] = None,
-        area_threshold: Optional[float] = None,
-        pamr: Optional[bool] = None,
-        image_engineering: Optional[bool] = None,
-        close_labels: Optional[bool] = None,
-        cluster: Optional[bool] = None,
-        cluster_params: Optional[tuple[float, int]] = None,
-        definitions: Optional[Mapping[str, str]] = None,
+        short_side: int | None = None,
+        window: tuple[int, int] | None = None,
+        logit_scale: float | None = None,
+        bg_threshold: float | None = None,
+        area_threshold: float | None = None,
+        pamr: bool | None = None,
+        image_engineering: bool | None = None,
+        close_labels: bool | None = None,
+        cluster: bool | None = None,
+        cluster_params: tuple[float, int] | None = None,
+        definitions: Mapping[str, str] | None = None,
         definition_weight: float = 0.2,
-        method_options: Optional[dict] = None,
+        method_options: dict | None = None,
     ):
         if method not in METHODS:
             raise OvdenseError(f"unknown method {method!r}; choose from: {', '.join(METHODS)}")
@@ -352,7 +351,7 @@ class Segmenter:
         return canvas / count
 
 
-def _choose(value: Optional[bool], default: bool) -> bool:
+def _choose(value: bool | None, default: bool) -> bool:
     return default if value is None else bool(value)
 
 

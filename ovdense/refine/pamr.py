@@ -17,7 +17,7 @@ dilated neighbourhoods (centre included), and the mask is first resized bilinear
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
