@@ -178,13 +178,17 @@ def _encode_pil(pil: Image.Image, format: str, **params: Any) -> bytes:
 
 
 def write_label_png(path: str | os.PathLike, labels: np.ndarray) -> Path:
-    """Write ``labels[H, W]`` (values 0..255) as an indexed PNG with the ovdense palette."""
+    """Write ``labels[H, W]`` as a PNG: indexed with the ovdense palette when all labels fit in
+    0..255, else 16-bit grayscale (0..65535) holding the class indices themselves."""
     if labels.ndim != 2:
         raise ValueError(f"labels must be [H, W], got {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() > 255):
-        raise ValueError("an indexed PNG holds labels 0..255 only")
-    pil = Image.fromarray(labels.astype(np.uint8), mode="P")
-    pil.putpalette(palette().reshape(-1).tolist())
+    if labels.size and (labels.min() < 0 or labels.max() > 65535):
+        raise ValueError("a label PNG holds labels 0..65535 only")
+    if labels.size == 0 or labels.max() <= 255:
+        pil = Image.fromarray(labels.astype(np.uint8), mode="P")
+        pil.putpalette(palette().reshape(-1).tolist())
+    else:
+        pil = Image.fromarray(labels.astype(np.uint16))
     return write_bytes(path, _encode_pil(pil, "PNG"))
 
 
@@ -217,11 +221,12 @@ def overlay(
 
     The legend lists the classes present in ``labels`` (most pixels first) with their colour
     and pixel share; it is drawn on a white strip to the right of the image.
-    Returns an RGB ``uint8`` array ``[H, W + legend width, 3]``.
+    Returns an RGB ``uint8`` array ``[H', W + 200, 3]``, ``H' = H`` unless the legend needs
+    more rows. Labels above 255 share the palette's colours modulo 256.
     """
     if image.shape[:2] != labels.shape:
         raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
-    colors = colorize(labels).astype(np.float32)
+    colors = colorize(labels % 256).astype(np.float32)
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colors
     blended = np.clip(np.round(blended), 0, 255).astype(np.uint8)
     if not legend:

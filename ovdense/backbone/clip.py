@@ -302,9 +302,19 @@ def _load_checkpoint_file(model: nn.Module, path: str) -> None:
     if not isinstance(state, dict):
         raise OvdenseError(f"{file} holds no state dict")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise OvdenseError(_key_mismatch_message(file, result.missing_keys, result.unexpected_keys))
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise OvdenseError(_key_mismatch_message(file, missing, unexpected))
+    wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise OvdenseError(
+            f"{file} does not fit this model: {k} has shape {tuple(state[k].shape)}, the model "
+            f"expects {tuple(expected[k].shape)} ({len(wrong)} tensors differ); check the model config"
+        )
+    model.load_state_dict(state, strict=True)
 
 
 def _key_mismatch_message(file, missing: Sequence[str], unexpected: Sequence[str]) -> str:

@@ -1,0 +1,116 @@
+"""Image loading rules and atomic, readable outputs."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ovdense.errors import OvdenseError
+from ovdense.io import list_images, load_image, overlay, palette, write_json, write_label_png
+
+
+def test_rgb_paths_pil_and_arrays_agree(tmp_path, rng):
+    rgb = rng.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    for source in (tmp_path / "a.png", str(tmp_path / "a.png"), Image.fromarray(rgb), rgb):
+        np.testing.assert_array_equal(load_image(source), rgb)
+
+
+def test_grayscale_is_replicated(tmp_path, rng):
+    gray = rng.integers(0, 256, size=(4, 6), dtype=np.uint8)
+    Image.fromarray(gray, mode="L").save(tmp_path / "g.png")
+    out = load_image(tmp_path / "g.png")
+    assert out.shape == (4, 6, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(out[:, :, c], gray)
+
+
+def test_sixteen_bit_is_scaled_to_full_range(tmp_path):
+    values = np.array([[0, 257, 65535, 32896]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "d.png")
+    out = load_image(tmp_path / "d.png")
+    np.testing.assert_array_equal(out[0, :, 0], [0, 1, 255, 128])
+    np.testing.assert_array_equal(load_image(values)[0, :, 1], [0, 1, 255, 128])
+
+
+def test_alpha_is_composited_over_white(tmp_path):
+    rgba = np.array([[[200, 0, 0, 0], [200, 0, 0, 255], [200, 0, 0, 128]]], dtype=np.uint8)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "t.png")
+    out = load_image(tmp_path / "t.png")
+    np.testing.assert_array_equal(out[0, 0], [255, 255, 255])
+    np.testing.assert_array_equal(out[0, 1], [200, 0, 0])
+    a = 128 / 255
+    np.testing.assert_allclose(out[0, 2], [200 * a + 255 * (1 - a), 255 * (1 - a), 255 * (1 - a)], atol=1)
+
+
+def test_float_image_in_unit_range():
+    out = load_image(np.full((2, 2, 3), 0.5))
+    assert out.dtype == np.uint8 and (out == 128).all()
+    with pytest.raises(OvdenseError, match=r"\[0, 1\]"):
+        load_image(np.full((2, 2, 3), 2.0))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing.png", "image not found"),
+    (lambda p: (p / "bad.png").write_text("not an image") and p / "bad.png", "cannot read image"),
+])
+def test_bad_files_name_the_problem(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(OvdenseError, match=message) as info:
+        load_image(path)
+    assert path.name in str(info.value)
+
+
+def test_bad_arrays():
+    with pytest.raises(OvdenseError, match="shape"):
+        load_image(np.zeros((2, 2, 5), np.uint8))
+    with pytest.raises(OvdenseError, match="empty"):
+        load_image(np.zeros((0, 3, 3), np.uint8))
+
+
+def test_label_png_round_trip_with_palette(tmp_path, rng):
+    labels = rng.integers(0, 30, size=(9, 11))
+    write_label_png(tmp_path / "l.png", labels)
+    with Image.open(tmp_path / "l.png") as pil:
+        assert pil.mode == "P"
+        np.testing.assert_array_equal(np.asarray(pil), labels)
+        np.testing.assert_array_equal(np.array(pil.getpalette()).reshape(-1, 3)[:30], palette(30))
+
+
+def test_label_png_beyond_255_classes_is_16_bit(tmp_path):
+    labels = np.array([[0, 300], [846, 5]])
+    write_label_png(tmp_path / "l.png", labels)
+    with Image.open(tmp_path / "l.png") as pil:
+        np.testing.assert_array_equal(np.asarray(pil), labels)
+
+
+def test_voc_palette():
+    np.testing.assert_array_equal(palette(4), [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]])
+    assert palette(256)[255].tolist() == [224, 224, 192]
+
+
+def test_writes_are_atomic_and_leave_no_temporary_files(tmp_path):
+    write_json(tmp_path / "out" / "r.json", {"a": 1})
+    write_json(tmp_path / "out" / "r.json", {"a": 2})
+    assert json.loads((tmp_path / "out" / "r.json").read_text()) == {"a": 2}
+    assert os.listdir(tmp_path / "out") == ["r.json"]
+
+
+def test_overlay_blends_and_adds_legend(rng):
+    image = np.full((60, 30, 3), 100, np.uint8)
+    labels = np.zeros((60, 30), int)
+    labels[:, 15:] = 2
+    out = overlay(image, labels, ["bg", "cat", "dog"], alpha=0.5)
+    assert out.shape == (60, 230, 3)
+    np.testing.assert_array_equal(out[0, 20], np.round(0.5 * 100 + 0.5 * palette(3)[2]).astype(np.uint8))
+    legend = out[:, 30:].reshape(-1, 3)
+    swatches = {tuple(c) for c in legend.tolist()}
+    assert tuple(palette(3)[2]) in swatches and tuple(palette(3)[1]) not in swatches  # present only
+
+
+def test_list_images_expands_folders(tmp_path):
+    for name in ("b.jpg", "a.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in list_images([tmp_path])] == ["a.png", "b.jpg"]

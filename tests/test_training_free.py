@@ -1,0 +1,161 @@
+"""The Segmenter's inference protocol: resize rule, windows, classification, method extras."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from scipy import ndimage
+
+from ovdense import Segmenter
+from ovdense.errors import OvdenseError
+from ovdense.heads.training_free import close_labels, rescale_size, window_boxes
+
+
+def make_segmenter(backbone, classes=("sky", "grass", "cow"), **kwargs):
+    kwargs.setdefault("templates", "single")
+    return Segmenter(backbone, kwargs.pop("method", "sclip"), list(classes), **kwargs)
+
+
+def test_rescale_size_follows_mmcv_rule():
+    assert rescale_size(375, 500, 336) == (336, 448)  # short side to 336
+    assert rescale_size(500, 375, 448) == (597, 448)  # round half up: 597.33
+    assert rescale_size(100, 4000, 336) == (51, 2048)  # long side capped at 2048
+
+
+def test_window_boxes_cover_the_image_like_mmseg():
+    boxes = window_boxes(336, 448, 224, 112)
+    assert boxes == [(0, 224, 0, 224), (0, 224, 112, 336), (0, 224, 224, 448),
+                     (112, 336, 0, 224), (112, 336, 112, 336), (112, 336, 224, 448)]
+    count = np.zeros((300, 500), int)
+    for y1, y2, x1, x2 in window_boxes(300, 500, 224, 112):
+        assert (y2 - y1, x2 - x1) == (224, 224)
+        count[y1:y2, x1:x2] += 1
+    assert count.min() >= 1
+    assert window_boxes(100, 150, 224, 112) == [(0, 100, 0, 150)]  # crop larger than image
+
+
+def test_one_window_covering_the_image_equals_one_pass(tiny_backbone, rng):
+    rgb = (rng.random((48, 64, 3)) * 255).astype(np.uint8)
+    whole = make_segmenter(tiny_backbone, short_side=0, window=(0, 0))
+    slid = make_segmenter(tiny_backbone, short_side=0, window=(64, 32))
+    x = whole.prepare(rgb)
+    torch.testing.assert_close(whole.logits(x, (48, 64)), slid.logits(x, (48, 64)))
+
+
+def test_sliding_canvas_is_mean_of_window_logits(tiny_backbone, rng):
+    seg = make_segmenter(tiny_backbone, short_side=0, window=(32, 16))
+    x = seg.prepare((rng.random((32, 64, 3)) * 255).astype(np.uint8))  # 3 windows along W
+    with torch.no_grad():
+        win = [seg._window_logits(x[..., a:a + 32]) for a in (0, 16, 32)]
+        got = seg.logits(x, (32, 64))
+    want = torch.zeros_like(got)
+    want[:, :, :16] = win[0][0, :, :, :16]
+    want[:, :, 16:32] = (win[0][0, :, :, 16:] + win[1][0, :, :, :16]) / 2
+    want[:, :, 32:48] = (win[1][0, :, :, 16:] + win[2][0, :, :, :16]) / 2
+    want[:, :, 48:] = win[2][0, :, :, 16:]
+    torch.testing.assert_close(got, want)
+
+
+def test_window_not_a_patch_multiple_is_padded_centred(tiny_backbone, rng):
+    seg = make_segmenter(tiny_backbone, short_side=0, window=(0, 0))
+    x = torch.randn(1, 3, 21, 30, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = seg._window_logits(x)
+        padded = F.pad(x, (1, 1, 1, 2))  # 21 → 24 (top 1, bottom 2), 30 → 32 (1, 1)
+        feats = tiny_backbone.encode_dense(padded, "sclip")
+        logits = torch.einsum("bdhw,qd->bqhw", feats, seg.text)
+        want = F.interpolate(logits, size=(24, 32), mode="bilinear")[:, :, 1:22, 1:31]
+    torch.testing.assert_close(got, want)
+
+
+def test_classify_softmax_synonym_max_and_background(tiny_backbone):
+    seg = make_segmenter(tiny_backbone, classes=["background", "person, man, woman", "dog"],
+                         logit_scale=10.0, bg_threshold=0.3)
+    logits = torch.tensor([  # Q=5 prompts × 4 pixels
+        [0.0, 0.5, 0.20, 0.00],
+        [0.0, 0.0, 0.20, 0.30],
+        [0.5, 0.0, 0.20, 0.30],
+        [0.0, 0.0, 0.20, 0.30],
+        [0.0, 0.2, 0.25, 0.35],
+    ]).view(5, 1, 4)
+    labels, scores = seg.classify(logits)
+    e = np.exp(10 * logits.numpy()[:, 0].astype(np.float64))
+    probs = e / e.sum(0)
+    class_probs = np.stack([probs[0], probs[1:4].max(0), probs[4]])
+    np.testing.assert_allclose(scores[0].numpy(), class_probs.max(0), rtol=1e-5)
+    want = np.where(class_probs.max(0) < 0.3, 0, class_probs.argmax(0))
+    np.testing.assert_array_equal(labels[0].numpy(), want)
+    # a synonym wins pixel 0; bg wins pixel 1; pixel 2's best (dog) is below the threshold;
+    # in pixel 3 dog beats each synonym of person though their sum would beat dog
+    assert want.tolist() == [1, 0, 0, 2]
+
+
+def test_area_threshold_drops_small_classes(tiny_backbone):
+    seg = make_segmenter(tiny_backbone, classes=["bg", "a", "b"], logit_scale=100.0,
+                         area_threshold=0.1)
+    logits = torch.zeros(3, 1, 20)
+    logits[1, 0, :19] = 1.0  # class a wins 19 pixels
+    logits[2, 0, 19] = 1.0  # class b wins 1 pixel: 1/20 ≤ 0.1 → dropped
+    labels, _ = seg.classify(logits)
+    assert labels[0, :19].eq(1).all()
+    assert labels[0, 19].item() == 0  # b's probability zeroed, the next best is bg (=a's 0)
+
+
+def test_predict_result_has_the_image_size(tiny_backbone, rng):
+    rgb = (rng.random((45, 70, 3)) * 255).astype(np.uint8)
+    for method in ("clearclip", "naclip", "itaclip", "cliptrase"):
+        seg = make_segmenter(tiny_backbone, method=method, short_side=40, window=(32, 16))
+        result = seg.predict(rgb)
+        assert result.labels.shape == result.scores.shape == (45, 70)
+        assert result.labels.max() < 3 and abs(sum(result.class_shares()) - 1) < 1e-9
+
+
+def test_image_engineering_is_itaclip_mix(tiny_backbone):
+    seg = make_segmenter(tiny_backbone, method="itaclip", short_side=0, window=(0, 0),
+                         image_engineering=True, pamr=False)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = seg._window_logits(x)
+
+        def up(t):
+            return F.interpolate(t, size=(32, 32), mode="bilinear")
+
+        def feats(img):
+            return tiny_backbone.encode_dense(img, "itaclip")
+
+        variants = [x, TF.rgb_to_grayscale(x).repeat(1, 3, 1, 1), TF.gaussian_blur(x, 11, 5.0)]
+        mean_feats = sum(feats(v) for v in variants) / 3
+        main = up(torch.einsum("bdhw,qd->bqhw", mean_feats, seg.text))
+        flips = [up(torch.einsum("bdhw,qd->bqhw", feats(x.flip(d)), seg.text)).flip(d) for d in (2, 3)]
+        want = 0.75 * main + 0.25 * (flips[0] + flips[1]) / 2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_definitions_mix_into_the_defined_class_only(tiny_backbone):
+    plain = make_segmenter(tiny_backbone, classes=["bg", "cat, kitty", "dog"])
+    seg = make_segmenter(tiny_backbone, classes=["bg", "cat, kitty", "dog"],
+                         definitions={"cat": "a small furry pet"}, definition_weight=0.3)
+    described = tiny_backbone.encode_text(["a small furry pet"], "single")[0]
+    torch.testing.assert_close(seg.text[[0, 3]], plain.text[[0, 3]])
+    torch.testing.assert_close(seg.text[1:3], 0.7 * plain.text[1:3] + 0.3 * described)
+    with pytest.raises(OvdenseError, match="unknown classes"):
+        make_segmenter(tiny_backbone, definitions={"horse": "x"})
+
+
+def test_close_labels_is_grey_closing(rng):
+    labels = rng.integers(0, 4, size=(20, 30))
+    want = ndimage.grey_closing(labels, size=(3, 3), mode="nearest")
+    np.testing.assert_array_equal(close_labels(torch.from_numpy(labels)).numpy(), want)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"classes": []}, "empty"),
+    ({"method": "nope"}, "unknown method"),
+    ({"window": (224, 0)}, "window"),
+    ({"bg_threshold": 1.5}, "bg_threshold"),
+    ({"short_side": -1}, "short_side"),
+])
+def test_bad_settings_raise_clear_errors(tiny_backbone, kwargs, message):
+    with pytest.raises(OvdenseError, match=message):
+        make_segmenter(tiny_backbone, **kwargs)
