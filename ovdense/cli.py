@@ -55,6 +55,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "--bg-threshold", type=float,
         help="pixels whose best probability is below this become class 0 (background)",
     )
+    seg.add_argument(
+        "--area-threshold", type=float,
+        help="drop classes (other than 0) covering at most this fraction of the non-background pixels",
+    )
     pamr = seg.add_mutually_exclusive_group()
     pamr.add_argument("--pamr", dest="pamr", action="store_true", default=None,
                       help="refine with PAMR")
@@ -134,7 +138,8 @@ def _command_segment(args: argparse.Namespace) -> int:
     segmenter = Segmenter(
         backbone, args.method, vocabulary, templates=templates,
         short_side=args.short_side, window=tuple(args.window) if args.window else None,
-        logit_scale=args.logit_scale, bg_threshold=args.bg_threshold, pamr=args.pamr,
+        logit_scale=args.logit_scale, bg_threshold=args.bg_threshold,
+        area_threshold=args.area_threshold, pamr=args.pamr,
     )
     failed = 0
     for path in tqdm(images, desc="segment", unit="image", file=sys.stderr):
