@@ -1,0 +1,73 @@
+"""The synthetic world: seeded, and its ground truth is what is drawn."""
+
+import math
+
+import numpy as np
+import pytest
+
+from ovdense.data.synthetic import (
+    COLOURS,
+    SHAPES,
+    SceneConfig,
+    caption,
+    colour_shape_classes,
+    render_scene,
+    shape_mask,
+)
+
+
+def test_same_seed_same_scene():
+    a, b = render_scene(7, SceneConfig(defect_rate=0.5)), render_scene(7, SceneConfig(defect_rate=0.5))
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.instance, b.instance)
+    assert a.caption == b.caption and a.objects == b.objects
+    assert not np.array_equal(a.image, render_scene(8).image)
+
+
+@pytest.mark.parametrize("shape, area", [
+    ("circle", math.pi), ("square", 2.0), ("triangle", 3 * math.sqrt(3) / 4),
+    ("ring", math.pi * (1 - 0.55**2)), ("star", 5 * math.sin(2 * math.pi / 10) * 0.45),
+])
+def test_shape_areas_match_geometry(shape, area):
+    r = 70.0  # large, so the rasterised boundary adds little
+    mask = shape_mask(shape, (160, 160), (80.0, 80.0), r, 0.3)
+    assert mask.sum() == pytest.approx(area * r * r, rel=0.05)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_masks_match_the_drawn_pixels(seed):
+    scene = render_scene(seed, SceneConfig(noise=0.0, defect_rate=0.5))
+    assert scene.objects, "every scene has at least one object"
+    for index, obj in enumerate(scene.objects, start=1):
+        pixels = scene.image[(scene.instance == index) & ~scene.defect].astype(float)
+        colour = np.array(COLOURS[obj.colour], float)
+        ratio = pixels / np.maximum(colour, 1)
+        assert len(pixels) > 0
+        # one flat colour per object: the object's colour times one shade in [0.85, 1.1]
+        assert np.ptp(pixels, axis=0).max() <= 1
+        assert 0.83 <= np.median(ratio[:, colour.argmax()]) <= 1.12
+    assert not (scene.defect & (scene.instance == 0)).any()  # defects lie on objects
+    np.testing.assert_array_equal(scene.colour > 0, scene.instance > 0)
+    for index, obj in enumerate(scene.objects, start=1):
+        inside = scene.instance == index
+        assert (scene.colour[inside] == 1 + list(COLOURS).index(obj.colour)).all()
+        assert (scene.shape[inside] == 1 + SHAPES.index(obj.shape)).all()
+        name = colour_shape_classes()[scene.colour_shape[inside][0]]
+        assert name == f"{obj.colour} {obj.shape}"
+
+
+def test_occlusion_leaves_each_object_visible():
+    config = SceneConfig(objects=(4, 4), radius=(0.15, 0.2), min_visible=0.5)
+    for seed in range(10):
+        scene = render_scene(seed, config)
+        for index, obj in enumerate(scene.objects, start=1):
+            full = shape_mask(obj.shape, config.size, obj.centre, obj.radius, obj.angle).sum()
+            assert (scene.instance == index).sum() >= 0.5 * full
+
+
+def test_caption_names_every_object():
+    scene = render_scene(3, SceneConfig(objects=(3, 3), defect_rate=1.0))
+    for obj in scene.objects:
+        assert obj.name in scene.caption
+    assert scene.caption.endswith(f"on a {scene.texture} background")
+    assert caption([]) == "a photo of an empty background"
