@@ -58,3 +58,17 @@ def test_cluster_vote_without_clusters_keeps_labels():
 def test_default_dbscan_params_are_the_official_pairs():
     assert default_dbscan_params(14 * 14) == (0.7, 3)
     assert default_dbscan_params(21 * 21) == (1.1, 7)
+
+
+def test_cluster_vote_on_a_padded_canvas_uses_the_labels_region():
+    h, w = 4, 6
+    region = torch.zeros(h, w, dtype=torch.long)
+    region[:, 3:] = 1  # clusters split the 24-pixel-wide canvas at x = 12
+    flat = region.flatten()
+    affinity = (flat[:, None] == flat[None, :]).float()
+    labels = torch.full((16, 16), 3)  # the labels cover canvas columns 4..19
+    labels[:, 8:] = 4  # their own split at x = 8 is canvas x = 12
+    noisy = labels.clone()
+    noisy[0:5, 0:3] = 9
+    voted = cluster_vote(affinity, (h, w), noisy, eps=0.5, min_samples=3, canvas=(16, 24, 0, 4))
+    torch.testing.assert_close(voted, labels)

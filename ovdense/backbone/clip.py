@@ -226,8 +226,10 @@ def create_backbone(
     """Create the shared backbone from an open_clip ViT.
 
     Args:
-        name: open_clip model name, ``hf-hub:…``, ``local-dir:…``, or a JSON model config path.
-        pretrained: open_clip tag, local checkpoint path, or ``None`` for random weights.
+        name: open_clip model name, ``hf-hub:…``, ``local-dir:…``, a JSON model config path, or
+            ``"toy"``, the embedded toy CLIP of the synthetic world (no network needed).
+        pretrained: open_clip tag, local checkpoint path, or ``None`` for random weights (for
+            ``"toy"``: ``None`` = its embedded weights).
         device: ``"cpu"``, ``"cuda"``, …
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (the latter two for GPUs).
         cache_dir: ovdense's cache folder (text embeddings); default ``default_cache_dir()``.
@@ -246,7 +248,10 @@ def create_backbone(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OvdenseError("device 'cuda' asked for, but torch sees no CUDA GPU; use --device cpu")
 
-    if name.endswith(".json"):
+    if name == TOY_NAME:
+        config, weights = toy_files()
+        model, tokenizer, source, mean, std = _from_config_file(str(config), pretrained or str(weights))
+    elif name.endswith(".json"):
         model, tokenizer, source, mean, std = _from_config_file(name, pretrained)
     else:
         model, tokenizer, source, mean, std = _from_open_clip(
@@ -258,6 +263,22 @@ def create_backbone(
             model, dtype=torch.float16 if precision == "fp16" else torch.bfloat16
         )
     return ClipBackbone(model, tokenizer, name, source, mean, std, cache_dir)
+
+
+TOY_NAME = "toy"
+
+
+def toy_files() -> tuple[Path, Path]:
+    """The embedded toy CLIP's config and weights (``ovdense/assets``), trained in-repo on the
+    synthetic world by ``tools/train_toy_clip.py``; it knows only that world."""
+    assets = Path(__file__).resolve().parent.parent / "assets"
+    config, weights = assets / "toy-clip.json", assets / "toy-clip.safetensors"
+    if not config.is_file() or not weights.is_file():
+        raise OvdenseError(
+            f"the toy model is missing from this install ({assets}); reinstall ovdense or "
+            "train it with tools/train_toy_clip.py and copy config.json and model.safetensors there"
+        )
+    return config, weights
 
 
 def _from_config_file(path: str, pretrained: str | None):

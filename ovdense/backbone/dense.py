@@ -270,7 +270,13 @@ def self_self_map(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Protocol:
-    """A method's official inference defaults (ViT-B/16; per-dataset thresholds go in configs).
+    """A method's inference defaults for ViT-B/16, from its official repository (per-dataset
+    thresholds and scales go in configs). ``vanilla`` takes SCLIP's protocol, which the later
+    papers use to re-evaluate the baselines. ``maskclip`` takes its repo's whole-image inference
+    at short side 512, but keeps CLIP's own normalisation, GELU and LayerNorm eps where the
+    MaskCLIP code (an mmseg 0.x re-implementation of the ViT) used ImageNet statistics, exact
+    GELU and eps 1e-6; its head has no temperature, so the logit scale only matters for
+    ``bg_threshold``.
 
     Attributes:
         short_side: resize the short side to this (mmseg ``Resize(scale=(2048, s))``).
@@ -313,6 +319,7 @@ METHODS: dict[str, MethodSpec] = {
     "maskclip": MethodSpec(
         maskclip_block, "Zhou et al., ECCV 2022 (MaskCLIP)",
         "attention → identity (value path); residual and FFN kept",
+        Protocol(short_side=512, window=(0, 0)),
     ),
     "sclip": MethodSpec(
         sclip_block, "Wang et al., ECCV 2024 (SCLIP)",
@@ -331,7 +338,7 @@ METHODS: dict[str, MethodSpec] = {
     "cliptrase": MethodSpec(
         cliptrase_block, "Shao et al., ECCV 2024 (CLIPtrase)",
         "softmax(qqᵀs) + softmax(kkᵀs) + softmax(vvᵀs); residual and FFN kept",
-        Protocol(short_side=224, window=(0, 0), logit_scale=100.0),
+        Protocol(short_side=224, window=(0, 0), logit_scale=100.0, cluster=True),
     ),
     "itaclip": MethodSpec(
         itaclip_block, "Aydın et al., CVPRW 2025 (ITACLIP)",

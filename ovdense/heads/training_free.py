@@ -114,15 +114,20 @@ class Segmenter:
         pamr: refine the logits with PAMR.
         image_engineering: ITACLIP's test-time variants: features averaged over the
             original, grayscale and Gaussian-blurred window (kernel 11, σ = 5), mixed
-            ``0.75 : 0.25`` with the mean logits of its vertical and horizontal flips.
+            ``w : 1 − w`` with the mean logits of its vertical and horizontal flips.
+        image_engineering_weight: ``w`` above (``img_eng_coefficient``: 0.75 by default,
+            0.7 in ITACLIP's VOC and Cityscapes configs).
         close_labels: ITACLIP's 3×3 morphological closing of the label map.
         cluster: CLIPtrase's cluster vote (DBSCAN on the block-11 affinity).
-        cluster_params: DBSCAN ``(eps, min_samples)``; ``None`` = the official pair for the
-            nearest patch count (``(0.7, 3)`` at 14×14 patches, ``(1.1, 7)`` at 21×21).
-        definitions: ITACLIP's class definitions, ``{class name: text}``; each prompt of a
-            defined class becomes ``(1 − w) · t_name + w · t_definition`` (not renormalised,
-            as in the official code), ``w = definition_weight``.
-        definition_weight: ``w`` above (official 0.2).
+        cluster_params: DBSCAN ``(eps, min_samples)``; ``None`` = the official pair at 224
+            px (14×14 patches: ``(0.7, 3)``) or 336 px (21×21: ``(1.1, 7)``), whichever patch
+            count is nearer (ovdense's rule for other sizes; the repo fixes one pair per size).
+        definitions: ITACLIP's auxiliary texts, ``{class name: text}`` (definitions, or
+            synonyms as in its COCO-Object and Cityscapes files); each prompt of a defined
+            class becomes ``(1 − w) · t_name + w · t_text`` (not renormalised, as in the
+            official code), ``w = definition_weight``.
+        definition_weight: ``w`` above (code default 0.2; configs use 0.05 for VOC and
+            Cityscapes, 0.1 for COCO-Object, 0.15 for Context60).
         method_options: extra options of the method's block function (see ``dense``).
     """
 
@@ -139,6 +144,7 @@ class Segmenter:
         area_threshold: float | None = None,
         pamr: bool | None = None,
         image_engineering: bool | None = None,
+        image_engineering_weight: float = 0.75,
         close_labels: bool | None = None,
         cluster: bool | None = None,
         cluster_params: tuple[float, int] | None = None,
@@ -161,6 +167,7 @@ class Segmenter:
         self.area_threshold = area_threshold
         self.pamr = defaults.pamr if pamr is None else bool(pamr)
         self.image_engineering = _choose(image_engineering, defaults.image_engineering)
+        self.image_engineering_weight = float(image_engineering_weight)
         self.close_labels = _choose(close_labels, defaults.close_labels)
         self.cluster = _choose(cluster, defaults.cluster)
         self.cluster_params = cluster_params
@@ -189,6 +196,10 @@ class Segmenter:
         if unknown:
             raise OvdenseError(
                 f"definitions given for unknown classes {unknown}; classes are {list(self.classes)}"
+            )
+        if not 0.0 <= self.image_engineering_weight <= 1.0:
+            raise OvdenseError(
+                f"image_engineering_weight must lie in [0, 1], got {self.image_engineering_weight}"
             )
         if not 0.0 <= self.definition_weight <= 1.0:
             raise OvdenseError(f"definition_weight must lie in [0, 1], got {self.definition_weight}")
@@ -225,6 +236,7 @@ class Segmenter:
             "area_threshold": self.area_threshold,
             "pamr": self.pamr,
             "image_engineering": self.image_engineering,
+            "image_engineering_weight": self.image_engineering_weight,
             "close_labels": self.close_labels,
             "cluster": self.cluster,
             "cluster_params": list(self.cluster_params) if self.cluster_params else None,
@@ -292,12 +304,16 @@ class Segmenter:
     def _cluster_vote(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """CLIPtrase's vote on the affinity of the whole prepared image (block 11 of 12)."""
         p = self.backbone.patch_size
-        x = _pad_to_multiple(x, p)[0]
+        resized = x.shape[-2:]
+        x, (top, left) = _pad_to_multiple(x, p)
         grid = (x.shape[-2] // p, x.shape[-1] // p)
         affinity = block_input_affinity(self.backbone.model.visual, x, -2)[0]  # N, N
         denoised = (affinity[1:, 1:] - affinity[:1, 1:]).clamp(min=0)  # hw, hw
         eps, min_samples = self.cluster_params or default_dbscan_params(grid[0] * grid[1])
-        return cluster_vote(denoised, grid, labels, eps, min_samples)
+        # the cluster maps cover the padded image: place the labels' region inside it
+        sy, sx = labels.shape[0] / resized[0], labels.shape[1] / resized[1]
+        canvas = (round(x.shape[-2] * sy), round(x.shape[-1] * sx), round(top * sy), round(left * sx))
+        return cluster_vote(denoised, grid, labels, eps, min_samples, canvas=canvas)
 
     def _window_logits(self, crop: torch.Tensor) -> torch.Tensor:
         """Cosine logits of one window ``[1, 3, h, w]`` upsampled to the window: ``[1, Q, h, w]``."""
@@ -323,7 +339,7 @@ class Segmenter:
         Features of the window, its grayscale (on the normalised tensor, as torchvision's
         ``Grayscale``) and its Gaussian blur (kernel 11, σ = 5) are averaged without
         renormalising — equal to averaging their logits; the flips' logits are upsampled,
-        flipped back and averaged; the two are mixed ``0.75 : 0.25``.
+        flipped back and averaged; the two are mixed ``w : 1 − w``.
         """
         size = x.shape[-2:]
         gray = TF.rgb_to_grayscale(x, num_output_channels=1).expand_as(x)
@@ -335,7 +351,8 @@ class Segmenter:
             logits = self._patch_logits(torch.flip(x, dims))
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
             flipped.append(torch.flip(logits, dims))
-        return 0.75 * main + 0.25 * torch.stack(flipped).mean(dim=0)
+        w = self.image_engineering_weight
+        return w * main + (1.0 - w) * torch.stack(flipped).mean(dim=0)
 
     def _slide(self, x: torch.Tensor) -> torch.Tensor:
         """The sliding-window canvas ``[1, Q, H, W]`` (or one pass if ``window == (0, 0)``)."""

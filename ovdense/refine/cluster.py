@@ -87,6 +87,7 @@ def cluster_vote(
     eps: float,
     min_samples: int,
     upsample: int = 4,
+    canvas: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Relabel each DBSCAN cluster of patches with the majority label of its pixels.
 
@@ -98,6 +99,9 @@ def cluster_vote(
         eps, min_samples: DBSCAN parameters.
         upsample: the cluster maps are smoothed at ``upsample ×`` the grid by a median filter
             of size ``2·upsample − 1`` (official: 4 and 7).
+        canvas: ``(height, width, top, left)``: resize the maps to ``height × width`` and take
+            the labels' region at ``(top, left)`` (when the grid covers a padded image);
+            ``None``: the grid covers exactly the labels.
     Returns:
         ``[H, W]`` labels. Every pixel belongs to the cluster whose smoothed map is highest
         there; if DBSCAN finds no cluster, ``labels`` is returned unchanged.
@@ -112,7 +116,9 @@ def cluster_vote(
     maps = F.interpolate(maps[None], size=(upsample * h, upsample * w), mode="bilinear",
                          align_corners=False)[0]  # K, 4h, 4w
     maps = median_filter(maps, 2 * upsample - 1)
-    maps = F.interpolate(maps[None], size=labels.shape, mode="bilinear", align_corners=False)[0]
+    height, width, top, left = canvas or (*labels.shape, 0, 0)
+    maps = F.interpolate(maps[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    maps = maps[:, top:top + labels.shape[0], left:left + labels.shape[1]]  # K, H, W
     owner = maps.argmax(dim=0)  # H, W: the cluster each pixel belongs to
     voted = labels.clone()
     for k in range(maps.shape[0]):
