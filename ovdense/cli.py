@@ -37,9 +37,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "--classes-file", type=Path, help="one class per line, synonyms separated by commas"
     )
     seg.add_argument("--method", default="clearclip", help="see `ovdense methods`")
-    seg.add_argument("--model", default="ViT-B-16", help="open_clip model name or JSON config")
     seg.add_argument(
-        "--pretrained", default="openai", help="open_clip tag or checkpoint file; 'none' = random"
+        "--model", default="ViT-B-16", help="open_clip model name, 'toy', or a JSON model config"
+    )
+    seg.add_argument(
+        "--pretrained",
+        help="open_clip tag or checkpoint file; 'none' = random weights (default: 'openai' for "
+        "open_clip models, the embedded weights for 'toy', random for a JSON config)",
     )
     seg.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
     seg.add_argument(
@@ -133,7 +137,7 @@ def _command_segment(args: argparse.Namespace) -> int:
             if (args.out / f"{stem}{suffix}").resolve() in inputs:
                 raise OvdenseError(f"output {args.out / (stem + suffix)} would overwrite an input")
 
-    pretrained = None if args.pretrained.lower() == "none" else args.pretrained
+    pretrained = _pretrained(args.model, args.pretrained)
     backbone = create_backbone(args.model, pretrained=pretrained, device=args.device)
     segmenter = Segmenter(
         backbone, args.method, vocabulary, templates=templates,
@@ -168,9 +172,21 @@ def _command_segment(args: argparse.Namespace) -> int:
             ],
             "seconds": round(seconds, 4),
         })
+    done = len(images) - failed
+    print(f"ovdense: wrote {done} result{'s' if done != 1 else ''} to {args.out}/ "
+          "(<name>_labels.png, <name>_overlay.jpg, <name>.json)")
     if failed:
         print(f"ovdense: {failed} of {len(images)} images failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _pretrained(model: str, value: str | None) -> str | None:
+    """The CLI's weights rule: 'none' is random; no value means the model's usual weights."""
+    if value is not None:
+        return None if value.lower() == "none" else value
+    if model == "toy" or model.endswith(".json"):
+        return None
+    return "openai"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
