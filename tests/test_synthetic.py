@@ -71,3 +71,12 @@ def test_caption_names_every_object():
         assert obj.name in scene.caption
     assert scene.caption.endswith(f"on a {scene.texture} background")
     assert caption([]) == "a photo of an empty background"
+
+
+@pytest.mark.parametrize("defect", ["scratched", "holed", "stained"])
+def test_every_defect_is_visible(defect):
+    config = SceneConfig(objects=(1, 1), defect_rate=1.0, defects=(defect,), shapes=("ring", "star"))
+    for seed in range(10):
+        scene = render_scene(seed, config)
+        assert scene.objects[0].defect == defect
+        assert scene.defect.any() and not (scene.defect & (scene.instance == 0)).any()

@@ -50,6 +50,7 @@ class SceneConfig:
         defects: the defect states to draw from.
         noise: standard deviation of the Gaussian pixel noise (0–255 scale).
         min_visible: an object must keep this fraction of its pixels visible.
+        colours, shapes, textures: the choices drawn from (all of the world's by default).
     """
 
     size: tuple[int, int] = (128, 128)
@@ -59,6 +60,9 @@ class SceneConfig:
     defects: tuple[str, ...] = DEFECTS
     noise: float = 6.0
     min_visible: float = 0.5
+    colours: tuple[str, ...] = tuple(COLOURS)
+    shapes: tuple[str, ...] = SHAPES
+    textures: tuple[str, ...] = TEXTURES
 
 
 @dataclass(frozen=True)
@@ -182,26 +186,26 @@ def _paint_defect(kind: str, canvas: np.ndarray, back: np.ndarray, obj: SceneObj
                   mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Draw a defect inside ``mask``; return the bool mask of the pixels it changed."""
     H, W = mask.shape
-    cx, cy = obj.centre
+    ys, xs = np.nonzero(mask)
+    pick = int(rng.integers(len(ys)))  # the defect is centred on a pixel of the object
+    cx, cy = float(xs[pick]), float(ys[pick])
     r = obj.radius
     spot = np.zeros((H, W), np.uint8)
     if kind == "scratched":
         t = rng.uniform(0, math.pi)
-        length = rng.uniform(0.8, 1.4) * r
+        length = rng.uniform(0.5, 0.9) * r
         p1 = (round(cx - length * math.cos(t)), round(cy - length * math.sin(t)))
         p2 = (round(cx + length * math.cos(t)), round(cy + length * math.sin(t)))
         cv2.line(spot, p1, p2, 1, thickness=max(1, round(r / 8)))
         changed = spot.astype(bool) & mask
         canvas[changed] = 0.25 * canvas[changed] + 0.75 * np.array([35, 30, 30])
     elif kind == "holed":
-        offset = rng.uniform(0, 0.4 * r, size=2) * rng.choice([-1, 1], size=2)
-        cv2.circle(spot, (round(cx + offset[0]), round(cy + offset[1])), max(2, round(0.25 * r)), 1, -1)
+        cv2.circle(spot, (round(cx), round(cy)), max(2, round(0.25 * r)), 1, -1)
         changed = spot.astype(bool) & mask
         canvas[changed] = 0.3 * back[changed] + 0.7 * np.array([20, 20, 20])
     elif kind == "stained":
-        offset = rng.uniform(0, 0.4 * r, size=2) * rng.choice([-1, 1], size=2)
         axes = (max(2, round(rng.uniform(0.2, 0.35) * r)), max(2, round(rng.uniform(0.15, 0.3) * r)))
-        cv2.ellipse(spot, (round(cx + offset[0]), round(cy + offset[1])), axes,
+        cv2.ellipse(spot, (round(cx), round(cy)), axes,
                     rng.uniform(0, 180), 0, 360, 1, -1)
         changed = spot.astype(bool) & mask
         canvas[changed] = 0.3 * canvas[changed] + 0.7 * np.array([110, 75, 45])
@@ -228,7 +232,7 @@ def render_scene(rng: np.random.Generator | int, config: SceneConfig = SceneConf
     """Draw one scene. The same seed (or generator state) gives the same scene."""
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
     H, W = config.size
-    texture = str(rng.choice(TEXTURES))
+    texture = str(rng.choice(config.textures))
     back = background(texture, (H, W), rng)
     canvas = back.copy()
     instance = np.zeros((H, W), np.int64)
@@ -242,8 +246,8 @@ def render_scene(rng: np.random.Generator | int, config: SceneConfig = SceneConf
             radius = rng.uniform(*config.radius) * side
             centre = (rng.uniform(radius, W - radius), rng.uniform(radius, H - radius))
             obj = SceneObject(
-                colour=str(rng.choice(list(COLOURS))),
-                shape=str(rng.choice(SHAPES)),
+                colour=str(rng.choice(config.colours)),
+                shape=str(rng.choice(config.shapes)),
                 defect=(str(rng.choice(config.defects)) if rng.random() < config.defect_rate else None),
                 centre=centre, radius=radius, angle=rng.uniform(0, 2 * math.pi),
             )
