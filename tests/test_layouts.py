@@ -113,7 +113,8 @@ def test_mvtec(root):
     for category in SHAPES:
         assert sorted(p.name for p in (top / category / "test").iterdir()) == sorted(["good", *DEFECTS])
         assert sorted(p.name for p in (top / category / "ground_truth").iterdir()) == sorted(DEFECTS)
-        assert [p.name for p in sorted((top / category / "train" / "good").iterdir())] == ["000.png", "001.png"]
+        train = sorted(p.name for p in (top / category / "train" / "good").iterdir())
+        assert train == ["000.png", "001.png"]
         for defect in DEFECTS:
             for image in sorted((top / category / "test" / defect).iterdir()):
                 mode, mask = read(top / category / "ground_truth" / defect / f"{image.stem}_mask.png")

@@ -13,7 +13,9 @@ from ovdense.data.layouts import LAYOUTS, write_dataset
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layout", required=True, choices=LAYOUTS)
     parser.add_argument("--out", type=Path, required=True, help="parent folder of the dataset")
     parser.add_argument("--num", type=int, default=20,
