@@ -47,7 +47,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     seg.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
     seg.add_argument(
-        "--templates", default="imagenet80", help="'imagenet80', 'single', or a file of templates"
+        "--templates",
+        help="'imagenet80' (default), 'single', or a file of templates (the toy model: its own)",
     )
     seg.add_argument(
         "--window", type=int, nargs=2, metavar=("CROP", "STRIDE"),
@@ -81,7 +82,9 @@ def _parse_cli_classes(text: str) -> list[list[str]]:
     return classes
 
 
-def _read_templates(value: str):
+def _read_templates(value: str | None):
+    if value is None:
+        return None
     path = Path(value)
     if value in ("imagenet80", "single") or not path.suffix:
         return value

@@ -33,6 +33,7 @@ from ovdense.eval.segmentation import ConfusionMatrix
 from ovdense.io import overlay, write_image, write_json
 
 EVAL_SEED = 10_000_019  # far from any training seed
+SCENE_RADIUS = (0.12, 0.2)  # at 128 px: the objects' pixel size in the toy model's training
 
 TEMPLATE = "a photo of a {}"  # the training captions' wording
 
@@ -92,11 +93,12 @@ def main(argv=None) -> int:
 
     backbone = create_backbone(args.model, pretrained=args.pretrained)
     native = backbone.native_size[0]
-    window = tuple(args.window) if args.window else (native, native // 2)
+    window = args.window or backbone.defaults.get("window", (native, native // 2))
+    window = tuple(window)
     accuracy = zero_shot_accuracy(backbone, 300, args.seed)
     print("zero-shot accuracy:", {k: round(v, 3) for k, v in accuracy.items()})
 
-    config = SceneConfig(size=(args.size, args.size))
+    config = SceneConfig(size=(args.size, args.size), radius=SCENE_RADIUS)
     scenes = [render_scene(np.random.default_rng([args.seed, 2, i]), config) for i in range(args.num)]
     table: dict[str, dict[str, float]] = {}
     per_class: dict[str, dict[str, list[float]]] = {}

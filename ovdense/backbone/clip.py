@@ -56,6 +56,10 @@ class ClipBackbone(nn.Module):
         embed_dim: ``D``, the joint image–text embedding size.
         width: the vision transformer's token width.
         num_layers: the number of vision transformer blocks.
+        defaults: the model's own inference defaults (``templates``, ``short_side``,
+            ``window``) from the ``"ovdense"`` entry of its JSON config, used by heads where
+            the caller gives none (the toy model's are its training wording and native size);
+            empty for open_clip models.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class ClipBackbone(nn.Module):
         mean: Sequence[float] = OPENAI_MEAN,
         std: Sequence[float] = OPENAI_STD,
         cache_dir: str | os.PathLike | None = None,
+        defaults: dict | None = None,
     ):
         super().__init__()
         dense.check_supported(model.visual, name)
@@ -79,6 +84,7 @@ class ClipBackbone(nn.Module):
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.defaults = dict(defaults or {})
         visual = model.visual
         self.patch_size = int(visual.patch_size[0])
         self.native_grid = tuple(int(g) for g in visual.grid_size)
@@ -250,19 +256,20 @@ def create_backbone(
 
     if name == TOY_NAME:
         config, weights = toy_files()
-        model, tokenizer, source, mean, std = _from_config_file(str(config), pretrained or str(weights))
-    elif name.endswith(".json"):
-        model, tokenizer, source, mean, std = _from_config_file(name, pretrained)
-    else:
-        model, tokenizer, source, mean, std = _from_open_clip(
-            name, pretrained, weights_cache_dir
+        model, tokenizer, source, mean, std, defaults = _from_config_file(
+            str(config), pretrained or str(weights)
         )
+    elif name.endswith(".json"):
+        model, tokenizer, source, mean, std, defaults = _from_config_file(name, pretrained)
+    else:
+        model, tokenizer, source, mean, std = _from_open_clip(name, pretrained, weights_cache_dir)
+        defaults = {}
     model = model.to(device)
     if precision != "fp32":
         open_clip.model.convert_weights_to_lp(
             model, dtype=torch.float16 if precision == "fp16" else torch.bfloat16
         )
-    return ClipBackbone(model, tokenizer, name, source, mean, std, cache_dir)
+    return ClipBackbone(model, tokenizer, name, source, mean, std, cache_dir, defaults)
 
 
 TOY_NAME = "toy"
@@ -291,7 +298,7 @@ def _from_config_file(path: str, pretrained: str | None):
         raise OvdenseError(f"model config not found: {config_path}")
     try:
         cfg = json.loads(config_path.read_text())
-        model = open_clip.CLIP(**{k: v for k, v in cfg.items() if k != "preprocess_cfg"})
+        model = open_clip.CLIP(**{k: v for k, v in cfg.items() if k not in ("preprocess_cfg", "ovdense")})
     except (ValueError, TypeError) as e:
         raise OvdenseError(f"{config_path} is not an open_clip model config: {e}") from e
     source = WeightsSource("random")
@@ -301,7 +308,11 @@ def _from_config_file(path: str, pretrained: str | None):
     context = cfg.get("text_cfg", {}).get("context_length", 77)
     tokenizer = open_clip.SimpleTokenizer(context_length=context)
     pre = cfg.get("preprocess_cfg", {})
-    return model, tokenizer, source, pre.get("mean", OPENAI_MEAN), pre.get("std", OPENAI_STD)
+    defaults = cfg.get("ovdense", {})
+    unknown = set(defaults) - {"templates", "short_side", "window"}
+    if unknown:
+        raise OvdenseError(f"{config_path}: unknown keys {sorted(unknown)} in its 'ovdense' entry")
+    return model, tokenizer, source, pre.get("mean", OPENAI_MEAN), pre.get("std", OPENAI_STD), defaults
 
 
 def _load_checkpoint_file(model: nn.Module, path: str) -> None:

@@ -97,14 +97,15 @@ class Segmenter:
     """Segment images with any list of classes by a training-free method.
 
     Every ``None`` argument takes the method's official default (``ovdense methods`` lists
-    them; ``dense.METHODS[method].protocol`` holds them).
+    them; ``dense.METHODS[method].protocol`` holds them); ``templates``, ``short_side`` and
+    ``window`` first take the backbone's own defaults if its config has them (the toy model).
 
     Args:
         backbone: the shared CLIP backbone.
         method: a name from ``ovdense.backbone.dense.METHODS``.
         classes: class names; a string with commas (or a list) gives synonyms, e.g.
             ``["background", "person, man, woman", "dog"]``.
-        templates: ``"imagenet80"``, ``"single"`` or a list of templates with ``{}``.
+        templates: ``"imagenet80"`` (the default), ``"single"`` or a list of templates with ``{}``.
         short_side: resize the short side to this; ``0`` keeps the size.
         window: ``(crop, stride)`` in pixels; ``(0, 0)`` = one pass over the whole image.
         logit_scale: softmax temperature factor.
@@ -136,7 +137,7 @@ class Segmenter:
         backbone: ClipBackbone,
         method: str = "clearclip",
         classes: Sequence[ClassSpec] | Vocabulary = (),
-        templates: Templates = "imagenet80",
+        templates: Templates | None = None,
         short_side: int | None = None,
         window: tuple[int, int] | None = None,
         logit_scale: float | None = None,
@@ -159,9 +160,14 @@ class Segmenter:
         self.spec: MethodSpec = METHODS[method]
         defaults = self.spec.protocol
         self.vocabulary = classes if isinstance(classes, Vocabulary) else Vocabulary.parse(classes)
-        self.templates = templates
-        self.short_side = defaults.short_side if short_side is None else int(short_side)
-        self.window = tuple(int(v) for v in (defaults.window if window is None else window))
+        own = backbone.defaults  # the model's own defaults come before the method's
+        self.templates = templates if templates is not None else own.get("templates", "imagenet80")
+        if short_side is None:
+            short_side = own.get("short_side", defaults.short_side)
+        self.short_side = int(short_side)
+        if window is None:
+            window = own.get("window", defaults.window)
+        self.window = tuple(int(v) for v in window)
         self.logit_scale = defaults.logit_scale if logit_scale is None else float(logit_scale)
         self.bg_threshold = bg_threshold
         self.area_threshold = area_threshold
