@@ -2,6 +2,11 @@
 width 32, patch 8, 32 px native) and a private cache folder for each test session."""
 
 import json
+import os
+
+# Triton kernels run on CPU tensors through Triton's interpreter; it must be chosen before
+# anything imports triton (open_clip does). A GPU run can set TRITON_INTERPRET=0.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest

@@ -44,16 +44,17 @@ def test_one_window_covering_the_image_equals_one_pass(tiny_backbone, rng):
 
 
 def test_sliding_canvas_is_mean_of_window_logits(tiny_backbone, rng):
-    seg = make_segmenter(tiny_backbone, short_side=0, window=(32, 16))
+    seg = make_segmenter(tiny_backbone, short_side=0, window=(32, 16), kernel="reference")
+    whole = make_segmenter(tiny_backbone, short_side=0, window=(0, 0), kernel="reference")
     x = seg.prepare((rng.random((32, 64, 3)) * 255).astype(np.uint8))  # 3 windows along W
     with torch.no_grad():
-        win = [seg._window_logits(x[..., a:a + 32]) for a in (0, 16, 32)]
+        win = [whole.logits(x[..., a:a + 32], (32, 32)) for a in (0, 16, 32)]
         got = seg.logits(x, (32, 64))
     want = torch.zeros_like(got)
-    want[:, :, :16] = win[0][0, :, :, :16]
-    want[:, :, 16:32] = (win[0][0, :, :, 16:] + win[1][0, :, :, :16]) / 2
-    want[:, :, 32:48] = (win[1][0, :, :, 16:] + win[2][0, :, :, :16]) / 2
-    want[:, :, 48:] = win[2][0, :, :, 16:]
+    want[:, :, :16] = win[0][:, :, :16]
+    want[:, :, 16:32] = (win[0][:, :, 16:] + win[1][:, :, :16]) / 2
+    want[:, :, 32:48] = (win[1][:, :, 16:] + win[2][:, :, :16]) / 2
+    want[:, :, 48:] = win[2][:, :, 16:]
     torch.testing.assert_close(got, want)
 
 
@@ -61,12 +62,28 @@ def test_window_not_a_patch_multiple_is_padded_centred(tiny_backbone, rng):
     seg = make_segmenter(tiny_backbone, short_side=0, window=(0, 0))
     x = torch.randn(1, 3, 21, 30, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        got = seg._window_logits(x)
+        got = seg.logits(x, (21, 30))
         padded = F.pad(x, (1, 1, 1, 2))  # 21 → 24 (top 1, bottom 2), 30 → 32 (1, 1)
         feats = tiny_backbone.encode_dense(padded, "sclip")
         logits = torch.einsum("bdhw,qd->bqhw", feats, seg.text)
-        want = F.interpolate(logits, size=(24, 32), mode="bilinear")[:, :, 1:22, 1:31]
+        want = F.interpolate(logits, size=(24, 32), mode="bilinear")[0, :, 1:22, 1:31]
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("method, kwargs", [
+    ("clearclip", {"window": (32, 16), "bg_threshold": 0.4}),
+    ("sclip", {"window": (24, 16)}),  # windows not a patch multiple: padded
+    ("itaclip", {"window": (32, 24), "pamr": False}),  # image engineering on
+    ("cliptrase", {}),
+])
+def test_streamed_prediction_equals_the_reference_path(tiny_backbone, rng, method, kwargs):
+    rgb = (rng.random((37, 58, 3)) * 255).astype(np.uint8)
+    fast = make_segmenter(tiny_backbone, method=method, short_side=40, **kwargs)
+    slow = make_segmenter(tiny_backbone, method=method, short_side=40, kernel="reference", **kwargs)
+    assert fast.streams and not slow.streams
+    a, b = fast.predict(rgb), slow.predict(rgb)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
 
 
 def test_classify_softmax_synonym_max_and_background(tiny_backbone):
@@ -116,10 +133,10 @@ def test_image_engineering_is_itaclip_mix(tiny_backbone):
                          image_engineering=True, pamr=False)
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        got = seg._window_logits(x)
+        got = seg.logits(x, (32, 32))
 
         def up(t):
-            return F.interpolate(t, size=(32, 32), mode="bilinear")
+            return F.interpolate(t, size=(32, 32), mode="bilinear")[0]
 
         def feats(img):
             return tiny_backbone.encode_dense(img, "itaclip")
@@ -127,7 +144,8 @@ def test_image_engineering_is_itaclip_mix(tiny_backbone):
         variants = [x, TF.rgb_to_grayscale(x).repeat(1, 3, 1, 1), TF.gaussian_blur(x, 11, 5.0)]
         mean_feats = sum(feats(v) for v in variants) / 3
         main = up(torch.einsum("bdhw,qd->bqhw", mean_feats, seg.text))
-        flips = [up(torch.einsum("bdhw,qd->bqhw", feats(x.flip(d)), seg.text)).flip(d) for d in (2, 3)]
+        flips = [up(torch.einsum("bdhw,qd->bqhw", feats(x.flip(d)), seg.text)[None][0]).flip(d - 1)
+                 for d in (2, 3)]
         want = 0.75 * main + 0.25 * (flips[0] + flips[1]) / 2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 

@@ -22,6 +22,10 @@ The protocol is the official repos' (SCLIP ``clip_segmentor.py``, ClearCLIP and 
 Method extras, each off unless the method's protocol or the caller turns it on: ITACLIP's image
 engineering (in step 2), its class definitions (in the text features) and its 3×3 closing of
 the label map; CLIPtrase's cluster vote (after step 6).
+
+Steps 2–6 run on the windows' low-resolution logits through ``ovdense.kernels`` (exact, and
+never holding the ``[Q, H, W]`` logits) unless PAMR or the area threshold need the full
+logits, or ``kernel="reference"`` asks for the plain path.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
+from ovdense import kernels
 from ovdense.backbone.clip import ClipBackbone
 from ovdense.backbone.dense import METHODS, MethodSpec, block_input_affinity
 from ovdense.backbone.prompts import ClassSpec, Templates, Vocabulary
@@ -130,6 +135,9 @@ class Segmenter:
         definition_weight: ``w`` above (code default 0.2; configs use 0.05 for VOC and
             Cityscapes, 0.1 for COCO-Object, 0.15 for Context60).
         method_options: extra options of the method's block function (see ``dense``).
+        kernel: the last step's path (``ovdense.kernels``): ``"auto"``, ``"torch"``,
+            ``"triton"``, or ``"reference"`` (full-resolution logits, for comparison).
+        batch_windows: windows sent through the backbone at once.
     """
 
     def __init__(
@@ -152,6 +160,8 @@ class Segmenter:
         definitions: Mapping[str, str] | None = None,
         definition_weight: float = 0.2,
         method_options: dict | None = None,
+        kernel: str = "auto",
+        batch_windows: int = 16,
     ):
         if method not in METHODS:
             raise OvdenseError(f"unknown method {method!r}; choose from: {', '.join(METHODS)}")
@@ -180,11 +190,17 @@ class Segmenter:
         self.definitions = dict(definitions or {})
         self.definition_weight = float(definition_weight)
         self.method_options = dict(method_options or {})
+        self.kernel = kernel
+        self.batch_windows = int(batch_windows)
         self._validate()
         self.text = self._text_features()  # Q, D
         self.class_of_prompt = torch.tensor(self.vocabulary.class_of_prompt, device=backbone.device)
 
     def _validate(self) -> None:
+        if self.kernel not in kernels.KERNELS:
+            raise OvdenseError(f"unknown kernel {self.kernel!r}; choose from: {', '.join(kernels.KERNELS)}")
+        if self.batch_windows < 1:
+            raise OvdenseError(f"batch_windows must be ≥ 1, got {self.batch_windows}")
         if self.short_side < 0:
             raise OvdenseError(f"short_side must be ≥ 0, got {self.short_side}")
         if len(self.window) != 2:
@@ -249,6 +265,7 @@ class Segmenter:
             "definitions": self.definitions,
             "definition_weight": self.definition_weight,
             "method_options": self.method_options,
+            "kernel": self.kernel,
         }
 
     # ----------------------------------------------------------------------------------------
@@ -258,13 +275,27 @@ class Segmenter:
         """Segment one image (path, PIL image or RGB array) at its own resolution."""
         rgb = load_image(image)
         x = self.prepare(rgb)  # 1, 3, H', W'
-        logits = self.logits(x, rgb.shape[:2])  # Q, H, W
-        labels, scores = self.classify(logits)
+        size = rgb.shape[:2]
+        if self.streams:
+            windows = self.windows(x)
+            labels, scores = kernels.slide_classify(
+                windows, tuple(x.shape[-2:]), size, self.class_of_prompt, self.logit_scale,
+                self.bg_threshold, self.kernel,
+            )
+        else:
+            labels, scores = self.classify(self.logits(x, size))
         if self.cluster:
             labels = self._cluster_vote(x, labels)
         if self.close_labels:
             labels = close_labels(labels)
         return SegmentationResult(labels.cpu().numpy(), scores.cpu().numpy(), self.classes)
+
+    @property
+    def streams(self) -> bool:
+        """Whether ``predict`` classifies straight from the windows' low-resolution logits
+        (the kernels) instead of the full ``[Q, H, W]`` logits: not with ``kernel="reference"``,
+        and not when PAMR or the area threshold need the full logits."""
+        return self.kernel != "reference" and not self.pamr and self.area_threshold is None
 
     def prepare(self, rgb: np.ndarray) -> torch.Tensor:
         """Resize by the short side and normalise: ``[1, 3, H', W']`` on the backbone's device."""
@@ -275,12 +306,13 @@ class Segmenter:
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Per-prompt cosine logits ``[Q, H, W]`` at ``size = (H, W)`` (before the scale).
+        """Per-prompt cosine logits ``[Q, H, W]`` at ``size = (H, W)`` (before the scale): the
+        full canvas of the sliding windows, resized; PAMR, if on, is applied here.
 
-        ``x`` is the prepared image ``[1, 3, H', W']``; PAMR, if on, is applied here.
+        ``x`` is the prepared image ``[1, 3, H', W']``.
         """
-        canvas = self._slide(x)  # 1, Q, H', W'
-        logits = F.interpolate(canvas, size=size, mode="bilinear", align_corners=False)
+        canvas = kernels.slide_canvas_reference(self.windows(x), tuple(x.shape[-2:]))  # Q, H', W'
+        logits = F.interpolate(canvas[None], size=size, mode="bilinear", align_corners=False)
         if self.pamr:
             guide = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
             logits = pamr_refine(guide, logits, dilations=PAMR_DILATIONS, num_iter=PAMR_STEPS)
@@ -321,57 +353,64 @@ class Segmenter:
         canvas = (round(x.shape[-2] * sy), round(x.shape[-1] * sx), round(top * sy), round(left * sx))
         return cluster_vote(denoised, grid, labels, eps, min_samples, canvas=canvas)
 
-    def _window_logits(self, crop: torch.Tensor) -> torch.Tensor:
-        """Cosine logits of one window ``[1, 3, h, w]`` upsampled to the window: ``[1, Q, h, w]``."""
-        h, w = crop.shape[-2:]
-        padded, (top, left) = _pad_to_multiple(crop, self.backbone.patch_size)
-        size = padded.shape[-2:]
-        if self.image_engineering:
-            logits = self._engineered_logits(padded)  # 1, Q, H_p, W_p
-        else:
-            logits = F.interpolate(self._patch_logits(padded), size=size, mode="bilinear",
-                                   align_corners=False)
-        return logits[:, :, top:top + h, left:left + w]
+    def windows(self, x: torch.Tensor) -> list[kernels.Window]:
+        """The low-resolution logits of every window of the prepared image ``x [1, 3, H', W']``.
+
+        Windows follow mmseg's ``slide_inference`` (one window for ``window == (0, 0)``); each
+        is zero-padded, centred, to a patch multiple; windows of one shape go through the
+        backbone together, ``batch_windows`` at a time.
+        """
+        crop, stride = self.window
+        height, width = x.shape[-2:]
+        boxes = window_boxes(height, width, crop, stride) if crop else [(0, height, 0, width)]
+        padded, offsets = [], []
+        for y1, y2, x1, x2 in boxes:
+            tensor, offset = _pad_to_multiple(x[:, :, y1:y2, x1:x2], self.backbone.patch_size)
+            padded.append(tensor)
+            offsets.append(offset)
+        low: list[torch.Tensor | None] = [None] * len(boxes)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, tensor in enumerate(padded):
+            groups.setdefault(tuple(tensor.shape[-2:]), []).append(index)
+        for members in groups.values():
+            for start in range(0, len(members), self.batch_windows):
+                chunk = members[start:start + self.batch_windows]
+                batch = torch.cat([padded[i] for i in chunk])  # n, 3, Hp, Wp
+                for i, logits in zip(chunk, self._low_logits(batch)):
+                    low[i] = logits
+        return [
+            kernels.Window(box, logits, tuple(padded[i].shape[-2:]), offsets[i])
+            for i, (box, logits) in enumerate(zip(boxes, low))
+        ]
 
     def _patch_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch–prompt cosine logits ``[1, Q, h/p, w/p]`` of a patch-multiple image."""
-        feats = self.backbone.encode_dense(x, self.method, **self.method_options)  # 1, D, h, w
+        """Patch–prompt cosine logits ``[n, Q, h/p, w/p]`` of patch-multiple images."""
+        feats = self.backbone.encode_dense(x, self.method, **self.method_options)  # n, D, h, w
         return torch.einsum("bdhw,qd->bqhw", feats.float(), self.text.float())
+
+    def _low_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Low-resolution logits ``[n, Q, h/p, w/p]`` of windows, engineered if asked."""
+        if not self.image_engineering:
+            return self._patch_logits(x)
+        return torch.cat([self._engineered_logits(one[None]) for one in x])
 
     def _engineered_logits(self, x: torch.Tensor) -> torch.Tensor:
         """ITACLIP's image engineering (Aydın et al. 2025, §3.3; ``forward_feature`` in
-        ``itaclip_segmentor.py``) at the window's size: ``[1, Q, h, w]``.
+        ``itaclip_segmentor.py``) on one window ``[1, 3, h, w]``: ``[1, Q, h/p, w/p]``.
 
         Features of the window, its grayscale (on the normalised tensor, as torchvision's
         ``Grayscale``) and its Gaussian blur (kernel 11, σ = 5) are averaged without
-        renormalising — equal to averaging their logits; the flips' logits are upsampled,
-        flipped back and averaged; the two are mixed ``w : 1 − w``.
+        renormalising — equal to averaging their logits; the flips' logits are flipped back and
+        averaged; the two are mixed ``w : 1 − w``. The official code mixes after upsampling
+        each to the window; bilinear upsampling is linear and commutes with flips, so mixing
+        at patch resolution is the same.
         """
-        size = x.shape[-2:]
         gray = TF.rgb_to_grayscale(x, num_output_channels=1).expand_as(x)
         blurred = TF.gaussian_blur(x, kernel_size=[11, 11], sigma=[5.0, 5.0])
-        main = torch.stack([self._patch_logits(v) for v in (x, gray, blurred)]).mean(dim=0)
-        main = F.interpolate(main, size=size, mode="bilinear", align_corners=False)
-        flipped = []
-        for dims in ((-2,), (-1,)):  # vertical, horizontal
-            logits = self._patch_logits(torch.flip(x, dims))
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-            flipped.append(torch.flip(logits, dims))
+        main = self._patch_logits(torch.cat([x, gray, blurred])).mean(dim=0, keepdim=True)
+        flipped = [torch.flip(self._patch_logits(torch.flip(x, dims)), dims) for dims in ((-2,), (-1,))]
         w = self.image_engineering_weight
         return w * main + (1.0 - w) * torch.stack(flipped).mean(dim=0)
-
-    def _slide(self, x: torch.Tensor) -> torch.Tensor:
-        """The sliding-window canvas ``[1, Q, H, W]`` (or one pass if ``window == (0, 0)``)."""
-        crop, stride = self.window
-        height, width = x.shape[-2:]
-        if crop == 0:
-            return self._window_logits(x)
-        canvas = x.new_zeros((1, self.text.shape[0], height, width), dtype=torch.float32)
-        count = x.new_zeros((1, 1, height, width), dtype=torch.float32)
-        for y1, y2, x1, x2 in window_boxes(height, width, crop, stride):
-            canvas[:, :, y1:y2, x1:x2] += self._window_logits(x[:, :, y1:y2, x1:x2])
-            count[:, :, y1:y2, x1:x2] += 1
-        return canvas / count
 
 
 def _choose(value: bool | None, default: bool) -> bool:
