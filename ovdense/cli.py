@@ -69,6 +69,10 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="refine with PAMR")
     pamr.add_argument("--no-pamr", dest="pamr", action="store_false")
     seg.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    seg.add_argument(
+        "--kernel", default="auto", choices=("auto", "torch", "triton", "reference"),
+        help="the last step's path; 'reference' keeps the plain full-resolution logits",
+    )
 
     sub.add_parser("methods", help="list the training-free methods and their defaults")
     return parser
@@ -146,7 +150,7 @@ def _command_segment(args: argparse.Namespace) -> int:
         backbone, args.method, vocabulary, templates=templates,
         short_side=args.short_side, window=tuple(args.window) if args.window else None,
         logit_scale=args.logit_scale, bg_threshold=args.bg_threshold,
-        area_threshold=args.area_threshold, pamr=args.pamr,
+        area_threshold=args.area_threshold, pamr=args.pamr, kernel=args.kernel,
     )
     failed = 0
     for path in tqdm(images, desc="segment", unit="image", file=sys.stderr):
