@@ -131,6 +131,8 @@ def main(argv=None) -> int:
     parser.add_argument("--attribute-drop", type=float, default=0.5)
     parser.add_argument("--attribute-weight", type=float, default=1.0,
                         help="weight of the contrast against all shape and colour prompts")
+    parser.add_argument("--shape-first", type=int, default=0,
+                        help="curriculum: the first steps train only the shape contrast")
     parser.add_argument("--hard-rate", type=float, default=0.5,
                         help="fraction of batches whose objects all share one colour")
     parser.add_argument("--radius", type=float, nargs=2, default=(0.17, 0.4),
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
             config = replace(config, colours=(str(rng.choice(list(COLOURS))),))
         return config
 
-    step, losses = 0, []
+    step, losses, shape_losses = 0, [], []
     checkpoint = args.out / "checkpoint.pt"
     if checkpoint.is_file():  # resume
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -207,20 +209,24 @@ def main(argv=None) -> int:
         text_emb = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
         scale = model.logit_scale.exp().clamp(max=100)
         loss = multi_positive_loss(image_emb, text_emb, captions, scale)
-        if args.attribute_weight:
+        shape_loss = torch.zeros(())
+        if args.attribute_weight or step < args.shape_first:
             prompts = F.normalize(model.encode_text(tokenizer(attribute_prompts)), dim=-1)  # 11, D
             logits = scale * image_emb @ prompts.T  # B, 11
             n = len(SHAPES)
             shape_loss = torch.sum(-shape_t * F.log_softmax(logits[:, :n], 1), 1).mean()
             colour_loss = torch.sum(-colour_t * F.log_softmax(logits[:, n:], 1), 1).mean()
             loss = loss + args.attribute_weight * (shape_loss + colour_loss)
+            if step < args.shape_first:  # curriculum: shapes alone first (colour is the shortcut)
+                loss = shape_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
         losses.append(float(loss))
         bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        shape_losses.append(float(shape_loss))
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", shape=f"{np.mean(shape_losses[-20:]):.3f}")
         if step % 100 == 0:
             save()
         if args.minutes and time.time() - start > 60 * args.minutes:
