@@ -1,0 +1,1 @@
+"""Anomaly maps for defect localisation: WinCLIP / WinCLIP+ (``winclip.py``)."""
