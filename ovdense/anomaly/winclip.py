@@ -183,8 +183,9 @@ class WinClip:
         if len(images) == 0:
             raise OvdenseError("no reference images given for the few-shot memory")
         encoded = self.encode(self.prepare(images))
+        patches = encoded["patches"].float()  # K, P, W
         self.memory = {
-            "patches": F.normalize(encoded["patches"].float(), dim=-1).reshape(-1, encoded["patches"].shape[-1]),
+            "patches": F.normalize(patches, dim=-1).reshape(-1, patches.shape[-1]),
             "windows": [F.normalize(w.float(), dim=-1).reshape(-1, w.shape[-1]) for w in encoded["windows"]],
             "shots": len(images),
         }
