@@ -1,0 +1,89 @@
+"""Anomaly metrics against scikit-learn and a plain AUPRO computation."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+from ovdense.eval.anomaly import AnomalyMetrics
+
+BINS = 256
+
+
+def quantised(rng, shape):
+    """Scores at bin centres, so binned metrics must equal the exact ones."""
+    return (rng.integers(0, BINS, size=shape) + 0.5) / BINS
+
+
+def plain_aupro(maps, masks, max_fpr=0.3):
+    """Threshold at every distinct score; PRO over 8-connected regions; integrate to max_fpr."""
+    regions = []
+    for mask in masks:
+        labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        regions += [(len(regions), labelled == r + 1, mask) for r in range(count)]
+    all_scores = np.concatenate([m.ravel() for m in maps])
+    normal = np.concatenate([m[~k] for m, k in zip(maps, masks)])
+    points = [(0.0, 0.0)]
+    for t in np.unique(all_scores)[::-1]:
+        overlaps = []
+        for i, (m, k) in enumerate(zip(maps, masks)):
+            labelled, count = ndimage.label(k, structure=np.ones((3, 3)))
+            for r in range(1, count + 1):
+                region = labelled == r
+                overlaps.append((m[region] >= t).mean())
+        points.append(((normal >= t).mean(), np.mean(overlaps)))
+    fpr, pro = np.array(points).T
+    keep = fpr <= max_fpr
+    x, y = list(fpr[keep]), list(pro[keep])
+    nxt = np.argmax(fpr > max_fpr)
+    if fpr[nxt] > max_fpr:
+        x0, y0, x1, y1 = fpr[nxt - 1], pro[nxt - 1], fpr[nxt], pro[nxt]
+        x.append(max_fpr)
+        y.append(y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0))
+    return np.trapezoid(y, x) / max_fpr
+
+
+def test_pixel_and_image_metrics_match_references(rng):
+    metrics = AnomalyMetrics(bins=BINS, pro_bins=BINS)
+    maps, masks, scores, labels = [], [], [], []
+    for i in range(6):
+        mask = np.zeros((24, 30), bool)
+        if i % 2:
+            mask[rng.integers(0, 12):, rng.integers(0, 15):rng.integers(16, 30)] = True
+            mask[0:3, 0:4] = True  # a second region
+        amap = quantised(rng, mask.shape)
+        amap[mask] = np.clip(amap[mask] + 0.3, 0, 0.999)
+        amap = (np.floor(amap * BINS) + 0.5) / BINS
+        score = float(rng.random() + 0.3 * (i % 2))
+        metrics.update(score, i % 2, amap, mask)
+        maps.append(amap)
+        masks.append(mask)
+        scores.append(score)
+        labels.append(i % 2)
+    got = metrics.scores()
+    truth = np.concatenate([m.ravel() for m in masks])
+    pixels = np.concatenate([m.ravel() for m in maps])
+    assert got.pixel_auroc == pytest.approx(roc_auc_score(truth, pixels), abs=1e-12)
+    assert got.pixel_ap == pytest.approx(average_precision_score(truth, pixels), abs=1e-12)
+    p, r, _ = precision_recall_curve(truth, pixels)
+    assert got.pixel_f1_max == pytest.approx(np.max(2 * p * r / np.maximum(p + r, 1e-12)), abs=1e-12)
+    assert got.image_auroc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert got.aupro == pytest.approx(plain_aupro(maps, masks), abs=1e-9)
+
+
+def test_perfect_and_inverted_maps():
+    metrics = AnomalyMetrics()
+    mask = np.zeros((10, 10), bool)
+    mask[2:5, 2:5] = True
+    metrics.update(0.9, 1, mask.astype(float) * 0.8 + 0.1, mask)
+    metrics.update(0.1, 0, np.full((10, 10), 0.1), np.zeros((10, 10), bool))
+    s = metrics.scores()
+    assert s.pixel_auroc == 1.0 and s.aupro == pytest.approx(1.0) and s.image_auroc == 1.0
+    inverted = AnomalyMetrics()
+    inverted.update(0.1, 1, 1 - (mask.astype(float) * 0.8 + 0.1), mask)
+    assert inverted.scores().pixel_auroc == 0.0
+
+
+def test_mask_of_another_size_is_an_error():
+    with pytest.raises(ValueError, match="mask is"):
+        AnomalyMetrics().update(0.5, 1, np.zeros((4, 4)), np.zeros((5, 4), bool))
