@@ -17,16 +17,12 @@ def quantised(rng, shape):
 
 def plain_aupro(maps, masks, max_fpr=0.3):
     """Threshold at every distinct score; PRO over 8-connected regions; integrate to max_fpr."""
-    regions = []
-    for mask in masks:
-        labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
-        regions += [(len(regions), labelled == r + 1, mask) for r in range(count)]
     all_scores = np.concatenate([m.ravel() for m in maps])
     normal = np.concatenate([m[~k] for m, k in zip(maps, masks)])
     points = [(0.0, 0.0)]
     for t in np.unique(all_scores)[::-1]:
         overlaps = []
-        for i, (m, k) in enumerate(zip(maps, masks)):
+        for m, k in zip(maps, masks):
             labelled, count = ndimage.label(k, structure=np.ones((3, 3)))
             for r in range(1, count + 1):
                 region = labelled == r
