@@ -2,6 +2,8 @@
 
     ovdense segment IMAGE... | DIR --classes "cat,dog,grass" [--method clearclip] ...
     ovdense methods
+    ovdense anomaly IMAGE... | DIR --object bottle [--reference DIR --shots K]
+    ovdense anomaly-eval --dataset mvtec|visa --root DIR [--shots K]
 """
 
 from __future__ import annotations
@@ -75,7 +77,34 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("methods", help="list the training-free methods and their defaults")
+
+    anomaly = sub.add_parser(
+        "anomaly", help="defect heat maps with WinCLIP (zero-shot) or WinCLIP+ (few-shot)",
+        description="For each image writes <stem>_anomaly.npy (float32 map), "
+        "<stem>_heatmap.png (overlay) and <stem>_anomaly.json (image score).",
+    )
+    anomaly.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders")
+    anomaly.add_argument("--object", required=True, help="what the images show, e.g. bottle")
+    anomaly.add_argument("--reference", type=Path, help="folder of normal images (WinCLIP+)")
+    anomaly.add_argument("--shots", type=int, default=1, help="reference images to use")
+    _add_anomaly_model_arguments(anomaly)
+    anomaly.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
+
+    evaluation = sub.add_parser("anomaly-eval", help="WinCLIP metrics on MVTec AD or VisA")
+    evaluation.add_argument("--dataset", required=True, choices=("mvtec", "visa"))
+    evaluation.add_argument("--root", type=Path, required=True, help="the dataset's folder")
+    evaluation.add_argument("--shots", type=int, default=0, help="0 = zero-shot WinCLIP")
+    evaluation.add_argument("--categories", nargs="+", help="default: all")
+    _add_anomaly_model_arguments(evaluation)
+    evaluation.add_argument("--out", type=Path, default=Path("outputs"), help="where the CSV and picture go")
     return parser
+
+
+def _add_anomaly_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="ViT-B-16-plus-240", help="open_clip ViT, 'toy' or a JSON config")
+    parser.add_argument("--pretrained", help="tag or file (default: laion400m_e31, the paper's)")
+    parser.add_argument("--prompt-set", default="paper", choices=("paper", "anomalib"))
+    parser.add_argument("--device", default="cpu")
 
 
 def _parse_cli_classes(text: str) -> list[list[str]]:
@@ -193,7 +222,102 @@ def _pretrained(model: str, value: str | None) -> str | None:
         return None if value.lower() == "none" else value
     if model == "toy" or model.endswith(".json"):
         return None
-    return "openai"
+    return "laion400m_e31" if model == "ViT-B-16-plus-240" else "openai"
+
+
+def _command_anomaly(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from ovdense import create_backbone
+    from ovdense.anomaly.winclip import WinClip
+    from ovdense.io import heatmap_overlay, list_images, load_image, write_bytes, write_image, write_json
+
+    images = list_images(args.inputs)
+    if not images:
+        raise OvdenseError(f"no images found in {' '.join(map(str, args.inputs))}")
+    references = []
+    if args.reference is not None:
+        if not args.reference.is_dir():
+            raise OvdenseError(f"reference folder not found: {args.reference}")
+        references = list_images([args.reference])
+        if args.shots < 1 or args.shots > len(references):
+            raise OvdenseError(f"--shots {args.shots} asked, the reference folder has "
+                               f"{len(references)} images")
+        references = references[: args.shots]
+    backbone = create_backbone(args.model, pretrained=_pretrained(args.model, args.pretrained),
+                               device=args.device)
+    winclip = WinClip(backbone, args.object, prompt_set=args.prompt_set)
+    if references:
+        winclip.set_references(references)
+    failed = 0
+    for path in tqdm(images, desc="anomaly", unit="image", file=sys.stderr):
+        try:
+            rgb = load_image(path)
+        except OvdenseError as e:
+            tqdm.write(f"ovdense: skipped: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        (result,) = winclip.predict([rgb])
+        import io as _io
+
+        buffer = _io.BytesIO()
+        np.save(buffer, result.map, allow_pickle=False)
+        write_bytes(args.out / f"{path.stem}_anomaly.npy", buffer.getvalue())
+        write_image(args.out / f"{path.stem}_heatmap.png", heatmap_overlay(rgb, result.map))
+        write_json(args.out / f"{path.stem}_anomaly.json", {
+            "image": str(path), "size": list(result.map.shape), "object": args.object,
+            "score": result.score, "map_max": float(result.map.max()),
+            "mode": f"WinCLIP+ ({len(references)}-shot)" if references else "WinCLIP (zero-shot)",
+            "references": [str(r) for r in references], "model": args.model,
+            "prompt_set": args.prompt_set,
+        })
+    done = len(images) - failed
+    print(f"ovdense: wrote {done} anomaly map{'s' if done != 1 else ''} to {args.out}/")
+    if failed:
+        print(f"ovdense: {failed} of {len(images)} images failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _command_anomaly_eval(args: argparse.Namespace) -> int:
+    import csv
+    import io as _io
+
+    from ovdense import create_backbone
+    from ovdense.anomaly.evaluate import evaluate
+    from ovdense.io import write_bytes, write_image
+
+    backbone = create_backbone(args.model, pretrained=_pretrained(args.model, args.pretrained),
+                               device=args.device)
+    results = evaluate(backbone, args.dataset, args.root, args.categories, args.shots, args.prompt_set)
+    columns = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "pixel_ap"]
+    rows = [[name] + [100 * getattr(r, c) for c in columns] for name, r in results.items()]
+    rows.append(["mean"] + [sum(row[i] for row in rows) / len(rows) for i in range(1, len(columns) + 1)])
+    lines = [f"{'category':<14}" + "".join(f"{c:>13}" for c in columns)]
+    lines += [f"{row[0]:<14}" + "".join(f"{v:>13.1f}" for v in row[1:]) for row in rows]
+    print("\n".join(lines))
+    buffer = _io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["category"] + columns)
+    writer.writerows([[row[0]] + [f"{v:.2f}" for v in row[1:]] for row in rows])
+    stem = f"anomaly_{args.dataset}_{args.shots}shot"
+    write_bytes(args.out / f"{stem}.csv", buffer.getvalue().encode())
+    write_image(args.out / f"{stem}.png", _table_picture(lines))
+    print(f"ovdense: wrote {args.out / (stem + '.csv')} and {args.out / (stem + '.png')}")
+    return 0
+
+
+def _table_picture(lines: list[str]):
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    width = 8 + 7 * max(len(line) for line in lines)
+    canvas = Image.new("RGB", (width, 8 + 16 * len(lines)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((4, 4 + 16 * i), line, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -201,6 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "methods":
             return _command_methods()
+        if args.command == "anomaly":
+            return _command_anomaly(args)
+        if args.command == "anomaly-eval":
+            return _command_anomaly_eval(args)
         return _command_segment(args)
     except OvdenseError as e:
         print(f"ovdense: error: {e}", file=sys.stderr)

@@ -250,3 +250,18 @@ def overlay(
         share = 100.0 * counts[index] / labels.size
         draw.text((x0 + 16, y), f"{name} {share:.1f}%", fill=(0, 0, 0), font=font)
     return np.asarray(canvas)
+
+
+def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, alpha: float = 0.5,
+                    value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """Blend ``image[H, W, 3]`` with a JET colour map of ``anomaly_map[H, W]`` on the fixed scale
+    ``value_range`` (so maps of different images compare): RGB ``uint8 [H, W, 3]``."""
+    import cv2
+
+    if image.shape[:2] != anomaly_map.shape:
+        raise ValueError(f"image {image.shape[:2]} and map {anomaly_map.shape} differ in size")
+    low, high = value_range
+    scaled = np.clip((anomaly_map.astype(np.float32) - low) / (high - low), 0, 1)
+    colours = cv2.applyColorMap(np.round(scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * colours.astype(np.float32)
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
