@@ -29,6 +29,7 @@ from ovdense.data.synthetic import (
     render_scene,
     shape_classes,
 )
+from ovdense.errors import OvdenseError
 from ovdense.eval.segmentation import ConfusionMatrix
 from ovdense.io import overlay, write_image, write_json
 
@@ -73,6 +74,26 @@ def zero_shot_accuracy(backbone, num: int, seed: int) -> dict[str, float]:
     return result
 
 
+def evaluate_method(backbone, method, scenes, args, window):
+    """mIoU and per-class IoU of one method under every vocabulary."""
+    miou, per_class = {}, {}
+    for vocab_name, (make_classes, field) in VOCABULARIES.items():
+        classes = make_classes()
+        segmenter = Segmenter(backbone, method, classes, templates=[args.template],
+                              short_side=args.size, window=window)
+        matrix = ConfusionMatrix(len(classes))
+        for index, scene in enumerate(scenes):
+            result = segmenter.predict(scene.image)
+            matrix.update(result.labels, getattr(scene, field))
+            if index == 0 and vocab_name == "colour+shape":
+                picture = overlay(scene.image, result.labels, result.classes)
+                write_image(args.out / f"overlay_{method}.jpg", picture)
+        scores = matrix.scores()
+        miou[vocab_name] = scores.miou
+        per_class[vocab_name] = [None if np.isnan(v) else float(v) for v in scores.iou]
+    return miou, per_class
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -102,30 +123,24 @@ def main(argv=None) -> int:
     scenes = [render_scene(np.random.default_rng([args.seed, 2, i]), config) for i in range(args.num)]
     table: dict[str, dict[str, float]] = {}
     per_class: dict[str, dict[str, list[float]]] = {}
+    skipped: dict[str, str] = {}
     for method in tqdm(args.methods, desc="methods", file=sys.stderr):
-        table[method], per_class[method] = {}, {}
-        for vocab_name, (make_classes, field) in VOCABULARIES.items():
-            classes = make_classes()
-            segmenter = Segmenter(backbone, method, classes, templates=[args.template],
-                                  short_side=args.size, window=window)
-            matrix = ConfusionMatrix(len(classes))
-            for index, scene in enumerate(scenes):
-                result = segmenter.predict(scene.image)
-                matrix.update(result.labels, getattr(scene, field))
-                if index == 0 and vocab_name == "colour+shape":
-                    write_image(args.out / f"overlay_{method}.jpg",
-                                overlay(scene.image, result.labels, result.classes))
-            scores = matrix.scores()
-            table[method][vocab_name] = scores.miou
-            per_class[method][vocab_name] = [None if np.isnan(v) else float(v) for v in scores.iou]
+        try:
+            table[method], per_class[method] = evaluate_method(backbone, method, scenes, args, window)
+        except OvdenseError as e:  # e.g. ITACLIP needs 11+ blocks
+            skipped[method] = str(e)
+            table.pop(method, None)
 
     header = f"{'method':<10}" + "".join(f"{v:>14}" for v in VOCABULARIES)
     print(header)
     for method, row in table.items():
         print(f"{method:<10}" + "".join(f"{100 * row[v]:>14.1f}" for v in VOCABULARIES))
-    write_json(args.out / "miou.json", {"model": args.model, "num": args.num, "seed": args.seed,
-                                        "window": list(window), "zero_shot": accuracy, "miou": table,
-                                        "per_class_iou": per_class})
+    for method, reason in skipped.items():
+        print(f"{method:<10} not run: {reason}")
+    write_json(args.out / "miou.json", {
+        "model": args.model, "num": args.num, "seed": args.seed, "window": list(window),
+        "zero_shot": accuracy, "miou": table, "skipped": skipped, "per_class_iou": per_class,
+    })
     print(f"wrote {args.out / 'miou.json'} and overlays")
     return 0
 

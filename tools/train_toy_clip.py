@@ -12,6 +12,11 @@ The recipe, chosen by measurement (see the README's model card):
   embedding must carry each attribute on its own;
 * several images in a batch can share one caption (30 colour–shape pairs): the loss treats every
   image with the same caption as a positive (a multi-positive InfoNCE), not as a negative;
+* region–text contrast: the final patch tokens (after ``ln_post`` and the projection) pooled
+  over each object's mask and over the background are contrasted with the prompts of all
+  region classes (``"a photo of a red circle"``, …, ``"a photo of a background"``) — without
+  it the class token learns the world (zero-shot 0.98) but the patch tokens do not (colour at
+  patch level 0.2–0.3, chance 0.17), and the training-free heads have nothing to read;
 * hard negatives: each image is also contrasted with the prompts of every shape
   (``"a photo of a circle"``, …) and every colour (``"a photo of a red object"``), the ones it
   shows being the positives — without these, colour and texture are learned and shape stays at
@@ -37,6 +42,7 @@ import torch.nn.functional as F
 
 from ovdense.data.synthetic import COLOURS, SHAPES, SceneConfig, render_scene
 from ovdense.io import write_bytes, write_json
+from ovdense.kernels.pooling import mask_pool
 
 TOY_CONFIG = {
     "embed_dim": 128,
@@ -59,15 +65,17 @@ def attribute_caption(scene, rng: np.random.Generator, drop: float) -> str:
 
 
 def make_batch(rng: np.random.Generator, size: int, scene_config: SceneConfig, drop: float):
-    """``size`` rendered images ``[B, 3, H, W]`` in ``[0, 1]``, their captions and objects."""
-    images, captions, objects = [], [], []
+    """``size`` rendered images ``[B, 3, H, W]`` in ``[0, 1]``, their captions, objects and
+    instance maps ``[B, H, W]``."""
+    images, captions, objects, instances = [], [], [], []
     for _ in range(size):
         scene = render_scene(rng, scene_config)
         images.append(scene.image)
         captions.append(attribute_caption(scene, rng, drop))
         objects.append(scene.objects)
+        instances.append(scene.instance)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
-    return x, captions, objects
+    return x, captions, objects, torch.from_numpy(np.stack(instances))
 
 
 def multi_positive_loss(image_emb, text_emb, captions, logit_scale):
@@ -88,6 +96,20 @@ def attribute_targets(scenes_objects, names: list[str], key) -> torch.Tensor:
         for obj in objects:
             targets[row, names.index(key(obj))] = 1.0
     return targets / targets.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
+def region_targets(objects, instances: torch.Tensor, max_objects: int):
+    """Region masks ``[B, 1 + max_objects, H, W]`` (background first, then each object) and
+    their class indices into ``region_prompts``: 0 background, ``1 + colour · 5 + shape``;
+    -1 where there is no such object."""
+    B = instances.shape[0]
+    masks = torch.stack([instances == k for k in range(max_objects + 1)], dim=1)  # B, 1+M, H, W
+    classes = torch.full((B, max_objects + 1), -1, dtype=torch.long)
+    classes[:, 0] = 0
+    for b, objs in enumerate(objects):
+        for k, obj in enumerate(objs, start=1):
+            classes[b, k] = 1 + list(COLOURS).index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape)
+    return masks, classes
 
 
 def save_loss_plot(path: Path, losses: list[float]) -> None:
@@ -131,6 +153,8 @@ def main(argv=None) -> int:
     parser.add_argument("--attribute-drop", type=float, default=0.5)
     parser.add_argument("--attribute-weight", type=float, default=1.0,
                         help="weight of the contrast against all shape and colour prompts")
+    parser.add_argument("--region-weight", type=float, default=1.0,
+                        help="weight of the region–text contrast (patch tokens pooled per object)")
     parser.add_argument("--shape-first", type=int, default=0,
                         help="curriculum: the first steps train only the shape contrast")
     parser.add_argument("--hard-rate", type=float, default=0.5,
@@ -170,7 +194,7 @@ def main(argv=None) -> int:
             config = replace(config, colours=(str(rng.choice(list(COLOURS))),))
         return config
 
-    step, losses, shape_losses = 0, [], []
+    step, losses, shape_losses, region_losses = 0, [], [], []
     checkpoint = args.out / "checkpoint.pt"
     if checkpoint.is_file():  # resume
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -194,18 +218,23 @@ def main(argv=None) -> int:
         write_bytes(checkpoint, buffer.getvalue())
         save_loss_plot(args.out / "loss.png", losses)
 
+    region_prompts = ["a photo of a background"] + [f"a photo of a {c} {s}" for c in COLOURS for s in SHAPES]
+    model.visual.output_tokens = True
     attribute_prompts = [f"a photo of a {s}" for s in SHAPES] + [f"a photo of a {c} object" for c in COLOURS]
     start = time.time()
     model.train()
     bar = tqdm(total=args.steps, initial=step, desc="train", file=sys.stderr)
     while step < args.steps:
         rng = np.random.default_rng([args.seed, step])  # each step's data depends on (seed, step) only
-        images, captions, objects = make_batch(rng, args.batch, batch_config(step, rng), args.attribute_drop)
+        images, captions, objects, instances = make_batch(
+            rng, args.batch, batch_config(step, rng), args.attribute_drop
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         shape_t = attribute_targets(objects, list(SHAPES), lambda o: o.shape)
         colour_t = attribute_targets(objects, list(COLOURS), lambda o: o.colour)
-        image_emb = F.normalize(model.encode_image((images - mean) / std), dim=-1)
+        pooled, tokens = model.visual((images - mean) / std)  # B, D; B, hw, W (after ln_post)
+        image_emb = F.normalize(pooled, dim=-1)
         text_emb = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
         scale = model.logit_scale.exp().clamp(max=100)
         loss = multi_positive_loss(image_emb, text_emb, captions, scale)
@@ -219,6 +248,19 @@ def main(argv=None) -> int:
             loss = loss + args.attribute_weight * (shape_loss + colour_loss)
             if step < args.shape_first:  # curriculum: shapes alone first (colour is the shortcut)
                 loss = shape_loss
+        if args.region_weight and step >= args.shape_first:
+            # region–text contrast: the patch tokens pooled over each object (and the
+            # background) against the prompts of all 31 region classes
+            g = side // TOY_CONFIG["vision_cfg"]["patch_size"]
+            patches = (tokens @ model.visual.proj).transpose(1, 2).reshape(len(images), -1, g, g)
+            masks, classes = region_targets(objects, instances, 3)
+            regions, valid = mask_pool(patches, masks)  # B, R, D
+            valid &= classes >= 0
+            region_text = F.normalize(model.encode_text(tokenizer(region_prompts)), dim=-1)  # 31, D
+            logits = scale * F.normalize(regions[valid], dim=-1) @ region_text.T
+            region_loss = F.cross_entropy(logits, classes[valid])
+            loss = loss + args.region_weight * region_loss
+            region_losses.append(float(region_loss))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -226,7 +268,8 @@ def main(argv=None) -> int:
         losses.append(float(loss))
         bar.update(1)
         shape_losses.append(float(shape_loss))
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", shape=f"{np.mean(shape_losses[-20:]):.3f}")
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", shape=f"{np.mean(shape_losses[-20:]):.3f}",
+                        region=f"{np.mean(region_losses[-20:]) if region_losses else 0:.3f}")
         if step % 100 == 0:
             save()
         if args.minutes and time.time() - start > 60 * args.minutes:
