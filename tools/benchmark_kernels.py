@@ -7,7 +7,8 @@ time and peak memory of the reference (full-resolution logits) and of ``kernels.
 (``auto``: Triton on a GPU, the chunked torch path on a CPU), measured in the same run, and
 whether the labels are identical. Patch grids are those of a ViT-B/16 (``H/16 × W/16``,
 D = 512). Cases whose reference would need more than ``--max-reference-gb`` are skipped and
-say so. Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU, the peak resident
+say so. Labels can differ only where the two best logits are equal to float32 rounding (one
+pixel in 8.4 M in a measured case, top-2 gap 4e-9). Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU, the peak resident
 set size above the baseline, sampled every 2 ms.
 """
 
@@ -109,19 +110,20 @@ def main(argv=None) -> int:
                 ours_t, ours_m, ours = measure(partial(kernels.dense_classify, *args_), device, args.repeats)
                 row.update(ovdense_ms=1e3 * ours_t, ovdense_peak_mb=ours_m / 1e6)
                 if need_gb > args.max_reference_gb:
-                    row.update(reference_ms="", reference_peak_mb="", speedup="", labels_equal="",
+                    row.update(reference_ms="", reference_peak_mb="", speedup="", label_mismatches="",
                                note=f"reference skipped: needs ~{need_gb:.0f} GB")
                     print(f"{C:>4} {size:>10} {B:>2} {'—':>9} {1e3 * ours_t:>9.1f} {'—':>8} {'—':>8} "
                           f"{ours_m / 1e6:>8.1f}  (reference needs ~{need_gb:.0f} GB)")
                 else:
                     ref_t, ref_m, ref = measure(partial(dense_classify_reference, *args_), device,
                                                 args.repeats)
-                    equal = bool(torch.equal(ref[0], ours[0]))
+                    mismatches = int((ref[0] != ours[0]).sum())
+                    equal = mismatches == 0
                     row.update(reference_ms=1e3 * ref_t, reference_peak_mb=ref_m / 1e6,
-                               speedup=ref_t / ours_t, labels_equal=equal, note="")
+                               speedup=ref_t / ours_t, label_mismatches=mismatches, note="")
                     print(f"{C:>4} {size:>10} {B:>2} {1e3 * ref_t:>9.1f} {1e3 * ours_t:>9.1f} "
                           f"{ref_t / ours_t:>7.1f}× {ref_m / 1e6:>8.1f} {ours_m / 1e6:>8.1f}  "
-                          f"{'identical' if equal else 'DIFFER'}")
+                          f"{'identical' if equal else f'{mismatches} differ'}")
                 rows.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:
