@@ -8,8 +8,9 @@ time and peak memory of the reference (full-resolution logits) and of ``kernels.
 whether the labels are identical. Patch grids are those of a ViT-B/16 (``H/16 × W/16``,
 D = 512). Cases whose reference would need more than ``--max-reference-gb`` are skipped and
 say so. Labels can differ only where the two best logits are equal to float32 rounding (one
-pixel in 8.4 M in a measured case, top-2 gap 4e-9). Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU, the peak resident
-set size above the baseline, sampled every 2 ms.
+pixel in 8.4 M in a measured case, top-2 gap 4e-9). Peak memory:
+``torch.cuda.max_memory_allocated`` on a GPU; on a CPU, the peak resident set size above the
+baseline, sampled every 2 ms.
 """
 
 from __future__ import annotations
