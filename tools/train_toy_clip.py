@@ -255,7 +255,7 @@ def main(argv=None) -> int:
             patches = (tokens @ model.visual.proj).transpose(1, 2).reshape(len(images), -1, g, g)
             masks, classes = region_targets(objects, instances, 3)
             regions, valid = mask_pool(patches, masks)  # B, R, D
-            valid &= classes >= 0
+            valid = valid & (classes >= 0)  # not in place: torch.where in mask_pool saved it
             region_text = F.normalize(model.encode_text(tokenizer(region_prompts)), dim=-1)  # 31, D
             logits = scale * F.normalize(regions[valid], dim=-1) @ region_text.T
             region_loss = F.cross_entropy(logits, classes[valid])
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
         loss.backward()
         optimizer.step()
         step += 1
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.update(1)
         shape_losses.append(float(shape_loss))
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", shape=f"{np.mean(shape_losses[-20:]):.3f}",
