@@ -49,6 +49,10 @@ TOY_CONFIG = {
     "vision_cfg": {"image_size": 64, "layers": 6, "width": 192, "head_width": 64, "patch_size": 8},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
+# inference defaults that travel with the weights (the config's "ovdense" entry): the training
+# captions' wording, and windows at the native size over scenes twice that size, where the
+# objects have the pixel size they had in training
+TOY_DEFAULTS = {"templates": ["a photo of a {}"], "short_side": 128, "window": [64, 32]}
 
 
 def attribute_caption(scene, rng: np.random.Generator, drop: float) -> str:
@@ -174,7 +178,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "config.json", TOY_CONFIG)
+    write_json(args.out / "config.json", {**TOY_CONFIG, "ovdense": TOY_DEFAULTS})
     # a warm start of the temperature (50, not CLIP's 14.3): at 14.3 the near-identical
     # untrained shape-word embeddings give the image tower almost no shape gradient
     model = open_clip.CLIP(**TOY_CONFIG, init_logit_scale=math.log(50.0))
