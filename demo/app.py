@@ -1,0 +1,530 @@
+"""The ovdense demo: a web page to segment an image with any words, compare the training-free
+methods side by side, and see defect maps.
+
+    python demo/app.py [--model toy|ViT-B-16|CONFIG.json] [--pretrained TAG|FILE|none] [--port 7860]
+
+Needs the ``[demo]`` extra (gradio). The default model is ``toy``, the embedded CLIP of the
+synthetic world: the page then runs offline and on a CPU. The server binds to 127.0.0.1 unless
+``--host`` says otherwise.
+
+The work is done by plain functions on numpy images — ``read_image``, ``parse_classes``,
+``segment_image``, ``compare_methods``, ``anomaly_map``, ``sam_clip_image`` — and ``build_app``
+only wires them to gradio. One backbone is loaded at start and shared by every tab; the heads
+(``Segmenter``, ``WinClip``, ``SamClipSegmenter``, each holding its text embeddings) are kept
+per (head, settings) in a small LRU (``Heads``), and the library's disk cache keeps text
+embeddings across runs. The SAM + CLIP tab appears only with ``--sam-checkpoint``. User errors
+(``OvdenseError``) are shown in the page as one message, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import html
+import logging
+import os
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ovdense import ClipBackbone, OvdenseError, Segmenter, create_backbone
+from ovdense.backbone.dense import METHODS
+from ovdense.io import IMAGE_SUFFIXES, colorize, heatmap_overlay, load_image, overlay
+
+HERE = Path(__file__).resolve().parent
+MAX_SIDE = 1024  # longer images are downscaled (with a notice)
+MAX_PIXELS = 50_000_000  # larger files are refused before decoding
+MAX_UPLOAD = "25mb"
+MAX_CLASSES = 64
+MAX_WORDS = 256  # synonyms of all classes together
+MAX_WORD_LENGTH = 80
+MAX_REFERENCES = 8
+CACHE_SIZE = 16
+
+log = logging.getLogger("ovdense.demo")
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+def read_image(path: str | Path | None, max_side: int = MAX_SIDE) -> tuple[np.ndarray, str]:
+    """An uploaded file (where gradio saved it) → RGB ``uint8 [H, W, 3]`` and a notice (``""``
+    unless it was downscaled).
+
+    The file must have an image suffix, decode as an image and have at most ``MAX_PIXELS``
+    pixels; an image whose long side exceeds ``max_side`` is downscaled (area interpolation).
+
+    Raises:
+        OvdenseError: no file, wrong type, not decodable, too large.
+    """
+    from PIL import Image
+
+    if path is None:
+        raise OvdenseError("no image: upload one or pick an example")
+    path = Path(path)
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise OvdenseError(f"{path.name} is not an image file; upload one of: {' '.join(IMAGE_SUFFIXES)}")
+    try:
+        with Image.open(path) as opened:  # reads the header only
+            width, height = opened.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise OvdenseError(f"{path.name} is not a readable image ({type(e).__name__}); upload a "
+                           "PNG, JPEG, BMP, TIFF or WebP file") from e
+    if width * height > MAX_PIXELS:
+        raise OvdenseError(f"{path.name} has {width}×{height} pixels; the demo takes at most "
+                           f"{MAX_PIXELS // 1_000_000} megapixels")
+    try:
+        rgb = load_image(path)
+    except OvdenseError as e:
+        raise OvdenseError(f"{path.name} is not a readable image; upload a PNG, JPEG, BMP, TIFF "
+                           "or WebP file") from e
+    height, width = rgb.shape[:2]
+    if max(height, width) <= max_side:
+        return rgb, ""
+    import cv2
+
+    factor = max_side / max(height, width)
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    return small, f"downscaled from {width}×{height} to {size[0]}×{size[1]} px (the limit is {max_side})"
+
+
+def parse_classes(text: str, max_classes: int = MAX_CLASSES) -> list[tuple[str, ...]]:
+    """``"sky, person|man|woman, car"`` → ``[("sky",), ("person", "man", "woman"), ("car",)]``.
+
+    Classes are separated by commas or new lines, synonyms of one class by ``|`` (as on the
+    command line).
+
+    Raises:
+        OvdenseError: no class, too many classes or words, a word too long.
+    """
+    classes = []
+    for item in (text or "").replace("\n", ",").split(","):
+        words = tuple(w.strip() for w in item.split("|") if w.strip())
+        if words:
+            classes.append(words)
+    if not classes:
+        raise OvdenseError("the class list is empty: type classes separated by commas, e.g. sky, tree, car")
+    if len(classes) > max_classes:
+        raise OvdenseError(f"{len(classes)} classes given; the demo takes at most {max_classes}")
+    words = [w for c in classes for w in c]
+    if len(words) > MAX_WORDS:
+        raise OvdenseError(f"{len(words)} words given (synonyms included); the limit is {MAX_WORDS}")
+    long = [w for w in words if len(w) > MAX_WORD_LENGTH]
+    if long:
+        raise OvdenseError(f"a class name is longer than {MAX_WORD_LENGTH} characters: {long[0][:40]}…")
+    return classes
+
+
+# --------------------------------------------------------------------------------------------
+# The work: numpy in, numpy and tables out
+
+
+class Heads:
+    """The heads on one shared backbone, built on first use and kept per (head, settings): the
+    ``size`` most recently used. A head holds its text embeddings, so a repeated vocabulary
+    costs nothing; a new one is encoded once (and then read from the library's disk cache).
+
+    Args:
+        backbone: the shared CLIP backbone.
+        sam: a segment-anything model for the SAM + CLIP head (``sam_clip.load_sam``), or ``None``.
+        size: how many heads to keep.
+    """
+
+    def __init__(self, backbone: ClipBackbone, sam=None, size: int = CACHE_SIZE):
+        self.backbone = backbone
+        self.sam = sam
+        self.size = size
+        self._cache: OrderedDict[tuple, object] = OrderedDict()
+
+    def segmenter(self, method: str, classes: Sequence[tuple[str, ...]], **settings) -> Segmenter:
+        key = ("segmenter", method, _frozen(classes), tuple(sorted(settings.items())))
+        words = [list(c) for c in classes]
+        return self._get(key, lambda: Segmenter(self.backbone, method, words, **settings))
+
+    def winclip(self, object_name: str):
+        from ovdense.anomaly.winclip import WinClip
+
+        name = object_name.strip()
+        return self._get(("winclip", name), lambda: WinClip(self.backbone, name))
+
+    def sam_clip(self, method: str, classes: Sequence[tuple[str, ...]], **settings):
+        from ovdense.heads.sam_clip import SamClipSegmenter
+
+        if self.sam is None:
+            raise OvdenseError("no SAM model: start the demo with --sam-checkpoint PATH")
+        key = ("sam_clip", method, _frozen(classes), tuple(sorted(settings.items())))
+        words = [list(c) for c in classes]
+        return self._get(key, lambda: SamClipSegmenter(self.backbone, self.sam, words, method=method,
+                                                       **settings))
+
+    def _get(self, key: tuple, build: Callable[[], object]):
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        head = build()
+        self._cache[key] = head
+        if len(self._cache) > self.size:
+            self._cache.popitem(last=False)
+        return head
+
+
+def _frozen(classes: Sequence[Sequence[str]]) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(c) for c in classes)
+
+
+@dataclass
+class Segmentation:
+    """What the page shows for one method: ``overlay [H, W + 200, 3]`` (with a legend),
+    ``label_map [H, W, 3]`` (the palette's colours), per-class ``shares`` rows
+    ``[class, synonyms, percent]`` and the prediction's wall time in ``seconds``."""
+
+    overlay: np.ndarray
+    label_map: np.ndarray
+    shares: list[list]
+    seconds: float
+
+
+def segment_image(
+    heads: Heads,
+    rgb: np.ndarray,
+    classes: Sequence[tuple[str, ...]],
+    method: str,
+    bg_threshold: float | None = None,
+    pamr: bool | None = None,
+) -> Segmentation:
+    """Segment ``rgb [H, W, 3]`` with ``method``; ``None`` settings are the method's defaults."""
+    segmenter = heads.segmenter(method, classes, bg_threshold=bg_threshold, pamr=pamr)
+    start = time.perf_counter()
+    result = segmenter.predict(rgb)
+    seconds = time.perf_counter() - start
+    shares = [
+        [name, ", ".join(words), round(100.0 * share, 2)]
+        for name, words, share in zip(result.classes, classes, result.class_shares())
+    ]
+    return Segmentation(overlay(rgb, result.labels, result.classes), colorize(result.labels), shares, seconds)
+
+
+def compare_methods(
+    heads: Heads,
+    rgb: np.ndarray,
+    classes: Sequence[tuple[str, ...]],
+    methods: Sequence[str] = tuple(METHODS),
+    bg_threshold: float | None = None,
+    pamr: bool | None = None,
+    on_step: Callable[[int, int, str], None] | None = None,
+) -> dict[str, Segmentation | str]:
+    """Every method on the same image: ``{method: Segmentation}``, or the reason a method
+    cannot run on this model (e.g. ITACLIP needs 12 blocks) in place of its result."""
+    results: dict[str, Segmentation | str] = {}
+    for index, method in enumerate(methods):
+        if on_step is not None:
+            on_step(index, len(methods), method)
+        try:
+            results[method] = segment_image(heads, rgb, classes, method, bg_threshold, pamr)
+        except OvdenseError as e:
+            results[method] = str(e)
+    return results
+
+
+def comparison_table(results: dict[str, Segmentation | str]) -> list[list]:
+    """Rows ``[method, seconds, largest class, note]`` of ``compare_methods``' results."""
+    rows = []
+    for method, result in results.items():
+        if isinstance(result, str):
+            rows.append([method, None, "", f"not run: {result}"])
+        else:
+            name, _, share = max(result.shares, key=lambda row: row[2])
+            rows.append([method, round(result.seconds, 3), f"{name} {share:.1f}%", ""])
+    return rows
+
+
+def anomaly_map(heads: Heads, rgb: np.ndarray, object_name: str,
+                references: Sequence[np.ndarray] = ()) -> tuple[np.ndarray, float, np.ndarray]:
+    """WinCLIP (zero-shot) or, with normal ``references``, WinCLIP+ on ``rgb [H, W, 3]``:
+    the heat-map overlay ``[H, W, 3]`` (JET on the fixed scale 0–1), the image score in
+    [0, 1] and the map ``[H, W]`` float32."""
+    winclip = heads.winclip(object_name)
+    if references:
+        winclip.set_references(list(references))
+    else:
+        winclip.memory = None  # the cached head may hold an earlier request's references
+    (result,) = winclip.predict([rgb])
+    return heatmap_overlay(rgb, result.map), result.score, result.map
+
+
+def sam_clip_image(heads: Heads, rgb: np.ndarray, classes: Sequence[tuple[str, ...]],
+                   method: str = "clearclip", **settings) -> tuple[np.ndarray, np.ndarray, list[list]]:
+    """SAM's automatic masks on ``rgb [H, W, 3]``, each classified from one dense CLIP pass of
+    ``method`` (``ovdense.heads.sam_clip``; ``settings`` are ``SamClipSegmenter``'s, e.g.
+    ``points_per_side``): the overlay with mask outlines ``[H, W + 200, 3]``, the semantic
+    label map ``[H, W, 3]`` and rows ``[class, score, area px]``, one per mask."""
+    from ovdense.heads.sam_clip import draw_instances
+
+    result = heads.sam_clip(method, classes, **settings).segment(rgb)
+    rows = [[i.name, round(i.score, 3), i.area] for i in result.instances]
+    return draw_instances(rgb, result), colorize(result.labels), rows
+
+
+# --------------------------------------------------------------------------------------------
+# The page
+
+
+def _shown_in_page(fn: Callable) -> Callable:
+    """Run a gradio handler; an ``OvdenseError`` becomes a ``gr.Error`` (its one-line message in
+    the page), any other exception is logged with its traceback and shown as one line."""
+    import gradio as gr
+
+    @functools.wraps(fn)
+    def handler(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except OvdenseError as e:
+            raise gr.Error(html.escape(str(e)), print_exception=False) from None
+        except Exception as e:  # noqa: BLE001 - the page shows one line, the log the traceback
+            log.exception("demo: %s failed", fn.__name__)
+            raise gr.Error(f"internal error ({type(e).__name__}); the server's log has the details",
+                           print_exception=False) from None
+
+    return handler
+
+
+def _examples() -> list[list[str]]:
+    example = HERE / "example.png"
+    if not example.is_file():
+        return []
+    toy_classes = HERE / "toy_classes.txt"
+    rows = [[str(example), "background, purple triangle, green triangle, blue circle, purple star"]]
+    if toy_classes.is_file():
+        words = [line.strip() for line in toy_classes.read_text().splitlines() if line.strip()]
+        rows.append([str(example), ", ".join(words)])
+    return rows
+
+
+def build_app(backbone: ClipBackbone, sam=None, title: str = "ovdense demo"):
+    """The gradio page (a ``gr.Blocks``) on one shared ``backbone``; ``launch()`` serves it.
+
+    One tab per head; the SAM + CLIP tab only with a ``sam`` model (``sam_clip.load_sam``)."""
+    import gradio as gr
+
+    heads = Heads(backbone, sam)
+    weights = backbone.weights.value or backbone.weights.kind
+    with gr.Blocks(title=title, analytics_enabled=False) as app:
+        gr.Markdown(f"# {title}\nModel **{Path(backbone.name).name}** ({Path(weights).name}). "
+                    "Type any words; the page answers at pixel level.")
+        with gr.Tab("Segment"):
+            _segment_tab(heads)
+        with gr.Tab("Anomaly"):
+            _anomaly_tab(heads)
+        if sam is not None:
+            with gr.Tab("SAM + CLIP"):
+                _sam_clip_tab(heads)
+    app.queue(default_concurrency_limit=1)  # one model on one machine: requests take turns
+    return app
+
+
+PAMR_CHOICES = {"method default": None, "on": True, "off": False}
+
+
+def _segment_tab(heads: Heads) -> None:
+    import gradio as gr
+
+    progress_bar = gr.Progress()  # gradio fills in a handler's argument whose default is one
+
+    def preview(path):
+        return (None, "") if path is None else read_image(path)
+
+    def run(path, text, method, bg, pamr, compare, progress=progress_bar):
+        rgb, notice = read_image(path)
+        classes = parse_classes(text)
+        settings = {"bg_threshold": float(bg) or None, "pamr": PAMR_CHOICES[pamr]}
+        if compare:
+            step = lambda i, n, m: progress(i / n, desc=f"{m} ({i + 1}/{n})")  # noqa: E731
+            results = compare_methods(heads, rgb, classes, on_step=step, **settings)
+            chosen = results[method]
+            if isinstance(chosen, str):
+                raise OvdenseError(chosen)
+            gallery = [(r.overlay, f"{m} · {r.seconds:.2f} s") for m, r in results.items()
+                       if not isinstance(r, str)]
+            table = comparison_table(results)
+        else:
+            progress(0, desc=f"{method}: segmenting")
+            chosen = segment_image(heads, rgb, classes, method, **settings)
+            gallery, table = [], []
+        height, width = rgb.shape[:2]
+        status = f"**{method}** on {width}×{height} px: {chosen.seconds:.2f} s"
+        if notice:
+            status += f" — {notice}"
+        return chosen.overlay, chosen.label_map, chosen.shares, status, gallery, table
+
+    with gr.Row():
+        with gr.Column(scale=1):
+            upload = gr.File(label="Image", file_types=list(IMAGE_SUFFIXES), type="filepath",
+                             elem_id="image-upload")
+            shown = gr.Image(label="Input", type="numpy", format="png", interactive=False, height=240,
+                             elem_id="input-preview")
+            notice = gr.Markdown(elem_id="input-notice")
+            classes = gr.Textbox(label="Classes", lines=2, elem_id="classes",
+                                 placeholder="sky, building, tree, person|man|woman, car",
+                                 info="separated by commas; synonyms of one class joined by |")
+            method = gr.Dropdown(list(METHODS), value="clearclip", label="Method", elem_id="method")
+            with gr.Accordion("Options", open=False):
+                bg = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Background threshold",
+                               info="pixels less sure than this become the first class; 0 = off")
+                pamr = gr.Radio(list(PAMR_CHOICES), value="method default", label="PAMR refinement")
+            compare = gr.Checkbox(label="Compare all methods side by side", elem_id="compare")
+            button = gr.Button("Segment", variant="primary", elem_id="run-segment")
+            gr.Examples(_examples(), inputs=[upload, classes], label="Examples")
+        with gr.Column(scale=2):
+            status = gr.Markdown(elem_id="segment-status")
+            shown_overlay = gr.Image(label="Overlay", format="png", interactive=False, elem_id="overlay")
+            with gr.Row():
+                label_map = gr.Image(label="Label map", format="png", interactive=False, elem_id="label-map")
+                shares = gr.Dataframe(headers=["class", "words", "pixels %"], label="Pixel shares",
+                                      interactive=False, wrap=True, column_widths=["35%", "40%", "25%"],
+                                      elem_id="shares")
+            with gr.Column(visible=False) as compared:
+                gallery = gr.Gallery(label="All methods", format="png", columns=3, height="auto",
+                                     object_fit="contain", elem_id="compare-gallery")
+                times = gr.Dataframe(headers=["method", "seconds", "largest class", "note"],
+                                     label="Wall times", interactive=False, wrap=True,
+                                     column_widths=["15%", "15%", "30%", "40%"], elem_id="compare-table")
+    upload.change(_shown_in_page(preview), upload, [shown, notice])
+    compare.change(lambda on: gr.Column(visible=on), compare, compared)
+    button.click(_shown_in_page(run), [upload, classes, method, bg, pamr, compare],
+                 [shown_overlay, label_map, shares, status, gallery, times], concurrency_id="model")
+
+
+def _anomaly_tab(heads: Heads) -> None:
+    import gradio as gr
+
+    progress_bar = gr.Progress()
+
+    def run(path, object_name, reference_paths, progress=progress_bar):
+        rgb, _ = read_image(path)
+        reference_paths = reference_paths or []
+        if len(reference_paths) > MAX_REFERENCES:
+            raise OvdenseError(f"{len(reference_paths)} reference images; the limit is {MAX_REFERENCES}")
+        references = [read_image(p)[0] for p in reference_paths]
+        progress(0, desc="WinCLIP+" if references else "WinCLIP")
+        heat, score, _ = anomaly_map(heads, rgb, object_name, references)
+        mode = f"WinCLIP+, {len(references)}-shot" if references else "WinCLIP, zero-shot"
+        return heat, f"**image score {score:.3f}** ({mode}; 0 = normal, 1 = anomalous)"
+
+    with gr.Row():
+        with gr.Column(scale=1):
+            upload = gr.File(label="Image", file_types=list(IMAGE_SUFFIXES), type="filepath",
+                             elem_id="anomaly-upload")
+            object_name = gr.Textbox(label="Object", placeholder="bottle", info="what the image shows",
+                                     elem_id="object-name")
+            references = gr.File(label=f"Normal references (optional, at most {MAX_REFERENCES})",
+                                 file_types=list(IMAGE_SUFFIXES), file_count="multiple", type="filepath",
+                                 elem_id="references")
+            button = gr.Button("Find defects", variant="primary", elem_id="run-anomaly")
+        with gr.Column(scale=2):
+            score = gr.Markdown(elem_id="anomaly-score")
+            heat = gr.Image(label="Anomaly heat map (0–1)", format="png", interactive=False,
+                            elem_id="heatmap")
+    button.click(_shown_in_page(run), [upload, object_name, references], [heat, score],
+                 concurrency_id="model")
+
+
+def _sam_clip_tab(heads: Heads) -> None:
+    import gradio as gr
+
+    progress_bar = gr.Progress()
+
+    def run(path, text, method, points, progress=progress_bar):
+        rgb, notice = read_image(path)
+        classes = parse_classes(text)
+        progress(0, desc="SAM masks, one CLIP pass")
+        start = time.perf_counter()
+        drawn, label_map, rows = sam_clip_image(heads, rgb, classes, method, points_per_side=int(points))
+        status = f"**{len(rows)} masks** in {time.perf_counter() - start:.1f} s"
+        return drawn, label_map, rows, status + (f" — {notice}" if notice else "")
+
+    with gr.Row():
+        with gr.Column(scale=1):
+            upload = gr.File(label="Image", file_types=list(IMAGE_SUFFIXES), type="filepath",
+                             elem_id="sam-upload")
+            classes = gr.Textbox(label="Classes", lines=2, placeholder="background, cat, dog",
+                                 info="the first class paints pixels no mask covers", elem_id="sam-classes")
+            method = gr.Dropdown(list(METHODS), value="clearclip", label="CLIP features of",
+                                 elem_id="sam-method")
+            points = gr.Slider(4, 64, value=32, step=1, label="SAM points per side",
+                               info="fewer is faster (SAM's default 32: 1024 prompts)", elem_id="sam-points")
+            button = gr.Button("Segment with SAM + CLIP", variant="primary", elem_id="run-sam")
+        with gr.Column(scale=2):
+            status = gr.Markdown(elem_id="sam-status")
+            drawn = gr.Image(label="Masks", format="png", interactive=False, elem_id="sam-overlay")
+            with gr.Row():
+                label_map = gr.Image(label="Label map", format="png", interactive=False,
+                                     elem_id="sam-label-map")
+                masks = gr.Dataframe(headers=["class", "score", "pixels"], label="Masks", interactive=False,
+                                     elem_id="sam-masks")
+    button.click(_shown_in_page(run), [upload, classes, method, points], [drawn, label_map, masks, status],
+                 concurrency_id="model")
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="The ovdense demo page (gradio).")
+    parser.add_argument("--model", default="toy",
+                        help="'toy' (offline), an open_clip ViT name, or a JSON config")
+    parser.add_argument("--pretrained", help="open_clip tag or checkpoint file; 'none' = random weights "
+                        "(default: the embedded weights for 'toy', 'openai' for open_clip models)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, …")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--sam-checkpoint",
+                        help="SAM weights (e.g. sam_vit_b_01ec64.pth): adds the SAM + CLIP tab ([sam] extra)")
+    parser.add_argument("--sam-model", choices=("vit_b", "vit_l", "vit_h"),
+                        help="SAM model type (default: read from the checkpoint's file name)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the demo runs offline
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("ovdense demo: error: gradio is not installed; pip install -e '.[demo]'", file=sys.stderr)
+        return 2
+    from ovdense.cli import _pretrained
+
+    try:
+        backbone = create_backbone(args.model, pretrained=_pretrained(args.model, args.pretrained),
+                                   device=args.device)
+        sam = None
+        if args.sam_checkpoint:
+            from ovdense.heads.sam_clip import load_sam
+
+            sam = load_sam(args.sam_checkpoint, args.sam_model, device=args.device)
+    except OvdenseError as e:
+        print(f"ovdense demo: error: {e}", file=sys.stderr)
+        return 2
+    app = build_app(backbone, sam)
+    try:
+        app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
+    except (OSError, ValueError) as e:  # the port is taken, the address is not this machine's, or
+        # gradio's own request to the page failed (behind a proxy: set no_proxy=127.0.0.1,localhost)
+        print(f"ovdense demo: error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
