@@ -137,6 +137,11 @@ def main(argv=None) -> int:
         print(f"{method:<10}" + "".join(f"{100 * row[v]:>14.1f}" for v in VOCABULARIES))
     for method, reason in skipped.items():
         print(f"{method:<10} not run: {reason}")
+    print("per-class IoU (%), background first:")
+    for method, rows in per_class.items():
+        for vocab_name, ious in rows.items():
+            cells = " ".join("  - " if v is None else f"{100 * v:4.0f}" for v in ious)
+            print(f"  {method:<10} {vocab_name:<13} {cells}")
     write_json(args.out / "miou.json", {
         "model": args.model, "num": args.num, "seed": args.seed, "window": list(window),
         "zero_shot": accuracy, "miou": table, "skipped": skipped, "per_class_iou": per_class,
