@@ -26,10 +26,11 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.5", "scipy>=1.10", "scikit-learn>=1.3", "pycocotools>=2.0.7"],
+        "dev": ["pytest>=8", "ruff>=0.5", "scipy>=1.10", "scikit-learn>=1.3", "pycocotools>=2.0.7",
+                "segment-anything==1.0", "playwright>=1.50"],
         "sam": ["segment-anything==1.0", "pycocotools>=2.0.7"],
         "mm": ["mmengine>=0.10,<0.11", "mmsegmentation==1.2.2", "mmdet==3.3.0"],
-        "demo": ["gradio>=4"],
+        "demo": ["gradio>=6,<7"],
     },
     entry_points={"console_scripts": ["ovdense=ovdense.cli:main"]},
 )
