@@ -1,0 +1,1 @@
+"""Synthetic world and readers/writers of the real dataset layouts."""

@@ -1,0 +1,1 @@
+"""Metrics: segmentation mIoU (mmseg rules) and anomaly detection."""
