@@ -1,6 +1,7 @@
 """The ``ovdense`` command line: argument parsing and printing only; the work is the API's.
 
     ovdense segment IMAGE... | DIR --classes "cat,dog,grass" [--method clearclip] ...
+    ovdense segment IMAGE... | DIR --classes ... --method sam-clip --sam-checkpoint sam_vit_b_01ec64.pth
     ovdense methods
     ovdense anomaly IMAGE... | DIR --object bottle [--reference DIR --shots K]
     ovdense anomaly-eval --dataset mvtec|visa --root DIR [--shots K]
@@ -38,7 +39,8 @@ def _build_parser() -> argparse.ArgumentParser:
     vocab.add_argument(
         "--classes-file", type=Path, help="one class per line, synonyms separated by commas"
     )
-    seg.add_argument("--method", default="clearclip", help="see `ovdense methods`")
+    seg.add_argument("--method", default="clearclip",
+                     help="see `ovdense methods`, or 'sam-clip' (SAM masks classified by CLIP)")
     seg.add_argument(
         "--model", default="ViT-B-16", help="open_clip model name, 'toy', or a JSON model config"
     )
@@ -75,6 +77,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--kernel", default="auto", choices=("auto", "torch", "triton", "reference"),
         help="the last step's path; 'reference' keeps the plain full-resolution logits",
     )
+    _add_sam_clip_arguments(seg)
 
     sub.add_parser("methods", help="list the training-free methods and their defaults")
 
@@ -98,6 +101,51 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_anomaly_model_arguments(evaluation)
     evaluation.add_argument("--out", type=Path, default=Path("outputs"), help="where the CSV and picture go")
     return parser
+
+
+def _add_sam_clip_arguments(seg: argparse.ArgumentParser) -> None:
+    sam = seg.add_argument_group(
+        "SAM + CLIP (--method sam-clip)",
+        "SAM's automatic masks, each classified from one dense CLIP pass; writes <stem>_labels.png, "
+        "<stem>_overlay.jpg (mask outlines and labels) and <stem>_instances.json (COCO results, RLE)",
+    )
+    sam.add_argument("--sam-checkpoint", type=Path, help="SAM weights, e.g. sam_vit_b_01ec64.pth")
+    sam.add_argument("--sam-model", choices=("vit_b", "vit_l", "vit_h"),
+                     help="SAM model type (default: read from the checkpoint's file name)")
+    sam.add_argument("--clip-method", help="dense CLIP method whose features are pooled (default clearclip)")
+    sam.add_argument("--points-per-side", type=int, help="SAM's point grid (default 32)")
+    sam.add_argument("--pred-iou-thresh", type=float, help="SAM's predicted-IoU filter (default 0.88)")
+    sam.add_argument("--stability-score-thresh", type=float, help="SAM's stability filter (default 0.95)")
+    sam.add_argument("--box-nms-thresh", type=float, help="SAM's box NMS IoU (default 0.7)")
+    sam.add_argument("--min-mask-region-area", type=int,
+                     help="SAM's clean-up of holes and islands smaller than this (pixels; default 0 = off)")
+    sam.add_argument("--unknown-threshold", type=float,
+                     help="masks whose best class probability is below this are 'unknown' (their pixels 0)")
+    sam.add_argument("--crop-area", type=float,
+                     help="blend masks smaller than this fraction of the image with their masked crop's "
+                     "CLIP embedding (default off: one CLIP pass)")
+    sam.add_argument("--crop-weight", type=float, help="weight of the crop embedding (default 0.5)")
+
+
+SAM_CLIP = "sam-clip"
+SAM_OPTIONS = ("sam_checkpoint", "sam_model", "clip_method", "points_per_side", "pred_iou_thresh",
+               "stability_score_thresh", "box_nms_thresh", "min_mask_region_area",
+               "unknown_threshold", "crop_area", "crop_weight")
+DENSE_ONLY_OPTIONS = ("window", "area_threshold", "bg_threshold", "pamr")
+
+
+def _check_method_options(args: argparse.Namespace) -> None:
+    """Options of one kind of method given to the other are a usage error, not silently ignored."""
+    if args.method == SAM_CLIP:
+        given = [name for name in DENSE_ONLY_OPTIONS if getattr(args, name) is not None]
+        given += ["kernel"] if args.kernel != "auto" else []
+        hint = " (SAM + CLIP uses --unknown-threshold)"
+    else:
+        given = [name for name in SAM_OPTIONS if getattr(args, name) is not None]
+        hint = ""
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise OvdenseError(f"{flags}: not an option of --method {args.method}{hint}")
 
 
 def _add_anomaly_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -153,8 +201,11 @@ def _command_segment(args: argparse.Namespace) -> int:
         write_label_png,
     )
 
-    if args.method not in METHODS:
-        raise OvdenseError(f"unknown method {args.method!r}; choose from: {', '.join(METHODS)}")
+    sam_clip = args.method == SAM_CLIP
+    if not sam_clip and args.method not in METHODS:
+        raise OvdenseError(f"unknown method {args.method!r}; choose from: {', '.join(METHODS)}, "
+                           f"{SAM_CLIP}")
+    _check_method_options(args)
     if args.classes is not None:
         vocabulary = Vocabulary.parse(_parse_cli_classes(args.classes))
     else:
@@ -169,12 +220,18 @@ def _command_segment(args: argparse.Namespace) -> int:
         raise OvdenseError(f"several inputs share the name {clashes[0]!r}; their outputs would clash")
     inputs = {p.resolve() for p in images}
     for stem in stems:
-        for suffix in ("_labels.png", "_overlay.jpg", ".json"):
+        for suffix in ("_labels.png", "_overlay.jpg", "_instances.json" if sam_clip else ".json"):
             if (args.out / f"{stem}{suffix}").resolve() in inputs:
                 raise OvdenseError(f"output {args.out / (stem + suffix)} would overwrite an input")
 
+    if sam_clip:
+        from ovdense.heads.sam_clip import load_sam
+
+        sam = load_sam(args.sam_checkpoint, args.sam_model, device=args.device)  # fails fast
     pretrained = _pretrained(args.model, args.pretrained)
     backbone = create_backbone(args.model, pretrained=pretrained, device=args.device)
+    if sam_clip:
+        return _run_sam_clip(args, backbone, sam, vocabulary, templates, images)
     segmenter = Segmenter(
         backbone, args.method, vocabulary, templates=templates,
         short_side=args.short_side, window=tuple(args.window) if args.window else None,
@@ -211,6 +268,40 @@ def _command_segment(args: argparse.Namespace) -> int:
     done = len(images) - failed
     print(f"ovdense: wrote {done} result{'s' if done != 1 else ''} to {args.out}/ "
           "(<name>_labels.png, <name>_overlay.jpg, <name>.json)")
+    if failed:
+        print(f"ovdense: {failed} of {len(images)} images failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _run_sam_clip(args: argparse.Namespace, backbone, sam, vocabulary, templates, images) -> int:
+    from tqdm import tqdm
+
+    from ovdense.heads.sam_clip import SamClipSegmenter, draw_instances
+    from ovdense.io import load_image, write_image, write_json, write_label_png
+
+    options = {name: getattr(args, name) for name in (
+        "points_per_side", "pred_iou_thresh", "stability_score_thresh", "box_nms_thresh",
+        "min_mask_region_area", "unknown_threshold", "crop_area", "crop_weight",
+    ) if getattr(args, name) is not None}
+    segmenter = SamClipSegmenter(
+        backbone, sam, vocabulary, templates=templates, method=args.clip_method or "clearclip",
+        short_side=args.short_side, logit_scale=args.logit_scale, **options,
+    )
+    failed = 0
+    for path in tqdm(images, desc="sam-clip", unit="image", file=sys.stderr):
+        try:
+            rgb = load_image(path)
+        except OvdenseError as e:
+            tqdm.write(f"ovdense: skipped: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        result = segmenter.segment(rgb)
+        write_label_png(args.out / f"{path.stem}_labels.png", result.labels)
+        write_image(args.out / f"{path.stem}_overlay.jpg", draw_instances(rgb, result))
+        write_json(args.out / f"{path.stem}_instances.json", result.to_coco(path.stem))
+    done = len(images) - failed
+    print(f"ovdense: wrote {done} result{'s' if done != 1 else ''} to {args.out}/ "
+          "(<name>_labels.png, <name>_overlay.jpg, <name>_instances.json)")
     if failed:
         print(f"ovdense: {failed} of {len(images)} images failed", file=sys.stderr)
     return 1 if failed else 0
