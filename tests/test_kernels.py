@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ovdense import kernels
-from ovdense.kernels.cpu import bilinear_matrix
+from ovdense.kernels.cpu import bilinear_matrix, bilinear_taps
 from ovdense.kernels.reference import dense_classify_reference
 
 PATHS = ["torch", "triton"]
@@ -30,6 +30,9 @@ def test_bilinear_matrix_is_pytorch_interpolation(in_size, out_size):
     x = torch.randn(1, 1, in_size, 3)
     want = F.interpolate(x, size=(out_size, 3), mode="bilinear", align_corners=False)[0, 0]
     torch.testing.assert_close(bilinear_matrix(in_size, out_size) @ x[0, 0], want, atol=1e-6, rtol=1e-6)
+    i0, i1, w0, w1 = bilinear_taps(in_size, out_size)
+    taps = w0[:, None] * x[0, 0, i0] + w1[:, None] * x[0, 0, i1]
+    torch.testing.assert_close(taps, want, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -4,7 +4,9 @@ Bilinear resizing with ``align_corners=False`` is separable: ``up(L) = R · L ·
 ``R [H, h]`` and ``C [W, w]`` holding two weights per row (PyTorch's rule: source coordinate
 ``(dst + 0.5) · in / out − 0.5`` clamped at 0). Output rows are processed in chunks; each
 chunk needs only the two low-resolution rows under each of its rows, so memory is
-``O(Q · rows · W)`` for a chunk instead of ``O(Q · H · W)``.
+``O(Q · rows · W)`` for a chunk instead of ``O(Q · H · W)``. Within a chunk, both passes are
+two-tap gathers (``bilinear_taps``), columns first and then rows, in the order PyTorch's own
+kernel interpolates, rather than products with the dense ``R`` and ``C``.
 
 The label of a pixel is the class of its best prompt (the max over a class's prompts commutes
 with the argmax over classes), and the winning probability is ``1 / Σ_q exp(s · (l_q − l_max))``.
@@ -19,7 +21,7 @@ import torch
 
 from ovdense.kernels.reference import class_max
 
-CHUNK_ELEMENTS = 1 << 22  # floats per chunk of upsampled logits (16 MB in fp32)
+CHUNK_ELEMENTS = 1 << 20  # floats per chunk of upsampled logits (4 MB in fp32: stays in cache)
 
 
 def bilinear_matrix(in_size: int, out_size: int, device=None) -> torch.Tensor:
@@ -37,6 +39,19 @@ def bilinear_matrix(in_size: int, out_size: int, device=None) -> torch.Tensor:
     return matrix
 
 
+def bilinear_taps(in_size: int, out_size: int, device=None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch's 1-D bilinear resize (``align_corners=False``) as two taps per output:
+    indices ``i0, i1 [out]`` (int64) and weights ``w0, w1 [out]``, ``out = w0·x[i0] + w1·x[i1]``."""
+    scale = in_size / out_size
+    dst = torch.arange(out_size, dtype=torch.float32, device=device)
+    src = ((dst + 0.5) * scale - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    i1 = torch.clamp(i0 + 1, max=in_size - 1)
+    w1 = src - i0.float()
+    return i0, i1, 1.0 - w1, w1
+
+
 def _support(matrix: torch.Tensor) -> tuple[int, int]:
     """First and one-past-last input index with a nonzero weight in ``matrix [n, in]``."""
     used = torch.nonzero(matrix.abs().sum(dim=0) > 0).flatten()
@@ -49,10 +64,10 @@ def _rows_per_chunk(num_prompts: int, width: int, batch: int, elements: int) -> 
 
 def _decide(block: torch.Tensor, class_of_prompt: torch.Tensor, logit_scale: float,
             bg_threshold: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, Q, r, W]`` upsampled logits → labels, scores ``[B, r, W]``."""
-    scaled = block * logit_scale
+    """``[B, Q, r, W]`` upsampled logits → labels, scores ``[B, r, W]`` (``block`` is consumed)."""
+    scaled = block.mul_(logit_scale)
     best, prompt = scaled.max(dim=1)  # B, r, W
-    scores = 1.0 / torch.exp(scaled - best.unsqueeze(1)).sum(dim=1)
+    scores = scaled.sub_(best.unsqueeze(1)).exp_().sum(dim=1).reciprocal_()
     labels = class_of_prompt[prompt]
     if bg_threshold is not None:
         labels = torch.where(scores < bg_threshold, torch.zeros_like(labels), labels)
@@ -64,14 +79,16 @@ def _upsampled_chunks(low: torch.Tensor, out_size: tuple[int, int], elements: in
     """Yield ``(r0, r1, up(low)[:, :, r0:r1])`` for ``low [B, Q, h, w]``."""
     B, Q, h, w = low.shape
     H, W = out_size
-    R = bilinear_matrix(h, H, low.device)
-    C = bilinear_matrix(w, W, low.device)
+    c0, c1, cw0, cw1 = bilinear_taps(w, W, low.device)
+    i0, i1, rw0, rw1 = bilinear_taps(h, H, low.device)
     step = _rows_per_chunk(Q, W, B, elements)
     for r0 in range(0, H, step):
         r1 = min(H, r0 + step)
-        i0, i1 = _support(R[r0:r1])
-        rows = torch.einsum("rh,bqhw->bqrw", R[r0:r1, i0:i1], low[:, :, i0:i1])  # B, Q, r, w
-        yield r0, r1, torch.einsum("bqrw,Ww->bqrW", rows, C)  # B, Q, r, W
+        lo, hi = int(i0[r0]), int(i1[r1 - 1]) + 1  # the low-resolution rows this chunk reads
+        part = low[:, :, lo:hi]
+        wide = part.index_select(3, c0).mul_(cw0).addcmul_(part.index_select(3, c1), cw1)  # B, Q, k, W
+        block = wide.index_select(2, i0[r0:r1] - lo).mul_(rw0[r0:r1, None])
+        yield r0, r1, block.addcmul_(wide.index_select(2, i1[r0:r1] - lo), rw1[r0:r1, None])  # B, Q, r, W
 
 
 def dense_classify_torch(
