@@ -264,14 +264,14 @@ def main(argv=None) -> int:
             logits = scale * F.normalize(regions[valid], dim=-1) @ region_text.T
             region_loss = F.cross_entropy(logits, classes[valid])
             loss = loss + args.region_weight * region_loss
-            region_losses.append(float(region_loss))
+            region_losses.append(float(region_loss.detach()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
         losses.append(float(loss.detach()))
         bar.update(1)
-        shape_losses.append(float(shape_loss))
+        shape_losses.append(float(shape_loss.detach()))
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", shape=f"{np.mean(shape_losses[-20:]):.3f}",
                         region=f"{np.mean(region_losses[-20:]) if region_losses else 0:.3f}")
         if step % 100 == 0:

@@ -122,7 +122,7 @@ class ClipBackbone(nn.Module):
 
     def to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
         """RGB ``uint8 [H, W, 3]`` → normalised ``[1, 3, H, W]`` on the backbone's device/dtype."""
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device)
+        x = torch.as_tensor(np.array(rgb)).to(self.device)  # a copy: arrays from PIL are read-only
         x = x.permute(2, 0, 1).unsqueeze(0).float() / 255.0  # 1, 3, H, W
         return self.normalize(x).to(self.dtype)
 
