@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ovdense.anomaly.prompts import state_prompts
+from ovdense.backbone import dense
 from ovdense.backbone.clip import ClipBackbone
 from ovdense.backbone.dense import interpolate_pos_embed
 from ovdense.errors import OvdenseError
@@ -143,29 +144,62 @@ class WinClip:
         pos = interpolate_pos_embed(visual.positional_embedding, visual.grid_size, (gh, gw))
         return torch.cat([cls, t], dim=1) + pos.to(t.dtype)
 
-    def _run(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``ln_pre`` → blocks → ``ln_post`` on ``[n, L, W]`` sequences."""
-        visual = self.backbone.model.visual
-        x = visual.ln_pre(tokens)
-        for block in visual.transformer.resblocks:
-            x = block(x)
-        return visual.ln_post(x)
+    @staticmethod
+    def _block(block: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None = None,
+               class_only: bool = False) -> torch.Tensor:
+        """One of open_clip's ``ResidualAttentionBlock``s on ``x [n, L, W]``, written out so that
+        ``y``, the input projection ``ln_1(x) @ W_inᵀ + b_in`` ``[n, L, 3W]``, can be given
+        (rows gathered from a shared computation) and, with ``class_only``, only the class
+        token's output ``[n, 1, W]`` is computed (its query against every key)."""
+        attn = block.attn
+        if y is None:
+            y = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # n, L, 3W
+        n, L, _ = y.shape
+        q, k, v = y.view(n, L, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # each n, heads, L, hd
+        if class_only:
+            q, x = q[:, :, :1], x[:, :1]
+        out = F.scaled_dot_product_attention(q, k, v)  # n, heads, Lq, hd
+        out = out.transpose(1, 2).reshape(n, q.shape[2], -1)  # n, Lq, W
+        return dense.residual_ffn(block, x, attn.out_proj(out))
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor | None = None, class_only: bool = False) -> torch.Tensor:
+        """Every block, then ``ln_post``, on sequences ``x [n, L, W]`` that went through
+        ``ln_pre``; ``y``: the first block's input projection if already known. Returns
+        ``[n, L, W]``, or ``[n, 1, W]`` (the class token) with ``class_only``."""
+        blocks = self.backbone.model.visual.transformer.resblocks
+        x = self._block(blocks[0], x, y, class_only=class_only and len(blocks) == 1)
+        for i, block in enumerate(blocks[1:], start=2):
+            x = self._block(block, x, class_only=class_only and i == len(blocks))
+        return self.backbone.model.visual.ln_post(x)
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> dict:
-        """Image embeddings ``[B, D]``, patch tokens ``[B, P, W]`` and, per scale, window
-        embeddings ``[B, n_k, D]`` (all unnormalised)."""
+    def encode(self, x: torch.Tensor, patches: bool = True) -> dict:
+        """Image embeddings ``[B, D]``, patch tokens ``[B, P, W]`` (``None`` unless ``patches``)
+        and, per scale, window embeddings ``[B, n_k, D]`` (all unnormalised).
+
+        Exactly the per-window computation of the module docstring, with two savings: the
+        tokens' ``ln_pre`` and first input projection (both per token) are computed once per
+        image and gathered into the windows, and the last block computes only the class
+        token wherever nothing else is used."""
         visual = self.backbone.model.visual
-        tokens = self._tokens(x)  # B, 1+P, W
-        full = self._run(tokens)
-        out = {"image": full[:, 0] @ visual.proj, "patches": full[:, 1:], "windows": []}
+        first = visual.transformer.resblocks[0]
+        tokens = visual.ln_pre(self._tokens(x))  # B, 1+P, W
+        attn = first.attn
+        projected = F.linear(first.ln_1(tokens), attn.in_proj_weight, attn.in_proj_bias)  # B, 1+P, 3W
+        full = self._run(tokens, projected, class_only=not patches)  # B, 1+P or 1, W
+        out = {"image": full[:, 0] @ visual.proj, "patches": full[:, 1:] if patches else None, "windows": []}
         B = x.shape[0]
         for windows in self.windows:
             index = torch.cat([torch.zeros(len(windows), 1, dtype=torch.long), windows + 1], dim=1)
-            sequences = tokens[:, index.to(tokens.device)]  # B, n, 1+k², W
-            sequences = sequences.reshape(-1, *sequences.shape[2:])  # B·n, 1+k², W
-            embedded = [self._run(chunk)[:, 0] @ visual.proj
-                        for chunk in sequences.split(self.window_batch)]
+            index = index.to(tokens.device)  # n, 1+k²
+            # B·n sequences in chunks of window_batch, gathered chunk by chunk (bounds memory)
+            rows = torch.arange(B * len(windows), device=tokens.device)
+            embedded = []
+            for chunk in rows.split(self.window_batch):
+                image, window = chunk // len(windows), index[chunk % len(windows)]  # c; c, 1+k²
+                sequences = tokens[image[:, None], window]  # c, 1+k², W
+                y = projected[image[:, None], window]  # c, 1+k², 3W
+                embedded.append(self._run(sequences, y, class_only=True)[:, 0] @ visual.proj)
             out["windows"].append(torch.cat(embedded).view(B, len(windows), -1))
         return out
 
@@ -199,7 +233,7 @@ class WinClip:
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepared images ``[B, 3, H, W]`` → image scores ``[B]`` and grid maps ``[B, gh, gw]``."""
-        encoded = self.encode(x)
+        encoded = self.encode(x, patches=self.memory is not None)
         B = x.shape[0]
         P = self.grid[0] * self.grid[1]
         s_img = self._zero_shot(encoded["image"])  # B
