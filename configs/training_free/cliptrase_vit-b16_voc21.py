@@ -1,0 +1,5 @@
+_base_ = "../_base_/datasets/voc21.py"
+
+# CLIPtrase's evaluation (detectron2) sets no per-dataset thresholds: the method's
+# defaults (short side 224, one pass, cluster vote).
+model = dict(method="cliptrase")

@@ -1,0 +1,5 @@
+_base_ = "../_base_/datasets/context60.py"
+
+# Settings of wangf3014/SCLIP configs/cfg_context60.py.
+# Everything else is the method's official default (ovdense methods).
+model = dict(method="sclip", logit_scale=50.0, bg_threshold=0.1)

@@ -1,0 +1,4 @@
+_base_ = "../_base_/datasets/ade150.py"
+
+# Settings of wangf3014/SCLIP configs/cfg_ade20k.py (CLIP is evaluated with SCLIP's protocol).
+model = dict(method="vanilla")

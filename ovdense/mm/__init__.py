@@ -1,0 +1,37 @@
+"""The OpenMMLab adapter: ovdense's heads and the benchmarks' datasets in mmseg's registries.
+
+Importing ``ovdense.mm`` registers, in mmsegmentation 1.x's registries (``default_scope="mmseg"``):
+
+* ``MODELS``: ``OvdenseSegmentor`` (any training-free method of ``ovdense.Segmenter`` on the
+  shared backbone) and ``OvdenseDataPreprocessor`` (BGR → RGB only; the ``Segmenter``
+  resizes and normalises itself);
+* ``DATASETS``: ``PascalVOC20Dataset``, ``COCOObjectDataset``, ``PascalContext459Dataset`` and
+  ``ADE20K847Dataset``, the benchmarks mmseg 1.2.2 lacks;
+* ``TRANSFORMS``: ``LoadAnnotations16`` (label maps with more than 255 classes);
+* mmengine's ``MODEL_WRAPPERS``: ``OvdenseInferenceWrapper`` (multi-process evaluation of a
+  frozen model, which ``DistributedDataParallel`` refuses).
+
+Configs load it with ``custom_imports = dict(imports=["ovdense.mm"])``. It needs full mmcv 2.1
+(with ``mmcv.ops``; ``python tools/build_mmcv.py``), mmengine 0.10 and mmsegmentation 1.2.2
+(``pip install -e ".[mm]"``). Nothing else in ovdense imports this package.
+"""
+
+from ovdense.mm.datasets import (
+    ADE20K847Dataset,
+    COCOObjectDataset,
+    LoadAnnotations16,
+    PascalContext459Dataset,
+    PascalVOC20Dataset,
+)
+from ovdense.mm.segmentor import OvdenseDataPreprocessor, OvdenseInferenceWrapper, OvdenseSegmentor
+
+__all__ = [
+    "ADE20K847Dataset",
+    "COCOObjectDataset",
+    "LoadAnnotations16",
+    "OvdenseDataPreprocessor",
+    "OvdenseInferenceWrapper",
+    "OvdenseSegmentor",
+    "PascalContext459Dataset",
+    "PascalVOC20Dataset",
+]

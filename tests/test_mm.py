@@ -1,0 +1,397 @@
+"""The OpenMMLab adapter (``ovdense/mm``), its configs and ``tools/test.py``, on CPU.
+
+Synthetic datasets in the real layouts (``ovdense.data.layouts``) go through mmseg's dataset
+classes, pipelines and ``IoUMetric``; the mIoU is checked against an independent computation
+from the saved predictions and the ground-truth files; the mm segmentor's labels are checked
+against ``ovdense.Segmenter``'s; two processes (torchrun, gloo) against one. A tiny random ViT
+(``tests/conftest.py``, weights saved to a file so every process loads the same) stands in for
+CLIP, with one prompt template.
+"""
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("mmcv.ops", reason="needs full mmcv with its compiled ops: python tools/build_mmcv.py")
+pytest.importorskip("mmseg.models", reason="needs mmsegmentation 1.2.2: pip install -e '.[mm]'")
+
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+
+from ovdense import Segmenter, Vocabulary, create_backbone  # noqa: E402
+from ovdense.data.layouts import write_dataset  # noqa: E402
+from ovdense.errors import OvdenseError  # noqa: E402
+from ovdense.eval.segmentation import ConfusionMatrix  # noqa: E402
+from ovdense.io import write_label_png  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+METHODS = ("vanilla", "maskclip", "sclip", "clearclip", "naclip", "cliptrase", "itaclip")
+SIZE = 64  # synthetic image side (Cityscapes: SIZE × 2·SIZE)
+
+
+def parse_options(items) -> dict:
+    """``key=value`` strings → the dict ``--cfg-options`` gives (values parsed by DictAction)."""
+    import argparse
+
+    from mmengine.config import DictAction
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--options", nargs="+", action=DictAction)
+    return parser.parse_args(["--options", *items]).options
+
+
+def load_tool(name: str):
+    module_name = "ovdense_tools_" + name.replace("/", "_")
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+test_tool = load_tool("test")
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: tiny weights in a file, synthetic datasets in the real layouts
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_backbone, tiny_config_path, tmp_path_factory):
+    """cfg-options that put the tiny ViT (saved weights, private text cache) into any config."""
+    folder = tmp_path_factory.mktemp("tiny")
+    weights = folder / "tiny.pt"
+    torch.save(tiny_backbone.model.state_dict(), weights)
+    return [
+        f"model.backbone.name={tiny_config_path}",
+        f"model.backbone.pretrained={weights}",
+        f"model.backbone.cache_dir={folder / 'cache'}",
+        "model.templates=single",
+        "test_dataloader.num_workers=0",
+        "test_dataloader.persistent_workers=False",
+    ]
+
+
+def _relabel(path: Path, limit: int, palette: bool) -> None:
+    """Mark labels ``> limit`` as ignored (255): the synthetic world has 30 classes, VOC 20."""
+    labels = np.array(Image.open(path))
+    labels[(labels > limit) & (labels != 255)] = 255
+    if palette:
+        write_label_png(path, labels)
+    else:
+        Image.fromarray(labels.astype(np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """``{dataset: data_root}`` for the eight benchmarks, three validation images each."""
+    root = tmp_path_factory.mktemp("data")
+    roots = {}
+    ade = write_dataset("ade20k", root, 3, seed=1, size=SIZE)
+    roots["ade150"] = ade
+    stuff = write_dataset("coco-stuff", root, 3, seed=2, size=SIZE)
+    roots["coco_stuff"] = stuff
+    coco = write_dataset("coco-instances", root, 3, seed=3, size=SIZE)
+    converter = load_tool("dataset_converters/coco_object")
+    assert converter.main([str(coco), "--out", str(root / "coco_object")]) == 0
+    roots["coco_object"] = root / "coco_object"
+    city = write_dataset("cityscapes", root, 3, seed=4, size=SIZE)
+    for path in (city / "gtFine" / "val").rglob("*_labelTrainIds.png"):
+        _relabel(path, 18, palette=False)  # Cityscapes has 19 classes
+    roots["cityscapes"] = city
+    voc = write_dataset("voc", root, 3, seed=5, size=SIZE)
+    # PASCAL Context comes in VOC's folder layout, with its own folder names
+    context = root / "VOCdevkit" / "VOC2010"
+    shutil.copytree(voc / "JPEGImages", context / "JPEGImages")
+    shutil.copytree(voc / "SegmentationClass", context / "SegmentationClassContext")
+    shutil.copytree(voc / "ImageSets" / "Segmentation", context / "ImageSets" / "SegmentationContext")
+    for path in (voc / "SegmentationClass").glob("*.png"):
+        _relabel(path, 20, palette=True)
+    roots.update(voc21=voc, voc20=voc, context60=context, context59=context)
+    return roots
+
+
+# --------------------------------------------------------------------------------------------
+# An independent mIoU from the files
+
+
+NUM_CLASSES = dict(voc21=21, voc20=20, context60=60, context59=59, coco_object=81, coco_stuff=171,
+                   cityscapes=19, ade150=150)
+REDUCE_ZERO = {"voc20", "context59", "ade150"}
+
+
+def ground_truth(dataset: str, root: Path) -> dict[str, Path]:
+    """``{prediction stem: ground-truth file}`` of the validation split, from the layout."""
+    if dataset in ("voc21", "voc20"):
+        ids = (root / "ImageSets/Segmentation/val.txt").read_text().split()
+        return {i: root / "SegmentationClass" / f"{i}.png" for i in ids}
+    if dataset in ("context60", "context59"):
+        ids = (root / "ImageSets/SegmentationContext/val.txt").read_text().split()
+        return {i: root / "SegmentationClassContext" / f"{i}.png" for i in ids}
+    if dataset == "ade150":
+        return {p.stem: p for p in (root / "annotations/validation").glob("*.png")}
+    if dataset in ("coco_stuff", "coco_object"):
+        suffix = "_labelTrainIds.png" if dataset == "coco_stuff" else "_instanceTrainIds.png"
+        return {p.name[: -len(suffix)]: p for p in (root / "annotations/val2017").glob("*" + suffix)}
+    if dataset == "cityscapes":
+        suffix = "_gtFine_labelTrainIds.png"
+        return {p.name[: -len(suffix)] + "_leftImg8bit": p
+                for p in (root / "gtFine/val").rglob("*" + suffix)}
+    raise KeyError(dataset)
+
+
+def independent_scores(dataset: str, root: Path, predictions: Path) -> dict:
+    """mIoU and pixel accuracy (%, 2 decimals as IoUMetric) from the files alone."""
+    matrix = ConfusionMatrix(NUM_CLASSES[dataset], ignore_index=255)
+    files = ground_truth(dataset, root)
+    assert files and sorted(p.stem for p in predictions.glob("*.png")) == sorted(files)
+    for stem, gt_file in files.items():
+        truth = np.array(Image.open(gt_file)).astype(np.int64)
+        prediction = np.array(Image.open(predictions / f"{stem}.png")).astype(np.int64)
+        if dataset in REDUCE_ZERO:  # mmseg: 0 → ignored, k → k − 1; predictions are saved + 1
+            truth = np.where(truth == 0, 255, np.where(truth == 255, 255, truth - 1))
+            prediction = prediction - 1
+        matrix.update(prediction, truth)
+    scores = matrix.scores()
+    return {"mIoU": round(100 * scores.miou, 2), "aAcc": round(100 * scores.pixel_accuracy, 2)}
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+
+
+def test_every_config_parses_and_builds(tiny, monkeypatch):
+    """Every file in configs/ parses; every method config builds its model and its class file
+    has as many classes as the dataset it evaluates. (The 56 models share one tiny backbone.)"""
+    from mmseg.registry import DATASETS, MODELS
+
+    import ovdense.mm.segmentor
+
+    backbones = {}
+
+    def shared_backbone(**kwargs):
+        key = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+        if key not in backbones:
+            backbones[key] = create_backbone(**kwargs)
+        return backbones[key]
+
+    monkeypatch.setattr(ovdense.mm.segmentor, "create_backbone", shared_backbone)
+
+    init_default_scope("mmseg")
+    files = sorted(CONFIGS.rglob("*.py"))
+    method_configs = [f for f in files if f.parent.name == "training_free"]
+    assert len(method_configs) == len(METHODS) * 8
+    overrides = parse_options([item for item in tiny if item.startswith("model.")])
+    built = 0
+    for path in files:
+        cfg = Config.fromfile(str(path))
+        assert cfg.default_scope == "mmseg" and "ovdense.mm" in cfg.custom_imports["imports"], path
+        assert "Resize" not in str(cfg.test_dataloader.dataset.pipeline), path
+        if path.parent.name != "training_free":
+            continue
+        assert cfg.model.method in METHODS and path.name.startswith(cfg.model.method + "_"), path
+        dataset_cls = DATASETS.get(cfg.test_dataloader.dataset.type)
+        classes = dataset_cls.METAINFO["classes"]
+        assert len(Vocabulary.from_file(cfg.model.classnames)) == len(classes), path
+        cfg.merge_from_dict(overrides)
+        model = MODELS.build(cfg.model)
+        assert model.num_classes == len(classes) and model.segmenter.method == cfg.model.method
+        built += 1
+    assert built == len(METHODS) * 8 and len(backbones) == 1
+
+
+def test_configs_follow_the_official_settings():
+    """Spot checks of per-dataset settings against the official configs."""
+    def model(name):
+        return Config.fromfile(str(CONFIGS / "training_free" / f"{name}.py")).model
+
+    assert model("sclip_vit-b16_voc21")["bg_threshold"] == 0.1
+    assert model("sclip_vit-b16_voc21")["logit_scale"] == 65.0
+    assert model("clearclip_vit-b16_voc21")["bg_threshold"] == 0.5
+    assert model("naclip_vit-b16_voc21")["window"] == (0, 0)
+    assert model("sclip_vit-b16_cityscapes")["short_side"] == 560
+    assert model("itaclip_vit-b16_voc21")["area_threshold"] == 0.1
+    assert model("naclip_vit-b16_ade150").get("short_side") is None  # the method's default
+
+
+# --------------------------------------------------------------------------------------------
+# The segmentor
+
+
+def _build(config: Path, tiny, extra=()):
+    from mmseg.registry import MODELS
+
+    import ovdense.mm  # noqa: F401
+
+    init_default_scope("mmseg")
+    cfg = Config.fromfile(str(config))
+    cfg.merge_from_dict(parse_options([item for item in [*tiny, *extra] if item.startswith("model.")]))
+    return cfg, MODELS.build(cfg.model)
+
+
+def _sample(image_path: Path, pipeline=None):
+    from mmcv.transforms import Compose
+
+    steps = pipeline or [dict(type="LoadImageFromFile"), dict(type="PackSegInputs")]
+    packed = Compose(steps)(dict(img_path=str(image_path)))
+    return dict(inputs=[packed["inputs"]], data_samples=[packed["data_samples"]])
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    """A 72 × 96 synthetic scene as PNG (lossless, so every loader sees the same pixels)."""
+    from ovdense.data.synthetic import SceneConfig, render_scene
+
+    scene = render_scene(np.random.default_rng(7), SceneConfig(size=(72, 96)))
+    path = tmp_path_factory.mktemp("photo") / "scene.png"
+    Image.fromarray(scene.image).save(path)
+    return path
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_predictions_equal_the_segmenter(method, tiny, photo):
+    """The mm segmentor (mmseg pipeline, data preprocessor, test_step) gives ovdense.Segmenter's
+    labels for the same image and settings; the windows slide (short side 96, 64/32)."""
+    from mmseg.datasets.transforms import LoadAnnotations  # noqa: F401  (registers mmseg transforms)
+
+    extra = ["model.short_side=96", "model.window=(64,32)"]
+    cfg, model = _build(CONFIGS / "training_free" / f"{method}_vit-b16_voc21.py", tiny, extra)
+    [sample] = model.test_step(_sample(photo))
+    labels = sample.pred_sem_seg.data[0].numpy()
+
+    settings = {k: v for k, v in cfg.model.items()
+                if k not in ("type", "backbone", "classnames", "data_preprocessor", "method")}
+    args = cfg.model.backbone
+    backbone = create_backbone(args.name, args.pretrained, cache_dir=args.cache_dir)
+    segmenter = Segmenter(backbone, method, Vocabulary.from_file(cfg.model.classnames), **settings)
+    expected = segmenter.predict(photo).labels
+    assert labels.shape == (72, 96)
+    np.testing.assert_array_equal(labels, expected)
+    if method != "cliptrase":  # its cluster vote may leave one label on a random tiny model
+        assert len(np.unique(expected)) > 1, "a constant map would make the comparison empty"
+
+
+def test_a_resizing_pipeline_and_normalised_inputs_are_refused(tiny, photo):
+    _, model = _build(CONFIGS / "training_free" / "sclip_vit-b16_voc21.py", tiny)
+    resized = [dict(type="LoadImageFromFile"), dict(type="Resize", scale=(2048, 48), keep_ratio=True),
+               dict(type="PackSegInputs")]
+    with pytest.raises(OvdenseError, match="remove Resize"):
+        model.test_step(_sample(photo, resized))
+    data = model.data_preprocessor(_sample(photo))
+    with pytest.raises(OvdenseError, match="uint8 RGB"):
+        model.predict([data["inputs"][0].float()], data["data_samples"])
+    with pytest.raises(OvdenseError, match="training-free"):
+        model.loss(data["inputs"], data["data_samples"])
+
+
+# --------------------------------------------------------------------------------------------
+# tools/test.py on every dataset family
+
+
+FAMILY_RUNS = [  # (dataset, method): every dataset and every method at least once
+    ("voc21", "naclip"),
+    ("context60", "clearclip"),
+    ("coco_object", "sclip"),
+    ("voc20", "vanilla"),
+    ("context59", "maskclip"),
+    ("coco_stuff", "cliptrase"),
+    ("cityscapes", "itaclip"),
+    ("ade150", "sclip"),
+]
+
+
+@pytest.mark.parametrize(("dataset", "method"), FAMILY_RUNS)
+def test_tools_test_miou_equals_an_independent_computation(dataset, method, tiny, data, tmp_path):
+    config = CONFIGS / "training_free" / f"{method}_vit-b16_{dataset}.py"
+    out = tmp_path / "predictions"
+    metrics = test_tool.evaluate([
+        str(config), "--work-dir", str(tmp_path / "work"), "--out", str(out),
+        "--cfg-options", *tiny, f"test_dataloader.dataset.data_root={data[dataset]}",
+        "model.short_side=96", "model.window=(64,32)",
+    ])
+    expected = independent_scores(dataset, data[dataset], out)
+    assert {k: round(float(metrics[k]), 2) for k in expected} == expected
+
+
+def test_show_dir_writes_overlays(tiny, data, tmp_path):
+    config = CONFIGS / "training_free" / "sclip_vit-b16_ade150.py"
+    show = tmp_path / "show"
+    test_tool.evaluate([
+        str(config), "--work-dir", str(tmp_path / "work"), "--show-dir", str(show),
+        "--cfg-options", *tiny, f"test_dataloader.dataset.data_root={data['ade150']}",
+        "model.short_side=64",
+    ])
+    assert len(list(show.rglob("*.png"))) == 3
+
+
+def test_two_processes_give_the_metric_of_one(tiny, data, tmp_path):
+    """torchrun with 2 processes (gloo, CPU) on 3 images — the sampler pads one — against one
+    process."""
+    pytest.importorskip("torch.distributed.run")
+    config = CONFIGS / "training_free" / "clearclip_vit-b16_voc21.py"
+    options = [*tiny, f"test_dataloader.dataset.data_root={data['voc21']}", "model.short_side=96",
+               "model.window=(64,32)"]
+    single = test_tool.evaluate(
+        [str(config), "--work-dir", str(tmp_path / "one"), "--cfg-options", *options]
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "tools" / "test.py"), str(config), "--launcher", "pytorch",
+         "--work-dir", str(tmp_path / "two"), "--cfg-options", *options],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    line = [line for line in result.stdout.splitlines() if line.startswith("metrics: ")]
+    assert len(line) == 1, result.stdout[-3000:]
+    distributed = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+)", line[0][len("metrics: "):])}
+    assert single["aAcc"] > 0
+    for key in ("aAcc", "mIoU", "mAcc"):  # IoUMetric rounds to 2 decimals, tools/test.py prints them
+        assert distributed[key] == round(float(single[key]), 2), key
+
+
+# --------------------------------------------------------------------------------------------
+# Label maps beyond 255 classes (PC-459, ADE20K-847)
+
+
+def test_load_annotations16_keeps_16_bit_labels(tmp_path):
+    from ovdense.mm import LoadAnnotations16
+
+    labels = np.array([[0, 300], [458, 65535]], np.uint16)
+    path = tmp_path / "map.png"
+    Image.fromarray(labels).save(path)
+    loaded = LoadAnnotations16()(dict(seg_map_path=str(path), reduce_zero_label=False, seg_fields=[]))
+    np.testing.assert_array_equal(loaded["gt_seg_map"], labels.astype(np.int64))
+    reduced = LoadAnnotations16()(dict(seg_map_path=str(path), reduce_zero_label=True, seg_fields=[]))
+    np.testing.assert_array_equal(reduced["gt_seg_map"], [[65535, 299], [457, 65535]])
+
+
+def test_context459_config_runs_on_16_bit_maps(tiny, data, tmp_path):
+    """The PC-459 base with a method: class names from the data root's file, 16-bit maps with
+    labels above 255, 65535 ignored."""
+    root = tmp_path / "VOC2010"
+    shutil.copytree(data["context60"] / "JPEGImages", root / "JPEGImages")
+    shutil.copytree(data["context60"] / "ImageSets", root / "ImageSets")
+    for path in (data["context60"] / "SegmentationClassContext").glob("*.png"):
+        labels = np.array(Image.open(path)).astype(np.int64)
+        full = np.where(labels == 255, 65535, labels * 15).astype(np.uint16)  # up to 450
+        (root / "SegmentationClassContext459").mkdir(exist_ok=True)
+        Image.fromarray(full).save(root / "SegmentationClassContext459" / path.name)
+    names = root / "pc459_classnames.txt"
+    names.write_text("".join(f"thing {i}\n" for i in range(459)))
+    metrics = test_tool.evaluate([
+        str(CONFIGS / "_base_" / "datasets" / "context459.py"), "--work-dir", str(tmp_path / "work"),
+        "--cfg-options", *tiny, "model.method=sclip", f"model.classnames={names}",
+        f"test_dataloader.dataset.classnames={names}", f"test_dataloader.dataset.data_root={root}",
+        "model.short_side=64",
+    ])
+    assert 0.0 <= metrics["mIoU"] <= 100.0 and metrics["aAcc"] >= 0.0
