@@ -187,14 +187,12 @@ def _command_methods() -> int:
 
 
 def _command_segment(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
 
     from ovdense import Segmenter, create_backbone
     from ovdense.backbone.dense import METHODS
     from ovdense.backbone.prompts import Vocabulary
     from ovdense.io import (
         list_images,
-        load_image,
         overlay,
         write_image,
         write_json,
@@ -238,14 +236,8 @@ def _command_segment(args: argparse.Namespace) -> int:
         logit_scale=args.logit_scale, bg_threshold=args.bg_threshold,
         area_threshold=args.area_threshold, pamr=args.pamr, kernel=args.kernel,
     )
-    failed = 0
-    for path in tqdm(images, desc="segment", unit="image", file=sys.stderr):
-        try:
-            rgb = load_image(path)
-        except OvdenseError as e:
-            tqdm.write(f"ovdense: skipped: {e}", file=sys.stderr)
-            failed += 1
-            continue
+    failed: list[Path] = []
+    for path, rgb in _readable_images(images, "segment", failed):
         start = time.perf_counter()
         result = segmenter.predict(rgb)
         seconds = time.perf_counter() - start
@@ -265,19 +257,14 @@ def _command_segment(args: argparse.Namespace) -> int:
             ],
             "seconds": round(seconds, 4),
         })
-    done = len(images) - failed
-    print(f"ovdense: wrote {done} result{'s' if done != 1 else ''} to {args.out}/ "
-          "(<name>_labels.png, <name>_overlay.jpg, <name>.json)")
-    if failed:
-        print(f"ovdense: {failed} of {len(images)} images failed", file=sys.stderr)
-    return 1 if failed else 0
+    return _report(args.out, len(images), failed, "result",
+                   " (<name>_labels.png, <name>_overlay.jpg, <name>.json)")
 
 
 def _run_sam_clip(args: argparse.Namespace, backbone, sam, vocabulary, templates, images) -> int:
-    from tqdm import tqdm
 
     from ovdense.heads.sam_clip import SamClipSegmenter, draw_instances
-    from ovdense.io import load_image, write_image, write_json, write_label_png
+    from ovdense.io import write_image, write_json, write_label_png
 
     options = {name: getattr(args, name) for name in (
         "points_per_side", "pred_iou_thresh", "stability_score_thresh", "box_nms_thresh",
@@ -287,23 +274,39 @@ def _run_sam_clip(args: argparse.Namespace, backbone, sam, vocabulary, templates
         backbone, sam, vocabulary, templates=templates, method=args.clip_method or "clearclip",
         short_side=args.short_side, logit_scale=args.logit_scale, **options,
     )
-    failed = 0
-    for path in tqdm(images, desc="sam-clip", unit="image", file=sys.stderr):
-        try:
-            rgb = load_image(path)
-        except OvdenseError as e:
-            tqdm.write(f"ovdense: skipped: {e}", file=sys.stderr)
-            failed += 1
-            continue
+    failed: list[Path] = []
+    for path, rgb in _readable_images(images, "sam-clip", failed):
         result = segmenter.segment(rgb)
         write_label_png(args.out / f"{path.stem}_labels.png", result.labels)
         write_image(args.out / f"{path.stem}_overlay.jpg", draw_instances(rgb, result))
         write_json(args.out / f"{path.stem}_instances.json", result.to_coco(path.stem))
-    done = len(images) - failed
-    print(f"ovdense: wrote {done} result{'s' if done != 1 else ''} to {args.out}/ "
-          "(<name>_labels.png, <name>_overlay.jpg, <name>_instances.json)")
+    return _report(args.out, len(images), failed, "result",
+                   " (<name>_labels.png, <name>_overlay.jpg, <name>_instances.json)")
+
+
+def _readable_images(images: Sequence[Path], desc: str, failed: list[Path]):
+    """Yield ``(path, rgb)`` for each image that loads, with a progress bar; an unreadable one
+    is reported by name, appended to ``failed`` and skipped, so the others still run."""
+    from tqdm import tqdm
+
+    from ovdense.io import load_image
+
+    for path in tqdm(images, desc=desc, unit="image", file=sys.stderr):
+        try:
+            rgb = load_image(path)
+        except OvdenseError as e:
+            tqdm.write(f"ovdense: skipped: {e}", file=sys.stderr)
+            failed.append(path)
+            continue
+        yield path, rgb
+
+
+def _report(out: Path, total: int, failed: list[Path], what: str, files: str) -> int:
+    """Print where results went and how many images failed; the exit code (1 if any failed)."""
+    done = total - len(failed)
+    print(f"ovdense: wrote {done} {what}{'s' if done != 1 else ''} to {out}/{files}")
     if failed:
-        print(f"ovdense: {failed} of {len(images)} images failed", file=sys.stderr)
+        print(f"ovdense: {len(failed)} of {total} images failed", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -318,11 +321,10 @@ def _pretrained(model: str, value: str | None) -> str | None:
 
 def _command_anomaly(args: argparse.Namespace) -> int:
     import numpy as np
-    from tqdm import tqdm
 
     from ovdense import create_backbone
     from ovdense.anomaly.winclip import WinClip
-    from ovdense.io import heatmap_overlay, list_images, load_image, write_bytes, write_image, write_json
+    from ovdense.io import heatmap_overlay, list_images, write_bytes, write_image, write_json
 
     images = list_images(args.inputs)
     if not images:
@@ -341,14 +343,8 @@ def _command_anomaly(args: argparse.Namespace) -> int:
     winclip = WinClip(backbone, args.object, prompt_set=args.prompt_set)
     if references:
         winclip.set_references(references)
-    failed = 0
-    for path in tqdm(images, desc="anomaly", unit="image", file=sys.stderr):
-        try:
-            rgb = load_image(path)
-        except OvdenseError as e:
-            tqdm.write(f"ovdense: skipped: {e}", file=sys.stderr)
-            failed += 1
-            continue
+    failed: list[Path] = []
+    for path, rgb in _readable_images(images, "anomaly", failed):
         (result,) = winclip.predict([rgb])
         import io as _io
 
@@ -363,11 +359,7 @@ def _command_anomaly(args: argparse.Namespace) -> int:
             "references": [str(r) for r in references], "model": args.model,
             "prompt_set": args.prompt_set,
         })
-    done = len(images) - failed
-    print(f"ovdense: wrote {done} anomaly map{'s' if done != 1 else ''} to {args.out}/")
-    if failed:
-        print(f"ovdense: {failed} of {len(images)} images failed", file=sys.stderr)
-    return 1 if failed else 0
+    return _report(args.out, len(images), failed, "anomaly map", "")
 
 
 def _command_anomaly_eval(args: argparse.Namespace) -> int:
