@@ -24,21 +24,6 @@ from ovdense.kernels.reference import class_max
 CHUNK_ELEMENTS = 1 << 20  # floats per chunk of upsampled logits (4 MB in fp32: stays in cache)
 
 
-def bilinear_matrix(in_size: int, out_size: int, device=None) -> torch.Tensor:
-    """``[out, in]`` weights of PyTorch's 1-D bilinear resize (``align_corners=False``)."""
-    scale = in_size / out_size
-    dst = torch.arange(out_size, dtype=torch.float32, device=device)
-    src = ((dst + 0.5) * scale - 0.5).clamp(min=0)
-    i0 = src.floor().long().clamp(max=in_size - 1)
-    i1 = torch.clamp(i0 + 1, max=in_size - 1)
-    w1 = src - i0.float()
-    matrix = torch.zeros(out_size, in_size, dtype=torch.float32, device=device)
-    rows = torch.arange(out_size, device=device)
-    matrix.index_put_((rows, i0), 1.0 - w1, accumulate=True)
-    matrix.index_put_((rows, i1), w1, accumulate=True)
-    return matrix
-
-
 def bilinear_taps(in_size: int, out_size: int, device=None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """PyTorch's 1-D bilinear resize (``align_corners=False``) as two taps per output:
@@ -50,6 +35,17 @@ def bilinear_taps(in_size: int, out_size: int, device=None
     i1 = torch.clamp(i0 + 1, max=in_size - 1)
     w1 = src - i0.float()
     return i0, i1, 1.0 - w1, w1
+
+
+def bilinear_matrix(in_size: int, out_size: int, device=None) -> torch.Tensor:
+    """``[out, in]`` weights of PyTorch's 1-D bilinear resize (``align_corners=False``): the
+    taps of ``bilinear_taps`` as a matrix (both taps on one index add up)."""
+    i0, i1, w0, w1 = bilinear_taps(in_size, out_size, device)
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float32, device=device)
+    rows = torch.arange(out_size, device=device)
+    matrix.index_put_((rows, i0), w0, accumulate=True)
+    matrix.index_put_((rows, i1), w1, accumulate=True)
+    return matrix
 
 
 def _support(matrix: torch.Tensor) -> tuple[int, int]:
