@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ovdense import kernels
-from ovdense.kernels.cpu import bilinear_matrix, bilinear_taps
+from ovdense.kernels.cpu import _columns, _rows, bilinear_taps
 from ovdense.kernels.reference import dense_classify_reference
 
 PATHS = ["torch", "triton"]
@@ -25,14 +25,43 @@ def test_interpreter_is_on_for_cpu_runs():
     assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
 
-@pytest.mark.parametrize("in_size, out_size", [(1, 5), (5, 23), (7, 7), (14, 224), (9, 4), (3, 1)])
-def test_bilinear_matrix_is_pytorch_interpolation(in_size, out_size):
-    x = torch.randn(1, 1, in_size, 3)
-    want = F.interpolate(x, size=(out_size, 3), mode="bilinear", align_corners=False)[0, 0]
-    torch.testing.assert_close(bilinear_matrix(in_size, out_size) @ x[0, 0], want, atol=1e-6, rtol=1e-6)
+@pytest.mark.parametrize("in_size, out_size", [(1, 5), (5, 23), (7, 7), (14, 224), (9, 4), (3, 1),
+                                               (37, 597), (597, 683)])
+def test_bilinear_taps_are_pytorch_weights(in_size, out_size):
+    """The taps' weights are F.interpolate's own: resizing the identity reads them out."""
+    eye = torch.eye(in_size)[:, None, None, :]  # in, 1, 1, in: row i is the unit vector e_i
+    want = F.interpolate(eye, size=(1, out_size), mode="bilinear", align_corners=False)[:, 0, 0].T
     i0, i1, w0, w1 = bilinear_taps(in_size, out_size)
-    taps = w0[:, None] * x[0, 0, i0] + w1[:, None] * x[0, 0, i1]
-    torch.testing.assert_close(taps, want, atol=1e-6, rtol=1e-6)
+    got = torch.zeros(out_size, in_size)
+    rows = torch.arange(out_size)
+    got.index_put_((rows, i0), w0, accumulate=True)
+    got.index_put_((rows, i1), w1, accumulate=True)
+    assert torch.equal(got, want), f"{(got != want).sum()} of {want.numel()} weights differ"
+
+
+@pytest.mark.parametrize("shape, size", [((2, 5, 28, 37), (448, 597)), ((1, 3, 7, 9), (100, 131)),
+                                         ((1, 4, 1, 1), (5, 3)), ((1, 2, 30, 20), (11, 7)),
+                                         ((1, 200, 6, 5), (50, 40))])
+def test_columns_then_rows_is_f_interpolate(shape, size):
+    """PyTorch's resize of the columns, then the rows by taps, give F.interpolate's values to
+    rounding (PyTorch's kernel picks its order of fused multiply–adds by shape, so bit
+    equality is not promised). The last case is large enough for the broadcast runs."""
+    x = torch.randn(*shape)
+    want = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    got = _rows(_columns(x, size[1]), bilinear_taps(shape[2], size[0]))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("k, r", [(6, 50), (50, 6), (7, 7), (1, 9)])
+def test_row_runs_equal_row_gathers(k, r):
+    """The broadcast runs (large inputs) compute exactly what gathering the rows computes."""
+    wide = torch.randn(300, k, 70)  # 21 000 values per row: the run path
+    taps = bilinear_taps(k, r)
+    i0, i1, a0, a1 = taps
+    gathered = wide[:, i1] * a1[:, None]
+    gathered.addcmul_(wide[:, i0], a0[:, None])
+    assert torch.equal(_rows(wide, taps), gathered)
+    assert torch.equal(_rows(wide[:2], taps), gathered[:2])  # small: the gather path
 
 
 @pytest.mark.parametrize("path", PATHS)

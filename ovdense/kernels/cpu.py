@@ -1,12 +1,14 @@
 """The exact chunked path in plain torch (any device): never builds ``[Q, H, W]``.
 
-Bilinear resizing with ``align_corners=False`` is separable: ``up(L) = R · L · Cᵀ`` with
-``R [H, h]`` and ``C [W, w]`` holding two weights per row (PyTorch's rule: source coordinate
+Bilinear resizing with ``align_corners=False`` is separable: each output row (column) reads
+two input rows (columns) with two weights (PyTorch's rule: source coordinate
 ``(dst + 0.5) · in / out − 0.5`` clamped at 0). Output rows are processed in chunks; each
 chunk needs only the two low-resolution rows under each of its rows, so memory is
 ``O(Q · rows · W)`` for a chunk instead of ``O(Q · H · W)``. Within a chunk, both passes are
-two-tap gathers (``bilinear_taps``), columns first and then rows, in the order PyTorch's own
-kernel interpolates, rather than products with the dense ``R`` and ``C``.
+two-tap gathers (``bilinear_taps``, whose weights are bit for bit PyTorch's), columns first
+and then rows (``_resize``), so the upsampled logits agree with ``F.interpolate`` to rounding:
+PyTorch's kernel picks its order of fused multiply–adds by shape, so bit equality is not
+promised, and a label can differ only where two classes are within rounding of each other.
 
 The label of a pixel is the class of its best prompt (the max over a class's prompts commutes
 with the argmax over classes), and the winning probability is ``1 / Σ_q exp(s · (l_q − l_max))``.
@@ -18,40 +20,34 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ovdense.kernels.reference import class_max
 
-CHUNK_ELEMENTS = 1 << 20  # floats per chunk of upsampled logits (4 MB in fp32: stays in cache)
+CHUNK_ELEMENTS = 1 << 22  # floats per chunk of upsampled logits (16 MB in fp32)
 
 
 def bilinear_taps(in_size: int, out_size: int, device=None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """PyTorch's 1-D bilinear resize (``align_corners=False``) as two taps per output:
-    indices ``i0, i1 [out]`` (int64) and weights ``w0, w1 [out]``, ``out = w0·x[i0] + w1·x[i1]``."""
-    scale = in_size / out_size
-    dst = torch.arange(out_size, dtype=torch.float32, device=device)
-    src = ((dst + 0.5) * scale - 0.5).clamp(min=0)
+    indices ``i0, i1 [out]`` (int64) and weights ``w0, w1 [out]``, ``out = w0·x[i0] + w1·x[i1]``.
+
+    The source coordinate ``scale · (dst + 0.5) − 0.5`` (``scale`` in float32) is evaluated
+    exactly in float64 and rounded once to float32: the value of the fused multiply–add that
+    PyTorch's compiled kernels use, so the weights are bit for bit its own. A single input
+    (``in_size == 1``) is copied, as PyTorch does, rather than split between two equal taps.
+    """
+    if in_size == 1:
+        zeros = torch.zeros(out_size, dtype=torch.int64, device=device)
+        ones = torch.ones(out_size, dtype=torch.float32, device=device)
+        return zeros, zeros, ones, torch.zeros_like(ones)
+    scale = float(torch.tensor(in_size / out_size, dtype=torch.float32))
+    dst = torch.arange(out_size, dtype=torch.float64, device=device)
+    src = (scale * (dst + 0.5) - 0.5).float().clamp(min=0)
     i0 = src.floor().long().clamp(max=in_size - 1)
     i1 = torch.clamp(i0 + 1, max=in_size - 1)
     w1 = src - i0.float()
     return i0, i1, 1.0 - w1, w1
-
-
-def bilinear_matrix(in_size: int, out_size: int, device=None) -> torch.Tensor:
-    """``[out, in]`` weights of PyTorch's 1-D bilinear resize (``align_corners=False``): the
-    taps of ``bilinear_taps`` as a matrix (both taps on one index add up)."""
-    i0, i1, w0, w1 = bilinear_taps(in_size, out_size, device)
-    matrix = torch.zeros(out_size, in_size, dtype=torch.float32, device=device)
-    rows = torch.arange(out_size, device=device)
-    matrix.index_put_((rows, i0), w0, accumulate=True)
-    matrix.index_put_((rows, i1), w1, accumulate=True)
-    return matrix
-
-
-def _support(matrix: torch.Tensor) -> tuple[int, int]:
-    """First and one-past-last input index with a nonzero weight in ``matrix [n, in]``."""
-    used = torch.nonzero(matrix.abs().sum(dim=0) > 0).flatten()
-    return int(used[0]), int(used[-1]) + 1
 
 
 def _rows_per_chunk(num_prompts: int, width: int, batch: int, elements: int) -> int:
@@ -70,21 +66,64 @@ def _decide(block: torch.Tensor, class_of_prompt: torch.Tensor, logit_scale: flo
     return labels, scores
 
 
+Taps = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # i0, i1, w0, w1 [n]
+
+
+def _columns(part: torch.Tensor, width: int) -> torch.Tensor:
+    """Bilinear resize of the last dimension only: ``[B, Q, k, w]`` → ``[B, Q, k, width]``
+    (PyTorch's own kernel, rows untouched)."""
+    return F.interpolate(part, size=(part.shape[-2], width), mode="bilinear", align_corners=False)
+
+
+def _rows(wide: torch.Tensor, rows: Taps) -> torch.Tensor:
+    """Bilinear resize of the second-to-last dimension by ``rows`` (indices into it):
+    ``[..., k, W]`` → ``[..., r, W]``, each output ``x1 · w1`` then ``+ x0 · w0`` (fused).
+
+    Consecutive output rows that read the same two input rows (a run; long when upsampling)
+    are computed together by broadcasting those rows, without gathering copies of them;
+    small inputs, where per-run calls would cost more than the copies, are gathered."""
+    i0, i1, a0, a1 = rows
+    runs = _runs(i0.tolist(), i1.tolist())
+    if wide[..., :1, :].numel() * (len(i0) / len(runs)) < (1 << 14):
+        return wide[..., i1, :].mul_(a1[:, None]).addcmul_(wide[..., i0, :], a0[:, None])
+    out = wide.new_empty(*wide.shape[:-2], len(i0), wide.shape[-1])
+    for start, stop, k0, k1 in runs:
+        part = out[..., start:stop, :]
+        torch.mul(wide[..., k1:k1 + 1, :], a1[start:stop, None], out=part)
+        part.addcmul_(wide[..., k0:k0 + 1, :], a0[start:stop, None])
+    return out
+
+
+def _runs(i0: list[int], i1: list[int]) -> list[tuple[int, int, int, int]]:
+    """Maximal runs ``(start, stop, k0, k1)`` of outputs with the same two input indices."""
+    runs = []
+    start = 0
+    for r in range(1, len(i0) + 1):
+        if r == len(i0) or i0[r] != i0[start] or i1[r] != i1[start]:
+            runs.append((start, r, i0[start], i1[start]))
+            start = r
+    return runs
+
+
+def _slice_taps(taps: Taps, start: int, stop: int, shift: int = 0) -> Taps:
+    """Outputs ``start:stop`` of ``taps``, their indices moved by ``−shift``."""
+    i0, i1, w0, w1 = taps
+    return i0[start:stop] - shift, i1[start:stop] - shift, w0[start:stop], w1[start:stop]
+
+
 def _upsampled_chunks(low: torch.Tensor, out_size: tuple[int, int], elements: int
                       ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield ``(r0, r1, up(low)[:, :, r0:r1])`` for ``low [B, Q, h, w]``."""
+    """Yield ``(r0, r1, up(low)[:, :, r0:r1])`` for ``low [B, Q, h, w]``: columns resized once
+    (``[B, Q, h, W]``, small), then each chunk's rows from the two low-resolution rows under
+    each."""
     B, Q, h, w = low.shape
     H, W = out_size
-    c0, c1, cw0, cw1 = bilinear_taps(w, W, low.device)
-    i0, i1, rw0, rw1 = bilinear_taps(h, H, low.device)
+    wide = _columns(low, W)  # B, Q, h, W
+    rows = bilinear_taps(h, H, low.device)
     step = _rows_per_chunk(Q, W, B, elements)
     for r0 in range(0, H, step):
         r1 = min(H, r0 + step)
-        lo, hi = int(i0[r0]), int(i1[r1 - 1]) + 1  # the low-resolution rows this chunk reads
-        part = low[:, :, lo:hi]
-        wide = part.index_select(3, c0).mul_(cw0).addcmul_(part.index_select(3, c1), cw1)  # B, Q, k, W
-        block = wide.index_select(2, i0[r0:r1] - lo).mul_(rw0[r0:r1, None])
-        yield r0, r1, block.addcmul_(wide.index_select(2, i1[r0:r1] - lo), rw1[r0:r1, None])  # B, Q, r, W
+        yield r0, r1, _rows(wide, _slice_taps(rows, r0, r1))  # B, Q, r, W
 
 
 def dense_classify_torch(
@@ -182,32 +221,28 @@ def slide_classify(
     for win in windows:
         y1, y2, x1, x2 = win.box
         count[y1:y2, x1:x2] += 1
-        h, w = win.logits.shape[-2:]
+        h = win.logits.shape[-2]
         top, left = win.offset
-        rows = bilinear_matrix(h, win.padded[0], device)[top:top + y2 - y1]  # y2-y1, h
-        cols = bilinear_matrix(w, win.padded[1], device)[left:left + x2 - x1]  # x2-x1, w
-        plans.append((win.box, win.logits.float(), rows, cols))
+        rows = _slice_taps(bilinear_taps(h, win.padded[0], device), top, top + y2 - y1)  # y2-y1
+        wide = _columns(win.logits.float()[None], win.padded[1])[0, :, :, left:left + x2 - x1]
+        plans.append((win.box, wide.contiguous(), rows))  # wide: Q, h, x2-x1
     if (count == 0).any():
         raise ValueError("the windows do not cover the canvas")
-    R = bilinear_matrix(Hc, H, device)
-    C = bilinear_matrix(Wc, W, device)
+    rows = bilinear_taps(Hc, H, device)
     labels = torch.empty(H, W, dtype=torch.int64, device=device)
     scores = torch.empty(H, W, dtype=torch.float32, device=device)
     class_of_prompt = class_of_prompt.to(device)
     step = _rows_per_chunk(Q, max(W, Wc), 1, chunk_elements)
     for r0 in range(0, H, step):
         r1 = min(H, r0 + step)
-        c0, c1 = _support(R[r0:r1])  # the canvas rows this chunk reads
+        c0, c1 = int(rows[0][r0]), int(rows[1][r1 - 1]) + 1  # the canvas rows this chunk reads
         canvas = torch.zeros(Q, c1 - c0, Wc, dtype=torch.float32, device=device)
-        for (y1, y2, x1, x2), low, rows, cols in plans:
+        for (y1, y2, x1, x2), wide, win_rows in plans:
             a, b = max(y1, c0), min(y2, c1)
-            if a >= b:
-                continue
-            part = torch.einsum("rh,qhw->qrw", rows[a - y1:b - y1], low)  # Q, b-a, w
-            canvas[:, a - c0:b - c0, x1:x2] += torch.einsum("qrw,Xw->qrX", part, cols)
+            if a < b:
+                canvas[:, a - c0:b - c0, x1:x2] += _rows(wide, _slice_taps(win_rows, a - y1, b - y1))
         canvas /= count[c0:c1]
-        block = torch.einsum("rc,qcw->qrw", R[r0:r1, c0:c1], canvas)  # Q, r, Wc
-        block = torch.einsum("qrw,Ww->qrW", block, C)  # Q, r, W
-        chunk_labels, chunk_scores = _decide(block[None], class_of_prompt, logit_scale, bg_threshold)
+        block = _rows(_columns(canvas[None], W), _slice_taps(rows, r0, r1, c0))  # 1, Q, r, W
+        chunk_labels, chunk_scores = _decide(block, class_of_prompt, logit_scale, bg_threshold)
         labels[r0:r1], scores[r0:r1] = chunk_labels[0], chunk_scores[0]
     return labels, scores
