@@ -28,10 +28,8 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
 from ovdense import Segmenter, Vocabulary, create_backbone  # noqa: E402
-from ovdense.data.layouts import write_dataset  # noqa: E402
 from ovdense.errors import OvdenseError  # noqa: E402
 from ovdense.eval.segmentation import ConfusionMatrix  # noqa: E402
-from ovdense.io import write_label_png  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -81,43 +79,11 @@ def tiny(tiny_backbone, tiny_config_path, tmp_path_factory):
     ]
 
 
-def _relabel(path: Path, limit: int, palette: bool) -> None:
-    """Mark labels ``> limit`` as ignored (255): the synthetic world has 30 classes, VOC 20."""
-    labels = np.array(Image.open(path))
-    labels[(labels > limit) & (labels != 255)] = 255
-    if palette:
-        write_label_png(path, labels)
-    else:
-        Image.fromarray(labels.astype(np.uint8)).save(path)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """``{dataset: data_root}`` for the eight benchmarks, three validation images each."""
-    root = tmp_path_factory.mktemp("data")
-    roots = {}
-    ade = write_dataset("ade20k", root, 3, seed=1, size=SIZE)
-    roots["ade150"] = ade
-    stuff = write_dataset("coco-stuff", root, 3, seed=2, size=SIZE)
-    roots["coco_stuff"] = stuff
-    coco = write_dataset("coco-instances", root, 3, seed=3, size=SIZE)
-    converter = load_tool("dataset_converters/coco_object")
-    assert converter.main([str(coco), "--out", str(root / "coco_object")]) == 0
-    roots["coco_object"] = root / "coco_object"
-    city = write_dataset("cityscapes", root, 3, seed=4, size=SIZE)
-    for path in (city / "gtFine" / "val").rglob("*_labelTrainIds.png"):
-        _relabel(path, 18, palette=False)  # Cityscapes has 19 classes
-    roots["cityscapes"] = city
-    voc = write_dataset("voc", root, 3, seed=5, size=SIZE)
-    # PASCAL Context comes in VOC's folder layout, with its own folder names
-    context = root / "VOCdevkit" / "VOC2010"
-    shutil.copytree(voc / "JPEGImages", context / "JPEGImages")
-    shutil.copytree(voc / "SegmentationClass", context / "SegmentationClassContext")
-    shutil.copytree(voc / "ImageSets" / "Segmentation", context / "ImageSets" / "SegmentationContext")
-    for path in (voc / "SegmentationClass").glob("*.png"):
-        _relabel(path, 20, palette=True)
-    roots.update(voc21=voc, voc20=voc, context60=context, context59=context)
-    return roots
+    return load_tool("make_synthetic_benchmarks").write_benchmarks(
+        tmp_path_factory.mktemp("benchmarks"), 3, seed=0, size=SIZE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,6 +161,9 @@ def test_every_config_parses_and_builds(tiny, monkeypatch):
     for path in files:
         cfg = Config.fromfile(str(path))
         assert cfg.default_scope == "mmseg" and "ovdense.mm" in cfg.custom_imports["imports"], path
+        if path.parent.name == "_base_":  # the shared runtime
+            assert "test_dataloader" not in cfg and "model" not in cfg, path
+            continue
         assert "Resize" not in str(cfg.test_dataloader.dataset.pipeline), path
         if path.parent.name != "training_free":
             continue
@@ -207,6 +176,9 @@ def test_every_config_parses_and_builds(tiny, monkeypatch):
         assert model.num_classes == len(classes) and model.segmenter.method == cfg.model.method
         built += 1
     assert built == len(METHODS) * 8 and len(backbones) == 1
+    ade847 = Config.fromfile(str(CONFIGS / "_base_" / "datasets" / "ade847.py"))
+    assert len(Vocabulary.from_file(ade847.model.classnames)) == 847
+    assert ade847.test_dataloader.dataset.classnames == ade847.model.classnames
 
 
 def test_configs_follow_the_official_settings():
@@ -343,7 +315,9 @@ def test_two_processes_give_the_metric_of_one(tiny, data, tmp_path):
     single = test_tool.evaluate(
         [str(config), "--work-dir", str(tmp_path / "one"), "--cfg-options", *options]
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # the workers import this checkout's ovdense, whatever is installed
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(ROOT / "tools" / "test.py"), str(config), "--launcher", "pytorch",

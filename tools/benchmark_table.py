@@ -88,12 +88,15 @@ def test_tool():
 
 
 def measure(method: str, dataset: str, cfg_options: list[str], prefix: str | None,
-            work_dir: Path) -> tuple[float | None, str]:
+            work_dir: Path, classnames_dir: Path | None = None) -> tuple[float | None, str]:
     """``(mIoU, "")`` if the config ran, else ``(None, why not)``."""
     from ovdense.errors import OvdenseError
 
     config = config_path(method, dataset)
     options = list(cfg_options)
+    if classnames_dir is not None:
+        names = classnames_dir / f"{dataset}.txt"
+        options.append(f"model.classnames={names.resolve()}")
     root = data_root(config, options, prefix)
     if not root.is_dir():
         return None, f"no dataset at {root}"
@@ -109,7 +112,17 @@ def measure(method: str, dataset: str, cfg_options: list[str], prefix: str | Non
     return round(float(metrics["mIoU"]), 2), ""
 
 
-def table(results: dict, commands: dict) -> str:
+def is_missing_input(why: str) -> bool:
+    """Whether a run failed for want of a dataset or weights (rather than a real error)."""
+    return why.startswith("no dataset at") or any(
+        word in why.lower() for word in ("pretrained", "weights", "checkpoint", "download", "offline"))
+
+
+CAPTION = "Cells: this implementation / published (mIoU %, ViT-B/16, OpenAI weights). Sources:"
+
+
+def table(results: dict, commands: dict, failures: dict | None = None, caption: str = CAPTION,
+          published: bool = True) -> str:
     header = "| method | " + " | ".join(DATASETS.values()) + " |"
     lines = [header, "|---" * (len(DATASETS) + 1) + "|"]
     marks = {name: f"[{i}]" for i, name in enumerate(SOURCES, start=1)}
@@ -117,15 +130,25 @@ def table(results: dict, commands: dict) -> str:
         cells = []
         for dataset in DATASETS:
             ours = results.get(method, {}).get(dataset)
-            published = PUBLISHED.get(method, {}).get(dataset)
-            left = f"{ours:.2f}" if ours is not None else NEEDS
-            right = f"{published:.2f} {marks[method]}" if published is not None else "—"
-            cells.append(f"{left} / {right}")
+            failed = (failures or {}).get((method, dataset))
+            left = f"{ours:.2f}" if ours is not None else ("failed" if failed else NEEDS)
+            theirs = PUBLISHED.get(method, {}).get(dataset)
+            right = f"{theirs:.2f} {marks[method]}" if theirs is not None else "—"
+            cells.append(f"{left} / {right}" if published else left)
         lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Cells: this implementation / published (mIoU %, ViT-B/16, OpenAI weights). Sources:")
-    for name, mark in marks.items():
-        lines.append(f"{mark} {SOURCES[name]}")
+    lines.append(caption)
+    if published:
+        lines.extend(f"{mark} {SOURCES[name]}" for name, mark in marks.items())
+    if failures:
+        lines.append("")
+        lines.append("Cells marked 'failed' (the error each run gave):")
+        lines.append("")
+        grouped: dict[tuple[str, str], list[str]] = {}
+        for (method, dataset), why in failures.items():
+            grouped.setdefault((method, why), []).append(DATASETS[dataset])
+        lines.extend(f"- `{method}` × {', '.join(names)}: {why}" for (method, why), names in grouped.items())
+    commands = {key: value for key, value in commands.items() if key not in (failures or {})}
     if commands:
         lines.append("")
         lines.append(f"Commands for the cells marked '{NEEDS}' (with the weights and the dataset in place):")
@@ -144,31 +167,44 @@ def main(argv=None) -> int:
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
     parser.add_argument("--cfg-options", nargs="+", default=[], help="passed to every tools/test.py run")
     parser.add_argument("--data-root-prefix", help="folder the configs' data/... roots are under")
+    parser.add_argument("--classnames-dir", type=Path,
+                        help="class files <dataset>.txt that replace the configs' (synthetic data)")
     parser.add_argument("--results", type=Path, default=Path("work_dirs/benchmark/results.json"))
     parser.add_argument("--work-dir", type=Path, default=Path("work_dirs/benchmark"))
     parser.add_argument("--no-run", action="store_true", help="only rewrite the table from --results")
     parser.add_argument("--out", type=Path, help="write the table here (default: print it)")
     args = parser.parse_args(argv)
 
+    from ovdense.io import write_bytes
+
+    # {method: {dataset: mIoU}}, and under "failed" {"method/dataset": the error of its last run}
     results = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    failed = results.setdefault("failed", {})
     commands = {}
     for method in METHODS:
         for dataset in DATASETS:
             wanted = method in args.methods and dataset in args.datasets
             if wanted and not args.no_run:
-                miou, why = measure(method, dataset, args.cfg_options, args.data_root_prefix, args.work_dir)
+                miou, why = measure(method, dataset, args.cfg_options, args.data_root_prefix,
+                                    args.work_dir, args.classnames_dir)
+                failed.pop(f"{method}/{dataset}", None)
                 if miou is not None:
                     results.setdefault(method, {})[dataset] = miou
-                    args.results.parent.mkdir(parents=True, exist_ok=True)
-                    args.results.write_text(json.dumps(results, indent=1))
-                else:
+                elif is_missing_input(why):
                     print(f"{method} × {dataset}: {NEEDS} ({why})", file=sys.stderr)
+                else:
+                    failed[f"{method}/{dataset}"] = why
+                    print(f"{method} × {dataset}: failed ({why})", file=sys.stderr)
+                write_bytes(args.results, json.dumps(results, indent=1).encode())
             if results.get(method, {}).get(dataset) is None:
                 commands[(method, dataset)] = command(method, dataset, args.cfg_options)
-    text = table(results, commands)
+    failures = {tuple(key.split("/")): why for key, why in failed.items()}
+    caption, published = CAPTION, args.classnames_dir is None
+    if not published:  # other data and vocabularies: the published numbers do not apply
+        caption = (f"mIoU % on the data under {args.data_root_prefix} with the class files of "
+                   f"{args.classnames_dir}, --cfg-options {' '.join(args.cfg_options) or '(none)'}.")
+    text = table(results, commands, failures, caption, published)
     if args.out:
-        from ovdense.io import write_bytes
-
         write_bytes(args.out, text.encode())
         print(f"wrote {args.out}")
     else:

@@ -4,7 +4,7 @@
     python tools/build_mmcv.py --print    # print the cached wheel's path (build if missing)
 
 mmsegmentation 1.2.2 and mmdet 3.3.0 import ``mmcv.ops``, so mmcv-lite is not enough, and no
-prebuilt wheel matches this torch. The sdist builds in about 13 minutes on 2 cores with
+prebuilt wheel matches this torch. The sdist builds in about 25 minutes on 2 cores with
 ``MMCV_WITH_OPS=1``, ``--no-build-isolation``, setuptools < 70, and its ``-std=c++14/17``
 flags raised to ``-std=c++20`` (the headers of torch ≥ 2.10 need it).
 
@@ -67,7 +67,8 @@ def build(target: Path) -> Path:
         source = tmp_path / f"mmcv-{MMCV_VERSION}"
         changed = patch_cxx_standard(source / "setup.py")
         print(f"raised {changed} C++ standard flags to c++20", flush=True)
-        env = dict(os.environ, MMCV_WITH_OPS="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))
+        env = dict(os.environ, MMCV_WITH_OPS="1", MAX_JOBS=jobs)
         env.setdefault("FORCE_CUDA", "0")
         out = tmp_path / "dist"
         pip("wheel", "--no-build-isolation", "--no-deps", "-w", str(out), str(source), env=env)
@@ -85,6 +86,13 @@ def cached_wheel() -> Path | None:
     return wheels[0] if wheels else None
 
 
+def install(wheel: Path) -> None:
+    pip("install", "-q", "--no-deps", str(wheel))
+    pip("install", "-q", "mmengine>=0.10,<0.11", "mmsegmentation==1.2.2", "mmdet==3.3.0")
+    subprocess.run([sys.executable, "-c", "import mmcv.ops, mmseg.models, mmdet.models; "
+                    "print('mmcv', __import__('mmcv').__version__, 'with ops: ok')"], check=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -92,18 +100,23 @@ def main(argv=None) -> int:
     parser.add_argument("--print", action="store_true", help="only print the wheel's path")
     args = parser.parse_args(argv)
     wheel = cached_wheel()
-    if wheel is None:
-        print(f"no cached mmcv wheel for {cache_key()}: building (about 13 minutes on 2 cores)")
-        wheel = build(cache_root() / cache_key())
-    else:
-        print(f"using the cached {wheel}")
-    if args.print:
-        print(wheel)
-        return 0
-    pip("install", "-q", "--no-deps", str(wheel))
-    pip("install", "-q", "mmengine>=0.10,<0.11", "mmsegmentation==1.2.2", "mmdet==3.3.0")
-    subprocess.run([sys.executable, "-c", "import mmcv.ops, mmseg.models, mmdet.models; "
-                    "print('mmcv', __import__('mmcv').__version__, 'with ops: ok')"], check=True)
+    try:
+        if wheel is None:
+            print(f"no cached mmcv wheel for {cache_key()}: building (about 25 minutes on 2 cores)",
+                  flush=True)
+            wheel = build(cache_root() / cache_key())
+        else:
+            print(f"using the cached {wheel}", flush=True)
+        if args.print:
+            print(wheel)
+            return 0
+        install(wheel)
+    except subprocess.CalledProcessError as e:
+        step = "building" if wheel is None else "installing or importing"
+        print(f"error: {step} mmcv {MMCV_VERSION} failed ({' '.join(map(str, e.cmd))[:200]} exited with "
+              f"{e.returncode}); see the output above. It needs a C++ compiler (g++), Python's headers "
+              "and the installed torch; the core of ovdense works without it.", file=sys.stderr)
+        return 1
     return 0
 
 

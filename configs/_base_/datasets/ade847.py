@@ -1,17 +1,19 @@
 # ADE20K-Full val with 847 classes (A-847): 2000 images; 65535 ignored.
 # Layout (detectron2's datasets/prepare_ade20k_full.py, as SAN, CAT-Seg and CLIPtrase use it):
 # data/ADE20K_2021_17_01/{images_detectron2/validation/*.jpg, annotations_detectron2/validation/*.tif (16 bit)};
-# put the 847 class names, one per line in label order, in data/ADE20K_2021_17_01/ade847_classnames.txt.
+# class names: configs/_base_/classnames/ade847.txt (the 847 names in label order, with WordNet synonyms).
 # The test pipeline does not resize: the segmentor resizes by model.short_side (the official
 # Resize(scale=(2048, short_side), keep_ratio=True)) and predicts at the original size, which
 # IoUMetric compares with the original ground truth. Method configs in configs/training_free/
 # set the method and what the official configs change for this dataset.
 
+_base_ = ["../default_runtime.py"]
+
 model = dict(
     type="OvdenseSegmentor",
     data_preprocessor=dict(type="OvdenseDataPreprocessor"),
     backbone=dict(name="ViT-B-16", pretrained="openai"),
-    classnames="data/ADE20K_2021_17_01/ade847_classnames.txt",
+    classnames="{{fileDirname}}/../classnames/ade847.txt",
 )
 
 test_pipeline = [
@@ -26,33 +28,10 @@ test_dataloader = dict(
     sampler=dict(type="DefaultSampler", shuffle=False),
     dataset=dict(
         type="ADE20K847Dataset",
-        classnames="data/ADE20K_2021_17_01/ade847_classnames.txt",
+        classnames="{{fileDirname}}/../classnames/ade847.txt",
         data_root="data/ADE20K_2021_17_01",
         data_prefix=dict(img_path="images_detectron2/validation", seg_map_path="annotations_detectron2/validation"),
         pipeline=test_pipeline,
     ),
 )
 test_evaluator = dict(type="IoUMetric", iou_metrics=["mIoU"], ignore_index=65535)
-
-# ---- runtime (mmengine) --------------------------------------------------------------------
-default_scope = "mmseg"
-custom_imports = dict(imports=["ovdense.mm"], allow_failed_imports=False)
-test_cfg = dict(type="TestLoop")
-# several processes (torchrun ... --launcher pytorch) evaluate a frozen model without DDP
-model_wrapper_cfg = dict(type="OvdenseInferenceWrapper")
-env_cfg = dict(
-    cudnn_benchmark=False,
-    mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
-    dist_cfg=dict(backend="nccl"),  # tools/test.py takes gloo where no GPU is found
-)
-default_hooks = dict(
-    timer=dict(type="IterTimerHook"),
-    logger=dict(type="LoggerHook", interval=50, log_metric_by_epoch=False),
-    visualization=dict(type="SegVisualizationHook", interval=1),  # draws with --show-dir
-)
-vis_backends = [dict(type="LocalVisBackend")]
-visualizer = dict(type="SegLocalVisualizer", vis_backends=vis_backends)  # named after the run
-log_processor = dict(by_epoch=False)
-log_level = "INFO"
-load_from = None
-resume = False
