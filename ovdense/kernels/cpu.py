@@ -113,17 +113,17 @@ def _slice_taps(taps: Taps, start: int, stop: int, shift: int = 0) -> Taps:
 
 def _upsampled_chunks(low: torch.Tensor, out_size: tuple[int, int], elements: int
                       ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield ``(r0, r1, up(low)[:, :, r0:r1])`` for ``low [B, Q, h, w]``: columns resized once
-    (``[B, Q, h, W]``, small), then each chunk's rows from the two low-resolution rows under
-    each."""
+    """Yield ``(r0, r1, up(low)[:, :, r0:r1])`` for ``low [B, Q, h, w]``: per chunk, the
+    columns of the low-resolution rows it reads, then its rows from those."""
     B, Q, h, w = low.shape
     H, W = out_size
-    wide = _columns(low, W)  # B, Q, h, W
     rows = bilinear_taps(h, H, low.device)
     step = _rows_per_chunk(Q, W, B, elements)
     for r0 in range(0, H, step):
         r1 = min(H, r0 + step)
-        yield r0, r1, _rows(wide, _slice_taps(rows, r0, r1))  # B, Q, r, W
+        lo, hi = int(rows[0][r0]), int(rows[1][r1 - 1]) + 1  # the low-resolution rows this chunk reads
+        wide = _columns(low[:, :, lo:hi], W)  # B, Q, hi-lo, W
+        yield r0, r1, _rows(wide, _slice_taps(rows, r0, r1, lo))  # B, Q, r, W
 
 
 def dense_classify_torch(
@@ -224,8 +224,7 @@ def slide_classify(
         h = win.logits.shape[-2]
         top, left = win.offset
         rows = _slice_taps(bilinear_taps(h, win.padded[0], device), top, top + y2 - y1)  # y2-y1
-        wide = _columns(win.logits.float()[None], win.padded[1])[0, :, :, left:left + x2 - x1]
-        plans.append((win.box, wide.contiguous(), rows))  # wide: Q, h, x2-x1
+        plans.append((win.box, win.logits.float()[None], rows, win.padded[1], left))
     if (count == 0).any():
         raise ValueError("the windows do not cover the canvas")
     rows = bilinear_taps(Hc, H, device)
@@ -237,10 +236,14 @@ def slide_classify(
         r1 = min(H, r0 + step)
         c0, c1 = int(rows[0][r0]), int(rows[1][r1 - 1]) + 1  # the canvas rows this chunk reads
         canvas = torch.zeros(Q, c1 - c0, Wc, dtype=torch.float32, device=device)
-        for (y1, y2, x1, x2), wide, win_rows in plans:
+        for (y1, y2, x1, x2), low, win_rows, width, left in plans:
             a, b = max(y1, c0), min(y2, c1)
-            if a < b:
-                canvas[:, a - c0:b - c0, x1:x2] += _rows(wide, _slice_taps(win_rows, a - y1, b - y1))
+            if a >= b:
+                continue
+            taps = _slice_taps(win_rows, a - y1, b - y1)
+            lo, hi = int(taps[0][0]), int(taps[1][-1]) + 1  # the window's low-resolution rows
+            wide = _columns(low[:, :, lo:hi], width)[0, :, :, left:left + x2 - x1]  # Q, hi-lo, x2-x1
+            canvas[:, a - c0:b - c0, x1:x2] += _rows(wide, _slice_taps(taps, 0, b - a, lo))
         canvas /= count[c0:c1]
         block = _rows(_columns(canvas[None], W), _slice_taps(rows, r0, r1, c0))  # 1, Q, r, W
         chunk_labels, chunk_scores = _decide(block, class_of_prompt, logit_scale, bg_threshold)
