@@ -294,6 +294,34 @@ def test_tools_test_miou_equals_an_independent_computation(dataset, method, tiny
     assert {k: round(float(metrics[k]), 2) for k in expected} == expected
 
 
+def test_benchmark_table_measures_what_tools_test_measures(tiny, data, tmp_path):
+    """tools/benchmark_table.py on the synthetic benchmarks: the cell it runs holds the mIoU that
+    tools/test.py gives for the same config and options; the cells it did not run are marked
+    and their commands listed; the results file lets the table be rewritten without running."""
+    table_tool = load_tool("benchmark_table")
+    root = data["voc21"].parents[2]  # <root>/data/VOCdevkit/VOC2012
+    options = [*tiny, "model.short_side=96", "model.window=(64,32)"]
+    results = tmp_path / "results.json"
+    argv = ["--data-root-prefix", str(root), "--classnames-dir", str(root / "classnames"),
+            "--results", str(results), "--work-dir", str(tmp_path / "work"),
+            "--out", str(tmp_path / "table.md"), "--cfg-options", *options]
+    assert table_tool.main(["--methods", "sclip", "--datasets", "voc21", *argv]) == 0
+    expected = test_tool.evaluate([
+        str(CONFIGS / "training_free" / "sclip_vit-b16_voc21.py"), "--work-dir", str(tmp_path / "one"),
+        "--cfg-options", *options, f"test_dataloader.dataset.data_root={data['voc21']}",
+        f"model.classnames={(root / 'classnames' / 'voc21.txt').resolve()}",
+    ])
+    row = next(line for line in (tmp_path / "table.md").read_text().splitlines()
+               if line.startswith("| `sclip` |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
+    assert float(cells[0]) == round(float(expected["mIoU"]), 2)
+    assert all(cell == table_tool.NEEDS for cell in cells[1:])
+    assert "configs/training_free/sclip_vit-b16_ade150.py" in (tmp_path / "table.md").read_text()
+    before = (tmp_path / "table.md").read_text()
+    assert table_tool.main(["--no-run", *argv]) == 0
+    assert (tmp_path / "table.md").read_text() == before
+
+
 def test_show_dir_writes_overlays(tiny, data, tmp_path):
     config = CONFIGS / "training_free" / "sclip_vit-b16_ade150.py"
     show = tmp_path / "show"

@@ -4,11 +4,12 @@ Bilinear resizing with ``align_corners=False`` is separable: each output row (co
 two input rows (columns) with two weights (PyTorch's rule: source coordinate
 ``(dst + 0.5) · in / out − 0.5`` clamped at 0). Output rows are processed in chunks; each
 chunk needs only the two low-resolution rows under each of its rows, so memory is
-``O(Q · rows · W)`` for a chunk instead of ``O(Q · H · W)``. Within a chunk, both passes are
-two-tap gathers (``bilinear_taps``, whose weights are bit for bit PyTorch's), columns first
-and then rows (``_resize``), so the upsampled logits agree with ``F.interpolate`` to rounding:
-PyTorch's kernel picks its order of fused multiply–adds by shape, so bit equality is not
-promised, and a label can differ only where two classes are within rounding of each other.
+``O(Q · rows · W)`` for a chunk instead of ``O(Q · H · W)``. Within a chunk, the columns of
+those low-resolution rows are resized first (``_columns``, PyTorch's own kernel), then the
+rows by two taps (``_rows``; ``bilinear_taps``' weights are bit for bit PyTorch's), so the
+upsampled logits agree with ``F.interpolate`` to rounding: PyTorch's kernel picks its order of
+fused multiply–adds by shape, so bit equality is not promised, and a label can differ only
+where two classes are within rounding of each other.
 
 The label of a pixel is the class of its best prompt (the max over a class's prompts commutes
 with the argmax over classes), and the winning probability is ``1 / Σ_q exp(s · (l_q − l_max))``.
