@@ -1,35 +1,14 @@
 # COCO-Object val2017: 5000 images, background + COCO's 80 thing classes.
 # Layout: data/coco_stuff164k/{images/val2017/*.jpg, annotations/val2017/*_instanceTrainIds.png}
 # (tools/dataset_converters/coco_object.py writes them from COCO's instances_val2017.json).
-# The test pipeline does not resize: the segmentor resizes by model.short_side (the official
-# Resize(scale=(2048, short_side), keep_ratio=True)) and predicts at the original size, which
-# IoUMetric compares with the original ground truth. Method configs in configs/training_free/
-# set the method and what the official configs change for this dataset.
 
-_base_ = ["../default_runtime.py"]
+_base_ = ["../default_runtime.py", "../ovdense_vit-b16.py"]
 
-model = dict(
-    type="OvdenseSegmentor",
-    data_preprocessor=dict(type="OvdenseDataPreprocessor"),
-    backbone=dict(name="ViT-B-16", pretrained="openai"),
-    classnames="{{fileDirname}}/../classnames/coco_object.txt",
-)
-
-test_pipeline = [
-    dict(type="LoadImageFromFile"),
-    dict(type="LoadAnnotations"),
-    dict(type="PackSegInputs"),
-]
+model = dict(classnames="{{fileDirname}}/../classnames/coco_object.txt")
 test_dataloader = dict(
-    batch_size=1,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type="DefaultSampler", shuffle=False),
     dataset=dict(
         type="COCOObjectDataset",
         data_root="data/coco_stuff164k",
         data_prefix=dict(img_path="images/val2017", seg_map_path="annotations/val2017"),
-        pipeline=test_pipeline,
     ),
 )
-test_evaluator = dict(type="IoUMetric", iou_metrics=["mIoU"])

@@ -2,30 +2,18 @@
 # Layout: data/VOCdevkit/VOC2010/{JPEGImages, SegmentationClassContext459/*.png (16 bit), ImageSets/SegmentationContext/val.txt,
 # pc459_classnames.txt}, written by tools/dataset_converters/pascal_context.py --full from the official
 # trainval.tar.gz (the class names come from its labels.txt).
-# The test pipeline does not resize: the segmentor resizes by model.short_side (the official
-# Resize(scale=(2048, short_side), keep_ratio=True)) and predicts at the original size, which
-# IoUMetric compares with the original ground truth. Method configs in configs/training_free/
-# set the method and what the official configs change for this dataset.
 
-_base_ = ["../default_runtime.py"]
+_base_ = ["../default_runtime.py", "../ovdense_vit-b16.py"]
 
-model = dict(
-    type="OvdenseSegmentor",
-    data_preprocessor=dict(type="OvdenseDataPreprocessor"),
-    backbone=dict(name="ViT-B-16", pretrained="openai"),
-    classnames="data/VOCdevkit/VOC2010/pc459_classnames.txt",
-)
+model = dict(classnames="data/VOCdevkit/VOC2010/pc459_classnames.txt")
 
+# 16-bit label maps (classes beyond 255); 65535 = unlabelled
 test_pipeline = [
     dict(type="LoadImageFromFile"),
     dict(type="LoadAnnotations16"),
     dict(type="PackSegInputs"),
 ]
 test_dataloader = dict(
-    batch_size=1,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type="DefaultSampler", shuffle=False),
     dataset=dict(
         type="PascalContext459Dataset",
         classnames="data/VOCdevkit/VOC2010/pc459_classnames.txt",
@@ -35,4 +23,4 @@ test_dataloader = dict(
         pipeline=test_pipeline,
     ),
 )
-test_evaluator = dict(type="IoUMetric", iou_metrics=["mIoU"], ignore_index=65535)
+test_evaluator = dict(ignore_index=65535)

@@ -1,36 +1,15 @@
 # PASCAL Context val with background (Context60): 5105 images, 60 classes.
 # Layout (mmseg's): data/VOCdevkit/VOC2010/{JPEGImages, SegmentationClassContext, ImageSets/SegmentationContext/val.txt}
 # (mmseg's tools/dataset_converters/pascal_context.py, or ours without the Detail API).
-# The test pipeline does not resize: the segmentor resizes by model.short_side (the official
-# Resize(scale=(2048, short_side), keep_ratio=True)) and predicts at the original size, which
-# IoUMetric compares with the original ground truth. Method configs in configs/training_free/
-# set the method and what the official configs change for this dataset.
 
-_base_ = ["../default_runtime.py"]
+_base_ = ["../default_runtime.py", "../ovdense_vit-b16.py"]
 
-model = dict(
-    type="OvdenseSegmentor",
-    data_preprocessor=dict(type="OvdenseDataPreprocessor"),
-    backbone=dict(name="ViT-B-16", pretrained="openai"),
-    classnames="{{fileDirname}}/../classnames/context60.txt",
-)
-
-test_pipeline = [
-    dict(type="LoadImageFromFile"),
-    dict(type="LoadAnnotations"),
-    dict(type="PackSegInputs"),
-]
+model = dict(classnames="{{fileDirname}}/../classnames/context60.txt")
 test_dataloader = dict(
-    batch_size=1,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type="DefaultSampler", shuffle=False),
     dataset=dict(
         type="PascalContextDataset",
         data_root="data/VOCdevkit/VOC2010",
         data_prefix=dict(img_path="JPEGImages", seg_map_path="SegmentationClassContext"),
         ann_file="ImageSets/SegmentationContext/val.txt",
-        pipeline=test_pipeline,
     ),
 )
-test_evaluator = dict(type="IoUMetric", iou_metrics=["mIoU"])
