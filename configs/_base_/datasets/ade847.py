@@ -3,23 +3,14 @@
 # data/ADE20K_2021_17_01/{images_detectron2/validation/*.jpg, annotations_detectron2/validation/*.tif (16 bit)};
 # class names: configs/_base_/classnames/ade847.txt (the 847 names in label order, with WordNet synonyms).
 
-_base_ = ["../default_runtime.py", "../ovdense_vit-b16.py"]
+_base_ = ["../default_runtime.py", "../ovdense_vit-b16_16bit.py"]
 
 model = dict(classnames="{{fileDirname}}/../classnames/ade847.txt")
-
-# 16-bit label maps (classes beyond 255); 65535 = unlabelled
-test_pipeline = [
-    dict(type="LoadImageFromFile"),
-    dict(type="LoadAnnotations16"),
-    dict(type="PackSegInputs"),
-]
 test_dataloader = dict(
     dataset=dict(
         type="ADE20K847Dataset",
         classnames="{{fileDirname}}/../classnames/ade847.txt",
         data_root="data/ADE20K_2021_17_01",
         data_prefix=dict(img_path="images_detectron2/validation", seg_map_path="annotations_detectron2/validation"),
-        pipeline=test_pipeline,
     ),
 )
-test_evaluator = dict(ignore_index=65535)

@@ -3,16 +3,9 @@
 # pc459_classnames.txt}, written by tools/dataset_converters/pascal_context.py --full from the official
 # trainval.tar.gz (the class names come from its labels.txt).
 
-_base_ = ["../default_runtime.py", "../ovdense_vit-b16.py"]
+_base_ = ["../default_runtime.py", "../ovdense_vit-b16_16bit.py"]
 
 model = dict(classnames="data/VOCdevkit/VOC2010/pc459_classnames.txt")
-
-# 16-bit label maps (classes beyond 255); 65535 = unlabelled
-test_pipeline = [
-    dict(type="LoadImageFromFile"),
-    dict(type="LoadAnnotations16"),
-    dict(type="PackSegInputs"),
-]
 test_dataloader = dict(
     dataset=dict(
         type="PascalContext459Dataset",
@@ -20,7 +13,5 @@ test_dataloader = dict(
         data_root="data/VOCdevkit/VOC2010",
         data_prefix=dict(img_path="JPEGImages", seg_map_path="SegmentationClassContext459"),
         ann_file="ImageSets/SegmentationContext/val.txt",
-        pipeline=test_pipeline,
     ),
 )
-test_evaluator = dict(ignore_index=65535)
