@@ -63,8 +63,9 @@ class OvdenseSegmentor(BaseSegmentor):
             ``configs/_base_/classnames/``) or a list of class entries. Its order must be the
             dataset's class order.
         data_preprocessor: defaults to ``OvdenseDataPreprocessor``.
-        The other arguments are ``ovdense.Segmenter``'s; ``None`` takes the method's official
-        default, so a config names only what its dataset changes.
+        segmenter_options: any other keyword argument of ``ovdense.Segmenter`` (``short_side``,
+            ``window``, ``logit_scale``, ``bg_threshold``, ``pamr``, ...); one left out takes
+            the method's official default, so a config names only what its dataset changes.
     """
 
     def __init__(
@@ -72,25 +73,9 @@ class OvdenseSegmentor(BaseSegmentor):
         backbone: Mapping,
         method: str,
         classnames: str | Sequence[str],
-        templates: str | Sequence[str] | None = None,
-        short_side: int | None = None,
-        window: Sequence[int] | None = None,
-        logit_scale: float | None = None,
-        bg_threshold: float | None = None,
-        area_threshold: float | None = None,
-        pamr: bool | None = None,
-        image_engineering: bool | None = None,
-        image_engineering_weight: float = 0.75,
-        close_labels: bool | None = None,
-        cluster: bool | None = None,
-        cluster_params: Sequence[float] | None = None,
-        definitions: Mapping[str, str] | None = None,
-        definition_weight: float = 0.2,
-        method_options: Mapping | None = None,
-        kernel: str = "auto",
-        batch_windows: int = 16,
         data_preprocessor: Mapping | None = None,
         init_cfg: Mapping | None = None,
+        **segmenter_options,
     ):
         if data_preprocessor is None:
             data_preprocessor = dict(type="OvdenseDataPreprocessor")
@@ -98,25 +83,7 @@ class OvdenseSegmentor(BaseSegmentor):
         self.backbone = create_backbone(**dict(backbone))
         self.method = method
         self.vocabulary = _vocabulary(classnames)
-        self.segmenter_options = dict(
-            templates=list(templates) if isinstance(templates, (list, tuple)) else templates,
-            short_side=short_side,
-            window=tuple(window) if window is not None else None,
-            logit_scale=logit_scale,
-            bg_threshold=bg_threshold,
-            area_threshold=area_threshold,
-            pamr=pamr,
-            image_engineering=image_engineering,
-            image_engineering_weight=image_engineering_weight,
-            close_labels=close_labels,
-            cluster=cluster,
-            cluster_params=tuple(cluster_params) if cluster_params is not None else None,
-            definitions=dict(definitions) if definitions else None,
-            definition_weight=definition_weight,
-            method_options=dict(method_options) if method_options else None,
-            kernel=kernel,
-            batch_windows=batch_windows,
-        )
+        self.segmenter_options = segmenter_options  # Segmenter's keyword arguments, its defaults
         self.segmenter = self._build_segmenter()
 
     def _build_segmenter(self) -> Segmenter:
