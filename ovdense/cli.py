@@ -128,9 +128,9 @@ def _add_sam_clip_arguments(seg: argparse.ArgumentParser) -> None:
 
 
 SAM_CLIP = "sam-clip"
-SAM_OPTIONS = ("sam_checkpoint", "sam_model", "clip_method", "points_per_side", "pred_iou_thresh",
-               "stability_score_thresh", "box_nms_thresh", "min_mask_region_area",
-               "unknown_threshold", "crop_area", "crop_weight")
+SAM_SEGMENTER_OPTIONS = ("points_per_side", "pred_iou_thresh", "stability_score_thresh", "box_nms_thresh",
+                         "min_mask_region_area", "unknown_threshold", "crop_area", "crop_weight")
+SAM_OPTIONS = ("sam_checkpoint", "sam_model", "clip_method", *SAM_SEGMENTER_OPTIONS)
 DENSE_ONLY_OPTIONS = ("window", "area_threshold", "bg_threshold", "pamr")
 
 
@@ -266,10 +266,7 @@ def _run_sam_clip(args: argparse.Namespace, backbone, sam, vocabulary, templates
     from ovdense.heads.sam_clip import SamClipSegmenter, draw_instances
     from ovdense.io import write_image, write_json, write_label_png
 
-    options = {name: getattr(args, name) for name in (
-        "points_per_side", "pred_iou_thresh", "stability_score_thresh", "box_nms_thresh",
-        "min_mask_region_area", "unknown_threshold", "crop_area", "crop_weight",
-    ) if getattr(args, name) is not None}
+    options = {name: getattr(args, name) for name in SAM_SEGMENTER_OPTIONS if getattr(args, name) is not None}
     segmenter = SamClipSegmenter(
         backbone, sam, vocabulary, templates=templates, method=args.clip_method or "clearclip",
         short_side=args.short_side, logit_scale=args.logit_scale, **options,
