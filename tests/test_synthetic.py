@@ -80,3 +80,26 @@ def test_every_defect_is_visible(defect):
         scene = render_scene(seed, config)
         assert scene.objects[0].defect == defect
         assert scene.defect.any() and not (scene.defect & (scene.instance == 0)).any()
+
+
+def test_open_vocabulary_split():
+    """20 base and 10 novel pairs by (colour index + shape index) mod 3, every colour and shape
+    in both parts; base_labels sends base pairs to their position and novel ones to ignore."""
+    from ovdense.data.synthetic import base_labels, open_vocabulary_split
+
+    base, novel = open_vocabulary_split()
+    assert len(base) == 20 and len(novel) == 10 and not set(base) & set(novel)
+    expected_novel = [f"{c} {s}" for i, c in enumerate(COLOURS) for j, s in enumerate(SHAPES)
+                      if (i + j) % 3 == 0]
+    assert novel == expected_novel
+    assert novel[:3] == ["red circle", "red star", "green triangle"]
+    for part in (base, novel):
+        assert {n.split()[0] for n in part} == set(COLOURS) and {n.split()[1] for n in part} == set(SHAPES)
+    mapping = base_labels()
+    names = colour_shape_classes()
+    assert mapping[0] == 0
+    for label, name in enumerate(names[1:], start=1):
+        assert mapping[label] == (255 if name in novel else 1 + base.index(name))
+    scene = render_scene(3, SceneConfig(objects=(4, 4)))
+    train = mapping[scene.colour_shape]
+    assert ((train == 255) == np.isin(scene.colour_shape, [names.index(n) for n in novel])).all()

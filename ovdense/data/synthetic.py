@@ -15,6 +15,11 @@ Label maps of a ``Scene`` (all ``[H, W]``):
 * ``shape``: 0 background, ``1 + SHAPES index``;
 * ``colour_shape``: 0 background, ``1 + colour_index · len(SHAPES) + shape_index``;
 * ``defect``: ``bool``, the pixels a defect changed.
+
+Open-vocabulary split (``open_vocabulary_split``): of the 30 colour–shape pairs, the 10 with
+``(colour index + shape index) mod 3 = 0`` are *novel*, the other 20 *base*; a trained head
+learns from base pairs only (``base_labels`` maps novel pixels to ignored) and is scored on
+all 30.
 """
 
 from __future__ import annotations
@@ -119,6 +124,38 @@ def shape_classes() -> list[str]:
 
 def colour_shape_classes() -> list[str]:
     return ["background"] + [f"{c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def is_novel(colour: str, shape: str) -> bool:
+    """Whether a colour–shape pair is *novel* in the open-vocabulary split: with ``i`` its
+    index in ``COLOURS`` and ``j`` in ``SHAPES``, novel iff ``(i + j) mod 3 = 0``."""
+    return (list(COLOURS).index(colour) + SHAPES.index(shape)) % 3 == 0
+
+
+def open_vocabulary_split() -> tuple[list[str], list[str]]:
+    """The world's open-vocabulary split: ``(base, novel)`` colour–shape names, each in
+    ``colour_shape_classes`` order — 20 base pairs a head may train on, 10 novel pairs it
+    must recognise from their names alone. Every colour and every shape occurs in both
+    parts, so a novel pair is a new combination of seen words."""
+    base, novel = [], []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            (novel if is_novel(colour, shape) else base).append(f"{colour} {shape}")
+    return base, novel
+
+
+def base_labels(ignore: int = 255) -> np.ndarray:
+    """``[1 + len(COLOURS)·len(SHAPES)]`` map from ``colour_shape`` labels to training labels
+    over ``["background", *base]``: background stays 0, base pair ``k`` becomes its
+    position ``1 + k`` in ``base``, novel pairs become ``ignore`` (no supervision)."""
+    base, _ = open_vocabulary_split()
+    names = colour_shape_classes()
+    mapping = np.full(len(names), ignore, np.int64)
+    mapping[0] = 0
+    for label, name in enumerate(names[1:], start=1):
+        if name in base:
+            mapping[label] = 1 + base.index(name)
+    return mapping
 
 
 # --------------------------------------------------------------------------------------------
