@@ -32,6 +32,9 @@ setup(
         "mm": ["mmengine>=0.10,<0.11", "mmsegmentation==1.2.2", "mmdet==3.3.0", "pycocotools>=2.0.7",
                "scipy>=1.10", "prettytable"],
         "demo": ["gradio>=6,<7"],
+        # the reference implementation that tests/test_benchmark_anomaly.py checks WinCLIP against
+        # (anomalib 2.7 needs no torch change; its optional open_clip pin is not pulled in)
+        "anomaly-ref": ["anomalib==2.7.*"],
     },
     entry_points={"console_scripts": ["ovdense=ovdense.cli:main"]},
 )
