@@ -11,6 +11,15 @@ Input rule (``load_image``) — every image becomes an RGB ``uint8`` array ``[H,
   look as they do in a viewer, not black;
 * float arrays must be in ``[0, 1]`` and are scaled to 8 bit.
 
+Pixel limit (``MAX_PIXELS``, 100 megapixels; ``max_pixels=`` of ``load_image``, ``--max-pixels``
+of every CLI command): a file or PIL image with more pixels is refused with one ``OvdenseError``
+naming the file, its size and the limit, checked from the header before anything is decoded, so a
+"decompression bomb" (a small file whose header claims 50,000 × 50,000 pixels) costs nothing.
+Pillow's own bomb check (``Image.MAX_IMAGE_PIXELS``) is left as Pillow sets it: its warning never
+reaches the user, and a file it refuses is measured again without it (header only) and refused
+by this rule. An array is already decoded and is taken as it is. Any file Pillow cannot decode
+(truncated, corrupt, empty, random bytes, an unsupported mode) is one ``OvdenseError``.
+
 Output: every file is written atomically (a temporary file in the same folder, then
 ``os.replace``), so a crash never leaves a half-written result. The CLI names outputs
 ``<stem>_labels.png`` etc. and refuses an output path that is one of its inputs.
@@ -21,6 +30,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,33 +44,101 @@ from ovdense.errors import OvdenseError
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+MAX_PIXELS = 100_000_000  # the default pixel limit of every way an image enters ovdense
 
 
-def load_image(image: ImageInput) -> np.ndarray:
+def load_image(image: ImageInput, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """Return ``image`` as an RGB ``uint8`` array ``[H, W, 3]`` by the rule in the module doc.
 
+    Args:
+        image: a path, a PIL image or an array.
+        max_pixels: refuse a file or PIL image with more pixels than this (``None``: no limit),
+            from its header, before decoding.
     Raises:
-        OvdenseError: the file is missing or not a readable image, or the array has a shape or
-            dtype that is not an image.
+        OvdenseError: the file is missing, not a readable image or over the pixel limit, or the
+            array has a shape or dtype that is not an image.
     """
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
             raise OvdenseError(f"image not found: {path}")
         try:
-            with Image.open(path) as opened:
+            with _open_image(path) as opened:
+                check_pixels(opened.size, max_pixels, path)
                 opened.load()
-                pil = ImageOps.exif_transpose(opened)
+                return _pil_to_rgb(ImageOps.exif_transpose(opened))
+        except OvdenseError:
+            raise
         except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise OvdenseError(f"cannot read image {path}: {e}") from e
-        return _pil_to_rgb(pil)
+            raise OvdenseError(f"cannot read image {path}: {_one_line(e)}") from e
+        except Exception as e:  # noqa: BLE001 - a corrupt file can fail anywhere in a decoder
+            raise OvdenseError(f"cannot read image {path}: {type(e).__name__}: {_one_line(e)}") from e
     if isinstance(image, Image.Image):
-        return _pil_to_rgb(image)
+        check_pixels(image.size, max_pixels, "the PIL image")
+        try:
+            return _pil_to_rgb(image)
+        except (OSError, ValueError) as e:
+            raise OvdenseError(f"cannot convert the PIL image (mode {image.mode}): {_one_line(e)}") from e
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image)
     raise OvdenseError(
         f"an image must be a path, a PIL image or a numpy array, not {type(image).__name__}"
     )
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` of an image file from its header alone (nothing is decoded).
+
+    Raises:
+        OvdenseError: the file is missing or not an image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OvdenseError(f"image not found: {path}")
+    try:
+        with _open_image(path) as opened:
+            return opened.size
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise OvdenseError(f"cannot read image {path}: {_one_line(e)}") from e
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int | None, name: str | os.PathLike) -> None:
+    """Refuse an image of ``size = (width, height)`` with more than ``max_pixels`` pixels.
+
+    Raises:
+        OvdenseError: one line naming ``name``, the size and the limit.
+    """
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise OvdenseError(
+            f"{name} is {width}×{height} = {width * height / 1e6:.1f} megapixels, over the limit of "
+            f"{max_pixels / 1e6:g} megapixels; downscale it or raise the limit (--max-pixels)"
+        )
+
+
+_UNCHECKED_OPEN = threading.Lock()
+
+
+def _open_image(path: Path) -> Image.Image:
+    """``Image.open`` (header only) without Pillow's bomb warning; a file Pillow refuses as a
+    bomb is opened again with its check off, so the caller's own limit decides and can name the
+    size. The check is off only while that header is read, under a lock."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except Image.DecompressionBombError:
+        with _UNCHECKED_OPEN:
+            saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                return Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _pil_to_rgb(pil: Image.Image) -> np.ndarray:
