@@ -5,24 +5,45 @@
     ovdense methods
     ovdense anomaly IMAGE... | DIR --object bottle [--reference DIR --shots K]
     ovdense anomaly-eval --dataset mvtec|visa --root DIR [--shots K]
+
+Every argument is checked before any model is built; a bad one is one ``ovdense: error:`` line
+and exit code 2. Over a folder, an image that cannot be read (missing, corrupt, over
+``--max-pixels``) costs one ``ovdense: skipped:`` line and the rest run (exit code 1).
+``--skip-existing`` resumes an interrupted run: an image whose outputs are all there is not
+computed again (its JSON, written last and atomically, marks it complete).
+
+This module imports no torch, numpy or open_clip at module level (``ovdense --help`` stays
+fast): each command imports what it uses.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ovdense.errors import OvdenseError
+from ovdense.errors import OvdenseError, strip_unpickling_advice
+
+MAX_PIXELS = 100_000_000  # = ovdense.io.MAX_PIXELS (not imported: io imports numpy and PIL)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors: ``ovdense: error: ...`` and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"ovdense: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ovdense", description="Open-vocabulary dense prediction on a CLIP backbone."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     seg = sub.add_parser(
         "segment",
@@ -77,6 +98,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--kernel", default="auto", choices=("auto", "torch", "triton", "reference"),
         help="the last step's path; 'reference' keeps the plain full-resolution logits",
     )
+    _add_batch_arguments(seg)
     _add_sam_clip_arguments(seg)
 
     sub.add_parser("methods", help="list the training-free methods and their defaults")
@@ -89,9 +111,10 @@ def _build_parser() -> argparse.ArgumentParser:
     anomaly.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders")
     anomaly.add_argument("--object", required=True, help="what the images show, e.g. bottle")
     anomaly.add_argument("--reference", type=Path, help="folder of normal images (WinCLIP+)")
-    anomaly.add_argument("--shots", type=int, default=1, help="reference images to use")
+    anomaly.add_argument("--shots", type=int, help="reference images to use (default 1; needs --reference)")
     _add_anomaly_model_arguments(anomaly)
     anomaly.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
+    _add_batch_arguments(anomaly)
 
     evaluation = sub.add_parser("anomaly-eval", help="WinCLIP metrics on MVTec AD or VisA")
     evaluation.add_argument("--dataset", required=True, choices=("mvtec", "visa"))
@@ -100,7 +123,24 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--categories", nargs="+", help="default: all")
     _add_anomaly_model_arguments(evaluation)
     evaluation.add_argument("--out", type=Path, default=Path("outputs"), help="where the CSV and picture go")
+    _add_max_pixels_argument(evaluation)
     return parser
+
+
+def _add_max_pixels_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-pixels", type=int, default=MAX_PIXELS,
+        help=f"refuse (skip) images with more pixels than this, read from the file's header before "
+        f"decoding (default {MAX_PIXELS:_})",
+    )
+
+
+def _add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_max_pixels_argument(parser)
+    parser.add_argument(
+        "--skip-existing", action="store_true",
+        help="skip images whose outputs are all in --out already (resume an interrupted run)",
+    )
 
 
 def _add_sam_clip_arguments(seg: argparse.ArgumentParser) -> None:
@@ -163,15 +203,156 @@ def _parse_cli_classes(text: str) -> list[list[str]]:
     return classes
 
 
+TEMPLATE_SETS = ("imagenet80", "single")
+
+
+def _read_text_file(path: Path, what: str, option: str) -> str:
+    """The UTF-8 text of a file the user named, or one ``OvdenseError`` line that says why not."""
+    if path.is_dir():
+        raise OvdenseError(f"{option} {path} is a folder; give a text file")
+    if not path.is_file():
+        raise OvdenseError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise OvdenseError(f"{option} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+    except OSError as e:
+        raise OvdenseError(f"cannot read {option} {path}: {e.strerror or e}") from e
+
+
 def _read_templates(value: str | None):
+    """``--templates``: a set's name, one template with ``{}``, or a file of them (one a line),
+    each checked here (exactly one ``{}``), before any model is built."""
     if value is None:
         return None
     path = Path(value)
-    if value in ("imagenet80", "single") or not path.suffix:
+    if value in TEMPLATE_SETS:
         return value
-    if not path.is_file():
-        raise OvdenseError(f"template file not found: {path}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not path.suffix and not path.exists():
+        if value.count("{}") != 1:
+            raise OvdenseError(f"--templates {value!r}: use {' or '.join(TEMPLATE_SETS)}, a file of "
+                               "templates, or one template with exactly one '{}' for the class name")
+        return value
+    lines = [line.strip() for line in _read_text_file(path, "template file", "--templates").splitlines()]
+    templates = [line for line in lines if line and not line.startswith("#")]
+    if not templates:
+        raise OvdenseError(f"template file {path} has no templates")
+    for number, template in enumerate(templates, 1):
+        if template.count("{}") != 1:
+            raise OvdenseError(f"template file {path}: template {number} {template[:60]!r} has "
+                               f"{template.count('{}')} '{{}}'; each needs exactly one, where the class goes")
+    return templates
+
+
+def _read_classes(args: argparse.Namespace):
+    from ovdense.backbone.prompts import Vocabulary
+
+    if args.classes is not None:
+        return Vocabulary.parse(_parse_cli_classes(args.classes))
+    _read_text_file(args.classes_file, "class file", "--classes-file")  # one message for every failure
+    return Vocabulary.from_file(args.classes_file)
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be (or become) a writable folder: created here, before any model is built."""
+    if out.exists() and not out.is_dir():
+        raise OvdenseError(f"--out {out} is a file; give a folder for the outputs")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise OvdenseError(f"--out {out}: {parent} is a file, so the folder cannot be made there")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OvdenseError(f"cannot create the output folder {out}: {e.strerror or e}") from e
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OvdenseError(f"the output folder {out} is not writable")
+
+
+def _check_range(args: argparse.Namespace, name: str, low: float, high: float = math.inf,
+                 low_open: bool = False) -> None:
+    value = getattr(args, name, None)
+    if value is None:
+        return
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise OvdenseError(f"{flag} must be a finite number, got {value}")
+    below = value <= low if low_open else value < low
+    if below or value > high:
+        left = "(" if low_open else "["
+        right = "]" if high != math.inf else ")"
+        raise OvdenseError(f"{flag} must lie in {left}{low:g}, {high:g}{right}, got {value:g}")
+
+
+def _check_segment_arguments(args: argparse.Namespace) -> None:
+    """Every number of ``segment`` in range and the window consistent, before any model."""
+    if args.window is not None:
+        crop, stride = args.window
+        if (crop, stride) != (0, 0):
+            if crop <= 0 or stride <= 0:
+                raise OvdenseError(f"--window {crop} {stride}: crop and stride must be positive (or 0 0 "
+                                   "for one pass over the whole image)")
+            if stride > crop:
+                raise OvdenseError(f"--window {crop} {stride}: the stride is larger than the crop, so the "
+                                   "windows would leave gaps; use a stride ≤ the crop")
+    _check_range(args, "short_side", 0)
+    _check_range(args, "logit_scale", 0, low_open=True)
+    for name in ("bg_threshold", "area_threshold", "pred_iou_thresh", "stability_score_thresh",
+                 "box_nms_thresh", "unknown_threshold", "crop_area", "crop_weight"):
+        _check_range(args, name, 0, 1)
+    _check_range(args, "points_per_side", 1, 1024)
+    _check_range(args, "min_mask_region_area", 0)
+    _check_range(args, "max_pixels", 1)
+
+
+def _check_device(device: str) -> None:
+    """A device that exists here (imports torch: called after the cheap checks)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise OvdenseError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)") from e
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OvdenseError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise OvdenseError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif parsed.type not in ("cpu", "mps", "xpu"):
+        raise OvdenseError(f"--device {device!r}: ovdense runs on cpu or cuda")
+
+
+def _list_inputs(inputs: Sequence[str]) -> list[Path]:
+    from ovdense.io import list_images
+
+    images = list_images(inputs)
+    if not images:
+        raise OvdenseError(f"no images found in {' '.join(map(str, inputs))}")
+    stems = [p.stem for p in images]
+    seen: set[str] = set()
+    for stem in stems:
+        if stem in seen:
+            raise OvdenseError(f"several inputs share the name {stem!r}; their outputs would clash")
+        seen.add(stem)
+    return images
+
+
+def _complete(out: Path, stem: str, suffixes: Sequence[str]) -> bool:
+    """Whether an image's outputs are all in ``out``: the last suffix names its JSON, written
+    last (atomically), which must parse; the others must exist and be non-empty."""
+    *others, marker = suffixes
+    try:
+        json.loads((out / f"{stem}{marker}").read_text(encoding="utf-8"))
+        return all((out / f"{stem}{s}").stat().st_size > 0 for s in others)
+    except (OSError, ValueError):
+        return False
+
+
+def _pending(args: argparse.Namespace, images: list[Path], suffixes: Sequence[str]) -> tuple[list[Path], int]:
+    """The images still to compute and how many ``--skip-existing`` skips (no file is read)."""
+    if not args.skip_existing:
+        return images, 0
+    todo = [p for p in images if not _complete(args.out, p.stem, suffixes)]
+    return todo, len(images) - len(todo)
 
 
 def _command_methods() -> int:
@@ -186,41 +367,39 @@ def _command_methods() -> int:
     return 0
 
 
-def _command_segment(args: argparse.Namespace) -> int:
+SEGMENT_OUTPUTS = ("_labels.png", "_overlay.jpg", ".json")  # the JSON last: the completion marker
+SAM_CLIP_OUTPUTS = ("_labels.png", "_overlay.jpg", "_instances.json")
+ANOMALY_OUTPUTS = ("_anomaly.npy", "_heatmap.png", "_anomaly.json")
 
-    from ovdense import Segmenter, create_backbone
+
+def _command_segment(args: argparse.Namespace) -> int:
     from ovdense.backbone.dense import METHODS
-    from ovdense.backbone.prompts import Vocabulary
-    from ovdense.io import (
-        list_images,
-        overlay,
-        write_image,
-        write_json,
-        write_label_png,
-    )
 
     sam_clip = args.method == SAM_CLIP
     if not sam_clip and args.method not in METHODS:
         raise OvdenseError(f"unknown method {args.method!r}; choose from: {', '.join(METHODS)}, "
                            f"{SAM_CLIP}")
     _check_method_options(args)
-    if args.classes is not None:
-        vocabulary = Vocabulary.parse(_parse_cli_classes(args.classes))
-    else:
-        vocabulary = Vocabulary.from_file(args.classes_file)
+    _check_segment_arguments(args)
+    if sam_clip and args.clip_method is not None and args.clip_method not in METHODS:
+        raise OvdenseError(f"unknown --clip-method {args.clip_method!r}; choose from: {', '.join(METHODS)}")
+    vocabulary = _read_classes(args)
     templates = _read_templates(args.templates)
-    images = list_images(args.inputs)
-    if not images:
-        raise OvdenseError(f"no images found in {' '.join(map(str, args.inputs))}")
-    stems = [p.stem for p in images]
-    clashes = sorted({s for s in stems if stems.count(s) > 1})
-    if clashes:
-        raise OvdenseError(f"several inputs share the name {clashes[0]!r}; their outputs would clash")
+    images = _list_inputs(args.inputs)
+    _check_out(args.out)
+    suffixes = SAM_CLIP_OUTPUTS if sam_clip else SEGMENT_OUTPUTS
     inputs = {p.resolve() for p in images}
-    for stem in stems:
-        for suffix in ("_labels.png", "_overlay.jpg", "_instances.json" if sam_clip else ".json"):
-            if (args.out / f"{stem}{suffix}").resolve() in inputs:
-                raise OvdenseError(f"output {args.out / (stem + suffix)} would overwrite an input")
+    for path in images:
+        for suffix in suffixes:
+            if (args.out / f"{path.stem}{suffix}").resolve() in inputs:
+                raise OvdenseError(f"output {args.out / (path.stem + suffix)} would overwrite an input")
+    todo, skipped = _pending(args, images, suffixes)
+    if not todo:
+        return _report(args.out, len(images), [], "result", "", skipped)
+    _check_device(args.device)
+
+    from ovdense import Segmenter, create_backbone
+    from ovdense.io import overlay, write_image, write_json, write_label_png
 
     if sam_clip:
         from ovdense.heads.sam_clip import load_sam
@@ -229,7 +408,7 @@ def _command_segment(args: argparse.Namespace) -> int:
     pretrained = _pretrained(args.model, args.pretrained)
     backbone = create_backbone(args.model, pretrained=pretrained, device=args.device)
     if sam_clip:
-        return _run_sam_clip(args, backbone, sam, vocabulary, templates, images)
+        return _run_sam_clip(args, backbone, sam, vocabulary, templates, images, todo, skipped)
     segmenter = Segmenter(
         backbone, args.method, vocabulary, templates=templates,
         short_side=args.short_side, window=tuple(args.window) if args.window else None,
@@ -237,7 +416,7 @@ def _command_segment(args: argparse.Namespace) -> int:
         area_threshold=args.area_threshold, pamr=args.pamr, kernel=args.kernel,
     )
     failed: list[Path] = []
-    for path, rgb in _readable_images(images, "segment", failed):
+    for path, rgb in _readable_images(todo, "segment", failed, args.max_pixels):
         start = time.perf_counter()
         result = segmenter.predict(rgb)
         seconds = time.perf_counter() - start
@@ -258,10 +437,11 @@ def _command_segment(args: argparse.Namespace) -> int:
             "seconds": round(seconds, 4),
         })
     return _report(args.out, len(images), failed, "result",
-                   " (<name>_labels.png, <name>_overlay.jpg, <name>.json)")
+                   " (<name>_labels.png, <name>_overlay.jpg, <name>.json)", skipped)
 
 
-def _run_sam_clip(args: argparse.Namespace, backbone, sam, vocabulary, templates, images) -> int:
+def _run_sam_clip(args: argparse.Namespace, backbone, sam, vocabulary, templates, images, todo,
+                  skipped) -> int:
 
     from ovdense.heads.sam_clip import SamClipSegmenter, draw_instances
     from ovdense.io import write_image, write_json, write_label_png
@@ -272,25 +452,26 @@ def _run_sam_clip(args: argparse.Namespace, backbone, sam, vocabulary, templates
         short_side=args.short_side, logit_scale=args.logit_scale, **options,
     )
     failed: list[Path] = []
-    for path, rgb in _readable_images(images, "sam-clip", failed):
+    for path, rgb in _readable_images(todo, "sam-clip", failed, args.max_pixels):
         result = segmenter.segment(rgb)
         write_label_png(args.out / f"{path.stem}_labels.png", result.labels)
         write_image(args.out / f"{path.stem}_overlay.jpg", draw_instances(rgb, result))
         write_json(args.out / f"{path.stem}_instances.json", result.to_coco(path.stem))
     return _report(args.out, len(images), failed, "result",
-                   " (<name>_labels.png, <name>_overlay.jpg, <name>_instances.json)")
+                   " (<name>_labels.png, <name>_overlay.jpg, <name>_instances.json)", skipped)
 
 
-def _readable_images(images: Sequence[Path], desc: str, failed: list[Path]):
+def _readable_images(images: Sequence[Path], desc: str, failed: list[Path], max_pixels: int | None):
     """Yield ``(path, rgb)`` for each image that loads, with a progress bar; an unreadable one
-    is reported by name, appended to ``failed`` and skipped, so the others still run."""
+    (missing, corrupt, over ``max_pixels``) is reported by name, appended to ``failed`` and
+    skipped, so the others still run."""
     from tqdm import tqdm
 
     from ovdense.io import load_image
 
     for path in tqdm(images, desc=desc, unit="image", file=sys.stderr):
         try:
-            rgb = load_image(path)
+            rgb = load_image(path, max_pixels=max_pixels)
         except OvdenseError as e:
             tqdm.write(f"ovdense: skipped: {e}", file=sys.stderr)
             failed.append(path)
@@ -298,10 +479,13 @@ def _readable_images(images: Sequence[Path], desc: str, failed: list[Path]):
         yield path, rgb
 
 
-def _report(out: Path, total: int, failed: list[Path], what: str, files: str) -> int:
-    """Print where results went and how many images failed; the exit code (1 if any failed)."""
-    done = total - len(failed)
+def _report(out: Path, total: int, failed: list[Path], what: str, files: str, skipped: int = 0) -> int:
+    """Print where results went, how many were already there and how many images failed; the
+    exit code (1 if any failed)."""
+    done = total - len(failed) - skipped
     print(f"ovdense: wrote {done} {what}{'s' if done != 1 else ''} to {out}/{files}")
+    if skipped:
+        print(f"ovdense: skipped {skipped} of {total} images whose outputs exist (--skip-existing)")
     if failed:
         print(f"ovdense: {len(failed)} of {total} images failed", file=sys.stderr)
     return 1 if failed else 0
@@ -317,31 +501,31 @@ def _pretrained(model: str, value: str | None) -> str | None:
 
 
 def _command_anomaly(args: argparse.Namespace) -> int:
+    if not args.object.strip():
+        raise OvdenseError("the object name is empty: say what the images show, e.g. --object bottle")
+    _check_range(args, "max_pixels", 1)
+    images = _list_inputs(args.inputs)
+    _check_out(args.out)
+    references = _reference_images(args)
+    todo, skipped = _pending(args, images, ANOMALY_OUTPUTS)
+    if not todo:
+        return _report(args.out, len(images), [], "anomaly map", "", skipped)
+    _check_device(args.device)
+
     import numpy as np
 
     from ovdense import create_backbone
     from ovdense.anomaly.winclip import WinClip
-    from ovdense.io import heatmap_overlay, list_images, write_bytes, write_image, write_json
+    from ovdense.io import heatmap_overlay, load_image, write_bytes, write_image, write_json
 
-    images = list_images(args.inputs)
-    if not images:
-        raise OvdenseError(f"no images found in {' '.join(map(str, args.inputs))}")
-    references = []
-    if args.reference is not None:
-        if not args.reference.is_dir():
-            raise OvdenseError(f"reference folder not found: {args.reference}")
-        references = list_images([args.reference])
-        if args.shots < 1 or args.shots > len(references):
-            raise OvdenseError(f"--shots {args.shots} asked, the reference folder has "
-                               f"{len(references)} images")
-        references = references[: args.shots]
+    arrays = [load_image(p, max_pixels=args.max_pixels) for p in references]  # before the model
     backbone = create_backbone(args.model, pretrained=_pretrained(args.model, args.pretrained),
                                device=args.device)
     winclip = WinClip(backbone, args.object, prompt_set=args.prompt_set)
     if references:
-        winclip.set_references(references)
+        winclip.set_references(arrays)
     failed: list[Path] = []
-    for path, rgb in _readable_images(images, "anomaly", failed):
+    for path, rgb in _readable_images(todo, "anomaly", failed, args.max_pixels):
         (result,) = winclip.predict([rgb])
         import io as _io
 
@@ -356,12 +540,40 @@ def _command_anomaly(args: argparse.Namespace) -> int:
             "references": [str(r) for r in references], "model": args.model,
             "prompt_set": args.prompt_set,
         })
-    return _report(args.out, len(images), failed, "anomaly map", "")
+    return _report(args.out, len(images), failed, "anomaly map", "", skipped)
+
+
+def _reference_images(args: argparse.Namespace) -> list[Path]:
+    """The first ``--shots`` images of ``--reference`` (none without it)."""
+    from ovdense.io import list_images
+
+    if args.reference is None:
+        if args.shots is not None:
+            raise OvdenseError("--shots needs --reference FOLDER (the normal images of WinCLIP+)")
+        return []
+    if args.reference.is_file():
+        raise OvdenseError(f"--reference {args.reference} is a file; give the folder of normal images")
+    if not args.reference.is_dir():
+        raise OvdenseError(f"reference folder not found: {args.reference}")
+    references = list_images([args.reference])
+    shots = 1 if args.shots is None else args.shots
+    if shots < 1 or shots > len(references):
+        raise OvdenseError(f"--shots {shots} asked, the reference folder has {len(references)} images")
+    return references[:shots]
 
 
 def _command_anomaly_eval(args: argparse.Namespace) -> int:
     import csv
     import io as _io
+
+    from ovdense.anomaly.evaluate import check_dataset
+
+    if args.shots < 0:
+        raise OvdenseError(f"--shots must be ≥ 0 (0 = zero-shot WinCLIP), got {args.shots}")
+    _check_range(args, "max_pixels", 1)
+    categories = check_dataset(args.dataset, args.root, args.categories, args.shots)
+    _check_out(args.out)
+    _check_device(args.device)
 
     from ovdense import create_backbone
     from ovdense.anomaly.evaluate import evaluate
@@ -369,7 +581,8 @@ def _command_anomaly_eval(args: argparse.Namespace) -> int:
 
     backbone = create_backbone(args.model, pretrained=_pretrained(args.model, args.pretrained),
                                device=args.device)
-    results = evaluate(backbone, args.dataset, args.root, args.categories, args.shots, args.prompt_set)
+    results = evaluate(backbone, args.dataset, args.root, categories, args.shots, args.prompt_set,
+                       max_pixels=args.max_pixels)
     columns = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "pixel_ap"]
     rows = [[name] + [100 * getattr(r, c) for c in columns] for name, r in results.items()]
     rows.append(["mean"] + [sum(row[i] for row in rows) / len(rows) for i in range(1, len(columns) + 1)])
@@ -401,7 +614,12 @@ def _table_picture(lines: list[str]):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
     args = _build_parser().parse_args(argv)
+    # torch's note on pickle protocols (met when a non-checkpoint is read as one) advises filing an
+    # issue; the file is refused with one line below instead
+    warnings.filterwarnings("ignore", message="Detected pickle protocol")
     try:
         if args.command == "methods":
             return _command_methods()
@@ -411,7 +629,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _command_anomaly_eval(args)
         return _command_segment(args)
     except OvdenseError as e:
-        print(f"ovdense: error: {e}", file=sys.stderr)
+        message = " ".join(strip_unpickling_advice(str(e)).split())
+        print(f"ovdense: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ovdense: interrupted", file=sys.stderr)

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ovdense.errors import OvdenseError
-from ovdense.io import IMAGE_SUFFIXES
+from ovdense.io import IMAGE_SUFFIXES, MAX_PIXELS, check_pixels
 
 
 @dataclass(frozen=True)
@@ -31,15 +31,23 @@ class AnomalySample:
     defect: str  # "good" for normal images
 
 
-def load_mask(sample: AnomalySample, size: tuple[int, int]) -> np.ndarray:
+def load_mask(sample: AnomalySample, size: tuple[int, int],
+              max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """The sample's defect mask ``bool [H, W]`` (all False for normal images); ``size`` is the
-    image's ``(H, W)``, which the mask must match."""
+    image's ``(H, W)``, which the mask must match. The mask is refused over ``max_pixels``
+    (``ovdense.io``'s limit, checked from its header) or when it cannot be decoded."""
     if sample.mask is None:
         return np.zeros(size, bool)
     if not sample.mask.is_file():
         raise OvdenseError(f"mask not found: {sample.mask}")
-    with Image.open(sample.mask) as pil:
-        mask = np.asarray(pil.convert("L")) > 0
+    try:
+        with Image.open(sample.mask) as pil:
+            check_pixels(pil.size, max_pixels, sample.mask)
+            mask = np.asarray(pil.convert("L")) > 0
+    except OvdenseError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise OvdenseError(f"cannot read mask {sample.mask}: {e}") from e
     if mask.shape != tuple(size):
         raise OvdenseError(f"mask {sample.mask} is {mask.shape[1]}x{mask.shape[0]}, its image is "
                            f"{size[1]}x{size[0]}")
@@ -76,8 +84,11 @@ def _visa_rows(root: Path) -> list[dict]:
     split_file = root / "split_csv" / "1cls.csv"
     if not split_file.is_file():
         raise OvdenseError(f"{split_file} not found: is {root} a VisA folder?")
-    with open(split_file, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(split_file, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise OvdenseError(f"cannot read {split_file}: {e}") from e
     missing = {"object", "split", "label", "image", "mask"} - set(rows[0] if rows else {})
     if missing:
         raise OvdenseError(f"{split_file} lacks the columns {sorted(missing)}")
