@@ -8,7 +8,10 @@
   ``cls_*.txt`` files of SCLIP / ClearCLIP / NACLIP. The first synonym names the class.
 * The cache stores one L2-normalised embedding per (model fingerprint, templates, name) as a
   ``.npy`` file, so a vocabulary is encoded once, and a second vocabulary that shares names
-  with the first encodes only the new ones.
+  with the first encodes only the new ones. Each entry is written atomically (a temporary
+  file, then ``os.replace``), so processes encoding the same prompts at once each leave a
+  whole entry (the last one wins; they are equal); a damaged entry is re-encoded with a
+  warning, and a cache folder that cannot be written only costs the caching (a warning).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,9 +115,18 @@ class Vocabulary:
     def from_file(cls, path: str | os.PathLike) -> Vocabulary:
         """Read a class file: one class per line, synonyms separated by commas."""
         path = Path(path)
+        if path.is_dir():
+            raise OvdenseError(f"class file {path} is a folder; give a text file, one class per line")
         if not path.is_file():
             raise OvdenseError(f"class file not found: {path}")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise OvdenseError(f"class file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8"
+                               ) from e
+        except OSError as e:
+            raise OvdenseError(f"cannot read class file {path}: {e.strerror or e}") from e
+        lines = [line.strip() for line in text.splitlines()]
         entries = [line for line in lines if line and not line.startswith("#")]
         if not entries:
             raise OvdenseError(f"class file {path} has no class names")
@@ -144,17 +157,34 @@ class TextCache:
         return self.folder / (hashlib.sha256(word.encode("utf-8")).hexdigest()[:32] + ".npy")
 
     def get(self, word: str) -> np.ndarray | None:
+        """The cached ``[D]`` float32 embedding of ``word``, or ``None`` when there is none or
+        it is damaged (then with a warning: the caller re-encodes and overwrites it)."""
         path = self._path(word)
         if not path.is_file():
             return None
         try:
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
-            return None  # a damaged entry is re-encoded and overwritten
+            embedding = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            self._warn(f"text cache entry {path} is damaged ({type(e).__name__}); re-encoding {word!r}")
+            return None
+        if embedding.ndim != 1 or embedding.dtype != np.float32 or not np.isfinite(embedding).all():
+            self._warn(f"text cache entry {path} holds {embedding.dtype} {embedding.shape}, not a finite "
+                       f"float32 vector; re-encoding {word!r}")
+            return None
+        return embedding
 
     def put(self, word: str, embedding: np.ndarray) -> None:
+        """Store ``word``'s embedding atomically; a cache that cannot be written is a warning."""
         import io
 
         buffer = io.BytesIO()
         np.save(buffer, embedding.astype(np.float32), allow_pickle=False)
-        write_bytes(self._path(word), buffer.getvalue())
+        try:
+            write_bytes(self._path(word), buffer.getvalue())
+        except OSError as e:
+            self._warn(f"cannot write the text cache under {self.folder} ({e.strerror or e}); "
+                       "embeddings are not cached (set OVDENSE_CACHE to a writable folder)")
+
+    @staticmethod
+    def _warn(message: str) -> None:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)

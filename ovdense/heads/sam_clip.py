@@ -31,6 +31,7 @@ when used. SAM checkpoints are read with ``torch.load(weights_only=True)`` and l
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from ovdense.backbone.clip import ClipBackbone, _load_checkpoint_file
 from ovdense.backbone.dense import METHODS
 from ovdense.backbone.prompts import ClassSpec, Templates, Vocabulary
 from ovdense.data import rle
-from ovdense.errors import OvdenseError
+from ovdense.errors import OvdenseError, strip_unpickling_advice
 from ovdense.heads.training_free import SegmentationResult, rescale_size
 from ovdense.io import ImageInput, load_image, overlay, palette
 from ovdense.kernels.pooling import mask_pool
@@ -104,11 +105,17 @@ def load_sam(checkpoint: str | Path | None, model_type: str | None = None,
     if not Path(checkpoint).is_file():
         raise OvdenseError(f"SAM checkpoint not found: {checkpoint}; {model_type} expects {expected}: "
                            f"{where}")
+    if Path(checkpoint).stat().st_size == 0:
+        raise OvdenseError(f"SAM checkpoint {checkpoint} is empty; {model_type} expects {expected}: {where}")
     sam = _segment_anything().sam_model_registry[model_type](checkpoint=None)  # random init, then load
     try:
-        _load_checkpoint_file(sam, str(checkpoint))
+        with warnings.catch_warnings():  # torch's note on pickle protocols: the file is refused below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            _load_checkpoint_file(sam, str(checkpoint))
     except OvdenseError as e:
-        raise OvdenseError(f"{e} (SAM model type {model_type}; types: {', '.join(SAM_CHECKPOINTS)})") from e
+        reason = strip_unpickling_advice(str(e))  # never the advice to load with weights_only=False
+        types = ", ".join(SAM_CHECKPOINTS)
+        raise OvdenseError(f"{reason} (SAM model type {model_type}; types: {types})") from e
     return sam.to(device).eval()
 
 
