@@ -141,10 +141,13 @@ def sample_uncertain_points(
 
 def pairwise_bce(point_logits: Tensor, point_targets: Tensor) -> Tensor:
     """Mean binary cross-entropy of every prediction ``[Q, P]`` (logits) against every target
-    ``[K, P]`` (0/1) → ``[Q, K]`` (official ``batch_sigmoid_ce_loss``)."""
-    pos = F.binary_cross_entropy_with_logits(point_logits, torch.ones_like(point_logits), reduction="none")
-    neg = F.binary_cross_entropy_with_logits(point_logits, torch.zeros_like(point_logits), reduction="none")
-    return (pos @ point_targets.T + neg @ (1 - point_targets).T) / point_logits.shape[1]  # Q, K
+    ``[K, P]`` (0/1) → ``[Q, K]`` (official ``batch_sigmoid_ce_loss``).
+
+    With ``BCE(x, 1) = softplus(−x)`` and ``BCE(x, 0) = softplus(x) = softplus(−x) + x``, the
+    official ``Σ_p BCE(x, 1)·t + BCE(x, 0)·(1 − t)`` is ``Σ_p softplus(x) − Σ_p x·t``: one softplus
+    over ``[Q, P]`` instead of two."""
+    total = F.softplus(point_logits).sum(-1)[:, None] - point_logits @ point_targets.T  # Q, K
+    return total / point_logits.shape[1]
 
 
 def pairwise_dice(point_logits: Tensor, point_targets: Tensor) -> Tensor:
@@ -319,11 +322,10 @@ class SanCriterion(nn.Module):
         ``mask_logits`` ``[Q, h, w]`` against ``target`` on ``P`` shared uniform points (one
         ``[1, P, 2]`` draw from ``generator``) → ``(query_idx, target_idx)`` as
         :func:`hungarian_match`."""
-        num_queries, num_targets = mask_logits.shape[0], target.masks.shape[0]
         points = _rand((1, self.num_points, 2), generator, mask_logits.device)  # 1, P, 2
-        point_logits = point_sample(mask_logits[:, None], points.expand(num_queries, -1, -1))[:, 0]  # Q, P
-        masks = target.masks[:, None].to(mask_logits)  # K, 1, H, W
-        point_targets = point_sample(masks, points.expand(num_targets, -1, -1))[:, 0]  # K, P
+        # the shared points sample every map as one channel: the same values as one map per row
+        point_logits = point_sample(mask_logits[None], points)[0]  # Q, P
+        point_targets = point_sample(target.masks[None].to(mask_logits), points)[0]  # K, P
         probs = class_logits.softmax(-1)  # Q, C + 1
         cost = (
             self.class_weight * -probs[:, target.labels.to(probs.device)]
