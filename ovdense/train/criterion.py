@@ -60,8 +60,8 @@ mmseg's ``HungarianAssigner`` and match costs), where ovdense follows the offici
 
 Where ovdense adds to both: a matching cost that is not finite (non-finite logits) is replaced by
 a large finite number so that the matching still runs and the non-finite logits surface as a
-non-finite loss for the training loop to report (both references stop inside scipy with
-"cost matrix is infeasible"/"invalid numeric entries").
+non-finite loss for the training loop to report (both references stop inside scipy's
+``linear_sum_assignment`` with a ValueError).
 """
 
 from __future__ import annotations
@@ -81,8 +81,9 @@ _LARGE_COST = 1e8  # stands in for a non-finite matching cost
 
 class SanTarget(NamedTuple):
     """The ground truth of one image: ``labels`` ``[K]`` (long, in ``[0, C)``) and binary ``masks``
-    ``[K, H, W]`` (bool or float) covering the same field of view as the mask logits (the padded
-    network input, as mmseg's padded ``gt_sem_seg``). ``K`` may be 0."""
+    ``[K, H, W]`` (bool or float) covering the same field of view as the mask logits: the padded
+    network input, padding 0 in every mask (the official ``SAN.prepare_targets`` zero-pads them;
+    mmseg pads ``gt_sem_seg`` with 255, which leaves every mask 0 there). ``K`` may be 0."""
 
     labels: Tensor
     masks: Tensor
