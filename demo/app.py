@@ -14,6 +14,13 @@ only wires them to gradio. One backbone is loaded at start and shared by every t
 per (head, settings) in a small LRU (``Heads``), and the library's disk cache keeps text
 embeddings across runs. The SAM + CLIP tab appears only with ``--sam-checkpoint``. User errors
 (``OvdenseError``) are shown in the page as one message, never a stack trace.
+
+Under load: the model's handlers share one queue slot (``CONCURRENCY`` at a time, one model on one
+machine) and at most ``--queue-size`` requests wait (``QUEUE_SIZE``); a request beyond that is
+answered at once by gradio's "Queue is full ... try again" (HTTP 503), so memory stays bounded
+by one request's work plus the waiting uploads. An upload over ``MAX_UPLOAD`` bytes is refused by
+gradio before it is stored; a file over ``MAX_PIXELS`` (``ovdense.io``'s limit) is refused
+from its header, before decoding.
 """
 
 from __future__ import annotations
@@ -34,12 +41,14 @@ import numpy as np
 
 from ovdense import ClipBackbone, OvdenseError, Segmenter, create_backbone
 from ovdense.backbone.dense import METHODS
-from ovdense.io import IMAGE_SUFFIXES, colorize, heatmap_overlay, load_image, overlay
+from ovdense.io import IMAGE_SUFFIXES, MAX_PIXELS, colorize, heatmap_overlay, load_image, overlay
 
 HERE = Path(__file__).resolve().parent
 MAX_SIDE = 1024  # longer images are downscaled (with a notice)
-MAX_PIXELS = 50_000_000  # larger files are refused before decoding
-MAX_UPLOAD = "25mb"
+MAX_UPLOAD_BYTES = 25_000_000  # larger uploads are refused before they are read
+MAX_UPLOAD = f"{MAX_UPLOAD_BYTES // 1_000_000}mb"
+CONCURRENCY = 1  # model requests at a time
+QUEUE_SIZE = 16  # requests waiting at most; more get "queue is full, try again"
 MAX_CLASSES = 64
 MAX_WORDS = 256  # synonyms of all classes together
 MAX_WORD_LENGTH = 80
@@ -53,35 +62,31 @@ log = logging.getLogger("ovdense.demo")
 # Inputs
 
 
-def read_image(path: str | Path | None, max_side: int = MAX_SIDE) -> tuple[np.ndarray, str]:
+def read_image(path: str | Path | None, max_side: int = MAX_SIDE,
+               max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str]:
     """An uploaded file (where gradio saved it) → RGB ``uint8 [H, W, 3]`` and a notice (``""``
     unless it was downscaled).
 
-    The file must have an image suffix, decode as an image and have at most ``MAX_PIXELS``
-    pixels; an image whose long side exceeds ``max_side`` is downscaled (area interpolation).
+    The file must have an image suffix, at most ``MAX_UPLOAD_BYTES`` bytes, decode as an image and
+    have at most ``max_pixels`` pixels (checked from its header, before decoding); an image whose
+    long side exceeds ``max_side`` is downscaled (area interpolation).
 
     Raises:
-        OvdenseError: no file, wrong type, not decodable, too large.
+        OvdenseError: no file, wrong type, too many bytes or pixels, not decodable.
     """
-    from PIL import Image
-
     if path is None:
         raise OvdenseError("no image: upload one or pick an example")
     path = Path(path)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise OvdenseError(f"{path.name} is not an image file; upload one of: {' '.join(IMAGE_SUFFIXES)}")
+    if path.is_file() and path.stat().st_size > MAX_UPLOAD_BYTES:
+        raise OvdenseError(f"{path.name} has {path.stat().st_size / 1e6:.1f} MB; the demo takes at most "
+                           f"{MAX_UPLOAD_BYTES / 1e6:g} MB")
     try:
-        with Image.open(path) as opened:  # reads the header only
-            width, height = opened.size
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise OvdenseError(f"{path.name} is not a readable image ({type(e).__name__}); upload a "
-                           "PNG, JPEG, BMP, TIFF or WebP file") from e
-    if width * height > MAX_PIXELS:
-        raise OvdenseError(f"{path.name} has {width}×{height} pixels; the demo takes at most "
-                           f"{MAX_PIXELS // 1_000_000} megapixels")
-    try:
-        rgb = load_image(path)
+        rgb = load_image(path, max_pixels=max_pixels)
     except OvdenseError as e:
+        if "megapixels" in str(e):
+            raise OvdenseError(str(e).replace(str(path), path.name).replace(" (--max-pixels)", "")) from None
         raise OvdenseError(f"{path.name} is not a readable image; upload a PNG, JPEG, BMP, TIFF "
                            "or WebP file") from e
     height, width = rgb.shape[:2]
@@ -309,10 +314,11 @@ def _examples() -> list[list[str]]:
     return rows
 
 
-def build_app(backbone: ClipBackbone, sam=None, title: str = "ovdense demo"):
+def build_app(backbone: ClipBackbone, sam=None, title: str = "ovdense demo", queue_size: int = QUEUE_SIZE):
     """The gradio page (a ``gr.Blocks``) on one shared ``backbone``; ``launch()`` serves it.
 
-    One tab per head; the SAM + CLIP tab only with a ``sam`` model (``sam_clip.load_sam``)."""
+    One tab per head; the SAM + CLIP tab only with a ``sam`` model (``sam_clip.load_sam``). The
+    model's handlers take turns (``CONCURRENCY``) and at most ``queue_size`` requests wait."""
     import gradio as gr
 
     heads = Heads(backbone, sam)
@@ -327,7 +333,7 @@ def build_app(backbone: ClipBackbone, sam=None, title: str = "ovdense demo"):
         if sam is not None:
             with gr.Tab("SAM + CLIP"):
                 _sam_clip_tab(heads)
-    app.queue(default_concurrency_limit=1)  # one model on one machine: requests take turns
+    app.queue(default_concurrency_limit=CONCURRENCY, max_size=queue_size)  # one model: requests take turns
     return app
 
 
@@ -397,10 +403,12 @@ def _segment_tab(heads: Heads) -> None:
                 times = gr.Dataframe(headers=["method", "seconds", "largest class", "note"],
                                      label="Wall times", interactive=False, wrap=True,
                                      column_widths=["15%", "15%", "30%", "40%"], elem_id="compare-table")
-    upload.change(_shown_in_page(preview), upload, [shown, notice])
+    upload.change(_shown_in_page(preview), upload, [shown, notice], api_name="preview",
+                  concurrency_id="preview", concurrency_limit=2)
     compare.change(lambda on: gr.Column(visible=on), compare, compared)
     button.click(_shown_in_page(run), [upload, classes, method, bg, pamr, compare],
-                 [shown_overlay, label_map, shares, status, gallery, times], concurrency_id="model")
+                 [shown_overlay, label_map, shares, status, gallery, times], api_name="segment",
+                 concurrency_id="model", concurrency_limit=CONCURRENCY)
 
 
 def _anomaly_tab(heads: Heads) -> None:
@@ -434,7 +442,7 @@ def _anomaly_tab(heads: Heads) -> None:
             heat = gr.Image(label="Anomaly heat map (0–1)", format="png", interactive=False,
                             elem_id="heatmap")
     button.click(_shown_in_page(run), [upload, object_name, references], [heat, score],
-                 concurrency_id="model")
+                 api_name="anomaly", concurrency_id="model", concurrency_limit=CONCURRENCY)
 
 
 def _sam_clip_tab(heads: Heads) -> None:
@@ -471,7 +479,7 @@ def _sam_clip_tab(heads: Heads) -> None:
                 masks = gr.Dataframe(headers=["class", "score", "pixels"], label="Masks", interactive=False,
                                      elem_id="sam-masks")
     button.click(_shown_in_page(run), [upload, classes, method, points], [drawn, label_map, masks, status],
-                 concurrency_id="model")
+                 api_name="sam_clip", concurrency_id="model", concurrency_limit=CONCURRENCY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,7 +499,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="SAM weights (e.g. sam_vit_b_01ec64.pth): adds the SAM + CLIP tab ([sam] extra)")
     parser.add_argument("--sam-model", choices=("vit_b", "vit_l", "vit_h"),
                         help="SAM model type (default: read from the checkpoint's file name)")
-    return parser.parse_args(argv)
+    parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE,
+                        help=f"requests that may wait; more are told to try again (default {QUEUE_SIZE})")
+    args = parser.parse_args(argv)
+    if args.queue_size < 1:
+        parser.error(f"--queue-size must be ≥ 1, got {args.queue_size}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -516,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OvdenseError as e:
         print(f"ovdense demo: error: {e}", file=sys.stderr)
         return 2
-    app = build_app(backbone, sam)
+    app = build_app(backbone, sam, queue_size=args.queue_size)
     try:
         app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
     except (OSError, ValueError) as e:  # the port is taken, the address is not this machine's, or
