@@ -17,6 +17,17 @@ count are marked ignored (255), as VOC's 21 and Cityscapes' 19 classes require.
 ``classnames/<benchmark>.txt`` has one line per class of the benchmark, in label order after
 mmseg's ``reduce_zero_label``: the world's class names, then ``unused class k`` for the classes
 the world lacks — so a model that knows the world (the toy CLIP) is scored on what it knows.
+
+``--san-toy`` writes instead the open-vocabulary toy world of SAN (``configs/san/san_toy_synthetic.py``):
+
+    python tools/make_synthetic_benchmarks.py --san-toy --out synthetic_san --num-train 2000 --num 100
+
+* ``data/coco_stuff164k`` (COCO-Stuff layout), ``--num-train`` training scenes per split whose
+  labels index ``configs/_base_/classnames/toy_base.txt`` (0 background, then the 20 *base*
+  colour–shape pairs); novel pairs are ignored (255) — training never sees them;
+* ``data/ade/ADEChallengeData2016`` (ADE20K layout), ``--num`` held-out scenes per split (other
+  seeds) with all 30 pairs (label ``k`` = ``colour_shape_classes()[k]``, 0 background, read
+  without ``reduce_zero_label``; ``configs/_base_/classnames/toy_all.txt``).
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ import numpy as np
 from PIL import Image
 
 from ovdense.data.layouts import write_dataset
-from ovdense.data.synthetic import colour_shape_classes
+from ovdense.data.synthetic import base_labels, colour_shape_classes
 from ovdense.io import write_bytes, write_label_png
 
 TOOLS = Path(__file__).resolve().parent
@@ -104,6 +115,28 @@ def write_benchmarks(out: Path, num: int, seed: int = 0, size: int = 128) -> dic
     return roots
 
 
+def write_san_toy(out: Path, num_train: int, num_val: int, seed: int = 0, size: int = 128) -> dict[str, Path]:
+    """The SAN toy world under ``out``: ``{"train": COCO-Stuff root (base labels),
+    "eval": ADE20K root (all pairs)}``; seeds differ from ``write_benchmarks``'s and between
+    the two, so evaluation scenes are held out."""
+    data = out / "data"
+    train = write_dataset("coco-stuff", data, num_train, seed=seed + 10, size=size)
+    mapping = base_labels(IGNORE)
+    for path in (train / "annotations").rglob("*_labelTrainIds.png"):
+        labels = mapping[np.array(Image.open(path))]
+        write_bytes(path, _png_bytes(labels.astype(np.uint8)))
+    evaluation = write_dataset("ade20k", data / "ade", num_val, seed=seed + 11, size=size)
+    return {"train": train, "eval": evaluation}
+
+
+def _png_bytes(labels: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(labels, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -112,9 +145,17 @@ def main(argv=None) -> int:
     parser.add_argument("--num", type=int, default=10, help="images per split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--san-toy", action="store_true",
+                        help="write SAN's open-vocabulary toy world instead (base-only training set, "
+                             "held-out evaluation set with every pair)")
+    parser.add_argument("--num-train", type=int, default=2000, help="training scenes with --san-toy")
     args = parser.parse_args(argv)
-    if args.num <= 0:
-        parser.error("--num must be positive")
+    if args.num <= 0 or args.num_train <= 0:
+        parser.error("--num and --num-train must be positive")
+    if args.san_toy:
+        for part, root in write_san_toy(args.out, args.num_train, args.num, args.seed, args.size).items():
+            print(f"{part:>12}: {root}")
+        return 0
     for benchmark, root in write_benchmarks(args.out, args.num, args.seed, args.size).items():
         print(f"{benchmark:>12}: {root}")
     print(f"class files in {args.out / 'classnames'}")
