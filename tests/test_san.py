@@ -373,7 +373,7 @@ def _official_mlp(i, h, o, affine):
     return mlp
 
 
-def test_convert_official_layout(tiny_config_path):
+def test_convert_official_layout(tiny_config_path, tmp_path):
     import json
 
     import open_clip
@@ -400,7 +400,7 @@ def test_convert_official_layout(tiny_config_path):
     from ovdense.backbone.clip import ClipBackbone, WeightsSource
 
     backbone = ClipBackbone(clip_model, None, "tiny", WeightsSource("random"))
-    head = SanHead(backbone, SanConfig(**{**config, "side_heads": 2, "supervised": (3, 4)}))
+    head = SanHead(backbone, SanConfig(**{**config, "side_heads": 2}))
     head.load_state_dict(head_state, strict=True)
     san = official.side_adapter_network
     assert torch.equal(head.blocks[3].attn.qkv.weight, san.vit_model.blocks[3].attn.qkv.weight)
@@ -415,6 +415,18 @@ def test_convert_official_layout(tiny_config_path):
     torch.testing.assert_close(head.blocks[0](x), san.vit_model.blocks[0].eval()(x), rtol=0, atol=1e-6)
     with pytest.raises(conv.ConversionError, match="unexpected key"):
         conv.convert(dict(state, **{"side_adapter_network.extra": torch.zeros(1)}))
+
+    # the command line: a detectron2 checkpoint file in, a backbone file and a head checkpoint out
+    torch.save({"model": state, "iteration": 59999}, tmp_path / "model_final.pth")
+    out = tmp_path / "out"
+    assert conv.main([str(tmp_path / "model_final.pth"), str(out), "--model", str(tiny_config_path),
+                      "--side-heads", "2"]) == 0
+    backbone = create_backbone(str(tiny_config_path), pretrained=str(out / "clip.safetensors"),
+                               cache_dir=tmp_path)
+    loaded = load_head(out / "san-head.safetensors", backbone)
+    assert loaded.config.supervised == (3, 4) and loaded.config.side_heads == 2
+    for key, value in head_state.items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 # --------------------------------------------------------------------------------------------

@@ -113,7 +113,8 @@ class SanConfig:
             (``EMBED_CHANNELS`` 256, ``MLP_CHANNELS`` 256, ``MLP_NUM_LAYERS`` 3).
         rescale_attn_bias: the learned ``a·x + b`` on the attention biases (``RESCALE_ATTN_BIAS``).
         supervised: side blocks (1-indexed) whose outputs are decoded in training, deepest last
-            (``DEEP_SUPERVISION_IDXS`` [7, 8]); inference decodes only the last.
+            (``DEEP_SUPERVISION_IDXS`` [7, 8]); ``None`` = the last two; inference decodes only
+            the last.
         trunk_depth: ``K``, CLIP blocks run before recognition (``FEATURE_LAST_LAYER_IDX``).
         clip_taps: CLIP layers fused into the side network, 0 = after ``ln_pre``, ``j`` = after
             block ``j`` (1-indexed as the official ``FUSION_MAP``).
@@ -135,7 +136,7 @@ class SanConfig:
     decoder_hidden: int = 256
     decoder_layers: int = 3
     rescale_attn_bias: bool = True
-    supervised: tuple[int, ...] = (7, 8)
+    supervised: tuple[int, ...] | None = None
     trunk_depth: int | None = None
     clip_taps: tuple[int, ...] | None = None
     side_targets: tuple[int, ...] = (0, 1, 2, 3)
@@ -157,7 +158,8 @@ class SanConfig:
             scale = 0.7 if backbone.native_size == (336, 336) else 0.5
         cfg = replace(
             self, trunk_depth=int(trunk), clip_taps=taps, clip_scale=float(scale),
-            supervised=tuple(int(i) for i in self.supervised),
+            supervised=tuple(int(i) for i in (self.supervised or (self.side_depth - 1, self.side_depth))
+                             if i >= 1),
             side_targets=tuple(int(i) for i in self.side_targets),
         )
         cfg._check(depth)
