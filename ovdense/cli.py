@@ -19,6 +19,7 @@ fast): each command imports what it uses.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -352,6 +353,10 @@ def _pending(args: argparse.Namespace, images: list[Path], suffixes: Sequence[st
     if not args.skip_existing:
         return images, 0
     todo = [p for p in images if not _complete(args.out, p.stem, suffixes)]
+    for path in todo:  # temporary files an interrupted run left (ovdense.io.write_bytes names them so)
+        for suffix in suffixes:
+            for stale in args.out.glob(glob.escape(f".{path.stem}{suffix}.") + "*.tmp"):
+                stale.unlink(missing_ok=True)
     return todo, len(images) - len(todo)
 
 
