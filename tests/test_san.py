@@ -525,3 +525,13 @@ def test_parity_with_mmseg(mmseg_san, tmp_path):
     with torch.no_grad():
         seg_mm = mmseg_san.encode_decode(image, metas)
     assert (scores - seg_mm).abs().max().item() <= 1e-4
+
+
+def test_converter_never_unpickles_objects(tmp_path, capsys):
+    conv = _converter()
+    marker = tmp_path / "unpickled"
+    torch.save({"model": {"side_adapter_network.query_embed": torch.zeros(1)}, "trainer": _Trap(str(marker))},
+               tmp_path / "model_final.pth")
+    assert conv.main([str(tmp_path / "model_final.pth"), str(tmp_path / "out")]) == 1
+    assert "weights_only=True" in capsys.readouterr().err
+    assert not marker.exists()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -194,6 +195,8 @@ def convert_mmseg(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
                 clip[f"transformer.resblocks.{m.group(1)}.{block}"] = value
             else:
                 raise ConversionError(f"unexpected key {key}")
+        elif key.startswith("data_preprocessor."):
+            continue  # mean and std; ovdense takes them from the backbone
         else:
             raise ConversionError(f"unexpected key {key}")
     config = _side_config(head, trunk)
@@ -317,8 +320,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side-heads", type=int, default=6, help="side ViT heads (not in the weights)")
     args = parser.parse_args(argv)
     try:
-        head, clip, config = convert(load_checkpoint(args.checkpoint), args.layout)
-    except (ConversionError, OSError, RuntimeError) as e:
+        state = load_checkpoint(args.checkpoint)
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        print(f"error: {args.checkpoint} holds more than tensors and plain containers, so "
+              f"torch.load(weights_only=True) refuses it ({str(e).splitlines()[0][:200]}). If you trust "
+              "the file, keep only its weights first: torch.save({'model': torch.load(PATH, "
+              "weights_only=False)['model']}, 'weights.pth')", file=sys.stderr)
+        return 1
+    except (ConversionError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        head, clip, config = convert(state, args.layout)
+    except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     model = args.model or ("ViT-L-14-336-quickgelu" if clip["visual.conv1.weight"].shape[0] == 1024
