@@ -4,19 +4,53 @@
     backbone = ovdense.create_backbone("ViT-B-16", pretrained="openai")
     segmenter = ovdense.Segmenter(backbone, "clearclip", ["sky", "tree", "person, man, woman"])
     result = segmenter.predict("street.jpg")   # result.labels: [H, W], result.scores: [H, W]
+
+The public names load on first use (PEP 562), so ``import ovdense`` and the command line's
+``--help`` start without torch or open_clip.
 """
 
-from ovdense.backbone.clip import ClipBackbone, create_backbone
-from ovdense.backbone.dense import METHODS
-from ovdense.backbone.prompts import Vocabulary
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
 from ovdense.errors import OvdenseError
-from ovdense.heads.training_free import SegmentationResult, Segmenter
 from ovdense.version import __version__
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from ovdense.backbone.clip import ClipBackbone, create_backbone
+    from ovdense.backbone.prompts import Vocabulary
+    from ovdense.heads.training_free import SegmentationResult, Segmenter
+
+# public name → the module that defines it, imported on first access
+_LAZY = {
+    "ClipBackbone": "ovdense.backbone.clip",
+    "create_backbone": "ovdense.backbone.clip",
+    "METHODS": "ovdense.backbone.dense",
+    "Vocabulary": "ovdense.backbone.prompts",
+    "SegmentationResult": "ovdense.heads.training_free",
+    "Segmenter": "ovdense.heads.training_free",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ovdense' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def list_methods() -> list[str]:
     """The names of the training-free methods."""
-    return list(METHODS)
+    from ovdense.backbone.protocols import METHOD_INFO
+
+    return list(METHOD_INFO)
 
 
 __all__ = [
