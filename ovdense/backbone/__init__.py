@@ -1,3 +1,3 @@
-"""The shared CLIP backbone: ``clip.py`` (open_clip wrapper and name resolution),
-``dense.py`` (training-free last-block variants), ``prompts.py`` (templates, vocabularies,
-text cache)."""
+"""The shared CLIP backbone: ``clip.py`` (open_clip wrapper, name resolution, text encoding),
+``dense.py`` (training-free last-block variants), ``protocols.py`` (the methods' papers and
+official defaults, torch-free), ``prompts.py`` (templates, vocabularies, text cache)."""
