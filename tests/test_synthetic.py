@@ -103,3 +103,27 @@ def test_open_vocabulary_split():
     scene = render_scene(3, SceneConfig(objects=(4, 4)))
     train = mapping[scene.colour_shape]
     assert ((train == 255) == np.isin(scene.colour_shape, [names.index(n) for n in novel])).all()
+
+
+def test_toy_scores_of_tools_eval_san_toy():
+    """tools/eval_san_toy.py's scores on a hand-checked 2×3 scene: object-pixel accuracy over
+    all, base and novel objects and by colour; the novel mIoU over the novel classes present."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "eval_san_toy.py"
+    spec = importlib.util.spec_from_file_location("ovdense_tools_eval_san_toy", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    names = colour_shape_classes()
+    assert names[1] == "red circle" and names[2] == "red square" and names[7] == "green square"
+    truth = np.array([[0, 1, 2], [7, 255, 0]])  # red circle is novel; red and green squares are base
+    prediction = np.array([[0, 1, 3], [12, 5, 1]])  # right; red triangle (right colour); blue square
+    scores = tool.ToyScores()
+    scores.update(prediction, truth)
+    result = scores.result()
+    assert result["acc_all"] == pytest.approx(1 / 3) and result["acc_colour"] == pytest.approx(2 / 3)
+    assert result["acc_novel"] == 1.0 and result["acc_base"] == 0.0
+    # novel classes present: 1 (1 hit, predicted twice: IoU 1/2) and 12, blue square (predicted
+    # once, never true: 0); base classes 2, 3, 7 present, none right
+    assert result["miou_novel"] == pytest.approx(0.25) and result["miou_base"] == 0.0
