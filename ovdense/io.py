@@ -63,7 +63,10 @@ def load_image(image: ImageInput, max_pixels: int | None = MAX_PIXELS) -> np.nda
         if not path.is_file():
             raise OvdenseError(f"image not found: {path}")
         try:
-            with _open_image(path) as opened:
+            with _open_image(path) as opened, warnings.catch_warnings():
+                # Pillow's notes on damaged metadata ("Corrupt EXIF data", "Truncated File Read"):
+                # the file either decodes or is refused below, in one line
+                warnings.simplefilter("ignore")
                 check_pixels(opened.size, max_pixels, path)
                 opened.load()
                 return _pil_to_rgb(ImageOps.exif_transpose(opened))
@@ -120,12 +123,12 @@ _UNCHECKED_OPEN = threading.Lock()
 
 
 def _open_image(path: Path) -> Image.Image:
-    """``Image.open`` (header only) without Pillow's bomb warning; a file Pillow refuses as a
+    """``Image.open`` (header only) without Pillow's warnings; a file Pillow refuses as a
     bomb is opened again with its check off, so the caller's own limit decides and can name the
     size. The check is off only while that header is read, under a lock."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore")  # the bomb warning and notes on damaged headers
             return Image.open(path)
     except Image.DecompressionBombError:
         with _UNCHECKED_OPEN:
@@ -230,16 +233,20 @@ def colorize(labels: np.ndarray) -> np.ndarray:
 # Atomic writing
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename).
+
+    ``durable`` also flushes the file to disk before the rename (``fsync``), so a power cut
+    leaves the old file or the new one; caches, which check what they read, skip it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp_name, path)
     except BaseException:
         if os.path.exists(tmp_name):

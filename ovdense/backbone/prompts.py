@@ -96,13 +96,25 @@ class Vocabulary:
                 "classes must be a list of class names, not one string; "
                 "for example ['cat', 'dog'] (use 'person, man, woman' for synonyms)"
             )
+        if not isinstance(classes, (list, tuple)):
+            try:
+                classes = list(classes)
+            except TypeError:
+                raise OvdenseError(f"classes must be a list of class names, not {type(classes).__name__}"
+                                   ) from None
         if len(classes) == 0:
             raise OvdenseError("the class list is empty: give at least one class name")
         names: list[str] = []
         prompts: list[str] = []
         class_of_prompt: list[int] = []
         for index, entry in enumerate(classes):
-            words = entry.split(",") if isinstance(entry, str) else list(entry)
+            if isinstance(entry, str):
+                words = entry.split(",")
+            elif isinstance(entry, (list, tuple)):
+                words = list(entry)
+            else:
+                raise OvdenseError(f"class {index} is a {type(entry).__name__}, not a name or a list of "
+                                   f"synonyms: {entry!r}")
             words = [w.strip() for w in words if isinstance(w, str) and w.strip()]
             if not words:
                 raise OvdenseError(f"class {index} has an empty name: {entry!r}")
@@ -180,7 +192,7 @@ class TextCache:
         buffer = io.BytesIO()
         np.save(buffer, embedding.astype(np.float32), allow_pickle=False)
         try:
-            write_bytes(self._path(word), buffer.getvalue())
+            write_bytes(self._path(word), buffer.getvalue(), durable=False)  # get() checks entries
         except OSError as e:
             self._warn(f"cannot write the text cache under {self.folder} ({e.strerror or e}); "
                        "embeddings are not cached (set OVDENSE_CACHE to a writable folder)")
