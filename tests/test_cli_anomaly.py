@@ -68,3 +68,91 @@ def test_anomaly_eval_writes_table(mvtec, tiny_config_path, tmp_path, capsys):
     rows = (tmp_path / "anomaly_mvtec_1shot.csv").read_text().splitlines()
     assert rows[0].startswith("category,image_auroc,pixel_auroc,aupro")
     assert (tmp_path / "anomaly_mvtec_1shot.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Every option checked before any model: one `ovdense: error:` line each
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    import ovdense
+
+    def built(*args, **kwargs):
+        raise AssertionError("a model was built before the arguments were checked")
+
+    monkeypatch.setattr(ovdense, "create_backbone", built)
+
+
+def run_cli(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+ANOMALY_CASES = [
+    (["--object", " "], "object name is empty"),
+    (["--reference", "{refs}/000.png"], "is a file; give the folder of normal images"),
+    (["--reference", "{tmp}/missing"], "reference folder not found"),
+    (["--shots", "3"], "--shots needs --reference"),
+    (["--reference", "{refs}", "--shots", "0"], "--shots 0 asked, the reference folder has 2"),
+    (["--reference", "{refs}", "--shots", "-2"], "--shots -2 asked"),
+    (["--out", "{tmp}/file.txt"], "is a file; give a folder"),
+    (["--max-pixels", "-1"], "--max-pixels must lie in [1"),
+    (["--prompt-set", "mine"], "invalid choice"),
+    (["--shots", "x"], "invalid int value"),
+]
+
+
+@pytest.mark.parametrize("args, message", ANOMALY_CASES, ids=[" ".join(a) for a, _ in ANOMALY_CASES])
+def test_anomaly_bad_options_before_any_model(mvtec, tmp_path, capsys, no_model, args, message):
+    (tmp_path / "file.txt").write_text("x")
+    refs = mvtec / "star" / "train" / "good"
+    args = [a.format(refs=refs, tmp=tmp_path) for a in args]
+    argv = ["anomaly", str(mvtec / "star" / "test" / "good"), "--model", "toy", "--out", str(tmp_path / "o")]
+    argv += [] if "--object" in args else ["--object", "star"]
+    code, err = run_cli(argv + args, capsys)
+    assert code == 2, err
+    assert err.startswith("ovdense: error: ") and len(err.strip().splitlines()) == 1, err
+    assert message in err and "Traceback" not in err
+
+
+EVAL_CASES = [
+    (["--root", "{above}"], "is --root one level too high?"),
+    (["--root", "{mvtec}/star"], "is a category or inside a category"),
+    (["--root", "{mvtec}/star/test"], "inside a category"),
+    (["--root", "{tmp}/file.txt"], "is a file; give the dataset's folder"),
+    (["--root", "{tmp}/missing"], "dataset folder not found"),
+    (["--root", "{tmp}/empty"], "no MVTec AD category in"),
+    (["--shots", "-1"], "--shots must be ≥ 0"),
+    (["--shots", "99"], "99 shots asked, only 2 normal training images"),
+    (["--categories", "nope"], "categories ['nope'] are not in"),
+    (["--categories", "onlygood"], "onlygood in"),
+    (["--dataset", "visa"], "a VisA folder?"),
+    (["--out", "{tmp}/file.txt"], "is a file; give a folder"),
+    (["--max-pixels", "0"], "--max-pixels must lie in [1"),
+]
+
+
+@pytest.mark.parametrize("args, message", EVAL_CASES, ids=[" ".join(a) for a, _ in EVAL_CASES])
+def test_anomaly_eval_bad_options_before_any_model(mvtec, tmp_path, capsys, no_model, args, message):
+    import shutil
+
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    root = tmp_path / "data" / "mvtec"  # a copy with one more category, whose tests are all good
+    shutil.copytree(mvtec, root)
+    good = root / "onlygood" / "test" / "good"
+    good.mkdir(parents=True)
+    shutil.copy(next((root / "star" / "test" / "good").iterdir()), good)
+    args = [a.format(above=tmp_path / "data", mvtec=root, tmp=tmp_path) for a in args]
+    argv = ["anomaly-eval", "--model", "toy", "--out", str(tmp_path / "o")]
+    argv += [] if "--root" in args else ["--root", str(root)]
+    argv += [] if "--dataset" in args else ["--dataset", "mvtec"]
+    argv += [] if "--categories" in args or "--root" in args else ["--categories", "star"]
+    code, err = run_cli(argv + args, capsys)
+    assert code == 2, err
+    assert err.startswith("ovdense: error: ") and len(err.strip().splitlines()) == 1, err
+    assert message in err and "Traceback" not in err

@@ -74,8 +74,10 @@ def _no_categories_message(dataset: str, root: Path) -> str:
         if below:
             return (f"no MVTec AD category in {root}, but {below[0]} has some: is --root one level too "
                     f"high? Point it at the folder holding the category folders (bottle/, cable/, ...)")
-        if root.name in ("test", "train", "ground_truth") or (root / "good").is_dir():
-            return f"{root} is inside a category: point --root at the folder holding the category folders"
+        if (root.name in ("test", "train", "ground_truth") or (root / "good").is_dir()
+                or (root / "train").is_dir() or (root / "ground_truth").is_dir()):
+            return (f"{root} is a category or inside a category: point --root at the folder holding "
+                    "the category folders (bottle/, cable/, ...)")
         return (f"no MVTec AD category in {root}: it needs <category>/test/<defect>/*.png folders "
                 "(point --root at the folder holding bottle/, cable/, ...)")
     return f"{root} lists no VisA category in split_csv/1cls.csv"
