@@ -164,6 +164,7 @@ class TextCache:
         key = json.dumps({"v": self.VERSION, "model": fingerprint, "templates": list(templates)})
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:24]
         self.folder = Path(root) / "text" / digest
+        self.dim: int | None = None  # D, once an entry has been read or written
 
     def _path(self, word: str) -> Path:
         return self.folder / (hashlib.sha256(word.encode("utf-8")).hexdigest()[:32] + ".npy")
@@ -179,10 +180,13 @@ class TextCache:
         except (OSError, ValueError, EOFError) as e:
             self._warn(f"text cache entry {path} is damaged ({type(e).__name__}); re-encoding {word!r}")
             return None
-        if embedding.ndim != 1 or embedding.dtype != np.float32 or not np.isfinite(embedding).all():
-            self._warn(f"text cache entry {path} holds {embedding.dtype} {embedding.shape}, not a finite "
-                       f"float32 vector; re-encoding {word!r}")
+        unit = (embedding.ndim == 1 and embedding.dtype == np.float32 and np.isfinite(embedding).all()
+                and abs(float(np.linalg.norm(embedding)) - 1.0) < 1e-3)
+        if not unit or embedding.shape[0] != (self.dim or embedding.shape[0]):
+            self._warn(f"text cache entry {path} holds {embedding.dtype} {embedding.shape}, not this model's "
+                       f"unit vector; re-encoding {word!r}")
             return None
+        self.dim = embedding.shape[0]  # every entry of one folder (one model) has the same size
         return embedding
 
     def put(self, word: str, embedding: np.ndarray) -> None:
@@ -191,6 +195,7 @@ class TextCache:
 
         buffer = io.BytesIO()
         np.save(buffer, embedding.astype(np.float32), allow_pickle=False)
+        self.dim = self.dim or int(embedding.shape[0])
         try:
             write_bytes(self._path(word), buffer.getvalue(), durable=False)  # get() checks entries
         except OSError as e:
