@@ -114,3 +114,52 @@ def test_list_images_expands_folders(tmp_path):
     for name in ("b.jpg", "a.png", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     assert [p.name for p in list_images([tmp_path])] == ["a.png", "b.jpg"]
+
+
+def _png_header_only(path, width, height):
+    """A PNG whose header claims ``width × height`` RGB pixels, with almost no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_pixel_limit_from_the_header(tmp_path, rng, recwarn):
+    from ovdense.io import MAX_PIXELS, image_size
+
+    bomb = _png_header_only(tmp_path / "bomb.png", 50_000, 50_000)
+    assert image_size(bomb) == (50_000, 50_000)
+    with pytest.raises(OvdenseError) as info:
+        load_image(bomb)
+    assert str(info.value) == (f"{bomb} is 50000×50000 = 2500.0 megapixels, over the limit of "
+                               f"{MAX_PIXELS // 1_000_000} megapixels; downscale it or raise the limit "
+                               "(--max-pixels)")
+    assert not recwarn.list  # neither Pillow's DecompressionBombWarning nor anything else
+    rgb = rng.integers(0, 256, size=(6, 7, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "a.png", max_pixels=42), rgb)  # inclusive
+    with pytest.raises(OvdenseError, match="a.png is 7×6"):
+        load_image(tmp_path / "a.png", max_pixels=41)
+    with pytest.raises(OvdenseError, match="the PIL image is 7×6"):
+        load_image(Image.fromarray(rgb), max_pixels=41)
+    np.testing.assert_array_equal(load_image(rgb, max_pixels=1), rgb)  # an array is already decoded
+    with pytest.raises(OvdenseError, match="cannot read image"):  # no limit: decoded, and it is truncated
+        load_image(_png_header_only(tmp_path / "small_bomb.png", 3_000, 3_000), max_pixels=None)
+
+
+def test_cache_writes_skip_fsync_but_stay_atomic(tmp_path, monkeypatch):
+    from ovdense.io import write_bytes
+
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    write_bytes(tmp_path / "x.bin", b"1", durable=False)
+    assert synced == []
+    write_bytes(tmp_path / "x.bin", b"2")
+    assert len(synced) == 1 and (tmp_path / "x.bin").read_bytes() == b"2"
+    assert os.listdir(tmp_path) == ["x.bin"]
