@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ovdense import kernels
+from ovdense.kernels import native
 from ovdense.kernels.cpu import _columns, _rows, bilinear_taps
 from ovdense.kernels.reference import dense_classify_reference
 
@@ -64,14 +65,27 @@ def test_row_runs_equal_row_gathers(k, r):
     assert torch.equal(_rows(wide[:2], taps), gathered[:2])  # small: the gather path
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("B, Q, h, w, H, W, synonyms, bg", [
+CASES = [
     (1, 1, 3, 4, 17, 29, False, None),  # a single class
     (2, 7, 5, 3, 23, 11, True, None),  # B > 1, odd non-square sizes, synonyms
     (1, 5, 1, 1, 6, 9, False, 0.999),  # a 1×1 grid, background threshold
     (1, 40, 4, 6, 13, 31, True, 0.6),  # several prompt blocks
     (1, 3, 6, 5, 4, 3, False, None),  # downsampling
-])
+]
+
+
+@pytest.fixture(params=["fused", "eager"])
+def cpu_variant(request, monkeypatch):
+    """The torch path with the fused C decision (``native.py``) and without it."""
+    if request.param == "eager":
+        monkeypatch.setenv("OVDENSE_NATIVE", "0")
+    elif not native.available():
+        pytest.skip(f"the fused kernel cannot be built here: {native.failure()}")
+    return request.param
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("B, Q, h, w, H, W, synonyms, bg", CASES)
 def test_dense_classify_matches_reference(path, B, Q, h, w, H, W, synonyms, bg):
     patch, text, cop = random_case(B, Q, 8, h, w, synonyms=synonyms)
     want_labels, want_scores = dense_classify_reference(patch, text, cop, (H, W), 40.0, bg)
@@ -81,6 +95,85 @@ def test_dense_classify_matches_reference(path, B, Q, h, w, H, W, synonyms, bg):
     torch.testing.assert_close(scores, want_scores, rtol=0, atol=1e-5)
     if bg is not None:
         assert (labels == 0).any() and (scores < bg).any()
+
+
+@pytest.mark.parametrize("B, Q, h, w, H, W, synonyms, bg", CASES)
+def test_both_cpu_variants_match_reference(cpu_variant, B, Q, h, w, H, W, synonyms, bg):
+    patch, text, cop = random_case(B, Q, 8, h, w, seed=1, synonyms=synonyms)
+    want_labels, want_scores = dense_classify_reference(patch, text, cop, (H, W), 40.0, bg)
+    labels, scores = kernels.dense_classify(patch, text, cop, (H, W), 40.0, bg, kernel="torch")
+    assert labels.dtype == torch.int64 and labels.shape == (B, H, W)
+    torch.testing.assert_close(labels, want_labels, rtol=0, atol=0)
+    torch.testing.assert_close(scores, want_scores, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("B, Q, h, w, H, W, chunk", [
+    (1, 150, 8, 8, 128, 128, 1 << 22),  # a benchmark-like vocabulary, one span
+    (2, 300, 5, 7, 61, 93, 300 * 93 * 2),  # spans of two low-resolution rows, B > 1
+    (1, 21, 9, 6, 5, 4, 1 << 22),  # downsampling
+    (1, 4, 1, 1, 7, 3, 1 << 22),  # one low-resolution cell
+])
+def test_fused_decision_is_the_eager_one(monkeypatch, B, Q, h, w, H, W, chunk):
+    """The C loop computes the eager path's logits with the same roundings: the same labels
+    bit for bit, the scores to the contract's 1e-5 (the sums' orders differ)."""
+    if not native.available():
+        pytest.skip(f"the fused kernel cannot be built here: {native.failure()}")
+    g = torch.Generator().manual_seed(7)
+    low = torch.randn(B, Q, h, w, generator=g) * 0.3
+    cop = torch.arange(Q) // 3
+    fused = kernels.cpu.classify_low(low, cop, (H, W), 40.0, 0.3, chunk_elements=chunk)
+    monkeypatch.setenv("OVDENSE_NATIVE", "0")
+    eager = kernels.cpu.classify_low(low, cop, (H, W), 40.0, 0.3, chunk_elements=chunk)
+    assert torch.equal(fused[0], eager[0])
+    torch.testing.assert_close(fused[1], eager[1], rtol=0, atol=1e-5)
+
+
+def test_ties_go_to_the_first_prompt(cpu_variant):
+    """Equal logits (the same text twice): the first of them wins, as ``max`` decides."""
+    patch, text, _ = random_case(1, 4, 8, 3, 3, seed=2)
+    text = torch.cat([text[:2], text[1:2], text[2:]])  # prompts 1 and 2 are equal
+    cop = torch.arange(5)
+    want = dense_classify_reference(patch, text, cop, (12, 12), 40.0)
+    got = kernels.dense_classify(patch, text, cop, (12, 12), 40.0, kernel="torch")
+    assert torch.equal(got[0], want[0]) and (got[0] == 1).any() and not (got[0] == 2).any()
+
+
+def test_scores_at_a_large_logit_scale(cpu_variant):
+    """Logit gaps × 100 reach the exponential's underflow (exp(−87)); scores stay within 1e-5."""
+    g = torch.Generator().manual_seed(9)
+    low = torch.rand(1, 30, 4, 4, generator=g) * 2 - 1  # cosines over all of [−1, 1]
+    cop = torch.arange(30)
+    up = F.interpolate(low, size=(16, 16), mode="bilinear", align_corners=False)
+    want = kernels.reference.classify_reference(up, cop, 100.0)
+    got = kernels.cpu.classify_low(low, cop, (16, 16), 100.0)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-5)
+
+
+def test_without_a_compiler_the_eager_path_serves(monkeypatch, tmp_path):
+    monkeypatch.setenv("OVDENSE_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    assert not native.available() and "no C compiler" in native.failure()
+    patch, text, cop = random_case(1, 6, 8, 3, 4, seed=5, synonyms=True)
+    want = dense_classify_reference(patch, text, cop, (20, 25), 40.0, 0.3)
+    got = kernels.dense_classify(patch, text, cop, (20, 25), 40.0, 0.3)
+    assert torch.equal(got[0], want[0])
+    assert not (tmp_path / "kernels").exists() or not list((tmp_path / "kernels").iterdir())
+
+
+def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    if native._compiler() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("OVDENSE_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failure", None)
+    assert native.available(), native.failure()
+    (built,) = (tmp_path / "kernels").iterdir()  # the library alone: no temporary left behind
+    assert built.suffix == ".so"
+    monkeypatch.setenv("OVDENSE_NATIVE", "0")
+    assert not native.available()
 
 
 def test_torch_path_in_small_chunks_matches_reference():
@@ -123,7 +216,7 @@ def random_windows(Q, canvas, crop, stride, p, seed=0):
     (4, (20, 20), 32, 16, (33, 17), None),  # one window larger than the image
     (1, (16, 40), 16, 8, (9, 30), None),
 ])
-def test_slide_classify_matches_the_full_canvas(Q, canvas, crop, stride, out, bg):
+def test_slide_classify_matches_the_full_canvas(cpu_variant, Q, canvas, crop, stride, out, bg):
     windows = random_windows(Q, canvas, crop, stride, p=8)
     cop = torch.arange(Q)
     want = kernels.slide_classify(windows, canvas, out, cop, 30.0, bg, kernel="reference")

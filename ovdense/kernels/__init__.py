@@ -2,9 +2,11 @@
 softmax and argmax without the full-resolution logits; mask and box pooling.
 
 ``kernel`` picks the path: ``"reference"`` (``reference.py``, the definition, full logits),
-``"torch"`` (``cpu.py``, exact and chunked, any device), ``"triton"`` (``triton_gpu.py``, fused
-per tile; GPU, or CPU under ``TRITON_INTERPRET=1``), or ``"auto"``: Triton for CUDA tensors when
-it imports, else torch. Triton is imported only when used, so ``import ovdense`` never needs it.
+``"torch"`` (``cpu.py``, exact and chunked, any device; on a CPU its last step is the fused C
+loop of ``native.py`` when a C compiler is there, else plain torch ops), ``"triton"``
+(``triton_gpu.py``, fused per tile; GPU, or CPU under ``TRITON_INTERPRET=1``), or ``"auto"``:
+Triton for CUDA tensors when it imports, else torch. Triton is imported only when used, so
+``import ovdense`` never needs it.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ where two classes are within rounding of each other.
 
 The label of a pixel is the class of its best prompt (the max over a class's prompts commutes
 with the argmax over classes), and the winning probability is ``1 / Σ_q exp(s · (l_q − l_max))``.
+
+On a CPU the rows, the maximum and the sum of exponentials of each chunk run as one C loop
+(``native.py``) when it can be built; otherwise (and on other devices) as torch ops, four
+vectorised passes per chunk (``_decide``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ovdense.kernels import native
 from ovdense.kernels.reference import class_max
 
 CHUNK_ELEMENTS = 1 << 22  # floats per chunk of upsampled logits (16 MB in fp32)
@@ -56,15 +61,38 @@ def _rows_per_chunk(num_prompts: int, width: int, batch: int, elements: int) -> 
 
 
 def _decide(block: torch.Tensor, class_of_prompt: torch.Tensor, logit_scale: float,
-            bg_threshold: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, Q, r, W]`` upsampled logits → labels, scores ``[B, r, W]`` (``block`` is consumed)."""
-    scaled = block.mul_(logit_scale)
-    best, prompt = scaled.max(dim=1)  # B, r, W
-    scores = scaled.sub_(best.unsqueeze(1)).exp_().sum(dim=1).reciprocal_()
+            bg_threshold: float | None, spare: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, Q, r, W]`` upsampled logits → labels, scores ``[B, r, W]`` (``block`` is consumed;
+    ``spare``, if given, is scratch of the same shape).
+
+    Four passes over the block, each a vectorised reduction or elementwise op (``max(dim=1)``
+    with indices is a scalar loop on CPU, 25× slower than ``amax``):
+
+    * ``x = s · l`` (the reference's own rounding, so its argmax is the reference's);
+    * ``m = amax_q x``; ``g = x − m`` in place, ``≤ 0`` and exactly 0 where ``x = m``;
+    * the first prompt with ``g = 0`` is ``argmin_q (q − 10³⁰ · g)``: nonzero gaps push their
+      prompt's index far up, the zeros keep theirs (``max``'s first-maximum rule);
+    * ``score = 1 / Σ_q exp(g)``, the winning softmax probability.
+    """
+    gap = block.mul_(logit_scale)
+    gap.sub_(gap.amax(dim=1, keepdim=True))  # B, Q, r, W; 0 at the maxima
+    index = _prompt_index(block.shape[1], block.device)  # 1, Q, 1, 1
+    spare = torch.empty_like(block) if spare is None else spare
+    prompt = torch.add(index, gap, alpha=-_PUSH, out=spare).amin(dim=1).long()  # B, r, W
+    scores = gap.exp_().sum(dim=1).reciprocal_()  # B, r, W
     labels = class_of_prompt[prompt]
     if bg_threshold is not None:
         labels = torch.where(scores < bg_threshold, torch.zeros_like(labels), labels)
     return labels, scores
+
+
+_PUSH = 1e30  # × a nonzero gap (≥ one ulp of the max logit) moves a prompt past every index
+
+
+def _prompt_index(num_prompts: int, device) -> torch.Tensor:
+    """``[1, Q, 1, 1]`` float32 prompt indices (exact below 2²⁴ prompts)."""
+    return torch.arange(num_prompts, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
 
 Taps = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # i0, i1, w0, w1 [n]
@@ -76,18 +104,21 @@ def _columns(part: torch.Tensor, width: int) -> torch.Tensor:
     return F.interpolate(part, size=(part.shape[-2], width), mode="bilinear", align_corners=False)
 
 
-def _rows(wide: torch.Tensor, rows: Taps) -> torch.Tensor:
+def _rows(wide: torch.Tensor, rows: Taps, out: torch.Tensor | None = None) -> torch.Tensor:
     """Bilinear resize of the second-to-last dimension by ``rows`` (indices into it):
-    ``[..., k, W]`` → ``[..., r, W]``, each output ``x1 · w1`` then ``+ x0 · w0`` (fused).
+    ``[..., k, W]`` → ``[..., r, W]``, each output ``x1 · w1`` then ``+ x0 · w0`` (fused);
+    written into ``out`` if given.
 
     Consecutive output rows that read the same two input rows (a run; long when upsampling)
     are computed together by broadcasting those rows, without gathering copies of them;
     small inputs, where per-run calls would cost more than the copies, are gathered."""
     i0, i1, a0, a1 = rows
     runs = _runs(i0.tolist(), i1.tolist())
+    if out is None:
+        out = wide.new_empty(*wide.shape[:-2], len(i0), wide.shape[-1])
     if wide[..., :1, :].numel() * (len(i0) / len(runs)) < (1 << 14):
-        return wide[..., i1, :].mul_(a1[:, None]).addcmul_(wide[..., i0, :], a0[:, None])
-    out = wide.new_empty(*wide.shape[:-2], len(i0), wide.shape[-1])
+        torch.mul(wide[..., i1, :], a1[:, None], out=out)
+        return out.addcmul_(wide[..., i0, :], a0[:, None])
     for start, stop, k0, k1 in runs:
         part = out[..., start:stop, :]
         torch.mul(wide[..., k1:k1 + 1, :], a1[start:stop, None], out=part)
@@ -112,19 +143,23 @@ def _slice_taps(taps: Taps, start: int, stop: int, shift: int = 0) -> Taps:
     return i0[start:stop] - shift, i1[start:stop] - shift, w0[start:stop], w1[start:stop]
 
 
-def _upsampled_chunks(low: torch.Tensor, out_size: tuple[int, int], elements: int
+def _upsampled_chunks(low: torch.Tensor, out_size: tuple[int, int], elements: int, reuse: bool = False
                       ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(r0, r1, up(low)[:, :, r0:r1])`` for ``low [B, Q, h, w]``: per chunk, the
-    columns of the low-resolution rows it reads, then its rows from those."""
+    columns of the low-resolution rows it reads, then its rows from those. With ``reuse``,
+    every chunk is written into the same memory (the caller is done with a chunk when it asks
+    for the next)."""
     B, Q, h, w = low.shape
     H, W = out_size
     rows = bilinear_taps(h, H, low.device)
-    step = _rows_per_chunk(Q, W, B, elements)
+    step = min(H, _rows_per_chunk(Q, W, B, elements))
+    buffer = low.new_empty(B * Q * step * W) if reuse else None
     for r0 in range(0, H, step):
         r1 = min(H, r0 + step)
         lo, hi = int(rows[0][r0]), int(rows[1][r1 - 1]) + 1  # the low-resolution rows this chunk reads
         wide = _columns(low[:, :, lo:hi], W)  # B, Q, hi-lo, W
-        yield r0, r1, _rows(wide, _slice_taps(rows, r0, r1, lo))  # B, Q, r, W
+        out = None if buffer is None else buffer[:B * Q * (r1 - r0) * W].view(B, Q, r1 - r0, W)
+        yield r0, r1, _rows(wide, _slice_taps(rows, r0, r1, lo), out)  # B, Q, r, W
 
 
 def dense_classify_torch(
@@ -155,9 +190,62 @@ def classify_low(
     labels = torch.empty(B, H, W, dtype=torch.int64, device=low.device)
     scores = torch.empty(B, H, W, dtype=torch.float32, device=low.device)
     class_of_prompt = class_of_prompt.to(low.device)
-    for r0, r1, block in _upsampled_chunks(low.float(), out_size, chunk_elements):
-        labels[:, r0:r1], scores[:, r0:r1] = _decide(block, class_of_prompt, logit_scale, bg_threshold)
+    if _fused(low):
+        return _classify_fused(low.float(), class_of_prompt, out_size, logit_scale, bg_threshold,
+                               chunk_elements)
+    spare = None
+    for r0, r1, block in _upsampled_chunks(low.float(), out_size, chunk_elements, reuse=True):
+        if spare is None:
+            spare = torch.empty_like(block).view(-1)
+        view = spare[:block.numel()].view(block.shape)  # scratch for the decision, B, Q, r, W
+        labels[:, r0:r1], scores[:, r0:r1] = _decide(block, class_of_prompt, logit_scale, bg_threshold, view)
     return labels, scores
+
+
+def _fused(tensor: torch.Tensor) -> bool:
+    """Whether the fused C decision (``native.py``) serves this tensor: CPU, and built."""
+    return tensor.device.type == "cpu" and native.available()
+
+
+def _row_spans(rows: Taps, max_low_rows: int) -> Iterator[tuple[int, int, int, int]]:
+    """Split the output rows into spans ``(r0, r1, lo, hi)`` that read at most
+    ``max_low_rows`` input rows ``lo:hi`` each (at least the two under one output row)."""
+    i0, i1 = rows[0].tolist(), rows[1].tolist()
+    r0 = 0
+    while r0 < len(i0):
+        lo, r1 = i0[r0], r0 + 1
+        while r1 < len(i0) and i1[r1] - lo < max(2, max_low_rows):
+            r1 += 1
+        yield r0, r1, lo, i1[r1 - 1] + 1
+        r0 = r1
+
+
+def _finish(prompt: torch.Tensor, scores: torch.Tensor, class_of_prompt: torch.Tensor,
+            bg_threshold: float | None) -> torch.Tensor:
+    """Winning prompts → labels: their classes, 0 below ``bg_threshold``."""
+    identity = torch.equal(class_of_prompt, torch.arange(len(class_of_prompt), device=prompt.device))
+    labels = prompt if identity else class_of_prompt[prompt]
+    if bg_threshold is not None:
+        labels.masked_fill_(scores < bg_threshold, 0)
+    return labels
+
+
+def _classify_fused(low: torch.Tensor, class_of_prompt: torch.Tensor, out_size: tuple[int, int],
+                    logit_scale: float, bg_threshold: float | None, chunk_elements: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``classify_low`` by the fused C decision: per span of output rows, PyTorch resizes the
+    columns of the low-resolution rows it reads (at most ``chunk_elements`` floats), the C
+    loop does the rest."""
+    B, Q, h, _ = low.shape
+    H, W = out_size
+    prompt = torch.empty(B, H, W, dtype=torch.int64)
+    scores = torch.empty(B, H, W, dtype=torch.float32)
+    rows = bilinear_taps(h, H)
+    for r0, r1, lo, hi in _row_spans(rows, chunk_elements // max(1, B * Q * W)):
+        wide = _columns(low[:, :, lo:hi], W)  # B, Q, hi-lo, W
+        native.decide_rows(wide, _slice_taps(rows, r0, r1, lo), logit_scale,
+                           prompt[:, r0:r1], scores[:, r0:r1])
+    return _finish(prompt, scores, class_of_prompt, bg_threshold), scores
 
 
 def iter_class_probabilities(
@@ -232,6 +320,7 @@ def slide_classify(
     labels = torch.empty(H, W, dtype=torch.int64, device=device)
     scores = torch.empty(H, W, dtype=torch.float32, device=device)
     class_of_prompt = class_of_prompt.to(device)
+    fused = _fused(count)
     step = _rows_per_chunk(Q, max(W, Wc), 1, chunk_elements)
     for r0 in range(0, H, step):
         r1 = min(H, r0 + step)
@@ -246,7 +335,14 @@ def slide_classify(
             wide = _columns(low[:, :, lo:hi], width)[0, :, :, left:left + x2 - x1]  # Q, hi-lo, x2-x1
             canvas[:, a - c0:b - c0, x1:x2] += _rows(wide, _slice_taps(taps, 0, b - a, lo))
         canvas /= count[c0:c1]
-        block = _rows(_columns(canvas[None], W), _slice_taps(rows, r0, r1, c0))  # 1, Q, r, W
+        wide = _columns(canvas[None], W)  # 1, Q, c1-c0, W
+        if fused:  # the winning prompts go to labels, mapped to classes at the end
+            native.decide_rows(wide, _slice_taps(rows, r0, r1, c0), logit_scale,
+                               labels[None, r0:r1], scores[None, r0:r1])
+            continue
+        block = _rows(wide, _slice_taps(rows, r0, r1, c0))  # 1, Q, r, W
         chunk_labels, chunk_scores = _decide(block, class_of_prompt, logit_scale, bg_threshold)
         labels[r0:r1], scores[r0:r1] = chunk_labels[0], chunk_scores[0]
+    if fused:
+        labels = _finish(labels, scores, class_of_prompt, bg_threshold)
     return labels, scores

@@ -1,0 +1,243 @@
+"""The fused CPU decision: row interpolation, scaling, the first maximum over prompts and the
+sum of exponentials in one pass over each output row, in a small C function built on first use.
+
+The torch path (``cpu.py``) needs a separate pass over the ``[Q, r, W]`` block for each of
+those steps; this loop computes an output row's ``Q × W`` logits into a buffer that stays in
+the core's cache and reads it twice (maximum, then ``Σ exp``). The column resize stays
+PyTorch's own (``cpu._columns``); the row interpolation and the scaling are written with the
+same roundings as the torch path (``x1·w1 + x0·w0`` rounded after each product and the sum,
+then ``· s``; built with ``-ffp-contract=off`` so the compiler fuses nothing), so the labels
+are the torch path's bit for bit and the scores agree to 1e-6 (the exponential is a Cephes
+polynomial, 2 ulp).
+
+The library is compiled with the system's C compiler (``$CC``, else ``cc``/``gcc``) into
+``$OVDENSE_CACHE/kernels`` (default ``~/.cache/ovdense/kernels``), keyed by the source, the
+flags and the machine, written atomically; it has no dependency on torch's headers, so the
+build takes about a second. ``ctypes`` releases the GIL during the call, so the rows are
+shared between ``torch.get_num_threads()`` Python threads. Where there is no compiler, the
+build fails or ``OVDENSE_NATIVE=0`` is set, ``available()`` is False and callers use the torch
+path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+
+/* exp(x) for x <= 0 (Cephes expf: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, 2 ulp);
+   below -87 it returns exp(-87) ~ 1.6e-38, a negligible term beside the maximum's 1. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float t = x * 1.44269504088896341f;
+    const float n = (t + 12582912.0f) - 12582912.0f; /* t rounded to the nearest integer */
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } two_n;
+    two_n.i = ((int32_t)n + 127) << 23;
+    return p * two_n.f;
+}
+
+/* wide [B][Q][K][W]: the column-resized low-resolution rows; output rows j in [j0, j1) read
+   rows i0[j], i1[j] of K with weights a0[j], a1[j]. Writes the first maximising prompt and
+   1 / sum_q exp(x_q - x_max) of x = (x1 a1 + x0 a0) s to prompt/score + b*out_stride + j*W. */
+int ovdense_decide_rows(const float *wide, int64_t B, int64_t Q, int64_t K, int64_t W,
+                        const int64_t *i0, const int64_t *i1, const float *a0, const float *a1,
+                        int64_t j0, int64_t j1, float scale, int64_t out_stride,
+                        int64_t *prompt, float *score) {
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(Q * W + 2 * W));
+    int32_t *arg = (int32_t *)malloc(sizeof(int32_t) * (size_t)W);
+    if (buf == NULL || arg == NULL) {
+        free(buf);
+        free(arg);
+        return 1;
+    }
+    float *best = buf + Q * W, *total = best + W;
+    for (int64_t b = 0; b < B; ++b) {
+        const float *base = wide + b * Q * K * W;
+        for (int64_t j = j0; j < j1; ++j) {
+            const float w0 = a0[j], w1 = a1[j];
+            for (int64_t w = 0; w < W; ++w) {
+                best[w] = -__builtin_inff();
+                arg[w] = 0;
+                total[w] = 0.0f;
+            }
+            for (int64_t q = 0; q < Q; ++q) {
+                const float *x0 = base + (q * K + i0[j]) * W;
+                const float *x1 = base + (q * K + i1[j]) * W;
+                float *x = buf + q * W;
+                const int32_t qi = (int32_t)q;
+                for (int64_t w = 0; w < W; ++w) {
+                    float v = x1[w] * w1;
+                    float u = x0[w] * w0;
+                    v = (v + u) * scale;
+                    x[w] = v;
+                    const int up = v > best[w];
+                    best[w] = up ? v : best[w];
+                    arg[w] = up ? qi : arg[w];
+                }
+            }
+            for (int64_t q = 0; q < Q; ++q) {
+                const float *x = buf + q * W;
+                for (int64_t w = 0; w < W; ++w) total[w] += exp_nonpositive(x[w] - best[w]);
+            }
+            int64_t *p_out = prompt + b * out_stride + j * W;
+            float *s_out = score + b * out_stride + j * W;
+            for (int64_t w = 0; w < W; ++w) {
+                p_out[w] = arg[w];
+                s_out[w] = 1.0f / total[w];
+            }
+        }
+    }
+    free(buf);
+    free(arg);
+    return 0;
+}
+"""
+
+# -fno-trapping-math lets the compiler vectorise the branch-free selects; no flag reorders arithmetic
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC",
+         "-shared"]
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+
+
+def _cache_folder() -> Path:
+    """``kernels/`` in ovdense's one cache folder (``backbone.prompts.default_cache_dir``'s rule,
+    restated here so that the kernels do not import the layer above them)."""
+    return Path(os.environ.get("OVDENSE_CACHE", Path.home() / ".cache" / "ovdense")) / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build() -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    key = hashlib.sha256("\n".join([SOURCE, compiler, *FLAGS, platform.machine(), _cpu_flags()])
+                         .encode()).hexdigest()[:16]
+    folder = _cache_folder()
+    target = folder / f"ovdense_decide_{key}.so"
+    if not target.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            source = Path(tmp) / "decide.c"
+            source.write_text(SOURCE)
+            built = Path(tmp) / target.name
+            done = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)],
+                                  capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:500]}")
+            os.replace(built, target)  # atomic: a concurrent build writes the same bytes
+    library = ctypes.CDLL(str(target))
+    fn = library.ovdense_decide_rows
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, i64, ptr, ptr]
+    fn.restype = ctypes.c_int
+    return library
+
+
+def _cpu_flags() -> str:
+    """The processor's feature flags (``-march=native`` code runs only where they match)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def available() -> bool:
+    """True when the fused library is built (or builds now) and ``OVDENSE_NATIVE`` is not 0."""
+    global _library, _failure
+    if os.environ.get("OVDENSE_NATIVE", "1") == "0":
+        return False
+    with _lock:
+        if _library is None and _failure is None:
+            try:
+                _library = _build()
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                _failure = str(e)
+        return _library is not None
+
+
+def failure() -> str | None:
+    """Why the library could not be built, if it could not."""
+    return _failure
+
+
+def decide_rows(
+    wide: torch.Tensor,
+    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    logit_scale: float,
+    prompt: torch.Tensor,
+    score: torch.Tensor,
+) -> None:
+    """``wide [B, Q, K, W]`` (float32, CPU) and row taps ``(i0, i1, a0, a1) [r]`` (indices into
+    ``K``) → writes the winning prompt (int64) and its probability into ``prompt`` and
+    ``score``, ``[B, r, W]`` views whose rows are contiguous (e.g. ``labels[:, r0:r1]``)."""
+    if not available():
+        raise RuntimeError(f"the fused kernel is not available: {_failure}")
+    wide = wide.contiguous()
+    B, Q, K, W = wide.shape
+    i0, i1 = (t.to(torch.int64).contiguous() for t in rows[:2])
+    a0, a1 = (t.to(torch.float32).contiguous() for t in rows[2:])
+    r = len(i0)
+    for out in (prompt, score):
+        if out.shape != (B, r, W) or out.stride(2) != 1 or out.stride(1) != W:
+            raise ValueError("outputs must be [B, r, W] with contiguous rows")
+    if prompt.stride(0) != score.stride(0):
+        raise ValueError("prompt and score must have the same batch stride")
+    fn = _library.ovdense_decide_rows
+    args = (wide.data_ptr(), B, Q, K, W, i0.data_ptr(), i1.data_ptr(), a0.data_ptr(), a1.data_ptr())
+    threads = max(1, min(torch.get_num_threads(), r))
+    bounds = [r * t // threads for t in range(threads + 1)]
+
+    def run(t: int) -> int:
+        return fn(*args, bounds[t], bounds[t + 1], float(logit_scale), prompt.stride(0),
+                  prompt.data_ptr(), score.data_ptr())
+
+    if threads == 1:
+        codes = [run(0)]
+    else:
+        codes = list(_pool(threads).map(run, range(threads)))
+    if any(codes):
+        raise MemoryError("the fused kernel could not allocate its row buffer")
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    with _lock:
+        if threads not in _pools:
+            _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="ovdense-kernel")
+        return _pools[threads]
