@@ -4,18 +4,24 @@ Importing ``ovdense.mm`` registers, in mmsegmentation 1.x's registries (``defaul
 
 * ``MODELS``: ``OvdenseSegmentor`` (any training-free method of ``ovdense.Segmenter`` on the
   shared backbone) and ``OvdenseDataPreprocessor`` (BGR → RGB only; the ``Segmenter``
-  resizes and normalises itself);
+  resizes and normalises itself); ``OvdenseSAN`` (the trained SAN head, ``ovdense/mm/san.py``)
+  and ``SanDataPreprocessor``;
 * ``DATASETS``: ``PascalVOC20Dataset``, ``COCOObjectDataset``, ``PascalContext459Dataset`` and
-  ``ADE20K847Dataset``, the benchmarks mmseg 1.2.2 lacks;
+  ``ADE20K847Dataset``, the benchmarks mmseg 1.2.2 lacks; ``ClassFileDataset`` (any dataset in
+  the images/annotations layout with a class file);
 * ``TRANSFORMS``: ``LoadAnnotations16`` (label maps with more than 255 classes);
 * mmengine's ``MODEL_WRAPPERS``: ``OvdenseInferenceWrapper`` (multi-process evaluation of a
-  frozen model, which ``DistributedDataParallel`` refuses).
+  frozen model, which ``DistributedDataParallel`` refuses);
+* mmengine's training registries (``ovdense/mm/training.py``): ``SeededInfiniteSampler``,
+  ``SeededDataset``, ``SeededIterBasedTrainLoop`` (exact resume), ``AtomicCheckpointHook``,
+  ``LossCurveHook``, ``ProgressBarHook``.
 
 Configs load it with ``custom_imports = dict(imports=["ovdense.mm"])``. It needs full mmcv 2.1
 (with ``mmcv.ops``; ``python tools/build_mmcv.py``), mmengine 0.10 and mmsegmentation 1.2.2
 (``pip install -e ".[mm]"``). Nothing else in ovdense imports this package.
 """
 
+from ovdense.mm.custom import ClassFileDataset
 from ovdense.mm.datasets import (
     ADE20K847Dataset,
     COCOObjectDataset,
@@ -23,10 +29,28 @@ from ovdense.mm.datasets import (
     PascalContext459Dataset,
     PascalVOC20Dataset,
 )
+from ovdense.mm.san import OvdenseSAN, SanDataPreprocessor
 from ovdense.mm.segmentor import OvdenseDataPreprocessor, OvdenseInferenceWrapper, OvdenseSegmentor
+from ovdense.mm.training import (
+    AtomicCheckpointHook,
+    LossCurveHook,
+    ProgressBarHook,
+    SeededDataset,
+    SeededInfiniteSampler,
+    SeededIterBasedTrainLoop,
+)
 
 __all__ = [
     "ADE20K847Dataset",
+    "AtomicCheckpointHook",
+    "ClassFileDataset",
+    "LossCurveHook",
+    "OvdenseSAN",
+    "ProgressBarHook",
+    "SanDataPreprocessor",
+    "SeededDataset",
+    "SeededInfiniteSampler",
+    "SeededIterBasedTrainLoop",
     "COCOObjectDataset",
     "LoadAnnotations16",
     "OvdenseDataPreprocessor",
