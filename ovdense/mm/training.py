@@ -421,3 +421,24 @@ class ProgressBarHook(Hook):
     def after_train(self, runner) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+
+
+def init_cpu_distributed(cfg) -> None:
+    """Start the process group over gloo where torch sees no GPU (``cfg.launcher ==
+    "pytorch"``): mmengine's own start calls ``torch.cuda.set_device`` and NCCL, which need one."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if cfg.launcher != "pytorch" or torch.cuda.is_available() or dist.is_initialized():
+        return
+    dist_cfg = dict(cfg.get("env_cfg", {}).get("dist_cfg", {}))
+    dist_cfg.pop("backend", None)
+    timeout = dist_cfg.pop("timeout", None)
+    if timeout is not None:
+        dist_cfg["timeout"] = datetime.timedelta(seconds=timeout)
+    dist.init_process_group(backend="gloo", **dist_cfg)

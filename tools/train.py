@@ -1,0 +1,147 @@
+"""Train a config with mmengine's Runner (SAN: ``configs/san/``), on one or many processes.
+
+    python tools/train.py configs/san/san_toy_synthetic.py
+    python tools/train.py CONFIG --work-dir work_dirs/run1 --resume        # continue after a stop
+    torchrun --nproc_per_node 8 tools/train.py CONFIG --launcher pytorch --amp
+
+Checkpoints go to ``WORK_DIR/iter_<n>.pth`` (written under a temporary name and renamed, so a
+killed run never leaves a truncated one); ``--resume`` continues from the newest complete one
+in the work dir, with its optimizer, learning-rate schedule and AMP scaler. A run that is
+killed and resumed ends with the weights of an uninterrupted run: every random choice of an
+iteration (which images, their augmentation, the loss's sampled points) derives from
+``(randomness.seed, global sample index)`` (``ovdense/mm/training.py``). The global batch is
+``train_dataloader.batch_size`` × processes; the configs name it. Where torch sees no GPU,
+``--launcher pytorch`` processes talk over ``gloo`` (CPU). At the end the trained head is also
+written as ``WORK_DIR/san_head.safetensors`` (``ovdense.heads.san.load_head`` reads it).
+Any mmengine config trains here (the detection configs of ``configs/ovdet/`` too); the seeded
+sampler, loop and atomic checkpoints are the configs' choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import os.path as osp
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from mmengine.config import DictAction
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("config", help="config file (configs/san/<model>_<dataset>.py)")
+    parser.add_argument("--work-dir", help="where checkpoints and logs go (default work_dirs/<config name>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in the work dir")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (AmpOptimWrapper, GPU only)")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction,
+                        help="override config entries, key=value (e.g. train_cfg.max_iters=1000)")
+    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    args = parser.parse_args(argv)
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
+    return args
+
+
+def build_config(args: argparse.Namespace):
+    """The config of ``args.config`` with the command line's choices applied."""
+    import torch
+    from mmengine.config import Config
+
+    from ovdense.errors import OvdenseError
+
+    if not osp.isfile(args.config):
+        raise OvdenseError(f"config not found: {args.config}")
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get("work_dir") is None:
+        cfg.work_dir = osp.join("work_dirs", osp.splitext(osp.basename(args.config))[0])
+    if cfg.get("train_dataloader") is None:
+        raise OvdenseError(f"{args.config} has no train_dataloader: it is an evaluation config "
+                           "(use tools/test.py)")
+    randomness = dict(cfg.get("randomness") or {})
+    if randomness.get("seed") is None:  # exact resume needs the same seed in every run
+        randomness["seed"] = 0
+    cfg.randomness = randomness
+    sampler = cfg.train_dataloader.get("sampler") or {}
+    if sampler.get("type") == "SeededInfiniteSampler":
+        sampler["batch_size"] = cfg.train_dataloader.batch_size
+    max_iters = (cfg.get("train_cfg") or {}).get("max_iters")
+    schedulers = cfg.get("param_scheduler") or []
+    for scheduler in [schedulers] if isinstance(schedulers, dict) else schedulers:
+        # a schedule ends with training (--cfg-options train_cfg.max_iters=N shortens both)
+        by_iteration = not scheduler.get("by_epoch", True)
+        if max_iters is not None and by_iteration and scheduler.get("end", 0) > max_iters:
+            scheduler["end"] = max_iters
+    if args.amp:
+        if not torch.cuda.is_available():
+            raise OvdenseError("--amp needs a CUDA GPU; leave it out to train in float32 on the CPU")
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
+    wrapper = cfg.get("model_wrapper_cfg") or {}
+    ddp = wrapper.get("type") == "MMDistributedDataParallel"
+    if args.launcher != "none" and ddp and not torch.cuda.is_available():
+        wrapper["device_ids"] = None  # DDP of a CPU model (mmengine would pass [LOCAL_RANK])
+    cfg.resume = False
+    if args.resume:
+        from ovdense.mm.training import latest_checkpoint
+
+        found = latest_checkpoint(cfg.work_dir)
+        if found is None:
+            print(f"no checkpoint in {cfg.work_dir}: starting from iteration 0", file=sys.stderr)
+        else:
+            cfg.resume, cfg.load_from = True, found
+    return cfg
+
+
+def train(argv=None):
+    """Run the training loop; return the trained model (unwrapped)."""
+    from mmengine.model import is_model_wrapper
+    from mmengine.runner import Runner
+
+    from ovdense.mm.training import init_cpu_distributed
+
+    args = parse_args(argv)
+    cfg = build_config(args)
+    init_cpu_distributed(cfg)
+    runner = Runner.from_cfg(cfg)
+    model = runner.train()
+    model = model.module if is_model_wrapper(model) else model
+    export_head(model, cfg.work_dir)
+    return model
+
+
+def export_head(model, work_dir: str) -> None:
+    """Write a trained SAN head as ``WORK_DIR/san_head.safetensors`` (process 0)."""
+    from mmengine.dist import is_main_process
+
+    from ovdense.heads.san import save_head
+    from ovdense.mm.san import OvdenseSAN
+
+    if is_main_process() and isinstance(model, OvdenseSAN):
+        path = osp.join(work_dir, "san_head.safetensors")
+        save_head(path, model.head, model.backbone)
+        print(f"head: {path}")
+
+
+def main(argv=None) -> int:
+    from ovdense.errors import OvdenseError
+
+    try:
+        train(argv)
+    except OvdenseError as e:
+        hint = " (here: --cfg-options model.backbone.pretrained=PATH)" if "pretrained" in str(e) else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
