@@ -53,10 +53,10 @@ well under a minute, through the same code paths; its figures mean nothing.
     python tools/gpu_check.py --out runs/gpu_check 2>&1 | tee runs/gpu_check.log
 
 **On this workplace's device machine** (Python 3.12 with torch, Triton, timm, lightning,
-torchmetrics, scikit-image, opencv; no network): carry the missing packages as wheels, about
-11 MB in all. Here, once, in the repository's root::
+torchmetrics, scikit-image, opencv; no network): carry the missing packages as wheels in the
+ignored ``.whl/`` (``.gitignore`` lists it): 13 files, 10.3 MiB, which with the working tree
+(about 21 MB) stays well inside the 64 MiB that travels. Here, once, in the repository's root::
 
-    echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \\
         --platform manylinux2014_x86_64 --platform any -d .whl \\
@@ -65,8 +65,10 @@ torchmetrics, scikit-image, opencv; no network): carry the missing packages as w
         kornia==0.9.0 kornia_rs==0.2.0 platformdirs==4.14.9 rich-argparse==1.8.0
     python3 -m pip wheel --no-deps -w .whl FrEIA==0.2   # sdist only on PyPI: a pure-Python wheel
 
-Then one ``run`` call with ``carry: [".whl"]`` and ``timeout_s: 480`` (the default part budgets
-add up to 400 s), and ``give_back`` after it::
+(open_clip needs ftfy → wcwidth beyond the image; anomalib's ``WinClipModel`` imports its whole
+model zoo, which needs the rest; omegaconf 2.4 vendors its antlr runtime. The biggest wheel is
+kornia_rs, 5.3 MB.) Then one ``run`` call with ``carry: [".whl"]`` and ``timeout_s: 480`` (the
+default part budgets add up to 400 s), and ``give_back`` after it::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
         --target /tmp/site .whl/*.whl || exit; export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1; \\
@@ -717,7 +719,8 @@ def report_text(run: Run, parts: list[PartRun], started: str, total_s: float) ->
         f"- mode: {mode}",
         f"- device: {env.get('GPU', run.device)} (driver {env.get('driver', 'n/a')}, CUDA capability "
         f"{env.get('CUDA capability', 'n/a')}); torch {torch.__version__}, Triton {env.get('triton', '?')}",
-        f"- started {started} UTC, {total_s:.1f} s in all; seed {run.seed}; random weights",
+        f"- started {started} UTC, {total_s:.1f} s in all; seed {run.seed}; random weights; load average "
+        f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs when written",
         f"- command: `{' '.join(sys.argv)}`", "",
         "| part | status | seconds | rows |", "| --- | --- | --- | --- |",
     ]
