@@ -361,7 +361,7 @@ def _pending(args: argparse.Namespace, images: list[Path], suffixes: Sequence[st
 
 
 def _command_methods() -> int:
-    from ovdense.backbone.dense import METHODS
+    from ovdense.backbone.protocols import METHOD_INFO as METHODS  # torch-free
 
     print(f"{'method':<10} {'short side':>10} {'window':>9} {'logit scale':>11} {'pamr':>5}  paper")
     for name, spec in METHODS.items():
@@ -378,7 +378,7 @@ ANOMALY_OUTPUTS = ("_anomaly.npy", "_heatmap.png", "_anomaly.json")
 
 
 def _command_segment(args: argparse.Namespace) -> int:
-    from ovdense.backbone.dense import METHODS
+    from ovdense.backbone.protocols import METHOD_INFO as METHODS  # torch-free
 
     sam_clip = args.method == SAM_CLIP
     if not sam_clip and args.method not in METHODS:

@@ -281,3 +281,21 @@ def test_max_pixels_option(scene, tiny_config_path, tmp_path, capsys):
     code, err = run([str(scene), "--classes", "a,b", "--out", str(tmp_path / "o"), "--max-pixels", "3072"],
                     tiny_config_path, tmp_path, capsys)
     assert code == 0, err
+
+
+def test_help_and_methods_import_no_torch():
+    """``ovdense --help`` and ``ovdense methods`` stay fast: no torch, numpy, PIL or open_clip."""
+    code = ("import sys, contextlib, io\n"
+            "from ovdense.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert main(['methods']) == 0\n"
+            "    for argv in (['--help'], ['segment', '--help'], ['anomaly', '--help']):\n"
+            "        try:\n"
+            "            main(argv)\n"
+            "        except SystemExit:\n"
+            "            pass\n"
+            "heavy = sorted(m for m in ('torch', 'numpy', 'PIL', 'open_clip', 'mmcv') if m in sys.modules)\n"
+            "print(heavy)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
