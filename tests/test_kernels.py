@@ -176,6 +176,30 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
     assert not native.available()
 
 
+def _labels_in_child(queue):
+    patch, text, cop = random_case(1, 6, 8, 5, 5, seed=6)
+    queue.put(kernels.dense_classify(patch, text, cop, (40, 40), 40.0, kernel="torch")[0].tolist())
+
+
+def test_a_forked_child_runs_the_fused_kernel(monkeypatch):
+    """The worker threads are per process: a forked child (a data-loader worker) builds its own
+    instead of waiting on its parent's, which it does not have."""
+    import multiprocessing
+
+    if not native.available():
+        pytest.skip(f"the fused kernel cannot be built here: {native.failure()}")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the parent's pool has 2 workers
+    patch, text, cop = random_case(1, 6, 8, 5, 5, seed=6)
+    want = kernels.dense_classify(patch, text, cop, (40, 40), 40.0, kernel="torch")[0]
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_labels_in_child, args=(queue,))
+    child.start()
+    got = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert got == want.tolist()
+
+
 def test_torch_path_in_small_chunks_matches_reference():
     patch, text, cop = random_case(2, 11, 8, 6, 7, seed=3, synonyms=True)
     want = dense_classify_reference(patch, text, cop, (50, 45), 60.0, 0.2)

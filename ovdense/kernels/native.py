@@ -233,11 +233,14 @@ def decide_rows(
         raise MemoryError("the fused kernel could not allocate its row buffer")
 
 
-_pools: dict[int, ThreadPoolExecutor] = {}
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads`` workers for this process (keyed by pid: a forked child, such as a
+    data-loader worker, must not wait on its parent's threads, which it does not have)."""
+    key = (os.getpid(), threads)
     with _lock:
-        if threads not in _pools:
-            _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="ovdense-kernel")
-        return _pools[threads]
+        if key not in _pools:
+            _pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="ovdense-kernel")
+        return _pools[key]
