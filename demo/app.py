@@ -85,8 +85,9 @@ def read_image(path: str | Path | None, max_side: int = MAX_SIDE,
     try:
         rgb = load_image(path, max_pixels=max_pixels)
     except OvdenseError as e:
-        if "megapixels" in str(e):
-            raise OvdenseError(str(e).replace(str(path), path.name).replace(" (--max-pixels)", "")) from None
+        if "megapixels" in str(e):  # the page names the upload, not where the server keeps it
+            size = str(e).split(";")[0].replace(str(path), path.name)
+            raise OvdenseError(f"{size}; upload a smaller image") from None
         raise OvdenseError(f"{path.name} is not a readable image; upload a PNG, JPEG, BMP, TIFF "
                            "or WebP file") from e
     height, width = rgb.shape[:2]

@@ -121,6 +121,28 @@ def test_read_image_refuses_non_images(app, tmp_path):
         app.read_image(None)
 
 
+def test_read_image_refuses_oversized_files_before_decoding(app, tmp_path, monkeypatch):
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = tmp_path / "bomb.png"
+    header = struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0)
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    with pytest.raises(OvdenseError) as info:
+        app.read_image(bomb)
+    assert str(info.value).startswith("bomb.png is 50000×50000 = 2500.0 megapixels, over the limit of 100")
+    assert str(tmp_path) not in str(info.value)  # the page names the upload, not the server's folder
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * 1000)
+    monkeypatch.setattr(app, "MAX_UPLOAD_BYTES", 999)
+    with pytest.raises(OvdenseError, match="big.png has 0.0 MB; the demo takes at most"):
+        app.read_image(big)
+
+
 # --------------------------------------------------------------------------------------------
 # The work functions
 
