@@ -45,6 +45,7 @@ ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MAX_PIXELS = 100_000_000  # the default pixel limit of every way an image enters ovdense
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 def load_image(image: ImageInput, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
@@ -69,6 +70,8 @@ def load_image(image: ImageInput, max_pixels: int | None = MAX_PIXELS) -> np.nda
                 warnings.simplefilter("ignore")
                 check_pixels(opened.size, max_pixels, path)
                 opened.load()
+                if opened.getexif().get(ORIENTATION, 1) in (1, None):  # nothing to turn: no copy
+                    return _pil_to_rgb(opened)
                 return _pil_to_rgb(ImageOps.exif_transpose(opened))
         except OvdenseError:
             raise
@@ -152,7 +155,9 @@ def _pil_to_rgb(pil: Image.Image) -> np.ndarray:
     if pil.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", pil.size, (255, 255, 255, 255))
         pil = Image.alpha_composite(background, pil.convert("RGBA"))
-    return np.ascontiguousarray(np.asarray(pil.convert("RGB"), dtype=np.uint8))
+    if pil.mode != "RGB":
+        pil = pil.convert("RGB")
+    return np.ascontiguousarray(np.asarray(pil, dtype=np.uint8))
 
 
 def _array_to_rgb(array: np.ndarray) -> np.ndarray:
@@ -308,34 +313,45 @@ def overlay(
     The legend lists the classes present in ``labels`` (most pixels first) with their colour
     and pixel share; it is drawn on a white strip to the right of the image.
     Returns an RGB ``uint8`` array ``[H', W + 200, 3]``, ``H' = H`` unless the legend needs
-    more rows. Labels above 255 share the palette's colours modulo 256.
+    more rows. Labels above 255 share the palette's colours modulo 256. The blend runs over
+    blocks of rows, so its float temporaries stay small for any image size.
     """
     if image.shape[:2] != labels.shape:
         raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
-    colors = colorize(labels % 256).astype(np.float32)
-    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colors
-    blended = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    height, width = labels.shape
     if not legend:
+        blended = np.empty((height, width, 3), np.uint8)
+        _blend_rows(image, labels, alpha, blended)
         return blended
     counts = np.bincount(labels.reshape(-1), minlength=len(class_names))
     present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
     font = ImageFont.load_default()
     row = 16
-    width = 200
-    height = max(labels.shape[0], row * (len(present) + 1))
-    canvas = Image.new("RGB", (blended.shape[1] + width, height), (255, 255, 255))
-    canvas.paste(Image.fromarray(blended), (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    x0 = blended.shape[1] + 6
+    strip = 200
+    canvas = np.full((max(height, row * (len(present) + 1)), width + strip, 3), 255, np.uint8)
+    _blend_rows(image, labels, alpha, canvas[:height, :width])
+    legend_strip = Image.new("RGB", (strip, canvas.shape[0]), (255, 255, 255))
+    draw = ImageDraw.Draw(legend_strip)
     pal = palette()
     for n, index in enumerate(present):
         y = 4 + n * row
-        draw.rectangle([x0, y, x0 + 11, y + 11], fill=tuple(int(c) for c in pal[index]),
-                       outline=(0, 0, 0))
+        draw.rectangle([6, y, 6 + 11, y + 11], fill=tuple(int(c) for c in pal[index % 256]), outline=(0, 0, 0))
         name = class_names[index] if index < len(class_names) else str(index)
         share = 100.0 * counts[index] / labels.size
-        draw.text((x0 + 16, y), f"{name} {share:.1f}%", fill=(0, 0, 0), font=font)
-    return np.asarray(canvas)
+        draw.text((6 + 16, y), f"{name} {share:.1f}%", fill=(0, 0, 0), font=font)
+    canvas[:, width:] = np.asarray(legend_strip)
+    return canvas
+
+
+def _blend_rows(image: np.ndarray, labels: np.ndarray, alpha: float, out: np.ndarray,
+                rows: int = 256) -> None:
+    """``out[H, W, 3] = round((1 − alpha)·image + alpha·palette[labels % 256])`` in float32,
+    ``rows`` rows at a time."""
+    colours = palette().astype(np.float32)
+    for start in range(0, labels.shape[0], rows):
+        block = slice(start, start + rows)
+        blended = (1.0 - alpha) * image[block].astype(np.float32) + alpha * colours[labels[block] % 256]
+        out[block] = np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
 
 def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, alpha: float = 0.5,

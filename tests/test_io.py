@@ -163,3 +163,14 @@ def test_cache_writes_skip_fsync_but_stay_atomic(tmp_path, monkeypatch):
     write_bytes(tmp_path / "x.bin", b"2")
     assert len(synced) == 1 and (tmp_path / "x.bin").read_bytes() == b"2"
     assert os.listdir(tmp_path) == ["x.bin"]
+
+
+def test_overlay_of_more_than_256_classes():
+    """Labels above 255 (ADE-847) blend and appear in the legend with the palette's colour of
+    ``label % 256``."""
+    labels = np.full((20, 30), 300)
+    labels[:, :10] = 2
+    out = overlay(np.zeros((20, 30, 3), np.uint8), labels, [f"c{i}" for i in range(301)], alpha=1.0)
+    np.testing.assert_array_equal(out[0, 20], palette(256)[300 % 256])
+    swatches = {tuple(c) for c in out[:, 30:].reshape(-1, 3).tolist()}
+    assert tuple(palette(256)[300 % 256]) in swatches and tuple(palette(3)[2]) in swatches
