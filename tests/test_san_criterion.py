@@ -307,6 +307,32 @@ def test_same_generator_same_losses_other_generator_other_losses():
     assert first["loss_dice"] != other["loss_dice"]
 
 
+def test_per_image_generators_make_an_image_s_points_independent_of_its_batch():
+    """With one generator per image (the DDP case), splitting a batch changes no point: the mask
+    terms of the batch are the sums of the images' terms under the same normaliser."""
+    num_classes, seeds = 4, (21, 22, 23)
+    rng = torch.Generator().manual_seed(13)
+    targets = [random_target(rng, num_classes, 32, 3), random_target(rng, num_classes, 32, 2)]
+    targets.insert(1, SanTarget(torch.zeros(0, dtype=torch.long), torch.zeros(0, 32, 32, dtype=torch.bool)))
+    outputs = random_outputs(rng, 2, 3, 5, num_classes, 8)
+    criterion = SanCriterion(num_classes, num_points=40)
+    total = sum(len(t.labels) for t in targets)
+    batch = criterion(outputs, targets, [torch.Generator().manual_seed(s) for s in seeds], num_masks=total)
+    alone = [
+        criterion(
+            [Output(o.mask_logits[b : b + 1], o.class_logits[b : b + 1]) for o in outputs],
+            [targets[b]],
+            [torch.Generator().manual_seed(seeds[b])],
+            num_masks=total,
+        )
+        for b in range(3)
+    ]
+    for name in ("loss_mask", "loss_dice", "d0.loss_mask", "d0.loss_dice"):
+        assert batch[name].item() == pytest.approx(sum(a[name].item() for a in alone), rel=1e-5), name
+    one = criterion(outputs, targets, torch.Generator().manual_seed(seeds[0]), num_masks=total)
+    assert one["loss_mask"].item() != pytest.approx(batch["loss_mask"].item(), rel=1e-5)
+
+
 def test_no_targets_gives_a_finite_loss_and_class_gradients():
     num_classes = 3
     outputs = random_outputs(torch.Generator().manual_seed(6), 2, 2, 5, num_classes, 4)

@@ -40,10 +40,14 @@ earlier one's ``d{i}.loss_cls`` … (mmseg's ``d{idx}.`` prefix).
 
 Randomness: every random point comes from the ``generator`` argument (a CPU ``torch.Generator``;
 points are drawn on the CPU and then moved to the logits' device), so a training step's choices
-derive from the seed the caller gives it. The draws happen in mmseg's order and shapes: outputs in
-list order; for each, one ``[1, P, 2]`` draw per image that has targets (matching), then, when
-any pair is matched, ``[M, 3P, 2]`` and ``[M, P − ⌊0.75 P⌋, 2]`` for the ``M`` matched pairs of
-the batch (image by image, queries ascending).
+derive from the seed the caller gives it. With one generator the draws happen in mmseg's order
+and shapes: outputs in list order; for each, one ``[1, P, 2]`` draw per image that has targets
+(matching), then, when any pair is matched, ``[M, 3P, 2]`` and ``[M, P − ⌊0.75 P⌋, 2]`` for the
+``M`` matched pairs of the batch (image by image, queries ascending). With one generator per
+image, image ``b`` draws its matching points and then the ``[k_b, 3P, 2]``, ``[k_b, P − ⌊0.75 P⌋, 2]``
+of its own ``k_b`` matched pairs from its generator, output by output: an image's points then do
+not depend on its batch, which lets a run on several processes see the same points as one
+process with the same global batch.
 
 Departures from mmsegmentation 1.2.2 (``SideAdapterCLIPHead.loss_by_feat``, ``MatchMasks``,
 mmseg's ``HungarianAssigner`` and match costs), where ovdense follows the official code:
@@ -228,11 +232,15 @@ class SanCriterion(nn.Module):
         self,
         outputs: Sequence[_Output],
         targets: Sequence[SanTarget],
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         num_masks: float | None = None,
     ) -> dict[str, Tensor]:
         """Weighted loss terms of every output (deepest last): ``{"loss_cls", "loss_mask",
         "loss_dice", "d0.loss_cls", …}``.
+
+        ``generator``: one CPU generator for the batch (mmseg's draw order), or one per image, so
+        that an image's points do not depend on which other images share its batch or process
+        (see the module docstring); None uses torch's global CPU generator.
 
         ``num_masks`` is the normaliser ``N_m`` (the training glue passes the mean over
         processes, as the official all-reduce); None counts the targets given here. Either way it
@@ -240,6 +248,8 @@ class SanCriterion(nn.Module):
         if len(outputs) == 0:
             raise ValueError("SanCriterion needs at least one output")
         self._check_targets(outputs[-1], targets)
+        if isinstance(generator, Sequence) and len(generator) != len(targets):
+            raise ValueError(f"{len(generator)} generators for a batch of {len(targets)} images")
         if num_masks is None:
             num_masks = float(sum(len(t.labels) for t in targets))
         num_masks = max(float(num_masks), 1.0)
@@ -273,7 +283,7 @@ class SanCriterion(nn.Module):
         self,
         output: _Output,
         targets: Sequence[SanTarget],
-        generator: torch.Generator | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
         num_masks: float,
     ) -> dict[str, Tensor]:
         class_logits = output.class_logits.float()  # B, Q, C + 1
@@ -282,16 +292,19 @@ class SanCriterion(nn.Module):
         labels = torch.full(
             (batch, num_queries), self.num_classes, dtype=torch.long, device=class_logits.device
         )
-        matched_logits, matched_masks = [], []
+        per_image = isinstance(generator, Sequence)
+        generators = list(generator) if per_image else [generator] * batch
+        matched_logits, matched_masks, matched_images = [], [], []
         for b, target in enumerate(targets):
             if len(target.labels) == 0:
                 continue
-            query_idx, target_idx = self.match(class_logits[b], mask_logits[b], target, generator)
+            query_idx, target_idx = self.match(class_logits[b], mask_logits[b], target, generators[b])
             query_idx = query_idx.to(class_logits.device)
             target_idx = target_idx.to(target.labels.device)
             labels[b, query_idx] = target.labels[target_idx].to(labels.device)
             matched_logits.append(mask_logits[b, query_idx])  # k, h, w
             matched_masks.append(target.masks[target_idx])  # k, H, W
+            matched_images.append(b)
 
         loss_cls = F.cross_entropy(
             class_logits.transpose(1, 2), labels, weight=self.empty_weight.to(class_logits.device)
@@ -300,9 +313,15 @@ class SanCriterion(nn.Module):
             src = torch.cat(matched_logits)[:, None]  # M, 1, h, w
             tgt = torch.cat(matched_masks)[:, None].to(src)  # M, 1, H, W
             with torch.no_grad():
-                points = sample_uncertain_points(
-                    src, self.num_points, self.oversample_ratio, self.importance_sample_ratio, generator
-                )  # M, P, 2
+                if per_image:  # each image's matched masks draw from that image's generator
+                    points = torch.cat(
+                        [
+                            self._importance_points(m[:, None], generators[b])
+                            for m, b in zip(matched_logits, matched_images)
+                        ]
+                    )  # M, P, 2
+                else:
+                    points = self._importance_points(src, generator)  # M, P, 2
                 point_targets = point_sample(tgt, points)[:, 0]  # M, P
             point_logits = point_sample(src, points)[:, 0]  # M, P
             loss_mask = sigmoid_ce_loss(point_logits, point_targets, num_masks)
@@ -314,6 +333,11 @@ class SanCriterion(nn.Module):
             "loss_mask": self.mask_weight * loss_mask,
             "loss_dice": self.dice_weight * loss_dice,
         }
+
+    def _importance_points(self, mask_logits: Tensor, generator: torch.Generator | None) -> Tensor:
+        return sample_uncertain_points(
+            mask_logits, self.num_points, self.oversample_ratio, self.importance_sample_ratio, generator
+        )
 
     @torch.no_grad()
     def match(
