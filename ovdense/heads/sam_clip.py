@@ -105,9 +105,10 @@ def load_sam(checkpoint: str | Path | None, model_type: str | None = None,
     if not Path(checkpoint).is_file():
         raise OvdenseError(f"SAM checkpoint not found: {checkpoint}; {model_type} expects {expected}: "
                            f"{where}")
+    registry = _segment_anything().sam_model_registry
     if Path(checkpoint).stat().st_size == 0:
         raise OvdenseError(f"SAM checkpoint {checkpoint} is empty; {model_type} expects {expected}: {where}")
-    sam = _segment_anything().sam_model_registry[model_type](checkpoint=None)  # random init, then load
+    sam = registry[model_type](checkpoint=None)  # random init, then load
     try:
         with warnings.catch_warnings():  # torch's note on pickle protocols: the file is refused below
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
