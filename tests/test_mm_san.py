@@ -279,3 +279,29 @@ def test_the_message_hub_round_trips_through_a_weights_only_checkpoint(tmp_path)
     buffer = loaded["log_scalars"]["train/loss"]
     assert isinstance(buffer, HistoryBuffer) and buffer.mean() == 1.75 and buffer.current() == 2.5
     assert loaded["runtime_info"] == {"eta": 3.5, "curve": [1.0, 2.0]}
+
+
+@pytest.mark.parametrize("matplotlib", [True, False])
+def test_the_loss_curve_picture(matplotlib, monkeypatch):
+    """loss.png is a PNG of the requested size, with matplotlib or (without it) with PIL."""
+    import io
+    import sys
+
+    from PIL import Image
+
+    from ovdense.mm.training import loss_curve_png
+
+    if not matplotlib:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    elif importlib_missing("matplotlib"):
+        pytest.skip("matplotlib is not installed")
+    losses = list(np.linspace(5, 1, 50) + np.random.default_rng(0).normal(0, 0.1, 50)) + [float("nan")]
+    image = Image.open(io.BytesIO(loss_curve_png(losses, width=320, height=200)))
+    assert image.format == "PNG" and image.size == (320, 200)
+    assert np.asarray(image.convert("L")).std() > 5  # something is drawn
+
+
+def importlib_missing(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is None
