@@ -1,0 +1,399 @@
+"""F-ViT (open-vocabulary Faster / Mask R-CNN on the frozen shared backbone) in mmdet 3.3's registries.
+
+The plain-torch parts are ``ovdense.heads.detection`` (read its docstring for the papers and the
+official files followed); this module only fits them into mmdet's two-stage detector:
+
+* ``OvdenseFViT`` (a ``TwoStageDetector``): holds the frozen ``ClipBackbone`` *outside* its
+  registered modules (never in a checkpoint, an optimizer, or ``model.train()``), runs
+  ``frozen_features`` once per batch, the trainable ``OvdenseFViTPyramid`` (its ``backbone``
+  slot), mmdet's ``FPN``, ``RPNHead`` and the RoI head; it encodes the vocabularies with the
+  backbone's ``encode_text`` (prompt ensemble, disk cache) — the training vocabulary in
+  ``loss``, the test vocabulary in ``predict`` (``set_test_classes`` swaps it at any time;
+  classes outside the training vocabulary get β).
+* ``OvdenseFViTRoIHead`` (``StandardRoIHead``): at test time also pools each box's CLIP
+  embedding from the dense map (1×1 RoIAlign, torchvision) and hands it to the box head.
+* ``OvdenseFViTBBoxHead`` (``ConvFCBBoxHead``, class-agnostic regression): ``fc_cls`` maps to the
+  joint space ``D``; the classifier is ``OpenVocabClassifier``; in eval mode ``forward``
+  returns probabilities (F-ViT's ensemble, or the detector's own softmax when the ensemble is
+  off), so ``_predict_by_feat_single`` does not softmax them again.
+
+Use a class-agnostic ``FCNMaskHead`` for instance masks (Mask R-CNN). Configs load this module with
+``custom_imports = dict(imports=["ovdense.mm.detection"], allow_failed_imports=False)``; it needs
+full mmcv (``mmcv.ops`` for mmdet's RoIAlign and NMS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from mmdet.models.detectors import TwoStageDetector
+from mmdet.models.layers import multiclass_nms
+from mmdet.models.roi_heads import StandardRoIHead
+from mmdet.models.roi_heads.bbox_heads import ConvFCBBoxHead
+from mmdet.models.utils import empty_instances
+from mmdet.registry import MODELS
+from mmdet.structures.bbox import get_box_tensor, scale_boxes
+from mmengine.hooks import Hook
+from mmengine.model import BaseModule
+from mmengine.registry import HOOKS
+from mmengine.structures import InstanceData
+from torch import nn
+
+from ovdense.backbone.clip import ClipBackbone, create_backbone
+from ovdense.errors import OvdenseError
+from ovdense.heads import detection as fvit
+
+
+def read_classes(classes: str | Sequence[str]) -> list[str]:
+    """A class list, or a class file (one name per line; a ``background`` line is skipped)."""
+    if isinstance(classes, (str, Path)) and Path(classes).suffix == ".txt":
+        path = Path(classes)
+        if not path.is_file():
+            raise OvdenseError(f"class file not found: {path}")
+        classes = [line.strip() for line in path.read_text().splitlines()]
+        classes = [c for c in classes if c and c != "background"]
+    return fvit.check_vocabulary(classes)
+
+
+@MODELS.register_module()
+class OvdenseFViTPyramid(BaseModule):
+    """The trainable simple pyramid (``heads.detection.SimplePyramid``) in mmdet's backbone slot:
+    takes the four frozen token maps, returns four maps at strides ``p/4, p/2, p, 2p``."""
+
+    def __init__(self, width: int, norm: str = "group", num_groups: int = 32, init_cfg=None):
+        super().__init__(init_cfg=init_cfg)
+        self.pyramid = fvit.SimplePyramid(width, norm=norm, num_groups=num_groups)
+
+    def forward(self, levels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return self.pyramid(levels)
+
+
+@MODELS.register_module()
+class OvdenseFViTBBoxHead(ConvFCBBoxHead):
+    """F-ViT's box head: ``ConvFCBBoxHead`` whose classifier is text embeddings.
+
+    Args:
+        embed_dim: ``D``, the backbone's joint space (the detector checks it).
+        alpha, beta: ensemble exponents for seen / unseen classes (OV-COCO 0.1 / 0.8).
+        vlm_temperature: CLIP's softmax temperature in the ensemble (OV-COCO B/16: 75; ``None`` in a
+            config: the backbone's own learned logit scale, filled in by ``OvdenseFViT``).
+        temperature, learn_temperature: the classifier's τ (50, learned).
+        ensemble: at test time, combine with CLIP's region scores (F-ViT); ``False`` gives the
+            detector's own probabilities (the "without the CLIP term" ablation).
+        kwargs: ``ConvFCBBoxHead``'s (``num_classes`` = the training vocabulary's size).
+    """
+
+    def __init__(self, embed_dim: int, alpha: float = 0.1, beta: float = 0.8, vlm_temperature: float = 75.0,
+                 temperature: float = 50.0, learn_temperature: bool = True, ensemble: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        if not self.reg_class_agnostic:
+            raise OvdenseError("OvdenseFViTBBoxHead needs reg_class_agnostic=True (boxes for any vocabulary)")
+        if self.custom_cls_channels:
+            raise OvdenseError("OvdenseFViTBBoxHead takes a softmax loss_cls (use_sigmoid=False)")
+        self.fc_cls = nn.Linear(self.cls_last_dim, embed_dim)  # region embedding in the joint space (CLIM)
+        self.classifier = fvit.OpenVocabClassifier(embed_dim, temperature, learn_temperature)
+        self.alpha, self.beta, self.vlm_temperature, self.ensemble = alpha, beta, vlm_temperature, ensemble
+        # the current vocabulary: set by the detector, never saved (it comes from the backbone's text tower)
+        self.register_buffer("text", torch.zeros(self.num_classes, embed_dim), persistent=False)
+        self.register_buffer("seen", torch.ones(self.num_classes, dtype=torch.bool), persistent=False)
+
+    def set_vocabulary(self, text: torch.Tensor, seen: torch.Tensor) -> None:
+        """``text [C, D]`` L2-normalised; ``seen [C]`` True for training-vocabulary classes."""
+        self.text = text.to(self.text.device, torch.float32)
+        self.seen = seen.to(self.seen.device)
+        self.num_classes = int(text.shape[0])
+
+    def forward(self, x: torch.Tensor, region_clip: torch.Tensor | None = None) -> tuple:
+        """Training: logits ``[R, C+1]``; eval: probabilities ``[R, C+1]`` (ensembled with
+        ``region_clip [R, D]`` when given). Background last."""
+        regions, bbox_pred = super().forward(x)  # R, D (fc_cls) and R, 4
+        logits = self.classifier(regions, self.text)
+        if self.training:
+            return logits, bbox_pred
+        probabilities = torch.softmax(logits, dim=-1)
+        if region_clip is not None and self.ensemble:
+            columns = self.classifier.columns(self.text)  # C+1, D
+            vlm = fvit.vlm_probabilities(region_clip, columns, self.vlm_temperature)
+            probabilities = fvit.ensemble(probabilities, vlm, self.seen, self.alpha, self.beta)
+        return probabilities, bbox_pred
+
+    def _predict_by_feat_single(self, roi, cls_score, bbox_pred, img_meta: dict, rescale: bool = False,
+                                rcnn_test_cfg=None) -> InstanceData:
+        """mmdet's per-image decoding and NMS, with ``cls_score`` taken as probabilities already."""
+        results = InstanceData()
+        if roi.shape[0] == 0:
+            return empty_instances([img_meta], roi.device, task_type="bbox", instance_results=[results],
+                                   box_type=self.predict_box_type, use_box_type=False,
+                                   num_classes=self.num_classes, score_per_cls=rcnn_test_cfg is None)[0]
+        bboxes = self.bbox_coder.decode(roi[:, 1:], bbox_pred.view(-1, self.bbox_coder.encode_size),
+                                        max_shape=img_meta["img_shape"])  # R, 4 (class-agnostic)
+        if rescale and bboxes.size(0) > 0:
+            bboxes = scale_boxes(bboxes, [1 / s for s in img_meta["scale_factor"]])
+        bboxes = get_box_tensor(bboxes).view(roi.size(0), -1)
+        if rcnn_test_cfg is None:  # augmentation test: raw boxes and scores
+            results.bboxes, results.scores = bboxes, cls_score
+            return results
+        det_bboxes, det_labels = multiclass_nms(bboxes, cls_score, rcnn_test_cfg.score_thr, rcnn_test_cfg.nms,
+                                                rcnn_test_cfg.max_per_img, box_dim=bboxes.size(-1))
+        results.bboxes, results.scores, results.labels = det_bboxes[:, :-1], det_bboxes[:, -1], det_labels
+        return results
+
+
+@MODELS.register_module()
+class OvdenseFViTRoIHead(StandardRoIHead):
+    """``StandardRoIHead`` that, at test time, gives the box head each box's CLIP embedding
+    (F-ViT's ``vlm_roi_extractor``): ``clip_context = (clip_map [B, D, h, w], stride)`` is set by
+    ``OvdenseFViT.extract_feat`` for the batch being predicted."""
+
+    clip_context: tuple[torch.Tensor, int] | None = None
+
+    def _bbox_forward(self, x, rois: torch.Tensor) -> dict:
+        bbox_feats = self.bbox_roi_extractor(x[:self.bbox_roi_extractor.num_inputs], rois)
+        if self.with_shared_head:
+            bbox_feats = self.shared_head(bbox_feats)
+        region_clip = None
+        if not self.training and self.clip_context is not None:
+            clip_map, stride = self.clip_context
+            region_clip = fvit.region_clip_embeddings(clip_map, rois, stride)  # R, D
+        cls_score, bbox_pred = self.bbox_head(bbox_feats, region_clip)
+        return dict(cls_score=cls_score, bbox_pred=bbox_pred, bbox_feats=bbox_feats)
+
+
+@MODELS.register_module()
+class OvdenseFViT(TwoStageDetector):
+    """F-ViT on the shared frozen backbone.
+
+    Args:
+        clip: ``create_backbone`` arguments (``name``, ``pretrained``, ``precision``, …), or a
+            ``ClipBackbone`` already created (``Detector`` shares its backbone this way).
+        classes: the training vocabulary (list or class file); the training set's labels index it.
+            Novel classes must be absent (they never enter training).
+        test_classes: the vocabulary at test time (default: ``classes``); any words.
+        templates: prompt templates for ``encode_text`` (default: the backbone's own, else imagenet80).
+        method: the training-free last block of the dense CLIP map (``maskclip``, F-ViT's).
+        indices: the four tapped blocks (default ``fvit_out_indices``).
+        pyramid: ``OvdenseFViTPyramid`` options (``norm``, ``num_groups``).
+        data_preprocessor: default: mmdet's ``DetDataPreprocessor`` with the backbone's mean/std,
+            BGR → RGB, padding to a multiple of ``2p``.
+        neck, rpn_head, roi_head, train_cfg, test_cfg, init_cfg: as ``TwoStageDetector``.
+    """
+
+    def __init__(self, clip: Mapping, classes, neck: Mapping, rpn_head: Mapping, roi_head: Mapping,
+                 train_cfg=None, test_cfg=None, test_classes=None, templates=None, method: str = "maskclip",
+                 indices: Sequence[int] | None = None, pyramid: Mapping | None = None,
+                 data_preprocessor: Mapping | None = None, init_cfg=None):
+        # everything but the backbone, to rebuild this model from a head checkpoint (export_head)
+        self_config = dict(classes=list(classes) if not isinstance(classes, (str, Path)) else str(classes),
+                           neck=neck, rpn_head=rpn_head, roi_head=roi_head, test_cfg=test_cfg,
+                           templates=templates, method=method, indices=indices, pyramid=pyramid)
+        backbone = clip if isinstance(clip, ClipBackbone) else create_backbone(**dict(clip))
+        if data_preprocessor is None:
+            data_preprocessor = dict(type="DetDataPreprocessor", mean=[255 * m for m in backbone.mean],
+                                     std=[255 * s for s in backbone.std], bgr_to_rgb=True,
+                                     pad_size_divisor=2 * backbone.patch_size)
+        roi_head = dict(roi_head)
+        roi_head["bbox_head"] = {**roi_head["bbox_head"], "embed_dim": backbone.embed_dim}
+        if roi_head["bbox_head"].get("vlm_temperature", 75.0) is None:  # the backbone's own CLIP temperature
+            roi_head["bbox_head"]["vlm_temperature"] = backbone.logit_scale
+        pyramid = dict(type="OvdenseFViTPyramid", width=backbone.width, **dict(pyramid or {}))
+        super().__init__(backbone=pyramid,
+                         neck=neck, rpn_head=rpn_head, roi_head=roi_head, train_cfg=train_cfg,
+                         test_cfg=test_cfg, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        self._frozen = (backbone,)  # a tuple: not a registered submodule, never in state_dict
+        self.head_config = _plain(self_config)
+        self.method = method
+        self.indices = tuple(indices) if indices is not None else fvit.fvit_out_indices(backbone.num_layers)
+        if templates is None:
+            templates = backbone.defaults.get("templates", "imagenet80")
+        self.templates = templates
+        self.classes = read_classes(classes)
+        self.test_classes = read_classes(test_classes) if test_classes is not None else list(self.classes)
+        bbox_head = self.roi_head.bbox_head
+        if bbox_head.num_classes != len(self.classes):
+            raise OvdenseError(f"bbox_head.num_classes is {bbox_head.num_classes}, the training vocabulary "
+                               f"has {len(self.classes)} classes; make them equal")
+        self._vocabulary: tuple[str, ...] | None = None
+        self._init_background()
+
+    @property
+    def clip(self):
+        """The frozen ``ClipBackbone`` (moved lazily to the device of the inputs)."""
+        return self._frozen[0]
+
+    def _init_background(self) -> None:
+        """F-ViT initialises the learned background embedding from the text "background"."""
+        with torch.no_grad():
+            text = self.clip.encode_text(["background"], self.templates)[0]
+            self.roi_head.bbox_head.classifier.background.copy_(text.to(self.roi_head.bbox_head.classifier.background))
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        self._init_background()
+
+    def set_test_classes(self, classes) -> None:
+        """Swap the test vocabulary (any words); classes outside the training vocabulary get β."""
+        self.test_classes = read_classes(classes)
+        self._vocabulary = None
+
+    def _use_vocabulary(self, classes: Sequence[str]) -> None:
+        if self._vocabulary == tuple(classes):
+            return
+        text = self.clip.encode_text(list(classes), self.templates)  # C, D
+        self.roi_head.bbox_head.set_vocabulary(text, fvit.seen_mask(classes, self.classes))
+        if self.roi_head.with_mask:
+            self.roi_head.mask_head.num_classes = len(classes)
+        self._vocabulary = tuple(classes)
+
+    def extract_feat(self, batch_inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        clip = self.clip
+        if clip.device != batch_inputs.device:
+            clip.model.to(batch_inputs.device)
+        with_map = not self.training and self.roi_head.bbox_head.ensemble
+        features = fvit.frozen_features(clip, batch_inputs, self.indices, self.method, with_clip_map=with_map)
+        self.roi_head.clip_context = (features.clip_map, features.stride) if with_map else None
+        x = self.backbone(features.levels)
+        return self.neck(x) if self.with_neck else x
+
+    def loss(self, batch_inputs, batch_data_samples) -> dict:
+        self._use_vocabulary(self.classes)
+        return super().loss(batch_inputs, batch_data_samples)
+
+    def predict(self, batch_inputs, batch_data_samples, rescale: bool = True):
+        self._use_vocabulary(self.test_classes)
+        try:
+            return super().predict(batch_inputs, batch_data_samples, rescale=rescale)
+        finally:
+            self.roi_head.clip_context = None
+
+    def _forward(self, batch_inputs, batch_data_samples=None):
+        self._use_vocabulary(self.classes if self.training else self.test_classes)
+        return super()._forward(batch_inputs, batch_data_samples)
+
+
+def _plain(value):
+    """Config values as plain JSON types (mmengine ``ConfigDict`` → ``dict``, tuples → lists)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Head files and the Python API
+
+
+def export_head(model: OvdenseFViT, path: str | Path) -> Path:
+    """Write a trained ``OvdenseFViT``'s head (every registered tensor: pyramid, FPN, RPN, RoI heads;
+    no backbone) with the configuration that rebuilds it, tied to its backbone
+    (``heads.detection.save_head``)."""
+    return fvit.save_head(path, model.state_dict(), model.clip, model.head_config)
+
+
+@HOOKS.register_module()
+class ExportFViTHeadHook(Hook):
+    """After training, write ``WORK_DIR/<filename>`` with ``export_head`` (process 0 only)."""
+
+    def __init__(self, filename: str = "fvit_head.safetensors"):
+        self.filename = filename
+
+    def after_train(self, runner) -> None:
+        from mmengine.dist import is_main_process
+        from mmengine.model import is_model_wrapper
+
+        if is_main_process():
+            model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+            path = export_head(model, Path(runner.work_dir) / self.filename)
+            runner.logger.info(f"F-ViT head written to {path}")
+
+
+@dataclass
+class DetectionResult:
+    """One image's detections, in pixels of the input image.
+
+    Attributes:
+        boxes: ``[K, 4]`` float ``(x1, y1, x2, y2)``.
+        scores: ``[K]``, the ensemble's (or the detector's) probability.
+        class_ids: ``[K]`` indices into ``classes``.
+        masks: ``[K, H, W]`` bool, or ``None`` for a box-only (Faster R-CNN) head.
+        classes: the vocabulary.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    class_ids: np.ndarray
+    masks: np.ndarray | None
+    classes: list[str]
+
+
+class Detector:
+    """Detect and segment any words with a trained F-ViT head on the shared backbone (mmdet path).
+
+    Args:
+        backbone: the ``ClipBackbone`` the head was trained on (checked against the head file).
+        classes: any class names; those outside the head's training vocabulary get β.
+        head_checkpoint: a head written by ``export_head`` / ``ExportFViTHeadHook``.
+        score_threshold: drop detections below this score.
+        image_size: the long side images are resized to (default: the backbone's ``short_side``
+            default for the toy, else 640, F-ViT's OV-COCO size).
+        ensemble: F-ViT's CLIP ensemble on (``False``: the detector's own scores).
+
+    Runs through mmdet 3.3 (its RPN, RoI heads and NMS need ``mmcv.ops``); there is no plain-torch
+    path yet, and importing this module without full mmcv fails with mmcv's ImportError (a
+    caller such as the CLI should turn it into "install the mm extra and build mmcv:
+    ``pip install -e '.[mm]'`` then ``python tools/build_mmcv.py``").
+    """
+
+    def __init__(self, backbone: ClipBackbone, classes: Sequence[str],
+                 head_checkpoint: str | Path | None = None, score_threshold: float = 0.3,
+                 image_size: int | None = None, ensemble: bool = True):
+        if head_checkpoint is None:
+            raise OvdenseError(
+                f"no F-ViT head ships for backbone {backbone.name!r} yet: train one with "
+                "python tools/train.py configs/ovdet/fvlm_toy_synthetic.py and pass its "
+                "work_dirs/…/fvit_head.safetensors as head_checkpoint"
+            )
+        if not 0.0 <= score_threshold <= 1.0:
+            raise OvdenseError(f"score_threshold must lie in [0, 1], got {score_threshold}")
+        from mmengine.config import ConfigDict
+        from mmengine.registry import init_default_scope
+
+        state, config = fvit.load_head(head_checkpoint, backbone)
+        init_default_scope("mmdet")
+        self.backbone = backbone
+        self.model = OvdenseFViT(clip=backbone, test_classes=list(classes), **ConfigDict(config))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise OvdenseError(f"{head_checkpoint} does not fit its own configuration: missing "
+                               f"{missing[:5]}, unexpected {unexpected[:5]}")
+        self.model.to(backbone.device).eval()
+        self.model.roi_head.bbox_head.ensemble = ensemble
+        self.classes = list(self.model.test_classes)
+        self.score_threshold = float(score_threshold)
+        self.image_size = image_size or int(backbone.defaults.get("short_side", 640))
+
+    @torch.no_grad()
+    def predict(self, image) -> DetectionResult:
+        """Detect in one image (a path, PIL image or RGB ``uint8`` array)."""
+        import cv2
+        from mmdet.structures import DetDataSample
+
+        from ovdense.io import load_image
+
+        rgb = load_image(image)
+        H, W = rgb.shape[:2]
+        factor = self.image_size / max(H, W)
+        h, w = max(1, int(H * factor + 0.5)), max(1, int(W * factor + 0.5))
+        resized = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
+        bgr = torch.from_numpy(np.ascontiguousarray(resized[:, :, ::-1])).permute(2, 0, 1)  # 3, h, w
+        sample = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(H, W), scale_factor=(w / W, h / H)))
+        data = self.model.data_preprocessor(dict(inputs=[bgr], data_samples=[sample]), training=False)
+        pred = self.model.predict(data["inputs"], data["data_samples"], rescale=True)[0].pred_instances
+        keep = pred.scores >= self.score_threshold
+        masks = pred.masks[keep].cpu().numpy().astype(bool) if "masks" in pred else None
+        return DetectionResult(boxes=pred.bboxes[keep].cpu().numpy(), scores=pred.scores[keep].cpu().numpy(),
+                               class_ids=pred.labels[keep].cpu().numpy(), masks=masks, classes=self.classes)
