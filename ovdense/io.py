@@ -335,7 +335,8 @@ def overlay(
     pal = palette()
     for n, index in enumerate(present):
         y = 4 + n * row
-        draw.rectangle([6, y, 6 + 11, y + 11], fill=tuple(int(c) for c in pal[index % 256]), outline=(0, 0, 0))
+        colour = tuple(int(c) for c in pal[index % 256])  # labels above 255 share the palette
+        draw.rectangle([6, y, 6 + 11, y + 11], fill=colour, outline=(0, 0, 0))
         name = class_names[index] if index < len(class_names) else str(index)
         share = 100.0 * counts[index] / labels.size
         draw.text((6 + 16, y), f"{name} {share:.1f}%", fill=(0, 0, 0), font=font)
