@@ -116,8 +116,11 @@ def train_case(name: str, repeats: int, size: int = 320, batch: int = 2) -> dict
     }
 
 
-def build_mmseg_san(names, seed: int = 0):
-    """mmseg 1.2.2's SAN (base ViT-B/16 config) with random weights over ``names``."""
+def build_mmseg_san(names, seed: int = 0, text_layers: int = 12):
+    """mmseg 1.2.2's SAN (``configs/_base_/models/san_vit-b16.py``) over ``names`` with seeded
+    random weights at the scales of a trained model (timm's 0.02 for the side ViT, CLIP-like
+    embeddings, a rescale ``a ≈ 1``), so every activation stays O(1–10) and a float32 comparison
+    is meaningful. ``text_layers`` shrinks only the text tower's depth (the tests use 1)."""
     import mmseg
     from mmengine.config import Config
     from mmseg.registry import MODELS
@@ -130,21 +133,35 @@ def build_mmseg_san(names, seed: int = 0):
     m.data_preprocessor = None
     m.text_encoder.vocabulary = list(names)
     m.text_encoder.dataset_name = None
+    m.text_encoder.num_layers = text_layers
     m.decode_head.num_classes = len(names)
     m.decode_head.loss_decode[0].class_weight = [1.0] * len(names) + [0.1]
     torch.manual_seed(seed)
     model = MODELS.build(m)
-    model.init_weights()
+    # (no init_weights(): mmseg 1.2.2's RecWithAttnbias.init_weights fails without a checkpoint)
     g = torch.Generator().manual_seed(seed + 1)
+
+    def randn(p, std):
+        p.copy_(torch.randn(p.shape, generator=g) * std)
+
     with torch.no_grad():
-        text = model.text_encoder
-        text.positional_embedding.copy_(torch.randn(text.positional_embedding.shape, generator=g) * 0.01)
-        text.text_projection.copy_(torch.randn(text.text_projection.shape, generator=g) * 512 ** -0.5)
         for name, p in model.named_parameters():
             if name.endswith("logit_scale"):
                 p.fill_(float(np.log(100.0)))
-            elif "bias_scaling" in name or "bg_embed" in name or "query" in name or "pos_embed" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif "bias_scaling.weight" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif "bias_scaling.bias" in name or "bg_embed" in name:
+                randn(p, 0.3)
+            elif any(k in name for k in ("query", "pos_embed", "cls_token", "positional_embedding")):
+                randn(p, 0.1)
+            elif name.endswith("text_projection"):
+                randn(p, 512 ** -0.5)
+            elif "side_adapter_network.encode_layers" in name and "ln" not in name:
+                randn(p, 0.02)
+            elif "ln" in name or "norm" in name or ("conv_clips" in name and ".0." in name):
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+            if "query_mlp.layers.2." in name or "pix_mlp.layers.2." in name:
+                p.mul_(0.6)  # mask logits within about ±30, as a trained head's
     return model.eval()
 
 
