@@ -84,7 +84,8 @@ def test_smoke_winclip_sam_clip_and_heads_rows(smoke):
         assert theirs["status"] == "skipped" and "anomalib" in theirs["note"]
     sam = {row["case"]: row for row in rows["sam_clip"]}
     masks = int(sam["ovdense one pass"]["masks"])
-    assert int(sam["ovdense one pass"]["clip_passes"]) == 1  # one dense pass for all masks
+    # one dense pass for all masks (and the prompts once, where the counter sees the text tower)
+    assert 1 <= int(sam["ovdense one pass"]["clip_passes"]) <= 2 < masks
     assert int(sam["crop-and-encode per mask"]["clip_passes"]) >= masks  # at least one per mask
     generator = sam["SAM automatic mask generator"]
     assert generator["status"] == ("ok" if importable("segment_anything") else "skipped")
