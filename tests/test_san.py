@@ -428,6 +428,16 @@ def test_convert_official_layout(tiny_config_path, tmp_path):
     for key, value in head_state.items():
         assert torch.equal(loaded.state_dict()[key], value), key
 
+    # a head written for another backbone with the checkpoint's CLIP (position embedding aside: SAN's
+    # copy is in the head), and refused for a backbone with other CLIP weights
+    with torch.no_grad():
+        backbone.model.visual.positional_embedding.add_(1.0)
+    _, head_path = conv.write(head_state, clip_state, config, tmp_path / "for", "-", 2, backbone=backbone)
+    assert load_head(head_path, backbone).config == loaded.config
+    other = create_backbone(str(tiny_config_path), cache_dir=tmp_path)  # random weights
+    with pytest.raises(conv.ConversionError, match="differs"):
+        conv.write(head_state, clip_state, config, tmp_path / "other", "unused", 2, backbone=other)
+
 
 # --------------------------------------------------------------------------------------------
 # Parity with mmseg 1.2.2's own SAN (needs a compiled mmcv)

@@ -26,7 +26,10 @@ Usage::
         [--model ViT-B-16-quickgelu]
 
 writes ``out/clip.safetensors`` (load it with ``create_backbone(MODEL, pretrained=...)``) and
-``out/san-head.safetensors`` (``SanSegmenter(backbone, classes, head_checkpoint=...)``).
+``out/san-head.safetensors`` (``SanSegmenter(backbone, classes, head_checkpoint=...)``) for that
+backbone. SAN keeps CLIP frozen but for its position embedding (which the head carries), so
+``--backbone ViT-B-16 --pretrained openai`` writes the head for ovdense's OpenAI ViT-B/16 instead,
+after checking that the checkpoint's CLIP tensors are that backbone's.
 """
 
 from __future__ import annotations
@@ -290,10 +293,24 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def write(
-    head: dict, clip: dict, config: dict, out_dir: str | Path, model: str, side_heads: int = 6
+    head: dict,
+    clip: dict,
+    config: dict,
+    out_dir: str | Path,
+    model: str,
+    side_heads: int = 6,
+    backbone=None,
 ) -> tuple[Path, Path]:
-    """Write ``clip.safetensors`` and ``san-head.safetensors`` (the head checked by a strict load
-    into a ``SanHead`` on the backbone built from the written CLIP file)."""
+    """Write ``clip.safetensors`` and ``san-head.safetensors``.
+
+    The head is written for ``backbone`` when one is given (e.g. ``ViT-B-16`` with the ``openai``
+    tag, which SAN trained on, frozen), after checking that every CLIP tensor of the checkpoint
+    but the position embedding (SAN's copy is in the head) equals the backbone's; otherwise for
+    ``model`` on the written CLIP file. Either way the head passes a strict load into a SanHead.
+
+    Raises:
+        ConversionError: the backbone's CLIP weights are not the checkpoint's.
+    """
     from safetensors.torch import save
 
     from ovdense import create_backbone
@@ -302,7 +319,20 @@ def write(
 
     out = Path(out_dir)
     clip_path = write_bytes(out / "clip.safetensors", save({k: v.contiguous() for k, v in clip.items()}))
-    backbone = create_backbone(model, pretrained=str(clip_path))
+    if backbone is None:
+        backbone = create_backbone(model, pretrained=str(clip_path))
+    else:
+        own = backbone.model.state_dict()
+        for key, value in clip.items():
+            if key == "visual.positional_embedding":
+                continue
+            if key not in own or own[key].shape != value.shape or not torch.allclose(
+                own[key].float().cpu(), value.float(), rtol=0, atol=1e-6
+            ):
+                raise ConversionError(
+                    f"the checkpoint's CLIP is not backbone {backbone.name!r} ({backbone.fingerprint}): "
+                    f"{key} differs; use the written {clip_path} as the backbone's weights instead"
+                )
     san = SanHead(backbone, SanConfig(**{**config, "side_heads": side_heads,
                                          "side_targets": tuple(config["side_targets"])}))
     san.load_state_dict(head, strict=True)
@@ -318,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="open_clip model name of the CLIP (default: ViT-B-16-quickgelu or "
                              "ViT-L-14-336-quickgelu by the weights' width)")
     parser.add_argument("--side-heads", type=int, default=6, help="side ViT heads (not in the weights)")
+    parser.add_argument("--backbone", default=None,
+                        help="write the head for this ovdense backbone (e.g. ViT-B-16, with --pretrained "
+                             "openai) after checking its CLIP weights are the checkpoint's; default: "
+                             "--model on the written clip.safetensors")
+    parser.add_argument("--pretrained", default=None, help="the --backbone's weights (tag or file)")
     args = parser.parse_args(argv)
     try:
         state = load_checkpoint(args.checkpoint)
@@ -337,8 +372,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     model = args.model or ("ViT-L-14-336-quickgelu" if clip["visual.conv1.weight"].shape[0] == 1024
                            else "ViT-B-16-quickgelu")
-    clip_path, head_path = write(head, clip, config, args.out_dir, model, args.side_heads)
-    print(f"wrote {clip_path} (open_clip {model}) and {head_path} "
+    try:
+        backbone = None
+        if args.backbone is not None:
+            from ovdense import OvdenseError, create_backbone
+
+            try:
+                backbone = create_backbone(args.backbone, pretrained=args.pretrained)
+            except OvdenseError as e:
+                raise ConversionError(str(e)) from e
+        clip_path, head_path = write(head, clip, config, args.out_dir, model, args.side_heads, backbone)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    target = f"backbone {backbone.name}" if backbone is not None else f"open_clip {model} on {clip_path}"
+    print(f"wrote {clip_path} and {head_path} for {target} "
           f"({sum(v.numel() for v in head.values()) / 1e6:.2f} M head parameters)")
     return 0
 
