@@ -58,9 +58,15 @@ def main(argv=None) -> int:
                         help="time open_clip on at most this many prompts (0: all)")
     parser.add_argument("--ovdense-max", type=int, default=0,
                         help="time ovdense on at most this many (0: all)")
+    parser.add_argument("--progress", action="store_true", help="show encode_prompts' progress bars")
     args = parser.parse_args(argv)
 
     import open_clip
+
+    from ovdense.backbone import clip
+
+    if not args.progress:
+        clip.PROGRESS_ABOVE = 1 << 62  # the bars would interleave with the table
 
     torch.manual_seed(0)
     model = open_clip.create_model(args.model).eval()
