@@ -69,26 +69,31 @@ class PeakRss:
 
 
 def measure(fn, device: torch.device, repeats: int):
-    """Best wall time in seconds over ``repeats`` runs, peak extra memory in bytes, the result."""
-    best, peak = float("inf"), 0
-    for _ in range(repeats):
+    """Best wall time in seconds over ``repeats`` runs after one untimed warm-up (thread pools,
+    first-touch pages), peak extra memory in bytes over all of them, the warm-up's result."""
+    best, peak, result = float("inf"), 0, None
+    for i in range(repeats + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             start = time.perf_counter()
-            result = fn()
+            out = fn()
             torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
             peak = max(peak, torch.cuda.max_memory_allocated() - base)
         else:
             with PeakRss() as rss:
                 start = time.perf_counter()
-                result = fn()
-                best = min(best, time.perf_counter() - start)
+                out = fn()
+                elapsed = time.perf_counter() - start
             peak = max(peak, rss.peak)
-        del result
-    return best, peak, fn()
+        if i == 0:
+            result = out
+        else:
+            best = min(best, elapsed)
+        del out
+    return best, peak, result
 
 
 def plain_path(patch: torch.Tensor, text: torch.Tensor, out_size: tuple[int, int], logit_scale: float):
