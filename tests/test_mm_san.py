@@ -254,16 +254,17 @@ def test_the_seeded_dataset_repeats_a_draw_and_leaves_global_state_alone():
     assert np.array_equal(np.random.get_state()[1], state)
 
 
-def test_latest_checkpoint_skips_missing_and_temporary_files(tmp_path):
+def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
     from ovdense.mm.training import latest_checkpoint
 
     assert latest_checkpoint(str(tmp_path)) is None
+    (tmp_path / "best_mIoU.pth").write_bytes(b"x")
+    (tmp_path / "last_checkpoint").write_text(str(tmp_path / "best_mIoU.pth"))
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "best_mIoU.pth")
     for name in ("iter_2.pth", "iter_10.pth", ".iter_12.pth.tmp"):
         (tmp_path / name).write_bytes(b"x")
-    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "iter_10.pth")
+    # killed after iter_10.pth was renamed into place, before last_checkpoint named it
     (tmp_path / "last_checkpoint").write_text(str(tmp_path / "iter_2.pth"))
-    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "iter_2.pth")
-    (tmp_path / "last_checkpoint").write_text(str(tmp_path / "iter_12.pth"))  # removed by hand
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "iter_10.pth")
 
 

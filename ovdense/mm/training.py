@@ -228,6 +228,14 @@ class AtomicCheckpointHook(CheckpointHook):
     Local folders only.
     """
 
+    def before_train(self, runner) -> None:
+        super().before_train(runner)
+        if is_main_process():  # temporaries a killed run left behind
+            for folder in {self.out_dir, runner.work_dir}:
+                for name in os.listdir(folder) if osp.isdir(folder) else []:
+                    if name.startswith((".iter_", ".last_checkpoint.")) and name.endswith(".tmp"):
+                        os.remove(osp.join(folder, name))
+
     def _save_checkpoint_with_step(self, runner, step, meta):
         filename = self.filename_tmpl.format(step)
         final = osp.join(self.out_dir, filename)
@@ -297,21 +305,24 @@ def _rebuilt(value):
 
 
 def latest_checkpoint(work_dir: str) -> str | None:
-    """The newest complete checkpoint of a run: the one ``last_checkpoint`` names if it
-    exists, else the ``iter_<n>.pth`` with the largest ``n`` (temporary files never count)."""
-    pointer = osp.join(work_dir, "last_checkpoint")
-    if osp.isfile(pointer):
-        with open(pointer) as f:
-            named = f.read().strip()
-        if named and osp.isfile(named):
-            return named
+    """The newest complete checkpoint of a run: the ``iter_<n>.pth`` with the largest ``n``
+    (temporary files never count; a run killed between writing a checkpoint and updating
+    ``last_checkpoint`` resumes from the newer one), else the file ``last_checkpoint`` names."""
     found = []
     for folder, _dirs, files in os.walk(work_dir):
         for name in files:
             match = re.fullmatch(r"iter_(\d+)\.pth", name)
             if match:
                 found.append((int(match.group(1)), osp.join(folder, name)))
-    return max(found)[1] if found else None
+    if found:
+        return max(found)[1]
+    pointer = osp.join(work_dir, "last_checkpoint")
+    if osp.isfile(pointer):
+        with open(pointer) as f:
+            named = f.read().strip()
+        if named and osp.isfile(named):
+            return named
+    return None
 
 
 # --------------------------------------------------------------------------------------------
