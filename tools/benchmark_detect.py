@@ -1,0 +1,189 @@
+"""Time F-ViT (ovdense.mm.detection) on this machine: inference per image (frozen backbone vs head)
+and training steps at toy size.
+
+    python tools/benchmark_detect.py                          # B/16 random weights at 640 px + toy training
+    python tools/benchmark_detect.py --images 5 --train-steps 20 --out bench_detect.json
+
+* Inference: ``--config`` (default the OV-COCO B/16 config, weights random unless
+  ``--pretrained``: the time does not depend on them, and no download is needed), one
+  ``--size`` × ``--size`` image per call; the backbone share is ``frozen_features`` (the frozen
+  tower, taps and dense CLIP map), the head share the rest of ``predict`` (pyramid, FPN, RPN,
+  RoI heads, ensemble, NMS). Median over ``--images`` calls after one warm-up.
+* Training: ``--train-config`` (default the toy config) on rendered synthetic scenes (base pairs
+  labelled), batch ``--batch``; median time of ``loss + backward + AdamW step`` over
+  ``--train-steps`` after two warm-ups, and the process's peak resident memory (CPU) or peak
+  allocated CUDA memory.
+Wall times depend on the machine's load; ``cpu_seconds_*`` (the process's CPU time, all threads)
+much less so — report both, with the load average printed at the start.
+Run it under the shared lock for figures you report: ``flock /tmp/ovdense-heavy.lock python ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build(config: str, device: str, **model_overrides):
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    import ovdense.mm.detection  # noqa: F401 - registers the modules
+
+    init_default_scope("mmdet")
+    cfg = Config.fromfile(config, import_custom_modules=False)
+    for key, value in model_overrides.items():
+        cfg.model[key] = value
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    return model.to(device), cfg
+
+
+def synthetic_batch(classes: list[str], batch: int, size: int, seed: int = 0) -> dict:
+    """Rendered scenes as mmdet's preprocessor input (BGR uint8, gt boxes/labels/masks of ``classes``)."""
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.structures import InstanceData
+
+    from ovdense.data import rle
+    from ovdense.data.synthetic import SceneConfig, render_scene
+
+    inputs, samples = [], []
+    for index in range(batch):
+        scene = render_scene(np.random.default_rng([seed, index]), SceneConfig(size=(size, size)))
+        boxes, labels, masks = [], [], []
+        for k, obj in enumerate(scene.objects, start=1):
+            name = f"{obj.colour} {obj.shape}"
+            if name in classes:
+                mask = scene.instance == k
+                x, y, w, h = rle.bbox(mask)
+                boxes.append([x, y, x + w, y + h])
+                labels.append(classes.index(name))
+                masks.append(mask)
+        shape = (size, size)
+        sample = DetDataSample(metainfo=dict(img_shape=shape, ori_shape=shape, pad_shape=shape,
+                                             scale_factor=(1.0, 1.0)))
+        sample.gt_instances = InstanceData(
+            bboxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), labels=torch.tensor(labels),
+            masks=BitmapMasks(np.array(masks, np.uint8).reshape(-1, size, size), size, size))
+        inputs.append(torch.from_numpy(np.ascontiguousarray(scene.image[:, :, ::-1])).permute(2, 0, 1))
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_inference(args) -> dict:
+    from mmdet.structures import DetDataSample
+
+    from ovdense.heads.detection import frozen_features
+
+    clip = dict(name=args.model, pretrained=args.pretrained)
+    model, _ = build(args.config, args.device, clip=clip)
+    model.eval()
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.integers(0, 256, (3, args.size, args.size), dtype=np.uint8))
+    shape = (args.size, args.size)
+    sample = DetDataSample(metainfo=dict(img_shape=shape, ori_shape=shape, scale_factor=(1.0, 1.0)))
+    data = model.data_preprocessor(dict(inputs=[image], data_samples=[sample]), training=False)
+    totals, backbone, cpu = [], [], []
+    with torch.no_grad():
+        for i in range(args.images + 1):
+            sync(args.device)
+            start = time.perf_counter()
+            frozen_features(model.clip, data["inputs"], model.indices, model.method)
+            sync(args.device)
+            middle, cpu_start = time.perf_counter(), time.process_time()
+            model.predict(data["inputs"], [sample.clone()])
+            sync(args.device)
+            end = time.perf_counter()
+            if i:  # the first call warms up
+                backbone.append(middle - start)
+                totals.append(end - middle)
+                cpu.append(time.process_time() - cpu_start)
+    total, share = statistics.median(totals), statistics.median(backbone)
+    return dict(model=args.model, size=args.size, images=args.images, seconds_per_image=total,
+                backbone_seconds=share, head_seconds=total - share,
+                cpu_seconds_per_image=statistics.median(cpu))
+
+
+def bench_training(args) -> dict:
+    model, cfg = build(args.train_config, args.device)
+    batch = synthetic_batch(list(model.classes), args.batch, args.train_size)
+    data = model.data_preprocessor(batch, training=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.1)
+    model.train()
+    times, cpu_times = [], []
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(args.train_steps + 2):
+        sync(args.device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        losses = model.loss(data["inputs"], data["data_samples"])
+        total, _ = model.parse_losses(losses)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        sync(args.device)
+        if step >= 2:
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return dict(config=args.train_config, batch=args.batch, size=args.train_size, steps=args.train_steps,
+                seconds_per_step=statistics.median(times), cpu_seconds_per_step=statistics.median(cpu_times),
+                peak_memory_mib=peak,
+                memory_kind="cuda max allocated" if args.device.startswith("cuda") else "process peak RSS")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "configs/ovdet/fvit_vitb16_ovcoco.py"))
+    parser.add_argument("--model", default="ViT-B-16", help="clip.name for the inference config")
+    parser.add_argument("--pretrained", default=None, help="clip.pretrained (default: random weights)")
+    parser.add_argument("--size", type=int, default=640)
+    parser.add_argument("--images", type=int, default=3)
+    parser.add_argument("--train-config", default=str(ROOT / "configs/ovdet/fvlm_toy_synthetic.py"))
+    parser.add_argument("--train-steps", type=int, default=10, help="0 skips the training benchmark")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--train-size", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-inference", action="store_true")
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+    if args.images < 1 or args.train_steps < 0 or args.batch < 1:
+        parser.error("--images and --batch must be positive, --train-steps non-negative")
+    report = dict(device=args.device, threads=torch.get_num_threads(), load_average=os.getloadavg())
+    if not args.skip_inference:
+        report["inference"] = bench_inference(args)
+        print(json.dumps(report["inference"]))
+    if args.train_steps:
+        report["training"] = bench_training(args)
+        print(json.dumps(report["training"]))
+    if args.out is not None:
+        from ovdense.io import write_json
+
+        write_json(args.out, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
