@@ -12,7 +12,7 @@ HEAVY = ("torch", "torchvision", "open_clip", "mmcv", "mmengine", "mmseg", "trit
 def loaded_after(code: str) -> dict:
     """Run ``code`` in a fresh interpreter; return which heavy modules it left in sys.modules."""
     probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return {"heavy": json.loads(done.stdout.strip().splitlines()[-1]), "stdout": done.stdout}
 
