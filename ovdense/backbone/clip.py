@@ -30,7 +30,7 @@ from torch import nn
 
 from ovdense.backbone import dense
 from ovdense.backbone.prompts import Templates, TextCache, default_cache_dir, resolve_templates
-from ovdense.errors import OvdenseError
+from ovdense.errors import OvdenseError, checkpoint_error_text
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -451,7 +451,10 @@ def _load_checkpoint_file(model: nn.Module, path: str) -> None:
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's wrong checkpoint
-        raise OvdenseError(f"{file} is not a readable weights file: {e}") from e
+        raise OvdenseError(
+            f"{file} is not a readable weights file ({checkpoint_error_text(e)}); ovdense reads only "
+            "tensors (torch.save(state_dict) or .safetensors)"
+        ) from e
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -462,6 +465,11 @@ def _load_checkpoint_file(model: nn.Module, path: str) -> None:
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise OvdenseError(_key_mismatch_message(file, missing, unexpected))
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise OvdenseError(f"{file} is not a weights file: {not_tensors[0]} holds a "
+                           f"{type(state[not_tensors[0]]).__name__}, not a tensor "
+                           f"({len(not_tensors)} entries are not tensors)")
     wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if wrong:
         k = wrong[0]
