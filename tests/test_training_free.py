@@ -171,6 +171,7 @@ def test_close_labels_is_grey_closing(rng):
     ({"classes": []}, "empty"),
     ({"method": "nope"}, "unknown method"),
     ({"window": (224, 0)}, "window"),
+    ({"window": (10, 20)}, "stride is larger than the crop"),
     ({"bg_threshold": 1.5}, "bg_threshold"),
     ({"short_side": -1}, "short_side"),
 ])

@@ -208,6 +208,9 @@ class Segmenter:
         crop, stride = self.window
         if (crop, stride) != (0, 0) and (crop <= 0 or stride <= 0):
             raise OvdenseError(f"window must be two positive ints (or 0 0), got {self.window}")
+        if stride > crop:
+            raise OvdenseError(f"window {self.window}: the stride is larger than the crop, so the windows "
+                               "would leave gaps; use a stride ≤ the crop")
         for name in ("bg_threshold", "area_threshold"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
