@@ -75,27 +75,11 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
-def init_cpu_distributed(cfg) -> None:
-    """Start the process group over gloo where torch sees no GPU: mmengine's own start calls
-    ``torch.cuda.set_device`` and NCCL, which need one."""
-    import torch
-    import torch.distributed as dist
-
-    if cfg.launcher != "pytorch" or torch.cuda.is_available() or dist.is_initialized():
-        return
-    dist_cfg = dict(cfg.get("env_cfg", {}).get("dist_cfg", {}))
-    dist_cfg.pop("backend", None)
-    timeout = dist_cfg.pop("timeout", None)
-    if timeout is not None:
-        import datetime
-
-        dist_cfg["timeout"] = datetime.timedelta(seconds=timeout)
-    dist.init_process_group(backend="gloo", **dist_cfg)
-
-
 def evaluate(argv=None) -> dict:
     """Run the test loop; return the metrics (the same on every process)."""
     from mmengine.runner import Runner
+
+    from ovdense.mm.training import init_cpu_distributed
 
     args = parse_args(argv)
     cfg = build_config(args)
