@@ -143,15 +143,32 @@ class Heads:
         size: how many heads to keep.
     """
 
-    def __init__(self, backbone: ClipBackbone, sam=None, size: int = CACHE_SIZE):
+    def __init__(self, backbone: ClipBackbone, sam=None, size: int = CACHE_SIZE,
+                 san_head: str | Path | None = None):
         self.backbone = backbone
         self.sam = sam
         self.size = size
+        self.san_head = san_head if san_head is not None else _shipped_san_head(backbone)
         self._cache: OrderedDict[tuple, object] = OrderedDict()
 
-    def segmenter(self, method: str, classes: Sequence[tuple[str, ...]], **settings) -> Segmenter:
-        key = ("segmenter", method, _frozen(classes), tuple(sorted(settings.items())))
+    @property
+    def methods(self) -> list[str]:
+        """The Segment tab's methods: the training-free ones, and SAN where a head is at hand."""
+        return list(METHODS) + ([SAN] if self.san_head is not None else [])
+
+    def segmenter(self, method: str, classes: Sequence[tuple[str, ...]], **settings):
         words = [list(c) for c in classes]
+        if method == SAN:
+            from ovdense.heads.san import SanSegmenter
+
+            if self.san_head is None:
+                raise OvdenseError("no SAN head: start the demo with --san-head PATH")
+            given = [name for name, value in settings.items() if value is not None]
+            if given:
+                raise OvdenseError(f"SAN has no {' or '.join(given)} option; leave it at the default")
+            return self._get(("san", _frozen(classes)),
+                             lambda: SanSegmenter(self.backbone, words, head_checkpoint=self.san_head))
+        key = ("segmenter", method, _frozen(classes), tuple(sorted(settings.items())))
         return self._get(key, lambda: Segmenter(self.backbone, method, words, **settings))
 
     def winclip(self, object_name: str):
@@ -179,6 +196,19 @@ class Heads:
         if len(self._cache) > self.size:
             self._cache.popitem(last=False)
         return head
+
+
+SAN = "san"
+
+
+def _shipped_san_head(backbone: ClipBackbone) -> Path | None:
+    """The SAN head that ships for this backbone (the toy model's), else ``None``."""
+    from ovdense.heads.san import default_head_checkpoint
+
+    try:
+        return default_head_checkpoint(backbone)
+    except OvdenseError:
+        return None
 
 
 def _frozen(classes: Sequence[Sequence[str]]) -> tuple[tuple[str, ...], ...]:
@@ -221,13 +251,15 @@ def compare_methods(
     heads: Heads,
     rgb: np.ndarray,
     classes: Sequence[tuple[str, ...]],
-    methods: Sequence[str] = tuple(METHODS),
+    methods: Sequence[str] | None = None,
     bg_threshold: float | None = None,
     pamr: bool | None = None,
     on_step: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Segmentation | str]:
     """Every method on the same image: ``{method: Segmentation}``, or the reason a method
-    cannot run on this model (e.g. ITACLIP needs 12 blocks) in place of its result."""
+    cannot run on this model (e.g. ITACLIP needs 12 blocks) in place of its result. ``None`` =
+    ``heads.methods`` (SAN included where a head is at hand)."""
+    methods = heads.methods if methods is None else methods
     results: dict[str, Segmentation | str] = {}
     for index, method in enumerate(methods):
         if on_step is not None:
@@ -315,14 +347,17 @@ def _examples() -> list[list[str]]:
     return rows
 
 
-def build_app(backbone: ClipBackbone, sam=None, title: str = "ovdense demo", queue_size: int = QUEUE_SIZE):
+def build_app(backbone: ClipBackbone, sam=None, title: str = "ovdense demo", queue_size: int = QUEUE_SIZE,
+              san_head: str | Path | None = None):
     """The gradio page (a ``gr.Blocks``) on one shared ``backbone``; ``launch()`` serves it.
 
     One tab per head; the SAM + CLIP tab only with a ``sam`` model (``sam_clip.load_sam``). The
-    model's handlers take turns (``CONCURRENCY``) and at most ``queue_size`` requests wait."""
+    model's handlers take turns (``CONCURRENCY``) and at most ``queue_size`` requests wait. The
+    Segment tab offers SAN with ``san_head`` (a ``san_head.safetensors``) or, for the toy model,
+    the head that ships with ovdense."""
     import gradio as gr
 
-    heads = Heads(backbone, sam)
+    heads = Heads(backbone, sam, san_head=san_head)
     weights = backbone.weights.value or backbone.weights.kind
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"# {title}\nModel **{Path(backbone.name).name}** ({Path(weights).name}). "
@@ -382,7 +417,7 @@ def _segment_tab(heads: Heads) -> None:
             classes = gr.Textbox(label="Classes", lines=2, elem_id="classes",
                                  placeholder="sky, building, tree, person|man|woman, car",
                                  info="separated by commas; synonyms of one class joined by |")
-            method = gr.Dropdown(list(METHODS), value="clearclip", label="Method", elem_id="method")
+            method = gr.Dropdown(heads.methods, value="clearclip", label="Method", elem_id="method")
             with gr.Accordion("Options", open=False):
                 bg = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Background threshold",
                                info="pixels less sure than this become the first class; 0 = off")
@@ -500,6 +535,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="SAM weights (e.g. sam_vit_b_01ec64.pth): adds the SAM + CLIP tab ([sam] extra)")
     parser.add_argument("--sam-model", choices=("vit_b", "vit_l", "vit_h"),
                         help="SAM model type (default: read from the checkpoint's file name)")
+    parser.add_argument("--san-head", help="a SAN head (san_head.safetensors) for this model: adds 'san' "
+                        "to the Segment tab's methods (the toy model has one built in)")
     parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE,
                         help=f"requests that may wait; more are told to try again (default {QUEUE_SIZE})")
     args = parser.parse_args(argv)
@@ -530,7 +567,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OvdenseError as e:
         print(f"ovdense demo: error: {e}", file=sys.stderr)
         return 2
-    app = build_app(backbone, sam, queue_size=args.queue_size)
+    if args.san_head:
+        from ovdense.heads.san import load_head
+
+        try:
+            load_head(args.san_head, backbone)  # refuse a wrong head before serving
+        except OvdenseError as e:
+            print(f"ovdense demo: error: {e}", file=sys.stderr)
+            return 2
+    app = build_app(backbone, sam, queue_size=args.queue_size, san_head=args.san_head)
     try:
         app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
     except (OSError, ValueError) as e:  # the port is taken, the address is not this machine's, or

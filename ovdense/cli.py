@@ -2,6 +2,7 @@
 
     ovdense segment IMAGE... | DIR --classes "cat,dog,grass" [--method clearclip] ...
     ovdense segment IMAGE... | DIR --classes ... --method sam-clip --sam-checkpoint sam_vit_b_01ec64.pth
+    ovdense segment IMAGE... | DIR --classes ... --method san [--head-checkpoint san_head.safetensors]
     ovdense methods
     ovdense anomaly IMAGE... | DIR --object bottle [--reference DIR --shots K]
     ovdense anomaly-eval --dataset mvtec|visa --root DIR [--shots K]
@@ -49,7 +50,8 @@ def _build_parser() -> argparse.ArgumentParser:
     seg = sub.add_parser(
         "segment",
         help="segment images with any list of words",
-        description="Segment images with a training-free method. For each image writes "
+        description="Segment images with a training-free method, a trained SAN head or SAM + CLIP. "
+        "For each image writes "
         "<stem>_labels.png (indexed, with a palette), <stem>_overlay.jpg and <stem>.json.",
     )
     seg.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders")
@@ -62,7 +64,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--classes-file", type=Path, help="one class per line, synonyms separated by commas"
     )
     seg.add_argument("--method", default="clearclip",
-                     help="see `ovdense methods`, or 'sam-clip' (SAM masks classified by CLIP)")
+                     help="see `ovdense methods`; 'san' (a trained SAN head) or 'sam-clip' (SAM masks "
+                     "classified by CLIP)")
     seg.add_argument(
         "--model", default="ViT-B-16", help="open_clip model name, 'toy', or a JSON model config"
     )
@@ -100,6 +103,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="the last step's path; 'reference' keeps the plain full-resolution logits",
     )
     _add_batch_arguments(seg)
+    san = seg.add_argument_group("SAN (--method san)", "a trained side adapter on the backbone")
+    san.add_argument("--head-checkpoint", type=Path,
+                     help="a SAN head (san_head.safetensors from tools/train.py or "
+                     "tools/model_converters/san2ovdense.py; default for --model toy: the shipped one)")
     _add_sam_clip_arguments(seg)
 
     sub.add_parser("methods", help="list the training-free methods and their defaults")
@@ -169,21 +176,28 @@ def _add_sam_clip_arguments(seg: argparse.ArgumentParser) -> None:
 
 
 SAM_CLIP = "sam-clip"
+SAN = "san"
 SAM_SEGMENTER_OPTIONS = ("points_per_side", "pred_iou_thresh", "stability_score_thresh", "box_nms_thresh",
                          "min_mask_region_area", "unknown_threshold", "crop_area", "crop_weight")
 SAM_OPTIONS = ("sam_checkpoint", "sam_model", "clip_method", *SAM_SEGMENTER_OPTIONS)
 DENSE_ONLY_OPTIONS = ("window", "area_threshold", "bg_threshold", "pamr")
+SAN_OPTIONS = ("head_checkpoint",)
 
 
 def _check_method_options(args: argparse.Namespace) -> None:
-    """Options of one kind of method given to the other are a usage error, not silently ignored."""
-    if args.method == SAM_CLIP:
+    """Options of one kind of method given to another are a usage error, not silently ignored."""
+    hint = ""
+    if args.method in (SAM_CLIP, SAN):
         given = [name for name in DENSE_ONLY_OPTIONS if getattr(args, name) is not None]
         given += ["kernel"] if args.kernel != "auto" else []
-        hint = " (SAM + CLIP uses --unknown-threshold)"
+        if args.method == SAM_CLIP:
+            given += [name for name in SAN_OPTIONS if getattr(args, name) is not None]
+            hint = " (SAM + CLIP uses --unknown-threshold)"
+        else:
+            given += [name for name in SAM_OPTIONS if getattr(args, name) is not None]
+            given += ["logit_scale"] if args.logit_scale is not None else []
     else:
-        given = [name for name in SAM_OPTIONS if getattr(args, name) is not None]
-        hint = ""
+        given = [name for name in (*SAM_OPTIONS, *SAN_OPTIONS) if getattr(args, name) is not None]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise OvdenseError(f"{flags}: not an option of --method {args.method}{hint}")
@@ -369,6 +383,11 @@ def _command_methods() -> int:
         window = f"{p.window[0]}/{p.window[1]}"
         print(f"{name:<10} {p.short_side:>10} {window:>9} {p.logit_scale:>11g} "
               f"{'on' if p.pamr else 'off':>5}  {spec.paper}")
+    print("\nheads beyond the training-free ones:")
+    print(f"{SAN:<10} {640:>10} {'whole':>9} {'learned':>11} {'off':>5}  Xu et al., CVPR 2023 (SAN): a "
+          "trained side adapter; --head-checkpoint (the toy model ships one)")
+    print(f"{SAM_CLIP:<10} {'-':>10} {'whole':>9} {'-':>11} {'off':>5}  Kirillov et al., ICCV 2023 (SAM) "
+          "masks classified by one dense CLIP pass; --sam-checkpoint")
     return 0
 
 
@@ -381,13 +400,16 @@ def _command_segment(args: argparse.Namespace) -> int:
     from ovdense.backbone.protocols import METHOD_INFO as METHODS  # torch-free
 
     sam_clip = args.method == SAM_CLIP
-    if not sam_clip and args.method not in METHODS:
+    if not sam_clip and args.method != SAN and args.method not in METHODS:
         raise OvdenseError(f"unknown method {args.method!r}; choose from: {', '.join(METHODS)}, "
-                           f"{SAM_CLIP}")
+                           f"{SAN}, {SAM_CLIP}")
     _check_method_options(args)
     _check_segment_arguments(args)
     if sam_clip and args.clip_method is not None and args.clip_method not in METHODS:
         raise OvdenseError(f"unknown --clip-method {args.clip_method!r}; choose from: {', '.join(METHODS)}")
+    if args.head_checkpoint is not None and not args.head_checkpoint.is_file():
+        raise OvdenseError(f"--head-checkpoint {args.head_checkpoint}: no such file (a SAN head written "
+                           "by tools/train.py or tools/model_converters/san2ovdense.py)")
     vocabulary = _read_classes(args)
     templates = _read_templates(args.templates)
     images = _list_inputs(args.inputs)
@@ -414,12 +436,18 @@ def _command_segment(args: argparse.Namespace) -> int:
     backbone = create_backbone(args.model, pretrained=pretrained, device=args.device)
     if sam_clip:
         return _run_sam_clip(args, backbone, sam, vocabulary, templates, images, todo, skipped)
-    segmenter = Segmenter(
-        backbone, args.method, vocabulary, templates=templates,
-        short_side=args.short_side, window=tuple(args.window) if args.window else None,
-        logit_scale=args.logit_scale, bg_threshold=args.bg_threshold,
-        area_threshold=args.area_threshold, pamr=args.pamr, kernel=args.kernel,
-    )
+    if args.method == SAN:
+        from ovdense.heads.san import SanSegmenter
+
+        segmenter = SanSegmenter(backbone, vocabulary, head_checkpoint=args.head_checkpoint,
+                                 templates=templates, short_side=args.short_side)
+    else:
+        segmenter = Segmenter(
+            backbone, args.method, vocabulary, templates=templates,
+            short_side=args.short_side, window=tuple(args.window) if args.window else None,
+            logit_scale=args.logit_scale, bg_threshold=args.bg_threshold,
+            area_threshold=args.area_threshold, pamr=args.pamr, kernel=args.kernel,
+        )
     failed: list[Path] = []
     for path, rgb in _readable_images(todo, "segment", failed, args.max_pixels):
         start = time.perf_counter()

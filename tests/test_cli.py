@@ -187,6 +187,11 @@ SEGMENT_CASES = [
     (["--method", "sam-clip", "--crop-weight", "-1"], "--crop-weight must lie in [0, 1]"),
     (["--method", "sam-clip", "--clip-method", "nope"], "unknown --clip-method 'nope'"),
     (["--method", "sam-clip", "--sam-model", "vit_x"], "invalid choice"),
+    (["--method", "san", "--window", "32", "16"], "--window: not an option of --method san"),
+    (["--method", "san", "--logit-scale", "10"], "--logit-scale: not an option of --method san"),
+    (["--method", "san", "--sam-checkpoint", "x.pth"], "--sam-checkpoint: not an option of --method san"),
+    (["--method", "clearclip", "--head-checkpoint", "{tmp}/a_file.txt"], "--head-checkpoint: not an option"),
+    (["--method", "san", "--head-checkpoint", "{tmp}/missing.safetensors"], "no such file"),
 ]
 
 
@@ -299,3 +304,36 @@ def test_help_and_methods_import_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_san_with_the_shipped_toy_head_writes_the_three_outputs(tmp_path, capsys, monkeypatch):
+    """``--method san --model toy`` needs no checkpoint flag (the head ships with ovdense); its
+    labels are SanSegmenter's, and a head for another backbone is one line."""
+    from ovdense import create_backbone
+    from ovdense.heads.san import SanSegmenter
+
+    monkeypatch.setenv("OVDENSE_CACHE", str(tmp_path / "cache"))
+    scene = tmp_path / "in" / "toy.png"
+    scene.parent.mkdir()
+    from ovdense.data.synthetic import SceneConfig, render_scene
+
+    rgb = render_scene(3, SceneConfig(size=(96, 112))).image
+    Image.fromarray(rgb).save(scene)
+    classes = "background,red circle,green square,blue triangle"
+    out = tmp_path / "out"
+    code, err = run_cli(["segment", str(scene), "--model", "toy", "--method", "san", "--classes", classes,
+                         "--out", str(out)], capsys)
+    assert code == 0, err
+    report = json.loads((out / "toy.json").read_text())
+    assert report["settings"]["method"] == "san"
+    assert report["settings"]["head_checkpoint"].endswith("san-toy-head.safetensors")
+    with Image.open(out / "toy_labels.png") as pil:
+        labels = np.asarray(pil)
+    backbone = create_backbone("toy", cache_dir=tmp_path / "cache")
+    want = SanSegmenter(backbone, classes.split(",")).predict(str(scene)).labels
+    np.testing.assert_array_equal(labels, want)
+    assert (out / "toy_overlay.jpg").stat().st_size > 0
+
+    code, err = run_cli(["segment", str(scene), "--model", "toy", "--method", "san", "--classes", classes,
+                         "--head-checkpoint", str(out / "toy.json"), "--out", str(tmp_path / "o2")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "not a safetensors SAN head" in err, err

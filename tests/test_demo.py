@@ -182,6 +182,24 @@ def test_compare_methods_runs_each_and_reports_what_cannot_run(app, small_backbo
     assert rows[1][1] is None and rows[1][3].startswith("not run: unknown method")
 
 
+def test_san_in_the_segment_tab_is_the_shipped_heads_prediction(app, small_backbone, rng, tmp_path):
+    """The toy model offers SAN with its shipped head (labels = SanSegmenter's); a model without
+    a head does not offer it; options SAN lacks are refused, not ignored."""
+    from ovdense.heads.san import SanSegmenter
+
+    assert "san" not in app.Heads(small_backbone).methods
+    toy = create_backbone("toy", cache_dir=tmp_path / "cache")
+    heads = app.Heads(toy)
+    assert heads.methods[-1] == "san"
+    rgb = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    classes = [("background",), ("red circle", "red disc"), ("blue square",)]
+    shown = app.segment_image(heads, rgb, classes, "san")
+    want = SanSegmenter(toy, [list(c) for c in classes]).predict(rgb)
+    np.testing.assert_array_equal(shown.label_map, colorize(want.labels))
+    with pytest.raises(OvdenseError, match="SAN has no bg_threshold"):
+        app.segment_image(heads, rgb, classes, "san", bg_threshold=0.3)
+
+
 def test_anomaly_map_is_winclips_and_forgets_references(app, small_backbone, rng):
     from ovdense.anomaly.winclip import WinClip
 

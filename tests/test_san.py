@@ -273,8 +273,19 @@ def test_segmenter_predicts_at_image_size(toy, tmp_path):
     merged = seg.class_scores(rgb)
     torch.testing.assert_close(merged[1], torch.maximum(both[1], both[2]))
     torch.testing.assert_close(merged[2], both[3])
-    with pytest.raises(OvdenseError, match="head_checkpoint"):
-        SanSegmenter(toy, ["a"])
+    with pytest.raises(OvdenseError, match="not both"):
+        SanSegmenter(toy, ["a"], head=head, head_checkpoint=path)
+
+
+def test_default_head_is_the_shipped_toy_head_and_nothing_else(toy, tiny_backbone):
+    """No head given: the toy model takes the head shipped in ovdense/assets (it loads on the
+    toy backbone, so the checkpoint names this backbone); any other backbone is told how to
+    get one."""
+    seg = SanSegmenter(toy, ["background", "red circle"])
+    assert Path(seg.head_checkpoint).name == "san-toy-head.safetensors"
+    assert Path(seg.head_checkpoint).parent.name == "assets"
+    with pytest.raises(OvdenseError, match="needs a trained head.*--head-checkpoint"):
+        SanSegmenter(tiny_backbone, ["a", "b"])
 
 
 def test_vild_templates_match_mmseg_source():

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ovdense.backbone.clip import ClipBackbone
+from ovdense.backbone.clip import TOY_NAME, ClipBackbone
 from ovdense.backbone.prompts import ClassSpec, Templates, Vocabulary
 from ovdense.backbone.runner import embed, run_blocks
 from ovdense.errors import OvdenseError
@@ -549,14 +549,19 @@ def backbone_identity(backbone: ClipBackbone) -> str:
     return f"{backbone.name}|sha256:{digest.hexdigest()[:32]}"
 
 
-def save_head(path: str | Path, head: SanHead, backbone: ClipBackbone) -> Path:
+def save_head(path: str | Path, head: SanHead, backbone: ClipBackbone,
+              dtype: torch.dtype | None = None) -> Path:
     """Write the head as safetensors (atomically) with string metadata: format, backbone name,
-    its identity (``backbone_identity``), the SanConfig as JSON and the ovdense version."""
+    its identity (``backbone_identity``), the SanConfig as JSON and the ovdense version.
+    ``dtype`` (e.g. ``torch.float16``, half the file) stores the floating tensors in that type;
+    ``load_head`` casts them back to the head's own."""
     from safetensors.torch import save
 
     from ovdense.version import __version__
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     metadata = {
         "format": HEAD_FORMAT,
         "backbone": backbone.name,
@@ -618,6 +623,26 @@ def load_head(path: str | Path, backbone: ClipBackbone) -> SanHead:
 # Inference
 
 
+TOY_HEAD_FILE = "san-toy-head.safetensors"
+
+
+def default_head_checkpoint(backbone: ClipBackbone) -> Path:
+    """The head that ships with ovdense for ``backbone``: only the toy model has one
+    (``ovdense/assets/san-toy-head.safetensors``, trained by ``configs/san/san_toy_synthetic.py``
+    on the toy world's base classes)."""
+    if backbone.name == TOY_NAME:
+        path = Path(__file__).resolve().parent.parent / "assets" / TOY_HEAD_FILE
+        if path.is_file():
+            return path
+        raise OvdenseError(f"the toy SAN head is missing from this install ({path}); reinstall ovdense "
+                           "or train one: python tools/train.py configs/san/san_toy_synthetic.py")
+    raise OvdenseError(
+        f"SAN needs a trained head for {backbone.name}: pass head_checkpoint=PATH (CLI "
+        "--head-checkpoint): train one with tools/train.py configs/san/..., or convert the published "
+        "weights with tools/model_converters/san2ovdense.py; only the toy model ships a head"
+    )
+
+
 class SanSegmenter:
     """Segment images with any list of classes by a trained SAN head (the shape of ``Segmenter``).
 
@@ -631,7 +656,8 @@ class SanSegmenter:
     Args:
         backbone: the shared backbone the head was trained on.
         classes: class names; a string with commas (or a list) gives synonyms.
-        head_checkpoint: a file written by ``save_head``; or pass ``head``.
+        head_checkpoint: a file written by ``save_head``; or pass ``head``; neither: the head
+            that ships for this backbone (``default_head_checkpoint``: the toy model's).
         head: a ``SanHead`` in memory (e.g. during training).
         templates: prompt templates; ``None`` = the backbone's own (the toy model) or ViLD's.
         short_side: ``None`` = the backbone's own default (the toy model) or 640.
@@ -648,8 +674,10 @@ class SanSegmenter:
         templates: Templates | None = None,
         short_side: int | None = None,
     ):
-        if (head is None) == (head_checkpoint is None):
-            raise OvdenseError("SAN needs exactly one trained head: pass head_checkpoint=PATH (or head=)")
+        if head is not None and head_checkpoint is not None:
+            raise OvdenseError("SAN takes one trained head: pass head_checkpoint=PATH or head=, not both")
+        if head is None and head_checkpoint is None:
+            head_checkpoint = default_head_checkpoint(backbone)
         self.backbone = backbone
         self.head = load_head(head_checkpoint, backbone) if head is None else head
         self.head.eval()
