@@ -177,6 +177,9 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
 
 
 def _labels_in_child(queue):
+    # as torch's DataLoader workers do (_worker_loop): torch's own intra-op pool is not fork-safe
+    # here (an einsum in a forked child hung before ovdense's kernel was reached)
+    torch.set_num_threads(1)
     patch, text, cop = random_case(1, 6, 8, 5, 5, seed=6)
     queue.put(kernels.dense_classify(patch, text, cop, (40, 40), 40.0, kernel="torch")[0].tolist())
 
