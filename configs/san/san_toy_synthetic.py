@@ -4,21 +4,28 @@
 #   python tools/make_synthetic_benchmarks.py --san-toy --out synthetic_san --num-train 2000 --num 100
 #   python tools/train.py configs/san/san_toy_synthetic.py          # writes WORK_DIR/san_head.safetensors
 #   python tools/eval_san_toy.py --head work_dirs/san_toy_synthetic/san_head.safetensors --data synthetic_san
-# Same SAN structure as ViT-B/16, sized for 128 px scenes and the 6-block toy CLIP (width 192, patch 8):
-# the side network sees 128 x 128 (8 x 8 patches of 16), CLIP sees 64 x 64 (its native size, 8 x 8
-# patches), trunk 5 blocks + 1 recognition block (SanConfig.resolve), fusion after ln_pre and
-# blocks 2, 3, 5. Fewer mask points (1024 of the 16384 pixels) and a shorter, faster schedule.
+# The SAN structure of ViT-B/16, sized for 128 px scenes and the 6-block toy CLIP (width 192, patch
+# 8): the side network sees 128 x 128 in patches of 8 (a 16 x 16 grid: at the official patch 16 the
+# 8 x 8 masks were too coarse for the toy's small objects), width 192, 6 blocks (the head is 7.3 MB
+# in fp16); CLIP sees the scene at full scale (clip_scale 1.0: at the official 0.5 the toy's objects
+# shrank to one or two of its 8-pixel patches), trunk 4 blocks + 2 recognition blocks, fusion after
+# ln_pre and blocks 1, 3, 4. Fewer mask points (1024 of the 16384 pixels), a shorter schedule.
+# The shipped head (ovdense/assets/san-toy-head.safetensors) is WORK_DIR/san_head.safetensors in fp16:
+#   python -c "import torch, ovdense; from ovdense.heads.san import load_head, save_head; \
+#     b = ovdense.create_backbone('toy'); save_head('ovdense/assets/san-toy-head.safetensors', \
+#     load_head('WORK_DIR/san_head.safetensors', b), b, dtype=torch.float16)"
 
 _base_ = "../_base_/san_train.py"
 
 data_root = "synthetic_san/data"
 crop = 128
-max_iters = 1000  # ~1.1 s per iteration of 8 on 2 busy CPU cores (load 6-7): ~20 min
+max_iters = 600  # ~1.6 s per iteration of 8 on 2 CPU cores shared with a test run: ~16-25 min
 model = dict(
     backbone=dict(_delete_=True, name="toy"),
     classnames="{{fileDirname}}/../_base_/classnames/toy_base.txt",  # background + 20 base pairs
     test_classnames="{{fileDirname}}/../_base_/classnames/toy_all.txt",  # background + all 30 pairs
-    head=dict(side_image_size=crop),
+    head=dict(side_image_size=crop, side_patch=8, side_width=192, side_depth=6, side_mlp=768,
+              trunk_depth=4, clip_scale=1.0),
     criterion=dict(num_points=1024),
     data_preprocessor=dict(size_divisor=crop),
     short_side=crop,
