@@ -137,7 +137,9 @@ def main(argv=None) -> int:
     try:
         train(argv)
     except OvdenseError as e:
-        hint = " (here: --cfg-options model.backbone.pretrained=PATH)" if "pretrained" in str(e) else ""
+        # SAN configs hold the backbone in model.backbone, F-ViT configs in model.clip
+        hint = (" (here: --cfg-options model.backbone.pretrained=PATH for SAN, model.clip.pretrained=PATH "
+                "for detection)") if "pretrained" in str(e) else ""
         print(f"error: {e}{hint}", file=sys.stderr)
         return 2
     return 0

@@ -427,7 +427,9 @@ class ProgressBarHook(Hook):
         if self.bar is not None:
             self.bar.update(runner.iter + 1 - self.bar.n)
             if outputs and "loss" in outputs:
-                self.bar.set_postfix(loss=f"{float(outputs['loss']):.4f}")
+                loss = outputs["loss"]
+                loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
+                self.bar.set_postfix(loss=f"{float(loss):.4f}")
 
     def after_train(self, runner) -> None:
         if self.bar is not None:
