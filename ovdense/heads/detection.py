@@ -55,6 +55,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -396,3 +397,114 @@ def load_head(path: str | os.PathLike, backbone) -> tuple[dict[str, torch.Tensor
         raise OvdenseError(f"{path} was trained on backbone {metadata.get('backbone')!r}, not this one "
                            f"({expected}); load the backbone it was trained on or retrain the head")
     return state, json.loads(metadata.get("config", "{}"))
+
+
+# --------------------------------------------------------------------------------------------
+# The Python API
+
+#: The toy backbone's trained head, shipped in ``ovdense/assets`` (trained by
+#: ``configs/ovdet/fvlm_toy_synthetic.py`` on the toy world's base classes).
+TOY_HEAD_FILE = "fvit-toy-head.safetensors"
+
+
+def default_head_checkpoint(backbone) -> Path | None:
+    """The F-ViT head that ships with ovdense for ``backbone``: ``ovdense/assets/fvit-toy-head.safetensors``
+    for the toy CLIP when the file is installed; ``None`` otherwise (no other backbone ships one)."""
+    from ovdense.backbone.clip import TOY_NAME
+
+    if backbone.name == TOY_NAME:
+        path = Path(__file__).resolve().parent.parent / "assets" / TOY_HEAD_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+@dataclass
+class DetectionResult:
+    """One image's detections, in pixels of the input image.
+
+    Attributes:
+        boxes: ``[K, 4]`` float ``(x1, y1, x2, y2)``.
+        scores: ``[K]``, the ensemble's (or the detector's) probability.
+        class_ids: ``[K]`` indices into ``classes``.
+        masks: ``[K, H, W]`` bool, or ``None`` for a box-only (Faster R-CNN) head.
+        classes: the vocabulary.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    class_ids: np.ndarray
+    masks: np.ndarray | None
+    classes: list[str]
+
+
+class Detector:
+    """Detect and segment any words with a trained F-ViT head on the shared backbone.
+
+    Args:
+        backbone: the ``ClipBackbone`` the head was trained on (checked against the head file).
+        classes: any class names; those outside the head's training vocabulary get β.
+        head_checkpoint: a head written by ``ovdense.mm.detection.export_head`` /
+            ``ExportFViTHeadHook``; ``None``: ``default_head_checkpoint(backbone)`` (the toy's).
+        score_threshold: drop detections below this score.
+        image_size: the long side images are resized to (default: the backbone's ``short_side``
+            default for the toy, else 640, F-ViT's OV-COCO size).
+        ensemble: F-ViT's CLIP ensemble on (``False``: the detector's own scores).
+
+    (Transitional: runs through mmdet 3.3, imported lazily; the plain-torch path replaces it.)
+    """
+
+    def __init__(self, backbone, classes: Sequence[str], head_checkpoint: str | os.PathLike | None = None,
+                 score_threshold: float = 0.3, image_size: int | None = None, ensemble: bool = True):
+        if head_checkpoint is None:
+            head_checkpoint = default_head_checkpoint(backbone)
+            if head_checkpoint is None:
+                raise OvdenseError(
+                    f"no F-ViT head ships for backbone {backbone.name!r}: train one with "
+                    "python tools/train.py configs/ovdet/fvlm_toy_synthetic.py (or another configs/ovdet "
+                    "config) and pass its work_dirs/…/fvit_head.safetensors as head_checkpoint "
+                    "(CLI --head-checkpoint)"
+                )
+        if not 0.0 <= score_threshold <= 1.0:
+            raise OvdenseError(f"score_threshold must lie in [0, 1], got {score_threshold}")
+        from mmengine.config import ConfigDict
+        from mmengine.registry import init_default_scope
+
+        from ovdense.mm.detection import OvdenseFViT
+
+        classes = check_vocabulary(classes)
+        state, config = load_head(head_checkpoint, backbone)
+        init_default_scope("mmdet")
+        self.backbone = backbone
+        self.model = OvdenseFViT(clip=backbone, test_classes=list(classes), **ConfigDict(config))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise OvdenseError(f"{head_checkpoint} does not fit its own configuration: missing "
+                               f"{missing[:5]}, unexpected {unexpected[:5]}")
+        self.model.to(backbone.device).eval()
+        self.model.roi_head.bbox_head.ensemble = ensemble
+        self.classes = list(self.model.test_classes)
+        self.score_threshold = float(score_threshold)
+        self.image_size = image_size or int(backbone.defaults.get("short_side", 640))
+
+    @torch.no_grad()
+    def predict(self, image) -> DetectionResult:
+        """Detect in one image (a path, PIL image or RGB ``uint8`` array)."""
+        import cv2
+        from mmdet.structures import DetDataSample
+
+        from ovdense.io import load_image
+
+        rgb = load_image(image)
+        H, W = rgb.shape[:2]
+        factor = self.image_size / max(H, W)
+        h, w = max(1, int(H * factor + 0.5)), max(1, int(W * factor + 0.5))
+        resized = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
+        bgr = torch.from_numpy(np.ascontiguousarray(resized[:, :, ::-1])).permute(2, 0, 1)  # 3, h, w
+        sample = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(H, W), scale_factor=(w / W, h / H)))
+        data = self.model.data_preprocessor(dict(inputs=[bgr], data_samples=[sample]), training=False)
+        pred = self.model.predict(data["inputs"], data["data_samples"], rescale=True)[0].pred_instances
+        keep = pred.scores >= self.score_threshold
+        masks = pred.masks[keep].cpu().numpy().astype(bool) if "masks" in pred else None
+        return DetectionResult(boxes=pred.bboxes[keep].cpu().numpy(), scores=pred.scores[keep].cpu().numpy(),
+                               class_ids=pred.labels[keep].cpu().numpy(), masks=masks, classes=self.classes)
