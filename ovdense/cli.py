@@ -3,6 +3,7 @@
     ovdense segment IMAGE... | DIR --classes "cat,dog,grass" [--method clearclip] ...
     ovdense segment IMAGE... | DIR --classes ... --method sam-clip --sam-checkpoint sam_vit_b_01ec64.pth
     ovdense segment IMAGE... | DIR --classes ... --method san [--head-checkpoint san_head.safetensors]
+    ovdense detect IMAGE... | DIR --classes "cat,dog" [--model toy] [--head-checkpoint fvit_head.safetensors]
     ovdense methods
     ovdense anomaly IMAGE... | DIR --object bottle [--reference DIR --shots K]
     ovdense anomaly-eval --dataset mvtec|visa --root DIR [--shots K]
@@ -108,8 +109,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="a SAN head (san_head.safetensors from tools/train.py or "
                      "tools/model_converters/san2ovdense.py; default for --model toy: the shipped one)")
     _add_sam_clip_arguments(seg)
+    _add_detect_parser(sub)
 
-    sub.add_parser("methods", help="list the training-free methods and their defaults")
+    sub.add_parser("methods", help="list the segmentation methods and their defaults, and the detector")
 
     anomaly = sub.add_parser(
         "anomaly", help="defect heat maps with WinCLIP (zero-shot) or WinCLIP+ (few-shot)",
@@ -133,6 +135,40 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--out", type=Path, default=Path("outputs"), help="where the CSV and picture go")
     _add_max_pixels_argument(evaluation)
     return parser
+
+
+def _add_detect_parser(sub) -> None:
+    det = sub.add_parser(
+        "detect", help="detect and segment objects named by any words (F-ViT head)",
+        description="Detect objects of any classes with a trained F-ViT head on the frozen backbone "
+        "(F-VLM / F-ViT: the head's scores ensembled with CLIP's region scores). For each image writes "
+        "<stem>.json ({\"classes\": [...], \"detections\": [{\"bbox\": [x, y, w, h], \"category_id\", "
+        "\"class\", \"score\", \"segmentation\": COCO RLE}]}, input-image pixels) and <stem>_overlay.jpg.",
+    )
+    det.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders")
+    vocab = det.add_mutually_exclusive_group(required=True)
+    vocab.add_argument("--classes", help="comma-separated class names, e.g. 'red circle,blue star'")
+    vocab.add_argument("--classes-file", type=Path, help="one class name per line")
+    det.add_argument("--model", default="ViT-B-16",
+                     help="open_clip model name, 'toy', or a JSON model config (the head's backbone)")
+    det.add_argument(
+        "--pretrained",
+        help="open_clip tag or checkpoint file; 'none' = random weights (default: 'openai' for "
+        "open_clip models, the embedded weights for 'toy', random for a JSON config)",
+    )
+    det.add_argument("--head-checkpoint", type=Path,
+                     help="an F-ViT head (fvit_head.safetensors from tools/train.py configs/ovdet/...; "
+                     "default for --model toy: the shipped one)")
+    det.add_argument("--score-threshold", type=float, default=0.3,
+                     help="keep detections scoring at least this (default 0.3)")
+    det.add_argument("--image-size", type=int,
+                     help="long side the image is resized to for the network, in pixels (default: the "
+                     "model's, 640 for open_clip models)")
+    det.add_argument("--no-ensemble", dest="ensemble", action="store_false",
+                     help="the detector head's own scores, without F-ViT's CLIP region-score ensemble")
+    det.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
+    det.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    _add_batch_arguments(det)
 
 
 def _add_max_pixels_argument(parser: argparse.ArgumentParser) -> None:
@@ -351,22 +387,26 @@ def _list_inputs(inputs: Sequence[str]) -> list[Path]:
     return images
 
 
-def _complete(out: Path, stem: str, suffixes: Sequence[str]) -> bool:
+def _complete(out: Path, stem: str, suffixes: Sequence[str], key: str | None = None) -> bool:
     """Whether an image's outputs are all in ``out``: the last suffix names its JSON, written
-    last (atomically), which must parse; the others must exist and be non-empty."""
+    last (atomically), which must parse (and hold ``key`` at its top, where given: ``segment``
+    and ``detect`` both write ``<stem>.json``); the others must exist and be non-empty."""
     *others, marker = suffixes
     try:
-        json.loads((out / f"{stem}{marker}").read_text(encoding="utf-8"))
+        report = json.loads((out / f"{stem}{marker}").read_text(encoding="utf-8"))
+        if key is not None and not (isinstance(report, dict) and key in report):
+            return False
         return all((out / f"{stem}{s}").stat().st_size > 0 for s in others)
     except (OSError, ValueError):
         return False
 
 
-def _pending(args: argparse.Namespace, images: list[Path], suffixes: Sequence[str]) -> tuple[list[Path], int]:
-    """The images still to compute and how many ``--skip-existing`` skips (no file is read)."""
+def _pending(args: argparse.Namespace, images: list[Path], suffixes: Sequence[str],
+             key: str | None = None) -> tuple[list[Path], int]:
+    """The images still to compute and how many ``--skip-existing`` skips (no image is read)."""
     if not args.skip_existing:
         return images, 0
-    todo = [p for p in images if not _complete(args.out, p.stem, suffixes)]
+    todo = [p for p in images if not _complete(args.out, p.stem, suffixes, key)]
     for path in todo:  # temporary files an interrupted run left (ovdense.io.write_bytes names them so)
         for suffix in suffixes:
             for stale in args.out.glob(glob.escape(f".{path.stem}{suffix}.") + "*.tmp"):
@@ -388,6 +428,9 @@ def _command_methods() -> int:
           "trained side adapter; --head-checkpoint (the toy model ships one)")
     print(f"{SAM_CLIP:<10} {'-':>10} {'whole':>9} {'-':>11} {'off':>5}  Kirillov et al., ICCV 2023 (SAM) "
           "masks classified by one dense CLIP pass; --sam-checkpoint")
+    print("\ndetection (ovdense detect): boxes and instance masks for any words, F-ViT — Kuo et al., ICLR "
+          "2023 (F-VLM), Wu et al., ICLR 2024 (CLIPSelf): a trained head on the frozen backbone, its scores "
+          "ensembled with CLIP's region scores; long side 640; --head-checkpoint (the toy model ships one)")
     return 0
 
 
@@ -533,6 +576,127 @@ def _pretrained(model: str, value: str | None) -> str | None:
     return "laion400m_e31" if model == "ViT-B-16-plus-240" else "openai"
 
 
+DETECT_OUTPUTS = ("_overlay.jpg", ".json")  # the JSON last: the completion marker
+
+
+def _read_detect_classes(args: argparse.Namespace) -> list[str]:
+    """``--classes`` / ``--classes-file`` as plain names: one word (or phrase) per class, each once."""
+    vocabulary = _read_classes(args)
+    joined = [words for words in vocabulary.synonyms() if len(words) > 1]
+    if joined:
+        sep = "'|'" if args.classes is not None else "commas"
+        raise OvdenseError(f"detect takes one name per class, got synonyms ({sep}) in "
+                           f"{' | '.join(joined[0])!r}; give them as separate classes")
+    names = list(vocabulary.names)
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise OvdenseError(f"class {name!r} is listed twice; give each class once")
+        seen.add(name)
+    return names
+
+
+def _command_detect(args: argparse.Namespace) -> int:
+    _check_range(args, "score_threshold", 0, 1)
+    _check_range(args, "image_size", 1)
+    _check_range(args, "max_pixels", 1)
+    if args.head_checkpoint is not None and not args.head_checkpoint.is_file():
+        raise OvdenseError(f"--head-checkpoint {args.head_checkpoint}: no such file (an F-ViT head written "
+                           "by tools/train.py configs/ovdet/...: work_dirs/<config>/fvit_head.safetensors)")
+    if args.head_checkpoint is None and args.model != "toy":
+        # only the toy model ships a head (ovdense.heads.detection.default_head_checkpoint): say so
+        # before a backbone is downloaded and built
+        raise OvdenseError(f"no F-ViT head ships for --model {args.model}: pass --head-checkpoint PATH, a "
+                           "head trained with python tools/train.py configs/ovdet/<config>.py "
+                           "(work_dirs/<config>/fvit_head.safetensors); only --model toy ships one")
+    classes = _read_detect_classes(args)
+    images = _list_inputs(args.inputs)
+    _check_out(args.out)
+    inputs = {p.resolve() for p in images}
+    for path in images:
+        for suffix in DETECT_OUTPUTS:
+            if (args.out / f"{path.stem}{suffix}").resolve() in inputs:
+                raise OvdenseError(f"output {args.out / (path.stem + suffix)} would overwrite an input")
+    todo, skipped = _pending(args, images, DETECT_OUTPUTS, key="detections")
+    if not todo:
+        return _report(args.out, len(images), [], "result", "", skipped)
+    _check_device(args.device)
+
+    from ovdense import create_backbone
+    from ovdense.heads.detection import Detector
+    from ovdense.io import write_image, write_json
+
+    backbone = create_backbone(args.model, pretrained=_pretrained(args.model, args.pretrained),
+                               device=args.device)
+    detector = Detector(backbone, classes, head_checkpoint=args.head_checkpoint,
+                        score_threshold=args.score_threshold, image_size=args.image_size,
+                        ensemble=args.ensemble)
+    failed: list[Path] = []
+    for path, rgb in _readable_images(todo, "detect", failed, args.max_pixels):
+        result = detector.predict(rgb)
+        write_image(args.out / f"{path.stem}_overlay.jpg", draw_detections(rgb, result))
+        write_json(args.out / f"{path.stem}.json", detections_json(result))
+    return _report(args.out, len(images), failed, "result", " (<name>.json, <name>_overlay.jpg)", skipped)
+
+
+def detections_json(result) -> dict:
+    """A ``DetectionResult`` as ``ovdense detect`` writes it: ``{"classes": [...], "detections": [...]}``,
+    one entry per detection (score order) with the COCO results fields ``bbox`` ``[x, y, w, h]``
+    (input-image pixels), ``category_id`` (index into ``classes``), ``score`` and, for a head
+    with masks, ``segmentation`` (compressed COCO RLE, ``ovdense.data.rle``), plus ``class`` (the
+    name)."""
+    from ovdense.data import rle
+
+    detections = []
+    for k in range(len(result.scores)):
+        x1, y1, x2, y2 = (float(v) for v in result.boxes[k])
+        class_id = int(result.class_ids[k])
+        entry = {"bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+                 "category_id": class_id, "class": result.classes[class_id],
+                 "score": round(float(result.scores[k]), 6)}
+        if result.masks is not None:
+            entry["segmentation"] = rle.encode(result.masks[k])
+        detections.append(entry)
+    return {"classes": list(result.classes), "detections": detections}
+
+
+def draw_detections(rgb, result, alpha: float = 0.45):
+    """``rgb [H, W, 3]`` with each detection's mask blended in its class colour, its box, and a
+    label ``"<class> <score>"`` on a tab of that colour (black or white text, whichever reads
+    better): RGB ``uint8 [H, W, 3]``. Colours are the ovdense palette from index 1 (index 0 is
+    black); the lowest scores are drawn first, so the best detection lies on top."""
+    import cv2
+    import numpy as np
+
+    from ovdense.io import palette
+
+    canvas = np.array(rgb, dtype=np.uint8, copy=True)
+    H, W = canvas.shape[:2]
+    colours = palette()
+    order = np.argsort(np.asarray(result.scores), kind="stable")  # lowest first
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, max(0.35, min(H, W) / 900)
+    thickness = max(1, round(min(H, W) / 400))
+    if result.masks is not None:
+        for k in order:
+            mask = np.asarray(result.masks[k], dtype=bool)
+            colour = colours[(int(result.class_ids[k]) + 1) % 256].astype(np.float32)
+            blended = (1 - alpha) * canvas[mask].astype(np.float32) + alpha * colour
+            canvas[mask] = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    for k in order:
+        colour = tuple(int(c) for c in colours[(int(result.class_ids[k]) + 1) % 256])
+        x1, y1, x2, y2 = (int(round(float(v))) for v in result.boxes[k])
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thickness)
+        text = f"{result.classes[int(result.class_ids[k])]} {float(result.scores[k]):.2f}"
+        (tw, th), base = cv2.getTextSize(text, font, scale, 1)
+        top = y1 - th - base - 2 if y1 - th - base - 2 >= 0 else y1  # above the box, or inside at its top
+        left = min(max(x1, 0), max(W - tw - 2, 0))
+        cv2.rectangle(canvas, (left, top), (left + tw + 2, top + th + base + 2), colour, cv2.FILLED)
+        luma = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+        ink = (0, 0, 0) if luma > 110 else (255, 255, 255)
+        cv2.putText(canvas, text, (left + 1, top + th + 1), font, scale, ink, 1, cv2.LINE_AA)
+    return canvas
+
+
 def _command_anomaly(args: argparse.Namespace) -> int:
     if not args.object.strip():
         raise OvdenseError("the object name is empty: say what the images show, e.g. --object bottle")
@@ -660,6 +824,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _command_anomaly(args)
         if args.command == "anomaly-eval":
             return _command_anomaly_eval(args)
+        if args.command == "detect":
+            return _command_detect(args)
         return _command_segment(args)
     except OvdenseError as e:
         message = " ".join(strip_unpickling_advice(str(e)).split())
