@@ -1,18 +1,21 @@
 """The ovdense demo: a web page to segment an image with any words, compare the training-free
-methods side by side, and see defect maps.
+methods side by side, detect objects named by any words, and see defect maps.
 
     python demo/app.py [--model toy|ViT-B-16|CONFIG.json] [--pretrained TAG|FILE|none] [--port 7860]
+                       [--san-head PATH] [--fvit-head PATH] [--sam-checkpoint PATH]
 
 Needs the ``[demo]`` extra (gradio). The default model is ``toy``, the embedded CLIP of the
 synthetic world: the page then runs offline and on a CPU. The server binds to 127.0.0.1 unless
 ``--host`` says otherwise.
 
 The work is done by plain functions on numpy images — ``read_image``, ``parse_classes``,
-``segment_image``, ``compare_methods``, ``anomaly_map``, ``sam_clip_image`` — and ``build_app``
-only wires them to gradio. One backbone is loaded at start and shared by every tab; the heads
-(``Segmenter``, ``WinClip``, ``SamClipSegmenter``, each holding its text embeddings) are kept
-per (head, settings) in a small LRU (``Heads``), and the library's disk cache keeps text
-embeddings across runs. The SAM + CLIP tab appears only with ``--sam-checkpoint``. User errors
+``segment_image``, ``compare_methods``, ``detect_image``, ``anomaly_map``, ``sam_clip_image`` —
+and ``build_app`` only wires them to gradio. One backbone is loaded at start and shared by every
+tab; the heads (``Segmenter``, ``Detector``, ``WinClip``, ``SamClipSegmenter``, each holding its
+text embeddings) are kept per (head, settings) in a small LRU (``Heads``), and the library's disk
+cache keeps text embeddings across runs. The SAM + CLIP tab appears only with
+``--sam-checkpoint``; the Detect tab with an F-ViT head (``--fvit-head``, or the one that ships
+for the toy model). User errors
 (``OvdenseError``) are shown in the page as one message, never a stack trace.
 
 Under load: the model's handlers share one queue slot (``CONCURRENCY`` at a time, one model on one
@@ -144,11 +147,12 @@ class Heads:
     """
 
     def __init__(self, backbone: ClipBackbone, sam=None, size: int = CACHE_SIZE,
-                 san_head: str | Path | None = None):
+                 san_head: str | Path | None = None, fvit_head: str | Path | None = None):
         self.backbone = backbone
         self.sam = sam
         self.size = size
         self.san_head = san_head if san_head is not None else _shipped_san_head(backbone)
+        self.fvit_head = fvit_head if fvit_head is not None else _shipped_fvit_head(backbone)
         self._cache: OrderedDict[tuple, object] = OrderedDict()
 
     @property
@@ -187,6 +191,21 @@ class Heads:
         return self._get(key, lambda: SamClipSegmenter(self.backbone, self.sam, words, method=method,
                                                        **settings))
 
+    def detector(self, classes: Sequence[tuple[str, ...]], score_threshold: float):
+        """An F-ViT ``Detector`` for these classes (one name each) and score threshold."""
+        from ovdense.heads.detection import Detector
+
+        if self.fvit_head is None:
+            raise OvdenseError("no F-ViT head: start the demo with --fvit-head PATH")
+        joined = [c for c in classes if len(c) > 1]
+        if joined:
+            raise OvdenseError(f"detection takes one name per class, got synonyms {' | '.join(joined[0])!r}; "
+                               "give them as separate classes")
+        names = [c[0] for c in classes]
+        return self._get(("detector", tuple(names), float(score_threshold)),
+                         lambda: Detector(self.backbone, names, head_checkpoint=self.fvit_head,
+                                          score_threshold=float(score_threshold)))
+
     def _get(self, key: tuple, build: Callable[[], object]):
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -204,6 +223,16 @@ SAN = "san"
 def _shipped_san_head(backbone: ClipBackbone) -> Path | None:
     """The SAN head that ships for this backbone (the toy model's), else ``None``."""
     from ovdense.heads.san import default_head_checkpoint
+
+    try:
+        return default_head_checkpoint(backbone)
+    except OvdenseError:
+        return None
+
+
+def _shipped_fvit_head(backbone: ClipBackbone) -> Path | None:
+    """The F-ViT head that ships for this backbone (the toy model's, once installed), else ``None``."""
+    from ovdense.heads.detection import default_head_checkpoint
 
     try:
         return default_head_checkpoint(backbone)
@@ -297,6 +326,35 @@ def anomaly_map(heads: Heads, rgb: np.ndarray, object_name: str,
     return heatmap_overlay(rgb, result.map), result.score, result.map
 
 
+@dataclass
+class Detection:
+    """What the Detect tab shows: ``overlay [H, W, 3]`` (masks, boxes, labels with scores),
+    ``rows`` ``[class, score, x, y, w, h]`` one per detection (COCO boxes in pixels of the shown
+    image), ``report`` the JSON ``ovdense detect`` writes (``{"classes", "detections"}``, masks as
+    COCO RLE) and the prediction's wall time in ``seconds``."""
+
+    overlay: np.ndarray
+    rows: list[list]
+    report: dict
+    seconds: float
+
+
+def detect_image(heads: Heads, rgb: np.ndarray, classes: Sequence[tuple[str, ...]],
+                 score_threshold: float = 0.3) -> Detection:
+    """Detect ``classes`` (one name each) in ``rgb [H, W, 3]`` with the F-ViT head
+    (``ovdense.heads.detection.Detector``), keeping scores ≥ ``score_threshold``."""
+    from ovdense.cli import detections_json, draw_detections
+
+    detector = heads.detector(classes, score_threshold)
+    start = time.perf_counter()
+    result = detector.predict(rgb)
+    seconds = time.perf_counter() - start
+    report = detections_json(result)
+    rows = [[d["class"], round(d["score"], 3), *(round(v, 1) for v in d["bbox"])]
+            for d in report["detections"]]
+    return Detection(draw_detections(rgb, result), rows, report, seconds)
+
+
 def sam_clip_image(heads: Heads, rgb: np.ndarray, classes: Sequence[tuple[str, ...]],
                    method: str = "clearclip", **settings) -> tuple[np.ndarray, np.ndarray, list[list]]:
     """SAM's automatic masks on ``rgb [H, W, 3]``, each classified from one dense CLIP pass of
@@ -348,22 +406,26 @@ def _examples() -> list[list[str]]:
 
 
 def build_app(backbone: ClipBackbone, sam=None, title: str = "ovdense demo", queue_size: int = QUEUE_SIZE,
-              san_head: str | Path | None = None):
+              san_head: str | Path | None = None, fvit_head: str | Path | None = None):
     """The gradio page (a ``gr.Blocks``) on one shared ``backbone``; ``launch()`` serves it.
 
     One tab per head; the SAM + CLIP tab only with a ``sam`` model (``sam_clip.load_sam``). The
     model's handlers take turns (``CONCURRENCY``) and at most ``queue_size`` requests wait. The
     Segment tab offers SAN with ``san_head`` (a ``san_head.safetensors``) or, for the toy model,
-    the head that ships with ovdense."""
+    the head that ships with ovdense; the Detect tab appears with ``fvit_head`` (an
+    ``fvit_head.safetensors``) or the F-ViT head that ships for the backbone."""
     import gradio as gr
 
-    heads = Heads(backbone, sam, san_head=san_head)
+    heads = Heads(backbone, sam, san_head=san_head, fvit_head=fvit_head)
     weights = backbone.weights.value or backbone.weights.kind
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"# {title}\nModel **{Path(backbone.name).name}** ({Path(weights).name}). "
                     "Type any words; the page answers at pixel level.")
         with gr.Tab("Segment"):
             _segment_tab(heads)
+        if heads.fvit_head is not None:
+            with gr.Tab("Detect"):
+                _detect_tab(heads)
         with gr.Tab("Anomaly"):
             _anomaly_tab(heads)
         if sam is not None:
@@ -445,6 +507,40 @@ def _segment_tab(heads: Heads) -> None:
     button.click(_shown_in_page(run), [upload, classes, method, bg, pamr, compare],
                  [shown_overlay, label_map, shares, status, gallery, times], api_name="segment",
                  concurrency_id="model", concurrency_limit=CONCURRENCY)
+
+
+def _detect_tab(heads: Heads) -> None:
+    import gradio as gr
+
+    progress_bar = gr.Progress()
+
+    def run(path, text, threshold, progress=progress_bar):
+        rgb, notice = read_image(path)
+        classes = parse_classes(text)
+        progress(0, desc="detecting")
+        found = detect_image(heads, rgb, classes, float(threshold))
+        height, width = rgb.shape[:2]
+        status = f"**{len(found.rows)} detections** on {width}×{height} px: {found.seconds:.2f} s"
+        return found.overlay, found.rows, found.report, status + (f" — {notice}" if notice else "")
+
+    with gr.Row():
+        with gr.Column(scale=1):
+            upload = gr.File(label="Image", file_types=list(IMAGE_SUFFIXES), type="filepath",
+                             elem_id="detect-upload")
+            classes = gr.Textbox(label="Classes", lines=2, placeholder="red circle, blue star",
+                                 info="separated by commas, one name per class", elem_id="detect-classes")
+            threshold = gr.Slider(0.0, 1.0, value=0.3, step=0.01, label="Score threshold",
+                                  info="keep detections scoring at least this", elem_id="detect-threshold")
+            button = gr.Button("Detect", variant="primary", elem_id="run-detect")
+        with gr.Column(scale=2):
+            status = gr.Markdown(elem_id="detect-status")
+            drawn = gr.Image(label="Detections", format="png", interactive=False, elem_id="detect-overlay")
+            table = gr.Dataframe(headers=["class", "score", "x", "y", "w", "h"], label="Detections (pixels)",
+                                 interactive=False, elem_id="detect-table")
+            report = gr.JSON(label="JSON (as ovdense detect writes it; masks as COCO RLE)",
+                             elem_id="detect-json")
+    button.click(_shown_in_page(run), [upload, classes, threshold], [drawn, table, report, status],
+                 api_name="detect", concurrency_id="model", concurrency_limit=CONCURRENCY)
 
 
 def _anomaly_tab(heads: Heads) -> None:
@@ -537,6 +633,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="SAM model type (default: read from the checkpoint's file name)")
     parser.add_argument("--san-head", help="a SAN head (san_head.safetensors) for this model: adds 'san' "
                         "to the Segment tab's methods (the toy model has one built in)")
+    parser.add_argument("--fvit-head", help="an F-ViT head (fvit_head.safetensors) for this model: adds the "
+                        "Detect tab (the toy model has one built in, once trained and shipped)")
     parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE,
                         help=f"requests that may wait; more are told to try again (default {QUEUE_SIZE})")
     args = parser.parse_args(argv)
@@ -575,7 +673,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OvdenseError as e:
             print(f"ovdense demo: error: {e}", file=sys.stderr)
             return 2
-    app = build_app(backbone, sam, queue_size=args.queue_size, san_head=args.san_head)
+    if args.fvit_head:
+        from ovdense.heads.detection import load_head as load_fvit_head
+
+        try:
+            load_fvit_head(args.fvit_head, backbone)  # refuse a wrong head before serving
+        except OvdenseError as e:
+            print(f"ovdense demo: error: {e}", file=sys.stderr)
+            return 2
+    app = build_app(backbone, sam, queue_size=args.queue_size, san_head=args.san_head,
+                    fvit_head=args.fvit_head)
     try:
         app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
     except (OSError, ValueError) as e:  # the port is taken, the address is not this machine's, or
