@@ -329,6 +329,17 @@ def check_vocabulary(classes: Sequence[str]) -> list[str]:
     return names
 
 
+def read_classes(classes) -> list[str]:
+    """A class list, or a class file (one name per line; a ``background`` line is skipped)."""
+    if isinstance(classes, (str, os.PathLike)) and Path(classes).suffix == ".txt":
+        path = Path(classes)
+        if not path.is_file():
+            raise OvdenseError(f"class file not found: {path}")
+        classes = [line.strip() for line in path.read_text().splitlines()]
+        classes = [c for c in classes if c and c != "background"]
+    return check_vocabulary(classes)
+
+
 def seen_mask(classes: Sequence[str], training_classes: Sequence[str]) -> torch.Tensor:
     """``[C]`` bool: which classes of a vocabulary were in the training vocabulary (they get α;
     the others, never trained on, get β)."""
@@ -354,19 +365,21 @@ def backbone_key(backbone) -> str:
     return f"{backbone.name}:{digest.hexdigest()[:16]}"
 
 
-def save_head(path: str | os.PathLike, state: dict[str, torch.Tensor], backbone, config: dict) -> Path:
+def save_head(path: str | os.PathLike, state: dict[str, torch.Tensor], backbone, config: dict,
+              dtype: torch.dtype | None = None) -> Path:
     """Write a head's ``state`` (the detector's trained tensors, no backbone) as safetensors with
-    ``{"format", "backbone", "config"}`` metadata, atomically (temporary name, then rename)."""
-    from safetensors.torch import save_file
+    ``{"format", "backbone", "config"}`` metadata, atomically (temporary name, then rename).
+    ``dtype`` (e.g. ``torch.float16``: half the file, as the SAN head ships) stores the floating
+    tensors in that type; ``load_head`` gives them back as float32."""
+    from safetensors.torch import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from ovdense.io import write_bytes
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     metadata = {"format": HEAD_FORMAT, "backbone": backbone_key(backbone), "config": json.dumps(config)}
-    temporary = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    os.replace(temporary, path)
-    return path
+    return write_bytes(path, save(tensors, metadata=metadata))
 
 
 def load_head(path: str | os.PathLike, backbone) -> tuple[dict[str, torch.Tensor], dict]:
@@ -396,7 +409,789 @@ def load_head(path: str | os.PathLike, backbone) -> tuple[dict[str, torch.Tensor
     if metadata.get("backbone") != expected:
         raise OvdenseError(f"{path} was trained on backbone {metadata.get('backbone')!r}, not this one "
                            f"({expected}); load the backbone it was trained on or retrain the head")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # fp16 files: float32
     return state, json.loads(metadata.get("config", "{}"))
+
+
+# --------------------------------------------------------------------------------------------
+# Plain-torch inference: mmdet 3.3's two-stage test path, module by module
+#
+# Each piece follows one mmdet 3.3.0 / mmcv 2.x file (named in its docstring) at the options the
+# configs use, with the same parameter names, so a head file written by
+# ``ovdense.mm.detection.export_head`` loads strictly; options the plain path does not reproduce are
+# refused with an OvdenseError rather than approximated. Only torch and torchvision.ops.
+
+#: config keys that matter only to training (losses, samplers, init); ignored at inference.
+_TRAIN_ONLY = {"loss_cls", "loss_bbox", "loss_mask", "init_cfg", "train_cfg", "reg_decoded_bbox",
+               "predict_box_type", "type", "requires_grad"}
+
+
+def _unsupported(what: str) -> OvdenseError:
+    return OvdenseError(f"the plain-torch detector does not reproduce {what}; run this head through mmdet "
+                        "(python tools/test.py CONFIG) or train one with the options of configs/ovdet/")
+
+
+def _check_keys(where: str, cfg: dict, known: set[str]) -> None:
+    extra = sorted(set(cfg) - known - _TRAIN_ONLY)
+    if extra:
+        raise _unsupported(f"{where} option(s) {extra}")
+
+
+def _relu(act_cfg) -> bool:
+    """mmcv activation configs: ``None`` (none) or ``ReLU`` (the only one the configs use)."""
+    if act_cfg is None:
+        return False
+    if dict(act_cfg).get("type") == "ReLU":
+        return True
+    raise _unsupported(f"activation {act_cfg!r}")
+
+
+class ConvModule(nn.Module):
+    """mmcv ``cnn/bricks/conv_module.py`` ``ConvModule`` at its default ``order=('conv', 'norm', 'act')``:
+    conv (bias only without a norm, ``bias='auto'``) → norm → ReLU. The norm is registered under
+    mmcv's abbreviation (``gn``, ``bn``: ``build_norm_layer``) so state-dict keys are mmdet's.
+    BatchNorm and SyncBN are both ``BatchNorm2d`` here (identical in eval mode)."""
+
+    _NORMS = {"GN": "gn", "BN": "bn", "BN2d": "bn", "SyncBN": "bn"}
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, conv_cfg=None, norm_cfg=None, act_cfg=None):
+        super().__init__()
+        if conv_cfg is not None and dict(conv_cfg).get("type") not in ("Conv", "Conv2d"):
+            raise _unsupported(f"conv {conv_cfg!r}")
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                              bias=norm_cfg is None)
+        self.norm_name = None
+        if norm_cfg is not None:
+            norm_cfg = dict(norm_cfg)
+            kind = norm_cfg.get("type")
+            if kind not in self._NORMS:
+                raise _unsupported(f"norm {kind!r}")
+            eps = float(norm_cfg.get("eps", 1e-5))
+            norm = (nn.GroupNorm(int(norm_cfg["num_groups"]), out_channels, eps=eps) if kind == "GN"
+                    else nn.BatchNorm2d(out_channels, eps=eps))
+            self.norm_name = self._NORMS[kind]
+            self.add_module(self.norm_name, norm)
+        self.relu = _relu(act_cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.norm_name is not None:
+            x = getattr(self, self.norm_name)(x)
+        return F.relu(x) if self.relu else x
+
+
+class FPN(nn.Module):
+    """mmdet ``models/necks/fpn.py`` ``FPN``: 1×1 lateral ``ConvModule``s, top-down
+    ``laterals[i-1] += interpolate(laterals[i], size=…)`` (``upsample_cfg``, nearest by default),
+    3×3 output ``ConvModule``s; extra levels by ``max_pool2d(out, 1, stride=2)`` when
+    ``add_extra_convs=False`` (Faster / Mask R-CNN), else stride-2 3×3 convs on the input, lateral or
+    output (RetinaNet's options). Norm and activation: mmdet's defaults (none)."""
+
+    def __init__(self, in_channels: Sequence[int], out_channels: int, num_outs: int, start_level: int = 0,
+                 end_level: int = -1, add_extra_convs=False, relu_before_extra_convs: bool = False,
+                 no_norm_on_lateral: bool = False, conv_cfg=None, norm_cfg=None, act_cfg=None,
+                 upsample_cfg=None, **rest):
+        super().__init__()
+        _check_keys("FPN", rest, set())
+        in_channels = list(in_channels)
+        self.num_outs, self.start_level = int(num_outs), int(start_level)
+        self.upsample_cfg = dict(upsample_cfg or dict(mode="nearest"))
+        self.relu_before_extra_convs = relu_before_extra_convs
+        if end_level == -1 or end_level == len(in_channels) - 1:
+            self.backbone_end_level = len(in_channels)
+        else:
+            self.backbone_end_level = end_level + 1
+        if add_extra_convs is True:
+            add_extra_convs = "on_input"
+        if add_extra_convs not in (False, "on_input", "on_lateral", "on_output"):
+            raise _unsupported(f"FPN add_extra_convs={add_extra_convs!r}")
+        self.add_extra_convs = add_extra_convs
+        self.lateral_convs, self.fpn_convs = nn.ModuleList(), nn.ModuleList()
+        for i in range(self.start_level, self.backbone_end_level):
+            self.lateral_convs.append(ConvModule(in_channels[i], out_channels, 1, conv_cfg=conv_cfg,
+                                                 norm_cfg=None if no_norm_on_lateral else norm_cfg,
+                                                 act_cfg=act_cfg))
+            self.fpn_convs.append(ConvModule(out_channels, out_channels, 3, padding=1, conv_cfg=conv_cfg,
+                                             norm_cfg=norm_cfg, act_cfg=act_cfg))
+        extra_levels = self.num_outs - self.backbone_end_level + self.start_level
+        if add_extra_convs and extra_levels >= 1:
+            for i in range(extra_levels):
+                on_input = i == 0 and add_extra_convs == "on_input"
+                channels = in_channels[self.backbone_end_level - 1] if on_input else out_channels
+                self.fpn_convs.append(ConvModule(channels, out_channels, 3, stride=2, padding=1,
+                                                 conv_cfg=conv_cfg, norm_cfg=norm_cfg, act_cfg=act_cfg))
+
+    def forward(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        laterals = [conv(inputs[i + self.start_level]) for i, conv in enumerate(self.lateral_convs)]
+        used = len(laterals)
+        for i in range(used - 1, 0, -1):  # top-down
+            if "scale_factor" in self.upsample_cfg:
+                laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], **self.upsample_cfg)
+            else:
+                size = laterals[i - 1].shape[2:]
+                laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=size, **self.upsample_cfg)
+        outs = [self.fpn_convs[i](laterals[i]) for i in range(used)]
+        if self.num_outs > len(outs):
+            if not self.add_extra_convs:
+                for _ in range(self.num_outs - used):
+                    outs.append(F.max_pool2d(outs[-1], 1, stride=2))
+            else:
+                if self.add_extra_convs == "on_input":
+                    source = inputs[self.backbone_end_level - 1]
+                else:
+                    source = laterals[-1] if self.add_extra_convs == "on_lateral" else outs[-1]
+                outs.append(self.fpn_convs[used](source))
+                for i in range(used + 1, self.num_outs):
+                    last = F.relu(outs[-1]) if self.relu_before_extra_convs else outs[-1]
+                    outs.append(self.fpn_convs[i](last))
+        return tuple(outs)
+
+
+class AnchorGenerator:
+    """mmdet ``models/task_modules/prior_generators/anchor_generator.py`` ``AnchorGenerator``:
+    base anchors ``center ± 0.5·(w, h)`` with ``h_ratio = √ratio``, ``w_ratio = 1/h_ratio``, scale
+    major, centre ``center_offset · base_size`` (0: the cell's top-left corner, mmdet's default);
+    shifted by ``stride · (x, y)`` over the grid, row-major, every base anchor at each cell
+    (``[h·w·A, 4]``)."""
+
+    def __init__(self, strides: Sequence, ratios: Sequence[float], scales: Sequence[float] | None = None,
+                 base_sizes: Sequence[int] | None = None, scale_major: bool = True,
+                 octave_base_scale=None, scales_per_octave=None, centers=None, center_offset: float = 0.0,
+                 **rest):
+        _check_keys("AnchorGenerator", rest, {"use_box_type"})
+        if centers is not None:
+            raise _unsupported("AnchorGenerator centers")
+        self.strides = [(s, s) if isinstance(s, (int, float)) else tuple(s) for s in strides]
+        self.base_sizes = [min(s) for s in self.strides] if base_sizes is None else list(base_sizes)
+        if scales is not None:
+            self.scales = torch.Tensor(scales)
+        elif octave_base_scale is not None and scales_per_octave is not None:
+            octave = np.array([2 ** (i / scales_per_octave) for i in range(scales_per_octave)])
+            self.scales = torch.Tensor(octave * octave_base_scale)
+        else:
+            raise OvdenseError("AnchorGenerator needs scales or octave_base_scale with scales_per_octave")
+        self.ratios = torch.Tensor(ratios)
+        self.scale_major, self.center_offset = scale_major, center_offset
+        self.base_anchors = [self._base(size) for size in self.base_sizes]
+
+    @property
+    def num_base_priors(self) -> int:
+        return int(self.base_anchors[0].size(0))
+
+    def _base(self, base_size) -> torch.Tensor:
+        w = h = base_size
+        x_center, y_center = self.center_offset * w, self.center_offset * h
+        h_ratios = torch.sqrt(self.ratios)
+        w_ratios = 1 / h_ratios
+        if self.scale_major:
+            ws = (w * w_ratios[:, None] * self.scales[None, :]).view(-1)  # A
+            hs = (h * h_ratios[:, None] * self.scales[None, :]).view(-1)  # A
+        else:
+            ws = (w * self.scales[:, None] * w_ratios[None, :]).view(-1)
+            hs = (h * self.scales[:, None] * h_ratios[None, :]).view(-1)
+        corners = [x_center - 0.5 * ws, y_center - 0.5 * hs, x_center + 0.5 * ws, y_center + 0.5 * hs]
+        return torch.stack(corners, dim=-1)  # A, 4
+
+    def grid_priors(self, sizes: Sequence[tuple[int, int]], dtype, device) -> list[torch.Tensor]:
+        out = []
+        for level, (feat_h, feat_w) in enumerate(sizes):
+            base = self.base_anchors[level].to(device).to(dtype)  # A, 4
+            stride_w, stride_h = self.strides[level]
+            shift_x = torch.arange(0, feat_w, device=device).to(dtype) * stride_w  # w
+            shift_y = torch.arange(0, feat_h, device=device).to(dtype) * stride_h  # h
+            xx = shift_x.repeat(shift_y.shape[0])  # h·w (row-major)
+            yy = shift_y.view(-1, 1).repeat(1, shift_x.shape[0]).view(-1)  # h·w
+            shifts = torch.stack([xx, yy, xx, yy], dim=-1)  # h·w, 4
+            out.append((base[None, :, :] + shifts[:, None, :]).view(-1, 4))  # h·w·A, 4
+        return out
+
+
+class DeltaXYWHBBoxCoder:
+    """mmdet ``models/task_modules/coders/delta_xywh_bbox_coder.py`` ``delta2bbox``: denormalise
+    ``d·std + mean``, centre ``(x1+x2)/2 + w·dx``, size ``w·exp(clamp(dw, ±|log(wh_ratio_clip)|))``
+    (``wh_ratio_clip`` 16/1000), corners ``centre ± size/2``, clipped to ``[0, W] × [0, H]`` of
+    ``max_shape = img_shape`` (the resized image, not the padded batch) when ``clip_border``."""
+
+    def __init__(self, target_means=(0.0, 0.0, 0.0, 0.0), target_stds=(1.0, 1.0, 1.0, 1.0),
+                 clip_border: bool = True, add_ctr_clamp: bool = False, ctr_clamp: int = 32, **rest):
+        _check_keys("DeltaXYWHBBoxCoder", rest, {"use_box_type"})
+        self.means, self.stds = list(target_means), list(target_stds)
+        self.clip_border, self.add_ctr_clamp, self.ctr_clamp = clip_border, add_ctr_clamp, ctr_clamp
+
+    def decode(self, rois: torch.Tensor, deltas: torch.Tensor, max_shape=None,
+               wh_ratio_clip: float = 16 / 1000) -> torch.Tensor:
+        """``rois [N, 4]``, ``deltas [N, 4·k]`` → boxes ``[N, 4·k]``."""
+        num_bboxes, num_classes = deltas.size(0), deltas.size(1) // 4
+        if num_bboxes == 0:
+            return deltas
+        deltas = deltas.reshape(-1, 4)  # N·k, 4
+        means = deltas.new_tensor(self.means).view(1, -1)
+        stds = deltas.new_tensor(self.stds).view(1, -1)
+        denorm = deltas * stds + means
+        dxy, dwh = denorm[:, :2], denorm[:, 2:]
+        rois_ = rois.repeat(1, num_classes).reshape(-1, 4)  # N·k, 4
+        pxy = (rois_[:, :2] + rois_[:, 2:]) * 0.5
+        pwh = rois_[:, 2:] - rois_[:, :2]
+        dxy_wh = pwh * dxy
+        max_ratio = np.abs(np.log(wh_ratio_clip))
+        if self.add_ctr_clamp:
+            dxy_wh = torch.clamp(dxy_wh, max=self.ctr_clamp, min=-self.ctr_clamp)
+            dwh = torch.clamp(dwh, max=max_ratio)
+        else:
+            dwh = dwh.clamp(min=-max_ratio, max=max_ratio)
+        gxy = pxy + dxy_wh
+        gwh = pwh * dwh.exp()
+        bboxes = torch.cat([gxy - (gwh * 0.5), gxy + (gwh * 0.5)], dim=-1)  # N·k, 4
+        if self.clip_border and max_shape is not None:
+            bboxes[..., 0::2].clamp_(min=0, max=max_shape[1])
+            bboxes[..., 1::2].clamp_(min=0, max=max_shape[0])
+        return bboxes.reshape(num_bboxes, -1)  # N, 4·k
+
+
+def _nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, offset: int = 0,
+         score_threshold: float = 0.0, max_num: int = -1) -> torch.Tensor:
+    """mmcv ``ops/nms.py`` ``nms`` (its ``NMSop``): greedy NMS in descending score order,
+    suppressing IoU ``>`` the threshold, areas ``(x2−x1)·(y2−y1)`` (``offset=0``). torchvision's
+    CPU/CUDA kernel is the same loop with the same sort; mmcv's ``offset=1`` (old pixel
+    convention) has no torchvision equivalent and is refused."""
+    from torchvision.ops import nms
+
+    if offset != 0:
+        raise _unsupported("nms offset=1")
+    if score_threshold > 0:
+        valid = scores > score_threshold
+        boxes, scores = boxes[valid], scores[valid]
+        valid_inds = torch.nonzero(valid, as_tuple=False).squeeze(dim=1)
+    inds = nms(boxes, scores, float(iou_threshold))
+    if max_num > 0:
+        inds = inds[:max_num]
+    if score_threshold > 0:
+        inds = valid_inds[inds]
+    return inds
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, nms_cfg: dict,
+                class_agnostic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mmcv ``ops/nms.py`` ``batched_nms``: NMS within each ``idxs`` group. Below ``split_thr``
+    (10000) boxes, one NMS over boxes shifted by ``idx · (max coordinate + 1)`` (mmcv's own
+    offsets, so float rounding is mmcv's, not torchvision's ``batched_nms``'s); above, one NMS per
+    group, merged by descending score. Returns ``(boxes [K, 4], scores [K], keep [K])``."""
+    cfg = dict(nms_cfg)
+    class_agnostic = cfg.pop("class_agnostic", class_agnostic)
+    if class_agnostic:
+        boxes_for_nms = boxes
+    else:
+        max_coordinate = boxes.max()
+        offsets = idxs.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))  # K
+        boxes_for_nms = boxes + offsets[:, None]  # K, 4
+    kind = cfg.pop("type", "nms")
+    if kind != "nms":
+        raise _unsupported(f"nms type {kind!r}")
+    split_thr = cfg.pop("split_thr", 10000)
+    if boxes_for_nms.shape[0] < split_thr:
+        keep = _nms(boxes_for_nms, scores, **cfg)
+        boxes, scores = boxes[keep], scores[keep]
+    else:
+        max_num = cfg.pop("max_num", -1)
+        total_mask = scores.new_zeros(scores.size(), dtype=torch.bool)
+        scores_after = scores.new_zeros(scores.size())
+        for group in torch.unique(idxs):
+            mask = (idxs == group).nonzero(as_tuple=False).view(-1)
+            kept = _nms(boxes_for_nms[mask], scores[mask], **cfg)
+            total_mask[mask[kept]] = True
+            scores_after[mask[kept]] = scores[mask][kept]
+        keep = total_mask.nonzero(as_tuple=False).view(-1)
+        scores, order = scores_after[keep].sort(descending=True)
+        keep = keep[order]
+        boxes = boxes[keep]
+        if max_num > 0:
+            keep, boxes, scores = keep[:max_num], boxes[:max_num], scores[:max_num]
+    return boxes, scores, keep
+
+
+def multiclass_nms(multi_bboxes: torch.Tensor, multi_scores: torch.Tensor, score_thr: float, nms_cfg: dict,
+                   max_num: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mmdet ``models/layers/bbox_nms.py`` ``multiclass_nms``: every (box, class) pair with score
+    ``> score_thr`` (background column dropped), NMS per class (``batched_nms``), the first
+    ``max_num``. ``multi_bboxes [R, 4]`` (class-agnostic) or ``[R, 4·C]``; ``multi_scores
+    [R, C+1]``. Returns ``(boxes [K, 4], scores [K], labels [K])``."""
+    num_classes = multi_scores.size(1) - 1
+    if multi_bboxes.shape[1] > 4:
+        bboxes = multi_bboxes.view(multi_scores.size(0), -1, 4)  # R, C, 4
+    else:
+        bboxes = multi_bboxes[:, None].expand(multi_scores.size(0), num_classes, 4)  # R, C, 4
+    scores = multi_scores[:, :-1]  # R, C
+    labels = torch.arange(num_classes, dtype=torch.long, device=scores.device).view(1, -1).expand_as(scores)
+    bboxes, scores, labels = bboxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)  # R·C
+    inds = (scores > score_thr).nonzero(as_tuple=False).squeeze(1)
+    bboxes, scores, labels = bboxes[inds], scores[inds], labels[inds]
+    if bboxes.numel() == 0:
+        return bboxes, scores, labels
+    boxes, scores, keep = batched_nms(bboxes, scores, labels, nms_cfg)
+    if max_num > 0:
+        boxes, scores, keep = boxes[:max_num], scores[:max_num], keep[:max_num]
+    return boxes, scores, labels[keep]
+
+
+class RPNHead(nn.Module):
+    """mmdet ``models/dense_heads/rpn_head.py`` ``RPNHead``: ``num_convs`` 3×3 ``ConvModule``s
+    (ReLU; one plain conv when ``num_convs == 1``), ReLU, 1×1 ``rpn_cls`` / ``rpn_reg``; test time
+    (``_predict_by_feat_single`` + ``_bbox_post_process``): per level the sigmoid scores sorted,
+    the top ``nms_pre``, decoded on the anchors and clipped to ``img_shape``; boxes not wider and
+    taller than ``min_bbox_size`` dropped; NMS per level (``batched_nms`` with the level ids); the
+    first ``max_per_img``."""
+
+    def __init__(self, in_channels: int, anchor_generator: dict, feat_channels: int = 256, num_convs: int = 1,
+                 bbox_coder: dict | None = None, num_classes: int = 1, loss_cls: dict | None = None, **rest):
+        super().__init__()
+        _check_keys("RPNHead", rest, {"test_cfg"})
+        if num_classes != 1:
+            raise OvdenseError(f"RPNHead has one class, the config gives {num_classes}")
+        self.use_sigmoid = dict(loss_cls or dict(use_sigmoid=True)).get("use_sigmoid", False)
+        self.cls_out_channels = 1 if self.use_sigmoid else 2
+        anchors = dict(anchor_generator)
+        if anchors.pop("type", "AnchorGenerator") != "AnchorGenerator":
+            raise _unsupported(f"prior generator {anchor_generator.get('type')!r}")
+        coder = dict(bbox_coder or {})
+        if coder.pop("type", "DeltaXYWHBBoxCoder") != "DeltaXYWHBBoxCoder":
+            raise _unsupported(f"box coder {bbox_coder.get('type')!r}")
+        self.prior_generator = AnchorGenerator(**anchors)
+        self.bbox_coder = DeltaXYWHBBoxCoder(**coder)
+        A = self.prior_generator.num_base_priors
+        if num_convs > 1:
+            self.rpn_conv = nn.Sequential(*[
+                ConvModule(in_channels if i == 0 else feat_channels, feat_channels, 3, padding=1,
+                           act_cfg=dict(type="ReLU")) for i in range(num_convs)])
+        else:
+            self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
+        self.rpn_cls = nn.Conv2d(feat_channels, A * self.cls_out_channels, 1)
+        self.rpn_reg = nn.Conv2d(feat_channels, A * 4, 1)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        scores, deltas = [], []
+        for x in feats:
+            x = F.relu(self.rpn_conv(x))
+            scores.append(self.rpn_cls(x))  # B, A·c, h, w
+            deltas.append(self.rpn_reg(x))  # B, A·4, h, w
+        return scores, deltas
+
+    def predict(self, feats: Sequence[torch.Tensor], metas: Sequence[dict], cfg: dict) -> list[torch.Tensor]:
+        """Proposals ``[P, 4]`` per image, in pixels of the resized image, best first."""
+        cls_scores, bbox_preds = self(feats)
+        sizes = [c.shape[-2:] for c in cls_scores]
+        priors = self.prior_generator.grid_priors(sizes, dtype=cls_scores[0].dtype,
+                                                  device=cls_scores[0].device)
+        return [self._single([c[i].detach() for c in cls_scores], [b[i].detach() for b in bbox_preds], priors,
+                             meta, cfg) for i, meta in enumerate(metas)]
+
+    def _single(self, cls_scores, bbox_preds, mlvl_priors, meta: dict, cfg: dict) -> torch.Tensor:
+        nms_pre = cfg.get("nms_pre", -1)
+        all_deltas, all_priors, all_scores, level_ids = [], [], [], []
+        for level, (cls_score, bbox_pred, priors) in enumerate(zip(cls_scores, bbox_preds, mlvl_priors)):
+            bbox_pred = bbox_pred.permute(1, 2, 0).reshape(-1, 4)  # h·w·A, 4
+            cls_score = cls_score.permute(1, 2, 0).reshape(-1, self.cls_out_channels)  # h·w·A, c
+            scores = cls_score.sigmoid() if self.use_sigmoid else cls_score.softmax(-1)[:, :-1]
+            scores = torch.squeeze(scores)  # h·w·A
+            if 0 < nms_pre < scores.shape[0]:
+                ranked, rank_inds = scores.sort(descending=True)
+                top = rank_inds[:nms_pre]
+                scores, bbox_pred, priors = ranked[:nms_pre], bbox_pred[top, :], priors[top]
+            all_deltas.append(bbox_pred)
+            all_priors.append(priors)
+            all_scores.append(scores)
+            level_ids.append(scores.new_full((scores.size(0),), level, dtype=torch.long))
+        bboxes = self.bbox_coder.decode(torch.cat(all_priors), torch.cat(all_deltas),
+                                        max_shape=meta["img_shape"])  # P, 4
+        scores, level_ids = torch.cat(all_scores), torch.cat(level_ids)
+        if cfg.get("min_bbox_size", -1) >= 0:
+            w, h = bboxes[:, 2] - bboxes[:, 0], bboxes[:, 3] - bboxes[:, 1]
+            valid = (w > cfg["min_bbox_size"]) & (h > cfg["min_bbox_size"])
+            if not valid.all():
+                bboxes, scores, level_ids = bboxes[valid], scores[valid], level_ids[valid]
+        if bboxes.numel() == 0:
+            return bboxes.new_zeros(0, 4)
+        _, _, keep = batched_nms(bboxes, scores, level_ids, cfg["nms"])
+        return bboxes[keep][:cfg["max_per_img"]]
+
+
+class SingleRoIExtractor(nn.Module):
+    """mmdet ``models/roi_heads/roi_extractors/single_level_roi_extractor.py``: each RoI goes to level
+    ``clamp(⌊log2(√(w·h) / finest_scale + 1e-6)⌋, 0, L−1)`` and is pooled there by RoIAlign with
+    ``spatial_scale = 1 / featmap_stride``. mmcv's ``RoIAlign(aligned=True, sampling_ratio=0)``
+    (``ops/roi_align.py``) computes what ``torchvision.ops.roi_align(aligned=True)`` does (the same
+    detectron2 kernel; ``tests/test_detector_plain.py`` checks it), so torchvision's op is used."""
+
+    def __init__(self, roi_layer: dict, out_channels: int, featmap_strides: Sequence[int],
+                 finest_scale: int = 56, **rest):
+        super().__init__()
+        _check_keys("SingleRoIExtractor", rest, set())
+        layer = dict(roi_layer)
+        if layer.pop("type", "RoIAlign") != "RoIAlign" or layer.pop("pool_mode", "avg") != "avg":
+            raise _unsupported(f"RoI layer {roi_layer!r}")
+        layer.pop("use_torchvision", None)
+        size = layer.pop("output_size")
+        self.output_size = (size, size) if isinstance(size, int) else tuple(size)
+        self.sampling_ratio = int(layer.pop("sampling_ratio", 0))
+        self.aligned = bool(layer.pop("aligned", True))
+        _check_keys("RoIAlign", layer, set())
+        self.out_channels, self.finest_scale = out_channels, finest_scale
+        self.featmap_strides = list(featmap_strides)
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.featmap_strides)
+
+    def forward(self, feats: Sequence[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
+        """``rois [R, 5]`` (batch index, x1, y1, x2, y2) → ``[R, C, s, s]``."""
+        from torchvision.ops import roi_align
+
+        rois = rois.type_as(feats[0])
+        out = feats[0].new_zeros(rois.size(0), self.out_channels, *self.output_size)  # R, C, s, s
+        num_levels = len(feats)
+
+        def pool(level: int, r: torch.Tensor) -> torch.Tensor:
+            return roi_align(feats[level], r, self.output_size,
+                             spatial_scale=1.0 / self.featmap_strides[level],
+                             sampling_ratio=self.sampling_ratio, aligned=self.aligned)
+
+        if num_levels == 1:
+            return out if len(rois) == 0 else pool(0, rois)
+        scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))  # R
+        levels = torch.floor(torch.log2(scale / self.finest_scale + 1e-6))
+        levels = levels.clamp(min=0, max=num_levels - 1).long()  # R
+        for level in range(num_levels):
+            inds = (levels == level).nonzero(as_tuple=False).squeeze(1)
+            if inds.numel() > 0:
+                out[inds] = pool(level, rois[inds])
+        return out
+
+
+class ConvFCBBoxHead(nn.Module):
+    """mmdet ``models/roi_heads/bbox_heads/convfc_bbox_head.py`` ``ConvFCBBoxHead`` (shared convs,
+    flatten, shared FCs with ReLU, then cls / reg branches of convs and FCs) with F-ViT's open
+    vocabulary head on top (``ovdense/mm/detection.py`` ``OvdenseFViTBBoxHead``): ``fc_cls`` maps to
+    the joint space ``D``, ``OpenVocabClassifier`` scores it against the text, and the eval output
+    is probabilities — softmax, then F-ViT's ensemble with the CLIP region scores when given.
+    Class-agnostic regression (``fc_reg`` → 4)."""
+
+    def __init__(self, embed_dim: int, in_channels: int = 256, roi_feat_size=7, num_classes: int = 80,
+                 num_shared_convs: int = 0, num_shared_fcs: int = 0, num_cls_convs: int = 0,
+                 num_cls_fcs: int = 0, num_reg_convs: int = 0, num_reg_fcs: int = 0,
+                 conv_out_channels: int = 256, fc_out_channels: int = 1024, conv_cfg=None, norm_cfg=None,
+                 bbox_coder: dict | None = None, reg_class_agnostic: bool = False,
+                 with_avg_pool: bool = False, with_cls: bool = True, with_reg: bool = True,
+                 alpha: float = 0.1, beta: float = 0.8, vlm_temperature: float = 75.0,
+                 temperature: float = 50.0, learn_temperature: bool = True, ensemble: bool = True,
+                 cls_predictor_cfg=None, reg_predictor_cfg=None, **rest):
+        super().__init__()
+        _check_keys("OvdenseFViTBBoxHead", rest, set())
+        if not reg_class_agnostic or with_avg_pool or not with_cls or not with_reg:
+            raise _unsupported("a box head other than class-agnostic, with cls and reg branches, no avg pool")
+        for name, cfg in (("cls_predictor_cfg", cls_predictor_cfg), ("reg_predictor_cfg", reg_predictor_cfg)):
+            if cfg is not None and dict(cfg).get("type") != "Linear":
+                raise _unsupported(f"{name} {cfg!r}")
+        if (num_cls_convs > 0 or num_reg_convs > 0) and num_shared_fcs:
+            raise OvdenseError("ConvFCBBoxHead: branch convs need num_shared_fcs == 0")
+        size = (roi_feat_size, roi_feat_size) if isinstance(roi_feat_size, int) else tuple(roi_feat_size)
+        self.roi_feat_area = size[0] * size[1]
+        self.conv_out_channels, self.fc_out_channels = conv_out_channels, fc_out_channels
+        self.conv_cfg, self.norm_cfg = conv_cfg, norm_cfg
+        self.num_shared_fcs = num_shared_fcs
+        self.shared_convs, self.shared_fcs, shared_out = self._branch(num_shared_convs, num_shared_fcs,
+                                                                      in_channels, True)
+        self.cls_convs, self.cls_fcs, cls_last = self._branch(num_cls_convs, num_cls_fcs, shared_out)
+        self.reg_convs, self.reg_fcs, reg_last = self._branch(num_reg_convs, num_reg_fcs, shared_out)
+        if num_shared_fcs == 0:
+            if num_cls_fcs == 0:
+                cls_last *= self.roi_feat_area
+            if num_reg_fcs == 0:
+                reg_last *= self.roi_feat_area
+        self.fc_cls = nn.Linear(cls_last, embed_dim)
+        self.fc_reg = nn.Linear(reg_last, 4)
+        self.classifier = OpenVocabClassifier(embed_dim, temperature, learn_temperature)
+        coder = dict(bbox_coder or {})
+        if coder.pop("type", "DeltaXYWHBBoxCoder") != "DeltaXYWHBBoxCoder":
+            raise _unsupported(f"box coder {bbox_coder.get('type')!r}")
+        self.bbox_coder = DeltaXYWHBBoxCoder(**coder)
+        self.alpha, self.beta, self.ensemble = alpha, beta, ensemble
+        self.vlm_temperature = float(vlm_temperature)
+
+    def _branch(self, num_convs: int, num_fcs: int, in_channels: int, shared: bool = False):
+        """``ConvFCBBoxHead._add_conv_fc_branch``."""
+        last = in_channels
+        convs = nn.ModuleList()
+        for i in range(num_convs):
+            convs.append(ConvModule(last if i == 0 else self.conv_out_channels, self.conv_out_channels, 3,
+                                    padding=1, conv_cfg=self.conv_cfg, norm_cfg=self.norm_cfg,
+                                    act_cfg=dict(type="ReLU")))
+        if num_convs:
+            last = self.conv_out_channels
+        fcs = nn.ModuleList()
+        if num_fcs > 0:
+            if shared or self.num_shared_fcs == 0:
+                last *= self.roi_feat_area
+            for i in range(num_fcs):
+                fcs.append(nn.Linear(last if i == 0 else self.fc_out_channels, self.fc_out_channels))
+            last = self.fc_out_channels
+        return convs, fcs, last
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, seen: torch.Tensor,
+                region_clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [R, C, s, s]`` → probabilities ``[R, C+1]`` (background last) and deltas ``[R, 4]``."""
+        for conv in self.shared_convs:
+            x = conv(x)
+        if self.num_shared_fcs > 0:
+            x = x.flatten(1)  # R, C·s·s
+            for fc in self.shared_fcs:
+                x = F.relu(fc(x))
+        x_cls = x_reg = x
+        for conv in self.cls_convs:
+            x_cls = conv(x_cls)
+        if x_cls.dim() > 2:
+            x_cls = x_cls.flatten(1)
+        for fc in self.cls_fcs:
+            x_cls = F.relu(fc(x_cls))
+        for conv in self.reg_convs:
+            x_reg = conv(x_reg)
+        if x_reg.dim() > 2:
+            x_reg = x_reg.flatten(1)
+        for fc in self.reg_fcs:
+            x_reg = F.relu(fc(x_reg))
+        regions, bbox_pred = self.fc_cls(x_cls), self.fc_reg(x_reg)  # R, D and R, 4
+        probabilities = torch.softmax(self.classifier(regions, text), dim=-1)  # R, C+1
+        if region_clip is not None and self.ensemble:
+            columns = self.classifier.columns(text)  # C+1, D
+            vlm = vlm_probabilities(region_clip, columns, self.vlm_temperature)
+            probabilities = ensemble(probabilities, vlm, seen, self.alpha, self.beta)
+        return probabilities, bbox_pred
+
+
+class FCNMaskHead(nn.Module):
+    """mmdet ``models/roi_heads/mask_heads/fcn_mask_head.py`` ``FCNMaskHead`` (class-agnostic, the
+    only kind that serves any vocabulary): ``num_convs`` 3×3 ``ConvModule``s, the upsample (a
+    stride-2 deconv + ReLU by default; nearest/bilinear), ``conv_logits`` 1×1 → ``[K, 1, 2s, 2s]``.
+    ``paste`` is its ``_predict_by_feat_single`` + ``_do_paste_mask`` on CPU: sigmoid, boxes divided
+    by the scale factor, each mask ``grid_sample``d (``align_corners=False``) into its box's pixel
+    window ``[⌊x1⌋−1, ⌈x2⌉+1)`` (mmdet's ``skip_empty``), thresholded ``≥ mask_thr_binary``.
+    Departure: mmdet on a GPU pastes in chunks over the whole image; this path always pastes box
+    by box as mmdet does on CPU (values differ only outside a box's one-pixel margin)."""
+
+    def __init__(self, num_convs: int = 4, roi_feat_size: int = 14, in_channels: int = 256,
+                 conv_kernel_size: int = 3, conv_out_channels: int = 256, num_classes: int = 80,
+                 class_agnostic: bool = False, upsample_cfg: dict | None = None, conv_cfg=None, norm_cfg=None,
+                 predictor_cfg=None, **rest):
+        super().__init__()
+        _check_keys("FCNMaskHead", rest, set())
+        if not class_agnostic:
+            raise _unsupported("a mask head that is not class_agnostic (masks for any vocabulary need it)")
+        if predictor_cfg is not None and dict(predictor_cfg).get("type") not in ("Conv", "Conv2d"):
+            raise _unsupported(f"mask predictor {predictor_cfg!r}")
+        upsample = dict(upsample_cfg or dict(type="deconv", scale_factor=2))
+        self.upsample_method = upsample.pop("type")
+        self.scale_factor = upsample.pop("scale_factor", None)
+        self.convs = nn.ModuleList(
+            ConvModule(in_channels if i == 0 else conv_out_channels, conv_out_channels, conv_kernel_size,
+                       padding=(conv_kernel_size - 1) // 2, conv_cfg=conv_cfg, norm_cfg=norm_cfg,
+                       act_cfg=dict(type="ReLU")) for i in range(num_convs))
+        upsample_in = conv_out_channels if num_convs > 0 else in_channels
+        if self.upsample_method == "deconv":
+            self.upsample = nn.ConvTranspose2d(upsample_in, conv_out_channels, self.scale_factor,
+                                               stride=self.scale_factor)
+            logits_in = conv_out_channels
+        elif self.upsample_method in (None, "nearest", "bilinear"):
+            self.upsample = None
+            logits_in = upsample_in
+        else:
+            raise _unsupported(f"mask upsample {self.upsample_method!r}")
+        self.conv_logits = nn.Conv2d(logits_in, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = conv(x)
+        if self.upsample_method == "deconv":
+            x = F.relu(self.upsample(x))
+        elif self.upsample_method is not None:
+            x = F.interpolate(x, scale_factor=self.scale_factor, mode=self.upsample_method,
+                              align_corners=None if self.upsample_method == "nearest" else False)
+        return self.conv_logits(x)  # K, 1, 2s, 2s
+
+    @staticmethod
+    def paste(mask_logits: torch.Tensor, bboxes: torch.Tensor, meta: dict, threshold: float) -> torch.Tensor:
+        """``mask_logits [K, 1, m, m]``, ``bboxes [K, 4]`` in resized pixels (divided by the scale
+        factor in place, as mmdet) → bool masks ``[K, H, W]`` at ``ori_shape``."""
+        scale = bboxes.new_tensor(meta["scale_factor"]).repeat((1, 2))  # 1, 4
+        img_h, img_w = meta["ori_shape"][:2]
+        probs = mask_logits.sigmoid()
+        bboxes /= scale
+        N = len(probs)
+        out = torch.zeros(N, img_h, img_w, device=bboxes.device,
+                          dtype=torch.bool if threshold >= 0 else torch.uint8)  # K, H, W
+        for inds in torch.chunk(torch.arange(N, device=bboxes.device), N):
+            chunk, window = _paste_masks(probs[inds], bboxes[inds], img_h, img_w)
+            chunk = (chunk >= threshold).to(torch.bool) if threshold >= 0 else (chunk * 255).to(torch.uint8)
+            out[(inds,) + window] = chunk
+        return out
+
+
+def _paste_masks(masks: torch.Tensor, boxes: torch.Tensor, img_h: int, img_w: int):
+    """mmdet ``fcn_mask_head.py`` ``_do_paste_mask`` with ``skip_empty=True``: the masks
+    ``[n, 1, m, m]`` resampled onto the pixel window around the boxes ``[n, 4]``."""
+    x0_int, y0_int = torch.clamp(boxes.min(dim=0).values.floor()[:2] - 1, min=0).to(dtype=torch.int32)
+    x1_int = torch.clamp(boxes[:, 2].max().ceil() + 1, max=img_w).to(dtype=torch.int32)
+    y1_int = torch.clamp(boxes[:, 3].max().ceil() + 1, max=img_h).to(dtype=torch.int32)
+    x0, y0, x1, y1 = torch.split(boxes, 1, dim=1)  # n, 1 each
+    n = masks.shape[0]
+    img_y = torch.arange(y0_int, y1_int, device=masks.device).to(torch.float32) + 0.5
+    img_x = torch.arange(x0_int, x1_int, device=masks.device).to(torch.float32) + 0.5
+    img_y = (img_y - y0) / (y1 - y0) * 2 - 1  # n, h'
+    img_x = (img_x - x0) / (x1 - x0) * 2 - 1  # n, w'
+    img_x[torch.isinf(img_x)] = 0
+    img_y[torch.isinf(img_y)] = 0
+    gx = img_x[:, None, :].expand(n, img_y.size(1), img_x.size(1))  # n, h', w'
+    gy = img_y[:, :, None].expand(n, img_y.size(1), img_x.size(1))  # n, h', w'
+    grid = torch.stack([gx, gy], dim=3)  # n, h', w', 2
+    pasted = F.grid_sample(masks.to(dtype=torch.float32), grid, align_corners=False)  # n, 1, h', w'
+    return pasted[:, 0], (slice(y0_int, y1_int), slice(x0_int, x1_int))
+
+
+def _bbox2roi(boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """mmdet ``structures/bbox/transforms.py`` ``bbox2roi``: ``[N, 5]`` rows (image index, x1, y1, x2, y2)."""
+    return torch.cat([torch.cat([b.new_full((b.size(0), 1), i), b], dim=-1) for i, b in enumerate(boxes)])
+
+
+def _pop_type(cfg, expected: str, where: str) -> dict:
+    cfg = dict(cfg)
+    kind = cfg.pop("type", expected)
+    if kind != expected:
+        raise _unsupported(f"{where} type {kind!r} (expected {expected})")
+    return cfg
+
+
+class PlainFViT(nn.Module):
+    """F-ViT inference in plain torch: what ``ovdense.mm.detection.OvdenseFViT.predict`` computes
+    (mmdet 3.3 ``models/detectors/two_stage.py`` ``TwoStageDetector.predict`` → ``RPNHead.predict``
+    with ``rescale=False`` → ``StandardRoIHead.predict``: boxes, then masks on the kept boxes),
+    built from a head file's config with the same state-dict keys (``backbone.pyramid.*``,
+    ``neck.*``, ``rpn_head.*``, ``roi_head.bbox_head.*``, ``roi_head.mask_head.*``).
+
+    Args:
+        backbone: the frozen ``ClipBackbone`` (not a submodule, never in ``state_dict``).
+        config: the head file's config (``OvdenseFViT.head_config``).
+    """
+
+    def __init__(self, backbone, config: dict):
+        super().__init__()
+        self._frozen = (backbone,)
+        self.training_classes = read_classes(config["classes"])
+        self.method = config.get("method") or "maskclip"
+        indices = config.get("indices")
+        self.indices = tuple(indices) if indices is not None else fvit_out_indices(backbone.num_layers)
+        self.templates = config.get("templates") or backbone.defaults.get("templates", "imagenet80")
+        self.backbone = nn.Module()
+        pyramid = _pop_type(config.get("pyramid") or {}, "OvdenseFViTPyramid", "pyramid")
+        self.backbone.pyramid = SimplePyramid(backbone.width, **pyramid)
+        self.neck = FPN(**_pop_type(config["neck"], "FPN", "neck"))
+        self.rpn_head = RPNHead(**_pop_type(config["rpn_head"], "RPNHead", "rpn_head"))
+        roi = _pop_type(config["roi_head"], "OvdenseFViTRoIHead", "roi_head")
+        self.roi_head = nn.Module()
+        self.bbox_roi_extractor = SingleRoIExtractor(**_pop_type(roi.pop("bbox_roi_extractor"),
+                                                                 "SingleRoIExtractor", "bbox_roi_extractor"))
+        box = _pop_type(roi.pop("bbox_head"), "OvdenseFViTBBoxHead", "bbox_head")
+        if box.get("vlm_temperature", 75.0) is None:  # the backbone's own CLIP temperature (OvdenseFViT)
+            box["vlm_temperature"] = backbone.logit_scale
+        self.roi_head.bbox_head = ConvFCBBoxHead(embed_dim=backbone.embed_dim, **box)
+        self.with_mask = roi.get("mask_head") is not None
+        if self.with_mask:
+            extractor = _pop_type(roi.pop("mask_roi_extractor"), "SingleRoIExtractor", "mask_roi_extractor")
+            self.mask_roi_extractor = SingleRoIExtractor(**extractor)
+            mask = _pop_type(roi.pop("mask_head"), "FCNMaskHead", "mask_head")
+            self.roi_head.mask_head = FCNMaskHead(**mask)
+        _check_keys("OvdenseFViTRoIHead", {k: v for k, v in roi.items() if v is not None},
+                    {"shared_head", "mask_head", "mask_roi_extractor"})
+        if roi.get("shared_head") is not None:
+            raise _unsupported("a shared RoI head")
+        self.test_cfg = dict(config.get("test_cfg") or {})
+        if "rpn" not in self.test_cfg or "rcnn" not in self.test_cfg:
+            raise OvdenseError("the head's config has no test_cfg.rpn / test_cfg.rcnn; export it from a "
+                               "model built with a test_cfg (configs/ovdet/)")
+
+    @property
+    def clip(self):
+        return self._frozen[0]
+
+    def features(self, inputs: torch.Tensor, with_clip_map: bool
+                 ) -> tuple[tuple[torch.Tensor, ...], FrozenFeatures]:
+        """``OvdenseFViT.extract_feat``: the frozen pass, the pyramid, the FPN."""
+        frozen = frozen_features(self.clip, inputs, self.indices, self.method, with_clip_map=with_clip_map)
+        return self.neck(self.backbone.pyramid(frozen.levels)), frozen
+
+    @torch.no_grad()
+    def predict(self, inputs: torch.Tensor, metas: Sequence[dict], text: torch.Tensor, seen: torch.Tensor,
+                ensemble: bool = True, rescale: bool = True) -> list[dict[str, torch.Tensor]]:
+        """Detections per image, as mmdet's ``pred_instances``.
+
+        Args:
+            inputs: normalised, padded ``[B, 3, Hp, Wp]`` (``Detector.preprocess``).
+            metas: per image ``img_shape`` (resized ``(h, w)``), ``ori_shape`` ``(H, W)`` and
+                ``scale_factor`` ``(w/W, h/H)``, as mmdet's.
+            text: the vocabulary's text embeddings ``[C, D]``; seen: ``[C]`` bool (training classes).
+            ensemble: F-ViT's CLIP term on.
+        Returns:
+            dicts with ``bboxes [K, 4]``, ``scores [K]``, ``labels [K]`` and, with a mask head,
+            ``masks [K, H, W]`` bool (at ``ori_shape`` when ``rescale``).
+        """
+        x, frozen = self.features(inputs, with_clip_map=ensemble)
+        proposals = self.rpn_head.predict(x, metas, self.test_cfg["rpn"])
+        rcnn = self.test_cfg["rcnn"]
+        head = self.roi_head.bbox_head
+        rois = _bbox2roi(proposals)  # R, 5
+        empty = [dict(bboxes=rois.new_zeros(0, 4), scores=rois.new_zeros(0),
+                      labels=torch.zeros(0, dtype=torch.long, device=rois.device)) for _ in metas]
+        if rois.shape[0] == 0:
+            results = empty
+        else:
+            feats = self.bbox_roi_extractor(x[:self.bbox_roi_extractor.num_inputs], rois)  # R, C, s, s
+            region_clip = region_clip_embeddings(frozen.clip_map, rois, frozen.stride) if ensemble else None
+            scores, deltas = head(feats, text, seen, region_clip)  # R, C+1 and R, 4
+            counts = [len(p) for p in proposals]
+            results = []
+            for roi, score, delta, meta in zip(rois.split(counts), scores.split(counts), deltas.split(counts),
+                                               metas):
+                if roi.shape[0] == 0:
+                    results.append(dict(empty[0]))
+                    continue
+                bboxes = head.bbox_coder.decode(roi[:, 1:], delta.view(-1, 4), max_shape=meta["img_shape"])
+                if rescale and not self.with_mask:  # mmdet rescales here only without a mask head
+                    bboxes = bboxes * bboxes.new_tensor([1 / s for s in meta["scale_factor"]]).repeat((1, 2))
+                boxes, kept_scores, labels = multiclass_nms(bboxes, score, rcnn["score_thr"], rcnn["nms"],
+                                                            rcnn["max_per_img"])
+                results.append(dict(bboxes=boxes, scores=kept_scores, labels=labels))
+        if self.with_mask:
+            self._predict_masks(x, metas, results, rcnn, rescale)
+        return results
+
+    def _predict_masks(self, x, metas, results, rcnn: dict, rescale: bool) -> None:
+        """``StandardRoIHead.predict_mask`` + ``FCNMaskHead.predict_by_feat``."""
+        if not rescale:
+            raise _unsupported("masks without rescale")
+        boxes = [r["bboxes"] for r in results]
+        rois = _bbox2roi(boxes)  # K, 5
+        threshold = rcnn["mask_thr_binary"]
+        if rois.shape[0] == 0:
+            for r, meta in zip(results, metas):
+                scale = r["bboxes"].new_tensor(meta["scale_factor"]).repeat((1, 2))
+                r["bboxes"] = r["bboxes"] / scale
+                r["masks"] = torch.zeros(0, *meta["ori_shape"][:2], dtype=torch.bool, device=rois.device)
+            return
+        feats = self.mask_roi_extractor(x[:self.mask_roi_extractor.num_inputs], rois)  # K, C, s, s
+        logits = self.roi_head.mask_head(feats).split([len(b) for b in boxes])  # K, 1, 2s, 2s
+        for r, mask_logits, meta in zip(results, logits, metas):
+            if r["bboxes"].shape[0] == 0:
+                r["masks"] = torch.zeros(0, *meta["ori_shape"][:2], dtype=torch.bool, device=rois.device)
+            else:
+                # paste also rescales r["bboxes"] in place, as mmdet
+                r["masks"] = FCNMaskHead.paste(mask_logits, r["bboxes"], meta, threshold)
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,19 +1234,23 @@ class DetectionResult:
 
 
 class Detector:
-    """Detect and segment any words with a trained F-ViT head on the shared backbone.
+    """Detect and segment any words with a trained F-ViT head on the shared backbone, in plain torch
+    (``PlainFViT``: no mmcv, mmdet or mmengine needed).
 
     Args:
         backbone: the ``ClipBackbone`` the head was trained on (checked against the head file).
         classes: any class names; those outside the head's training vocabulary get β.
         head_checkpoint: a head written by ``ovdense.mm.detection.export_head`` /
             ``ExportFViTHeadHook``; ``None``: ``default_head_checkpoint(backbone)`` (the toy's).
-        score_threshold: drop detections below this score.
+        score_threshold: drop detections below this score (after mmdet's own ``score_thr``).
         image_size: the long side images are resized to (default: the backbone's ``short_side``
             default for the toy, else 640, F-ViT's OV-COCO size).
         ensemble: F-ViT's CLIP ensemble on (``False``: the detector's own scores).
 
-    (Transitional: runs through mmdet 3.3, imported lazily; the plain-torch path replaces it.)
+    Preprocessing is what the mmdet path did: the long side resized to ``image_size`` (bilinear,
+    ``cv2.INTER_LINEAR``), mmdet's ``DetDataPreprocessor`` (RGB, ``(x − 255·mean) / (255·std)``,
+    zero padding bottom/right to a multiple of ``2p``); boxes and masks come back in pixels of
+    the input image.
     """
 
     def __init__(self, backbone, classes: Sequence[str], head_checkpoint: str | os.PathLike | None = None,
@@ -467,44 +1266,61 @@ class Detector:
                 )
         if not 0.0 <= score_threshold <= 1.0:
             raise OvdenseError(f"score_threshold must lie in [0, 1], got {score_threshold}")
-        from mmengine.config import ConfigDict
-        from mmengine.registry import init_default_scope
-
-        from ovdense.mm.detection import OvdenseFViT
-
+        if image_size is not None and (int(image_size) != image_size or image_size < 2 * backbone.patch_size):
+            raise OvdenseError(f"image_size must be an integer ≥ {2 * backbone.patch_size}, got {image_size}")
         classes = check_vocabulary(classes)
         state, config = load_head(head_checkpoint, backbone)
-        init_default_scope("mmdet")
-        self.backbone = backbone
-        self.model = OvdenseFViT(clip=backbone, test_classes=list(classes), **ConfigDict(config))
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if missing or unexpected:
+        try:
+            model = PlainFViT(backbone, config)
+        except (KeyError, TypeError, ValueError) as e:
+            raise OvdenseError(f"{head_checkpoint}: its config does not build an F-ViT ({type(e).__name__}: "
+                               f"{e}); write heads with ovdense.mm.detection.export_head") from e
+        expected = model.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+        if missing or unexpected or wrong:
             raise OvdenseError(f"{head_checkpoint} does not fit its own configuration: missing "
-                               f"{missing[:5]}, unexpected {unexpected[:5]}")
-        self.model.to(backbone.device).eval()
-        self.model.roi_head.bbox_head.ensemble = ensemble
-        self.classes = list(self.model.test_classes)
+                               f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}; "
+                               "was it written by another ovdense version?")
+        model.load_state_dict(state, strict=True)
+        self.backbone = backbone
+        self.model = model.to(backbone.device).eval()
+        self.classes = classes
+        self.ensemble = bool(ensemble)
         self.score_threshold = float(score_threshold)
-        self.image_size = image_size or int(backbone.defaults.get("short_side", 640))
+        self.image_size = int(image_size or backbone.defaults.get("short_side", 640))
+        self.text = backbone.encode_text(classes, model.templates).float()  # C, D
+        self.seen = seen_mask(classes, model.training_classes).to(self.text.device)  # C
+        # mmdet's DetDataPreprocessor: mean/std in 0–255 units, as float32 tensors
+        self.mean = torch.tensor([255 * m for m in backbone.mean]).view(-1, 1, 1)  # 3, 1, 1
+        self.std = torch.tensor([255 * s for s in backbone.std]).view(-1, 1, 1)  # 3, 1, 1
 
-    @torch.no_grad()
-    def predict(self, image) -> DetectionResult:
-        """Detect in one image (a path, PIL image or RGB ``uint8`` array)."""
+    def preprocess(self, rgb: np.ndarray) -> tuple[torch.Tensor, dict]:
+        """An RGB ``uint8 [H, W, 3]`` image → the network input ``[1, 3, Hp, Wp]`` and its meta."""
         import cv2
-        from mmdet.structures import DetDataSample
 
-        from ovdense.io import load_image
-
-        rgb = load_image(image)
         H, W = rgb.shape[:2]
         factor = self.image_size / max(H, W)
         h, w = max(1, int(H * factor + 0.5)), max(1, int(W * factor + 0.5))
         resized = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
-        bgr = torch.from_numpy(np.ascontiguousarray(resized[:, :, ::-1])).permute(2, 0, 1)  # 3, h, w
-        sample = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(H, W), scale_factor=(w / W, h / H)))
-        data = self.model.data_preprocessor(dict(inputs=[bgr], data_samples=[sample]), training=False)
-        pred = self.model.predict(data["inputs"], data["data_samples"], rescale=True)[0].pred_instances
-        keep = pred.scores >= self.score_threshold
-        masks = pred.masks[keep].cpu().numpy().astype(bool) if "masks" in pred else None
-        return DetectionResult(boxes=pred.bboxes[keep].cpu().numpy(), scores=pred.scores[keep].cpu().numpy(),
-                               class_ids=pred.labels[keep].cpu().numpy(), masks=masks, classes=self.classes)
+        x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()  # 3, h, w (RGB)
+        x = (x - self.mean) / self.std
+        divisor = 2 * self.backbone.patch_size
+        pad_h, pad_w = -h % divisor, -w % divisor
+        x = F.pad(x, (0, pad_w, 0, pad_h), value=0.0)[None]  # 1, 3, Hp, Wp
+        meta = dict(img_shape=(h, w), ori_shape=(H, W), scale_factor=(w / W, h / H))
+        return x.to(self.backbone.device), meta
+
+    @torch.no_grad()
+    def predict(self, image) -> DetectionResult:
+        """Detect in one image (a path, PIL image or RGB ``uint8`` array)."""
+        from ovdense.io import load_image
+
+        x, meta = self.preprocess(load_image(image))
+        pred = self.model.predict(x, [meta], self.text, self.seen, ensemble=self.ensemble)[0]
+        keep = pred["scores"] >= self.score_threshold
+        masks = pred["masks"][keep].cpu().numpy().astype(bool) if "masks" in pred else None
+        return DetectionResult(boxes=pred["bboxes"][keep].cpu().numpy(),
+                               scores=pred["scores"][keep].cpu().numpy(),
+                               class_ids=pred["labels"][keep].cpu().numpy(), masks=masks,
+                               classes=list(self.classes))

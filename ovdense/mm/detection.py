@@ -45,16 +45,7 @@ from ovdense.backbone.clip import ClipBackbone, create_backbone
 from ovdense.errors import OvdenseError
 from ovdense.heads import detection as fvit
 
-
-def read_classes(classes: str | Sequence[str]) -> list[str]:
-    """A class list, or a class file (one name per line; a ``background`` line is skipped)."""
-    if isinstance(classes, (str, Path)) and Path(classes).suffix == ".txt":
-        path = Path(classes)
-        if not path.is_file():
-            raise OvdenseError(f"class file not found: {path}")
-        classes = [line.strip() for line in path.read_text().splitlines()]
-        classes = [c for c in classes if c and c != "background"]
-    return fvit.check_vocabulary(classes)
+read_classes = fvit.read_classes  # a class list or a class file (one name per line)
 
 
 @MODELS.register_module()
@@ -285,19 +276,26 @@ def _plain(value):
 # Head files and the Python API
 
 
-def export_head(model: OvdenseFViT, path: str | Path) -> Path:
+def export_head(model: OvdenseFViT, path: str | Path, dtype: torch.dtype | str | None = None) -> Path:
     """Write a trained ``OvdenseFViT``'s head (every registered tensor: pyramid, FPN, RPN, RoI heads;
     no backbone) with the configuration that rebuilds it, tied to its backbone
-    (``heads.detection.save_head``)."""
-    return fvit.save_head(path, model.state_dict(), model.clip, model.head_config)
+    (``heads.detection.save_head``). ``dtype`` (``torch.float16`` or ``"float16"``) stores the
+    floating tensors in that type (half the file); loading gives float32 back."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return fvit.save_head(path, model.state_dict(), model.clip, model.head_config, dtype=dtype)
 
 
 @HOOKS.register_module()
 class ExportFViTHeadHook(Hook):
-    """After training, write ``WORK_DIR/<filename>`` with ``export_head`` (process 0 only)."""
+    """After training, write ``WORK_DIR/<filename>`` with ``export_head`` (process 0 only);
+    ``dtype="float16"`` halves the file (what ships in ``ovdense/assets``)."""
 
-    def __init__(self, filename: str = "fvit_head.safetensors"):
+    def __init__(self, filename: str = "fvit_head.safetensors", dtype: str | None = None):
+        if dtype not in (None, "float16", "bfloat16", "float32"):
+            raise OvdenseError(f"ExportFViTHeadHook dtype: float16, bfloat16 or float32, not {dtype!r}")
         self.filename = filename
+        self.dtype = dtype
 
     def after_train(self, runner) -> None:
         from mmengine.dist import is_main_process
@@ -305,7 +303,7 @@ class ExportFViTHeadHook(Hook):
 
         if is_main_process():
             model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-            path = export_head(model, Path(runner.work_dir) / self.filename)
+            path = export_head(model, Path(runner.work_dir) / self.filename, dtype=self.dtype)
             runner.logger.info(f"F-ViT head written to {path}")
 
 
