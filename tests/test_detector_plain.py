@@ -270,6 +270,25 @@ def test_bad_inputs_give_one_error_each(toy, tiny_backbone, plain_head, tmp_path
     partial = {k: v for k, v in state.items() if not k.startswith("roi_head.mask_head.conv_logits")}
     det.save_head(tmp_path / "partial.safetensors", partial, toy, config)
     one_line_error(lambda: det.Detector(toy, ALL, tmp_path / "partial.safetensors"), "missing.*conv_logits")
+    rcnn = {k: v for k, v in config["test_cfg"]["rcnn"].items() if k != "mask_thr_binary"}
+    det.save_head(tmp_path / "nothr.safetensors", state, toy, {**config, "test_cfg": {**config["test_cfg"],
+                                                                                   "rcnn": rcnn}})
+    one_line_error(lambda: det.Detector(toy, ALL, tmp_path / "nothr.safetensors"), "rcnn.mask_thr_binary")
     other = {**config, "neck": {**config["neck"], "type": "PAFPN"}}
     det.save_head(tmp_path / "pafpn.safetensors", state, toy, other)
     one_line_error(lambda: det.Detector(toy, ALL, tmp_path / "pafpn.safetensors"), "not reproduce.*PAFPN")
+
+
+def test_degenerate_images_and_empty_results(toy, plain_head, monkeypatch):
+    detector = det.Detector(toy, ALL, plain_head, score_threshold=0.0)
+    for rgb in (np.zeros((1, 300, 3), np.uint8), np.full((64, 64, 3), 200, np.uint8)):
+        result = detector.predict(rgb)
+        assert result.masks.shape == (len(result.boxes), *rgb.shape[:2])
+        assert np.isfinite(result.boxes).all() and (result.boxes[:, 2:] <= [rgb.shape[1], rgb.shape[0]]).all()
+    nothing = det.Detector(toy, ALL, plain_head, score_threshold=1.0).predict(scene(5))
+    assert nothing.boxes.shape == (0, 4) and nothing.scores.shape == (0,)
+    assert nothing.masks.shape == (0, 128, 128)
+    monkeypatch.setattr(detector.model.rpn_head, "predict", lambda x, metas, cfg: [x[0].new_zeros(0, 4)])
+    none = detector.predict(scene(5))  # no proposal at all
+    assert none.boxes.shape == (0, 4) and none.masks.shape == (0, 128, 128)
+    assert none.class_ids.dtype == np.int64

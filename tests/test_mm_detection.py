@@ -227,7 +227,8 @@ def test_coco_metric_equals_pycocotools(tmp_path):
 
 
 def test_detector_api_equals_the_model(model, tmp_path, tiny_backbone):
-    from ovdense.mm.detection import Detector, export_head
+    from ovdense.heads.detection import Detector  # plain torch; ovdense.mm.detection re-exports it
+    from ovdense.mm.detection import export_head
 
     path = export_head(model, tmp_path / "fvit_head.safetensors")
     scene = render_scene(np.random.default_rng([99, 7]), SceneConfig(size=(128, 128)))

@@ -44,6 +44,20 @@ Departures, each deliberate:
 
 The frozen backbone is always passed in, run in eval mode under ``no_grad``, and never stored
 as a submodule: it never enters a head's ``state_dict`` or an optimizer.
+
+Inference needs no OpenMMLab package: ``PlainFViT`` rebuilds, from the head file that
+``ovdense.mm.detection.export_head`` writes (state dict + config), exactly what mmdet 3.3's
+``TwoStageDetector.predict`` runs for ``OvdenseFViT`` — mmdet's ``FPN``, ``RPNHead`` (anchors, delta
+decoding, per-level NMS), ``SingleRoIExtractor`` (torchvision's ``roi_align``, equal to mmcv's
+``RoIAlign(aligned=True)``), ``ConvFCBBoxHead`` with the open-vocabulary classifier and ensemble,
+``multiclass_nms`` (mmcv's ``batched_nms`` offsets over torchvision's ``nms``), ``FCNMaskHead`` and
+its mask pasting — each class names the mmdet/mmcv file it follows. On the same head and image it
+gives mmdet's boxes, scores, labels and masks (``tests/test_detector_plain.py``; equal to float32
+rounding on CPU). ``Detector`` is the user API on top. Departures: masks are always pasted box by
+box (mmdet's CPU branch; on a GPU mmdet pastes in chunks over the whole image); options the
+shipped configs do not use and that are not reproduced here (mmcv ``nms`` ``offset=1``, soft-NMS,
+class-specific mask heads, ``with_avg_pool`` box heads, shared RoI heads, non-ReLU activations)
+are refused with an ``OvdenseError`` instead of approximated.
 """
 
 from __future__ import annotations
@@ -1112,9 +1126,13 @@ class PlainFViT(nn.Module):
         if roi.get("shared_head") is not None:
             raise _unsupported("a shared RoI head")
         self.test_cfg = dict(config.get("test_cfg") or {})
-        if "rpn" not in self.test_cfg or "rcnn" not in self.test_cfg:
-            raise OvdenseError("the head's config has no test_cfg.rpn / test_cfg.rcnn; export it from a "
-                               "model built with a test_cfg (configs/ovdet/)")
+        needed = {"rpn": ("nms", "max_per_img"), "rcnn": ("score_thr", "nms", "max_per_img")
+                  + (("mask_thr_binary",) if self.with_mask else ())}
+        absent = [f"test_cfg.{part}.{key}" for part, keys in needed.items() for key in keys
+                  if key not in (self.test_cfg.get(part) or {})]
+        if absent:
+            raise OvdenseError(f"the head's config lacks {', '.join(absent)}; export it from a model built "
+                               "with a full test_cfg (configs/ovdet/)")
 
     @property
     def clip(self):
