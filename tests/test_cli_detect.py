@@ -9,6 +9,8 @@ bad-option cases need no head and run without mmcv.
 import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +140,27 @@ def test_json_and_overlay_are_the_detectors_prediction(toy, head_file, scene_dir
     original = np.asarray(Image.open(scene_dir / "scene.png").convert("RGB"))
     assert np.abs(drawn.astype(int) - original).max() > 100  # boxes and labels are drawn
     assert not any(p.name.endswith(".tmp") for p in out.iterdir())  # written atomically
+
+
+def test_detect_runs_without_openmmlab(head_file, scene_dir, threshold, tmp_path, capsys, cache):
+    """mmcv, mmdet and mmengine unimportable (a fresh interpreter): the same JSON as in-process."""
+    argv = [str(a) for a in detect_argv([scene_dir / "scene.png"], tmp_path / "plain", head_file, threshold)]
+    code = ("import sys\n"
+            "for name in ('mmcv', 'mmdet', 'mmengine'):\n"
+            "    sys.modules[name] = None  # import fails\n"
+            "from ovdense.cli import main\n"
+            f"code = main({argv!r})\n"
+            "assert not any(m.split('.')[0] in ('mmcv', 'mmdet', 'mmengine') and sys.modules[m] is not None\n"
+            "               for m in sys.modules)\n"
+            "sys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    here = detect_argv([scene_dir / "scene.png"], tmp_path / "here", head_file, threshold)
+    run_code, _, err = run_cli(here, capsys)
+    assert run_code == 0, err
+    assert (json.loads((tmp_path / "plain" / "scene.json").read_text())
+            == json.loads((tmp_path / "here" / "scene.json").read_text()))
 
 
 def test_no_ensemble_gives_the_detectors_own_scores(toy, head_file, scene_dir, tmp_path, capsys):
