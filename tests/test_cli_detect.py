@@ -239,19 +239,27 @@ def test_a_head_of_another_backbone_is_one_line(head_file, scene_dir, tmp_path, 
     assert code == 2 and len(err.strip().splitlines()) == 1 and "trained on backbone" in err, err
 
 
-def test_toy_without_head_checkpoint_uses_the_shipped_head_or_says_none_ships(toy, scene_dir, tmp_path,
-                                                                              capsys):
-    from ovdense.heads.detection import Detector, default_head_checkpoint
+@pytest.mark.parametrize("shipped", [True, False], ids=["head-ships", "none-ships"])
+def test_toy_without_head_checkpoint_uses_the_shipped_head(toy, head_file, scene_dir, tmp_path, capsys,
+                                                           monkeypatch, shipped):
+    """No --head-checkpoint: the head ``default_head_checkpoint`` names (made to be ``head_file``
+    here, whether or not this install has the trained one), or the Detector's one line."""
+    from ovdense.heads import detection
 
+    monkeypatch.setattr(detection, "default_head_checkpoint", lambda backbone: head_file if shipped else None)
     out = tmp_path / "out"
     code, _, err = run_cli(["detect", scene_dir / "scene.png", "--model", "toy", "--classes",
-                            "red circle,blue star", "--out", out], capsys)
-    if default_head_checkpoint(toy) is None:
-        assert code == 2 and len(err.strip().splitlines()) == 1 and "no F-ViT head ships" in err, err
+                            "red circle,blue star", "--score-threshold", "0", "--out", out], capsys)
+    if not shipped:
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("ovdense: error: no F-ViT head ships for backbone 'toy'")
+        assert "--head-checkpoint" in err
         return
     assert code == 0, err
-    want = Detector(toy, ["red circle", "blue star"]).predict(str(scene_dir / "scene.png"))
+    want = detection.Detector(toy, ["red circle", "blue star"], head_file, score_threshold=0.0)
+    want = want.predict(str(scene_dir / "scene.png"))
     got = json.loads((out / "scene.json").read_text())["detections"]
+    assert len(got) == len(want.scores) > 0
     np.testing.assert_allclose([d["score"] for d in got], want.scores, atol=1e-6)
 
 
