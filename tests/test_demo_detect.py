@@ -133,3 +133,13 @@ def test_demo_refuses_a_wrong_fvit_head_before_serving(app, tmp_path, capsys, to
     err = capsys.readouterr().err
     assert err.startswith("ovdense demo: error: ") and len(err.strip().splitlines()) == 1, err
     assert "not a safetensors" in err
+
+
+@pytest.mark.parametrize("shipped", [True, False], ids=["head-ships", "none-ships"])
+def test_the_shipped_head_is_the_default(app, toy, head_file, monkeypatch, shipped):
+    from ovdense.heads import detection
+
+    monkeypatch.setattr(detection, "default_head_checkpoint", lambda backbone: head_file if shipped else None)
+    assert app.Heads(toy).fvit_head == (head_file if shipped else None)
+    other = Path("elsewhere.safetensors")
+    assert app.Heads(toy, fvit_head=other).fvit_head == other  # --fvit-head wins
