@@ -48,6 +48,7 @@ model = dict(
     test_classes=list(all_classes),
     templates="imagenet80",
     method="maskclip",
+    indices=(3, 5, 7, 11),
     pyramid=dict(norm="group", num_groups=32),
     neck=dict(type="FPN", in_channels=[768] * 4, out_channels=256, num_outs=5, norm_cfg=norm_cfg),
     rpn_head=dict(
@@ -157,6 +158,9 @@ default_hooks = dict(
 )
 custom_hooks = [dict(type="LossCurveHook", interval=50), dict(type="ProgressBarHook"),
                 dict(type="ExportFViTHeadHook")]  # WORK_DIR/fvit_head.safetensors, for Detector
+# DDP over the head (the frozen backbone is no parameter); tools/train.py drops device_ids on CPU
+model_wrapper_cfg = dict(type="MMDistributedDataParallel", find_unused_parameters=False,
+                         broadcast_buffers=False)
 env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
                dist_cfg=dict(backend="nccl"))
 vis_backends = [dict(type="LocalVisBackend")]

@@ -1,0 +1,208 @@
+# F-ViT Mask R-CNN on frozen OpenAI CLIP ViT-B/16, OV-LVIS (866 base = frequent + common, 337 rare
+# novel), evaluated by mask AP on the rare categories (lvis/segm_APr of mmdet's LVISMetric).
+#
+# Recipe: wusize/CLIPSelf F-ViT/configs/ov_lvis/fvit_vitb16_upsample_fpn_bs64_4x_ovlvis_eva_original.py
+# (mmdet 2.28): taps (3, 5, 7, 11), FPN 256, RPN with 2 convs, 4conv2fc box head (FC 512), τ = 50
+# learned, background weight 0.9, rare classes out of the loss (class weight 0 from
+# lvis_v1_train_cat_norare_info.json), ensemble α = 0.1, β = 0.6, T_vlm = 50; class-agnostic
+# FCNMaskHead (4 convs, 28×28 targets); rcnn assigner with match_low_quality=True; test score
+# threshold 1e-4, NMS 0.5, 300 detections per image (LVIS's AP counts 300); 1024 px large-scale
+# jitter (ratio 0.1–2.0, crop, pad); 48 epochs at global batch 64 (8 × 8), AdamW 1e-4, weight decay
+# 0.1, gradient clip 1.0, 250 warm-up iterations from 0.001, ×0.1 at epochs 32 and 44, fp16 (--amp).
+# Plain sampling: F-ViT's LVISV1DatasetOV has no repeat-factor sampling and its loss is a softmax
+# cross-entropy, not the federated loss (CLIM's mmdet 3.x port, wusize/CLIM ovdet/configs/_base_/
+# datasets/lvis_v1_ovd_base_lsj.py, inherits mmdet's ClassBalancedDataset(oversample_thr=1e-3);
+# to try it, wrap the inner dataset: train_dataloader.dataset.dataset=dict(type="ClassBalancedDataset",
+# oversample_thr=1e-3, dataset=<the LVISV1Dataset below>)).
+# Departures: GroupNorm instead of SyncBN in the pyramid, FPN, box and mask heads (one device
+# works too); no norm in the RPN convs (F-ViT's CustomRPNHead has MMSyncBN; mmdet 3.3's RPNHead
+# has none); rare classes absent from the training vocabulary instead of masked (same gradients);
+# OpenAI weights instead of EVA-02 (anchor, CLIM README: mask APr 24.3 with CLIM-refined OpenAI
+# ViT-B/16, pass them as clip.pretrained=/path/to/openai_vitb16_cc3m_clim.pt; F-ViT EVA-02 B/16
+# with CLIPSelf: 25.3).
+#
+# Data: LVIS v1 under data/lvis_v1/ (annotations/lvis_v1_{train,val}.json; train2017/ and val2017/,
+# COCO 2017's images), then
+#   python tools/dataset_converters/lvis_v1_ovd.py data/lvis_v1/annotations/lvis_v1_train.json
+# writes annotations/lvis_v1_train_base.json and the two class files read below (and prints the
+# exact max_iters for your json). mmdet's LVISV1Dataset and LVISMetric need the lvis package
+# (checked when this file loads).
+#   torchrun --nproc_per_node 8 tools/train.py configs/ovdet/fvit_vitb16_ovlvis.py --launcher pytorch --amp
+#   python tools/test.py configs/ovdet/fvit_vitb16_ovlvis.py \
+#       --checkpoint work_dirs/fvit_vitb16_ovlvis/iter_75168.pth
+
+
+def _require_lvis():
+    """LVISV1Dataset and LVISMetric import the lvis package. PyPI's lvis 0.5.3 (its last release)
+    still calls np.float in LVISEval.accumulate, which NumPy 1.24 removed: the evaluation would
+    fail after the whole test set has run (lvis-api issue #37, fixed on its main by PR #42)."""
+    import importlib
+    import importlib.util
+    import pathlib
+
+    error = importlib.import_module("ovdense.errors").OvdenseError
+    fix = ("pip install 'lvis @ git+https://github.com/lvis-dataset/lvis-api.git"
+           "@7d7f07def11da91f8b2710ce352c62a78fd5a7ad'")
+    spec = importlib.util.find_spec("lvis")
+    if spec is None or spec.origin is None:
+        raise error("the OV-LVIS configs need the lvis package (mmdet's LVISV1Dataset and LVISMetric): "
+                    + fix)
+    evaluation = pathlib.Path(spec.origin).with_name("eval.py")
+    numpy = importlib.import_module("numpy")
+    if evaluation.is_file() and "np.float)" in evaluation.read_text() and not hasattr(numpy, "float"):
+        raise error(f"the installed lvis ({evaluation.parent}) calls np.float, which NumPy "
+                    f"{numpy.__version__} no longer has; install lvis-api's fixed main: {fix}")
+
+
+_require_lvis()
+
+default_scope = "mmdet"
+custom_imports = dict(imports=["ovdense.mm.detection", "ovdense.mm.training"], allow_failed_imports=False)
+
+data_root = "data/lvis_v1/"
+base_classes = data_root + "annotations/lvis_v1_base_classes.txt"  # tools/dataset_converters/lvis_v1_ovd.py
+all_classes = data_root + "annotations/lvis_v1_all_classes.txt"  # category-id order = lvis_v1_val.json's
+num_base = 866  # LVIS v1 frequent (405) + common (461)
+norm_cfg = dict(type="GN", num_groups=32, requires_grad=True)
+
+model = dict(
+    type="OvdenseFViT",
+    clip=dict(name="ViT-B-16", pretrained="openai"),
+    classes=base_classes,
+    test_classes=all_classes,
+    templates="imagenet80",
+    method="maskclip",
+    indices=(3, 5, 7, 11),
+    pyramid=dict(norm="group", num_groups=32),
+    neck=dict(type="FPN", in_channels=[768] * 4, out_channels=256, num_outs=5, norm_cfg=norm_cfg),
+    rpn_head=dict(
+        type="RPNHead", in_channels=256, feat_channels=256, num_convs=2,
+        anchor_generator=dict(type="AnchorGenerator", scales=[8], ratios=[0.5, 1.0, 2.0],
+                              strides=[4, 8, 16, 32, 64]),
+        bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[1.0] * 4),
+        loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0),
+        loss_bbox=dict(type="L1Loss", loss_weight=1.0)),
+    roi_head=dict(
+        type="OvdenseFViTRoIHead",
+        bbox_roi_extractor=dict(
+            type="SingleRoIExtractor", roi_layer=dict(type="RoIAlign", output_size=7, sampling_ratio=0),
+            out_channels=256, featmap_strides=[4, 8, 16, 32]),
+        bbox_head=dict(
+            type="OvdenseFViTBBoxHead", in_channels=256, conv_out_channels=256, fc_out_channels=512,
+            roi_feat_size=7, num_classes=num_base, num_shared_convs=4, num_shared_fcs=2, num_cls_fcs=1,
+            num_reg_fcs=1, norm_cfg=norm_cfg, reg_class_agnostic=True,
+            bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4,
+                            target_stds=[0.1, 0.1, 0.2, 0.2]),
+            loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0,
+                          class_weight=[1.0] * num_base + [0.9]),  # F-ViT LVIS: bg_weight=0.9
+            loss_bbox=dict(type="L1Loss", loss_weight=1.0),
+            alpha=0.1, beta=0.6, vlm_temperature=50.0, temperature=50.0),
+        mask_roi_extractor=dict(
+            type="SingleRoIExtractor", roi_layer=dict(type="RoIAlign", output_size=14, sampling_ratio=0),
+            out_channels=256, featmap_strides=[4, 8, 16, 32]),
+        mask_head=dict(
+            type="FCNMaskHead", num_convs=4, in_channels=256, conv_out_channels=256,
+            num_classes=num_base, class_agnostic=True, norm_cfg=norm_cfg,
+            loss_mask=dict(type="CrossEntropyLoss", use_mask=True, loss_weight=1.0))),
+    train_cfg=dict(
+        rpn=dict(
+            assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
+                          match_low_quality=True, ignore_iof_thr=-1),
+            sampler=dict(type="RandomSampler", num=256, pos_fraction=0.5, neg_pos_ub=-1,
+                         add_gt_as_proposals=False),
+            allowed_border=-1, pos_weight=-1, debug=False),
+        rpn_proposal=dict(nms_pre=2000, max_per_img=1000, nms=dict(type="nms", iou_threshold=0.7),
+                          min_bbox_size=0),
+        rcnn=dict(
+            assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5,
+                          match_low_quality=True, ignore_iof_thr=-1),
+            sampler=dict(type="RandomSampler", num=512, pos_fraction=0.25, neg_pos_ub=-1,
+                         add_gt_as_proposals=True),
+            mask_size=28, pos_weight=-1, debug=False)),
+    test_cfg=dict(
+        rpn=dict(nms_pre=2000, max_per_img=1000, nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0),
+        rcnn=dict(score_thr=0.0001, nms=dict(type="nms", iou_threshold=0.5), max_per_img=300,
+                  mask_thr_binary=0.5)),
+)
+
+image_size = (1024, 1024)
+backend_args = None
+train_pipeline = [
+    dict(type="LoadImageFromFile", backend_args=backend_args),
+    dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
+    dict(type="RandomResize", scale=image_size, ratio_range=(0.1, 2.0), keep_ratio=True),
+    dict(type="RandomCrop", crop_type="absolute_range", crop_size=image_size, recompute_bbox=True,
+         allow_negative_crop=True),
+    dict(type="FilterAnnotations", min_gt_bbox_wh=(1e-2, 1e-2)),
+    dict(type="RandomFlip", prob=0.5),
+    dict(type="Pad", size=image_size),
+    dict(type="PackDetInputs"),
+]
+test_pipeline = [
+    dict(type="LoadImageFromFile", backend_args=backend_args),
+    dict(type="Resize", scale=image_size, keep_ratio=True),
+    dict(type="Pad", size=image_size),
+    dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor")),
+]
+train_dataloader = dict(
+    batch_size=8, num_workers=4, persistent_workers=True,
+    sampler=dict(type="SeededInfiniteSampler", shuffle=True, batch_size=8),
+    dataset=dict(type="SeededDataset", dataset=dict(
+        type="LVISV1Dataset", data_root=data_root, ann_file="annotations/lvis_v1_train_base.json",
+        data_prefix=dict(img=""),  # file names come from coco_url: train2017/…, val2017/…
+        filter_cfg=dict(filter_empty_gt=True, min_size=32), pipeline=train_pipeline,
+        backend_args=backend_args)),
+)
+val_dataloader = dict(
+    batch_size=1, num_workers=2, persistent_workers=True, drop_last=False,
+    sampler=dict(type="DefaultSampler", shuffle=False),
+    dataset=dict(
+        type="LVISV1Dataset", data_root=data_root, ann_file="annotations/lvis_v1_val.json",
+        data_prefix=dict(img=""), test_mode=True, pipeline=test_pipeline, backend_args=backend_args),
+)
+test_dataloader = val_dataloader
+# F-ViT evaluates masks only (evaluation metric=['segm']); lvis/segm_APr is the novel (rare) AP
+val_evaluator = dict(type="LVISMetric", ann_file=data_root + "annotations/lvis_v1_val.json", metric=["segm"],
+                     backend_args=backend_args)
+test_evaluator = val_evaluator
+
+# 48 epochs of LVIS v1's 100,170 training images at global batch 64 (images whose only annotations
+# are rare drop out: tools/dataset_converters/lvis_v1_ovd.py prints the exact count for your json)
+iters_per_epoch = 1566
+max_iters = 48 * iters_per_epoch
+train_cfg = dict(type="SeededIterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters)
+val_cfg = dict(type="ValLoop")
+test_cfg = dict(type="TestLoop")
+optim_wrapper = dict(
+    type="OptimWrapper",
+    optimizer=dict(type="AdamW", lr=1e-4, betas=(0.9, 0.999), weight_decay=0.1),
+    clip_grad=dict(max_norm=1.0, norm_type=2))
+param_scheduler = [
+    dict(type="LinearLR", start_factor=0.001, by_epoch=False, begin=0, end=250),
+    dict(type="MultiStepLR", by_epoch=False, begin=0, end=max_iters,
+         milestones=[32 * iters_per_epoch, 44 * iters_per_epoch], gamma=0.1),
+]
+auto_scale_lr = dict(enable=True, base_batch_size=64)
+randomness = dict(seed=0)
+
+default_hooks = dict(
+    timer=dict(type="IterTimerHook"),
+    logger=dict(type="LoggerHook", interval=50, log_metric_by_epoch=False),
+    param_scheduler=dict(type="ParamSchedulerHook"),
+    checkpoint=dict(type="AtomicCheckpointHook", by_epoch=False, interval=iters_per_epoch, max_keep_ckpts=2),
+    sampler_seed=dict(type="DistSamplerSeedHook"),
+    visualization=dict(type="DetVisualizationHook"),
+)
+custom_hooks = [dict(type="LossCurveHook", interval=50), dict(type="ProgressBarHook"),
+                dict(type="ExportFViTHeadHook")]  # WORK_DIR/fvit_head.safetensors, for Detector
+# DDP over the head (the frozen backbone is no parameter); tools/train.py drops device_ids on CPU
+model_wrapper_cfg = dict(type="MMDistributedDataParallel", find_unused_parameters=False,
+                         broadcast_buffers=False)
+env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+               dist_cfg=dict(backend="nccl"))
+vis_backends = [dict(type="LocalVisBackend")]
+visualizer = dict(type="DetLocalVisualizer", vis_backends=vis_backends, name="visualizer")
+log_processor = dict(type="LogProcessor", window_size=50, by_epoch=False)
+log_level = "INFO"
+load_from = None
+resume = False
