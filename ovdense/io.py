@@ -238,16 +238,26 @@ def colorize(labels: np.ndarray) -> np.ndarray:
 # Atomic writing
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it; set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename).
 
     ``durable`` also flushes the file to disk before the rename (``fsync``), so a power cut
-    leaves the old file or the new one; caches, which check what they read, skip it."""
+    leaves the old file or the new one; caches, which check what they read, skip it. The file
+    gets the permissions ``open()`` would give it (``0o666`` less the umask), not the owner-only
+    ``0o600`` of ``mkstemp``'s temporary."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             if durable:
                 f.flush()

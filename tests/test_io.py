@@ -174,3 +174,23 @@ def test_overlay_of_more_than_256_classes():
     np.testing.assert_array_equal(out[0, 20], palette(256)[300 % 256])
     swatches = {tuple(c) for c in out[:, 30:].reshape(-1, 3).tolist()}
     assert tuple(palette(256)[300 % 256]) in swatches and tuple(palette(3)[2]) in swatches
+
+
+def test_written_files_get_the_permissions_open_gives(tmp_path):
+    """Atomic writes go through mkstemp (owner-only 0600); the result must be readable as a file
+    written with open() would be (0666 less the umask), under two different umasks."""
+    import os
+    import stat
+
+    from ovdense.io import write_bytes
+
+    old = os.umask(0o022)
+    try:
+        for mask in (0o022, 0o077):
+            os.umask(mask)
+            plain, atomic = tmp_path / f"plain{mask}", tmp_path / f"atomic{mask}"
+            plain.write_bytes(b"x")
+            write_bytes(atomic, b"x")
+            assert stat.S_IMODE(atomic.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode), oct(mask)
+    finally:
+        os.umask(old)
