@@ -26,35 +26,38 @@
 #   python tools/dataset_converters/lvis_v1_ovd.py data/lvis_v1/annotations/lvis_v1_train.json
 # writes annotations/lvis_v1_train_base.json and the two class files read below (and prints the
 # exact max_iters for your json). mmdet's LVISV1Dataset and LVISMetric need the lvis package
-# (checked when this file loads).
+# (checked when this file loads: a warning names the fix).
 #   torchrun --nproc_per_node 8 tools/train.py configs/ovdet/fvit_vitb16_ovlvis.py --launcher pytorch --amp
 #   python tools/test.py configs/ovdet/fvit_vitb16_ovlvis.py \
 #       --checkpoint work_dirs/fvit_vitb16_ovlvis/iter_75168.pth
 
 
-def _require_lvis():
+def _check_lvis():
     """LVISV1Dataset and LVISMetric import the lvis package. PyPI's lvis 0.5.3 (its last release)
     still calls np.float in LVISEval.accumulate, which NumPy 1.24 removed: the evaluation would
-    fail after the whole test set has run (lvis-api issue #37, fixed on its main by PR #42)."""
+    fail after the whole test set has run (lvis-api issue #37, fixed on its main by PR #42).
+    A warning, not an error: every config must load without its data (tests parse them all)."""
     import importlib
     import importlib.util
     import pathlib
+    import warnings
 
-    error = importlib.import_module("ovdense.errors").OvdenseError
     fix = ("pip install 'lvis @ git+https://github.com/lvis-dataset/lvis-api.git"
            "@7d7f07def11da91f8b2710ce352c62a78fd5a7ad'")
     spec = importlib.util.find_spec("lvis")
     if spec is None or spec.origin is None:
-        raise error("the OV-LVIS configs need the lvis package (mmdet's LVISV1Dataset and LVISMetric): "
-                    + fix)
+        warnings.warn("the OV-LVIS configs need the lvis package (mmdet's LVISV1Dataset and LVISMetric): "
+                      + fix, stacklevel=1)
+        return
     evaluation = pathlib.Path(spec.origin).with_name("eval.py")
     numpy = importlib.import_module("numpy")
     if evaluation.is_file() and "np.float)" in evaluation.read_text() and not hasattr(numpy, "float"):
-        raise error(f"the installed lvis ({evaluation.parent}) calls np.float, which NumPy "
-                    f"{numpy.__version__} no longer has; install lvis-api's fixed main: {fix}")
+        warnings.warn(f"the installed lvis ({evaluation.parent}) calls np.float, which NumPy "
+                      f"{numpy.__version__} no longer has: LVISMetric will fail after the whole test "
+                      f"set has run; install lvis-api's fixed main: {fix}", stacklevel=1)
 
 
-_require_lvis()
+_check_lvis()
 
 default_scope = "mmdet"
 custom_imports = dict(imports=["ovdense.mm.detection", "ovdense.mm.training"], allow_failed_imports=False)
