@@ -72,7 +72,7 @@ model = dict(
         rpn=dict(
             assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
                           match_low_quality=True, ignore_iof_thr=-1),
-            sampler=dict(type="RandomSampler", num=256, pos_fraction=0.5, neg_pos_ub=-1,
+            sampler=dict(type="SeededRandomSampler", stream=0, num=256, pos_fraction=0.5, neg_pos_ub=-1,
                          add_gt_as_proposals=False),
             allowed_border=-1, pos_weight=-1, debug=False),
         rpn_proposal=dict(nms_pre=1000, max_per_img=500, nms=dict(type="nms", iou_threshold=0.7),
@@ -80,7 +80,7 @@ model = dict(
         rcnn=dict(
             assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5,
                           match_low_quality=True, ignore_iof_thr=-1),
-            sampler=dict(type="RandomSampler", num=128, pos_fraction=0.25, neg_pos_ub=-1,
+            sampler=dict(type="SeededRandomSampler", stream=1, num=128, pos_fraction=0.25, neg_pos_ub=-1,
                          add_gt_as_proposals=True),
             mask_size=28, pos_weight=-1, debug=False)),
     test_cfg=dict(
@@ -150,7 +150,7 @@ default_hooks = dict(
     visualization=dict(type="DetVisualizationHook"),
 )
 custom_hooks = [dict(type="LossCurveHook", interval=50), dict(type="ProgressBarHook"),
-                dict(type="ExportFViTHeadHook", dtype="float16")]  # WORK_DIR/fvit_head.safetensors (fp16), for Detector
+                dict(type="ExportFViTHeadHook", dtype="float16")]  # WORK_DIR/fvit_head.safetensors (fp16)
 env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
                dist_cfg=dict(backend="nccl"))
 vis_backends = [dict(type="LocalVisBackend")]

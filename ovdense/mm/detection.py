@@ -32,8 +32,9 @@ from mmdet.models.detectors import TwoStageDetector
 from mmdet.models.layers import multiclass_nms
 from mmdet.models.roi_heads import StandardRoIHead
 from mmdet.models.roi_heads.bbox_heads import ConvFCBBoxHead
+from mmdet.models.task_modules.samplers import RandomSampler
 from mmdet.models.utils import empty_instances
-from mmdet.registry import MODELS
+from mmdet.registry import MODELS, TASK_UTILS
 from mmdet.structures.bbox import get_box_tensor, scale_boxes
 from mmengine.hooks import Hook
 from mmengine.model import BaseModule
@@ -44,6 +45,7 @@ from torch import nn
 from ovdense.backbone.clip import ClipBackbone, create_backbone
 from ovdense.errors import OvdenseError
 from ovdense.heads import detection as fvit
+from ovdense.mm.training import derive_seed, seeded_global_rng
 
 read_classes = fvit.read_classes  # a class list or a class file (one name per line)
 
@@ -130,6 +132,31 @@ class OvdenseFViTBBoxHead(ConvFCBBoxHead):
                                                 rcnn_test_cfg.max_per_img, box_dim=bboxes.size(-1))
         results.bboxes, results.scores, results.labels = det_bboxes[:, :-1], det_bboxes[:, -1], det_labels
         return results
+
+
+@TASK_UTILS.register_module()
+class SeededRandomSampler(RandomSampler):
+    """mmdet's ``RandomSampler`` (RPN anchors, RoIs) drawing from the image's own seed.
+
+    mmdet's sampler draws ``torch.randperm`` from torch's global generator, so the anchors and
+    RoIs sampled for an image depend on everything drawn before in the process: a resumed run or
+    another number of processes samples others. Here each image's draw runs under the global
+    generators seeded from ``(seed, draw, stream)`` — the run's seed and the image's global draw
+    number, which ``SeededDataset`` puts in its metainfo (``OvdenseFViT.loss`` hands them to the
+    ground truth) — and ``stream`` (0 for the RPN, 1 for the RoI head, so the two stages draw
+    differently). Without them (another dataset wrapper) it is mmdet's sampler unchanged.
+    """
+
+    def __init__(self, *args, stream: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stream = int(stream)
+
+    def sample(self, assign_result, pred_instances, gt_instances, **kwargs):
+        meta = gt_instances.metainfo
+        if "draw" not in meta or "seed" not in meta:
+            return super().sample(assign_result, pred_instances, gt_instances, **kwargs)
+        with seeded_global_rng(derive_seed(int(meta["seed"]), 0x5A4D, self.stream, int(meta["draw"]))):
+            return super().sample(assign_result, pred_instances, gt_instances, **kwargs)
 
 
 @MODELS.register_module()
@@ -249,6 +276,10 @@ class OvdenseFViT(TwoStageDetector):
 
     def loss(self, batch_inputs, batch_data_samples) -> dict:
         self._use_vocabulary(self.classes)
+        for sample in batch_data_samples:  # SeededRandomSampler reads the image's (seed, draw) from here
+            if "draw" in sample.metainfo and "gt_instances" in sample:
+                meta = sample.metainfo
+                sample.gt_instances.set_metainfo(dict(draw=meta["draw"], seed=meta["seed"]))
         return super().loss(batch_inputs, batch_data_samples)
 
     def predict(self, batch_inputs, batch_data_samples, rescale: bool = True):
