@@ -343,13 +343,13 @@ def detect_image(heads: Heads, rgb: np.ndarray, classes: Sequence[tuple[str, ...
                  score_threshold: float = 0.3) -> Detection:
     """Detect ``classes`` (one name each) in ``rgb [H, W, 3]`` with the F-ViT head
     (``ovdense.heads.detection.Detector``), keeping scores ≥ ``score_threshold``."""
-    from ovdense.cli import detections_json, draw_detections
+    from ovdense.io import draw_detections
 
     detector = heads.detector(classes, score_threshold)
     start = time.perf_counter()
     result = detector.predict(rgb)
     seconds = time.perf_counter() - start
-    report = detections_json(result)
+    report = result.to_json()
     rows = [[d["class"], round(d["score"], 3), *(round(v, 1) for v in d["bbox"])]
             for d in report["detections"]]
     return Detection(draw_detections(rgb, result), rows, report, seconds)

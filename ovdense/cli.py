@@ -624,7 +624,7 @@ def _command_detect(args: argparse.Namespace) -> int:
 
     from ovdense import create_backbone
     from ovdense.heads.detection import Detector
-    from ovdense.io import write_image, write_json
+    from ovdense.io import draw_detections, write_image, write_json
 
     backbone = create_backbone(args.model, pretrained=_pretrained(args.model, args.pretrained),
                                device=args.device)
@@ -635,66 +635,8 @@ def _command_detect(args: argparse.Namespace) -> int:
     for path, rgb in _readable_images(todo, "detect", failed, args.max_pixels):
         result = detector.predict(rgb)
         write_image(args.out / f"{path.stem}_overlay.jpg", draw_detections(rgb, result))
-        write_json(args.out / f"{path.stem}.json", detections_json(result))
+        write_json(args.out / f"{path.stem}.json", result.to_json())
     return _report(args.out, len(images), failed, "result", " (<name>.json, <name>_overlay.jpg)", skipped)
-
-
-def detections_json(result) -> dict:
-    """A ``DetectionResult`` as ``ovdense detect`` writes it: ``{"classes": [...], "detections": [...]}``,
-    one entry per detection (score order) with the COCO results fields ``bbox`` ``[x, y, w, h]``
-    (input-image pixels), ``category_id`` (index into ``classes``), ``score`` and, for a head
-    with masks, ``segmentation`` (compressed COCO RLE, ``ovdense.data.rle``), plus ``class`` (the
-    name)."""
-    from ovdense.data import rle
-
-    detections = []
-    for k in range(len(result.scores)):
-        x1, y1, x2, y2 = (float(v) for v in result.boxes[k])
-        class_id = int(result.class_ids[k])
-        entry = {"bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
-                 "category_id": class_id, "class": result.classes[class_id],
-                 "score": round(float(result.scores[k]), 6)}
-        if result.masks is not None:
-            entry["segmentation"] = rle.encode(result.masks[k])
-        detections.append(entry)
-    return {"classes": list(result.classes), "detections": detections}
-
-
-def draw_detections(rgb, result, alpha: float = 0.45):
-    """``rgb [H, W, 3]`` with each detection's mask blended in its class colour, its box, and a
-    label ``"<class> <score>"`` on a tab of that colour (black or white text, whichever reads
-    better): RGB ``uint8 [H, W, 3]``. Colours are the ovdense palette from index 1 (index 0 is
-    black); the lowest scores are drawn first, so the best detection lies on top."""
-    import cv2
-    import numpy as np
-
-    from ovdense.io import palette
-
-    canvas = np.array(rgb, dtype=np.uint8, copy=True)
-    H, W = canvas.shape[:2]
-    colours = palette()
-    order = np.argsort(np.asarray(result.scores), kind="stable")  # lowest first
-    font, scale = cv2.FONT_HERSHEY_SIMPLEX, max(0.35, min(H, W) / 900)
-    thickness = max(1, round(min(H, W) / 400))
-    if result.masks is not None:
-        for k in order:
-            mask = np.asarray(result.masks[k], dtype=bool)
-            colour = colours[(int(result.class_ids[k]) + 1) % 256].astype(np.float32)
-            blended = (1 - alpha) * canvas[mask].astype(np.float32) + alpha * colour
-            canvas[mask] = np.clip(np.round(blended), 0, 255).astype(np.uint8)
-    for k in order:
-        colour = tuple(int(c) for c in colours[(int(result.class_ids[k]) + 1) % 256])
-        x1, y1, x2, y2 = (int(round(float(v))) for v in result.boxes[k])
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thickness)
-        text = f"{result.classes[int(result.class_ids[k])]} {float(result.scores[k]):.2f}"
-        (tw, th), base = cv2.getTextSize(text, font, scale, 1)
-        top = y1 - th - base - 2 if y1 - th - base - 2 >= 0 else y1  # above the box, or inside at its top
-        left = min(max(x1, 0), max(W - tw - 2, 0))
-        cv2.rectangle(canvas, (left, top), (left + tw + 2, top + th + base + 2), colour, cv2.FILLED)
-        luma = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
-        ink = (0, 0, 0) if luma > 110 else (255, 255, 255)
-        cv2.putText(canvas, text, (left + 1, top + th + 1), font, scale, ink, 1, cv2.LINE_AA)
-    return canvas
 
 
 def _command_anomaly(args: argparse.Namespace) -> int:

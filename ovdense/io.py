@@ -378,3 +378,38 @@ def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, alpha: float = 0
     colours = cv2.applyColorMap(np.round(scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
     blended = (1 - alpha) * image.astype(np.float32) + alpha * colours.astype(np.float32)
     return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+def draw_detections(rgb: np.ndarray, result, alpha: float = 0.45) -> np.ndarray:
+    """The overlay of ``ovdense detect``: ``rgb [H, W, 3]`` with each detection's mask blended in
+    its class colour, its box, and a label ``"<class> <score>"`` on a tab of that colour (black or
+    white text, whichever reads better): RGB ``uint8 [H, W, 3]``. ``result`` is a
+    ``heads.detection.DetectionResult``. Colours are the ovdense palette from index 1 (index 0 is
+    black); the lowest scores are drawn first, so the best detection lies on top."""
+    import cv2
+
+    canvas = np.array(rgb, dtype=np.uint8, copy=True)
+    H, W = canvas.shape[:2]
+    colours = palette()
+    order = np.argsort(np.asarray(result.scores), kind="stable")  # lowest first
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, max(0.35, min(H, W) / 900)
+    thickness = max(1, round(min(H, W) / 400))
+    if result.masks is not None:
+        for k in order:
+            mask = np.asarray(result.masks[k], dtype=bool)
+            colour = colours[(int(result.class_ids[k]) + 1) % 256].astype(np.float32)
+            blended = (1 - alpha) * canvas[mask].astype(np.float32) + alpha * colour
+            canvas[mask] = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    for k in order:
+        colour = tuple(int(c) for c in colours[(int(result.class_ids[k]) + 1) % 256])
+        x1, y1, x2, y2 = (int(round(float(v))) for v in result.boxes[k])
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thickness)
+        text = f"{result.classes[int(result.class_ids[k])]} {float(result.scores[k]):.2f}"
+        (tw, th), base = cv2.getTextSize(text, font, scale, 1)
+        top = y1 - th - base - 2 if y1 - th - base - 2 >= 0 else y1  # above the box, or inside at its top
+        left = min(max(x1, 0), max(W - tw - 2, 0))
+        cv2.rectangle(canvas, (left, top), (left + tw + 2, top + th + base + 2), colour, cv2.FILLED)
+        luma = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+        ink = (0, 0, 0) if luma > 110 else (255, 255, 255)
+        cv2.putText(canvas, text, (left + 1, top + th + 1), font, scale, ink, 1, cv2.LINE_AA)
+    return canvas

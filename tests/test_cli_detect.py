@@ -270,7 +270,6 @@ def test_toy_without_head_checkpoint_uses_the_shipped_head(toy, head_file, scene
 def test_detections_json_by_hand():
     from pycocotools import mask as mask_utils
 
-    from ovdense.cli import detections_json
     from ovdense.heads.detection import DetectionResult
 
     masks = np.zeros((2, 5, 7), bool)
@@ -279,7 +278,7 @@ def test_detections_json_by_hand():
     result = DetectionResult(boxes=np.array([[2.0, 1.0, 6.0, 3.0], [0.25, 3.5, 1.0, 5.0]], np.float32),
                              scores=np.array([0.9, 0.4], np.float32), class_ids=np.array([1, 0]), masks=masks,
                              classes=["cat", "dog"])
-    report = detections_json(result)
+    report = result.to_json()
     assert report["classes"] == ["cat", "dog"]
     first, second = report["detections"]
     assert first["bbox"] == [2.0, 1.0, 4.0, 2.0] and second["bbox"] == [0.25, 3.5, 0.75, 1.5]
@@ -291,15 +290,14 @@ def test_detections_json_by_hand():
         np.testing.assert_array_equal(mask_utils.decode(rle).astype(bool), mask)
     json.dumps(report)  # plain JSON types only
     result.masks = None
-    assert all("segmentation" not in d for d in detections_json(result)["detections"])
+    assert all("segmentation" not in d for d in result.to_json()["detections"])
     result.boxes, result.scores, result.class_ids = np.zeros((0, 4)), np.zeros(0), np.zeros(0, int)
-    assert detections_json(result) == {"classes": ["cat", "dog"], "detections": []}
+    assert result.to_json() == {"classes": ["cat", "dog"], "detections": []}
 
 
 def test_draw_detections_blends_the_mask_and_draws_the_box():
-    from ovdense.cli import draw_detections
     from ovdense.heads.detection import DetectionResult
-    from ovdense.io import palette
+    from ovdense.io import draw_detections, palette
 
     rgb = np.full((120, 160, 3), 91, np.uint8)
     masks = np.zeros((1, 120, 160), bool)

@@ -1250,6 +1250,26 @@ class DetectionResult:
     masks: np.ndarray | None
     classes: list[str]
 
+    def to_json(self) -> dict:
+        """These detections as ``ovdense detect`` writes them: ``{"classes": [...], "detections": [...]}``,
+        one entry per detection (score order) with the COCO results fields ``bbox`` ``[x, y, w, h]``
+        (input-image pixels), ``category_id`` (index into ``classes``), ``score`` and, for a head
+        with masks, ``segmentation`` (compressed COCO RLE, ``ovdense.data.rle``), plus ``class`` (the
+        name)."""
+        from ovdense.data import rle
+
+        detections = []
+        for k in range(len(self.scores)):
+            x1, y1, x2, y2 = (float(v) for v in self.boxes[k])
+            class_id = int(self.class_ids[k])
+            entry = {"bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+                     "category_id": class_id, "class": self.classes[class_id],
+                     "score": round(float(self.scores[k]), 6)}
+            if self.masks is not None:
+                entry["segmentation"] = rle.encode(self.masks[k])
+            detections.append(entry)
+        return {"classes": list(self.classes), "detections": detections}
+
 
 class Detector:
     """Detect and segment any words with a trained F-ViT head on the shared backbone, in plain torch
