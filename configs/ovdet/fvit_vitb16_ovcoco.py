@@ -7,6 +7,8 @@
 # box head, τ = 50 learned, background class weight 0.6, ensemble α = 0.1, β = 0.8, T_vlm = 75.
 # Departures: GroupNorm instead of SyncBN (runs on one device too); the novel classes are absent from the
 # training vocabulary instead of masked with class weight 0 (same gradients: masked logits get none).
+# RoIs and anchors are sampled by SeededRandomSampler (mmdet's RandomSampler seeded per image: a resumed
+# run and any number of processes sample what one uninterrupted process samples).
 # Anchor (CLIM README): novel AP50 29.7 with CLIM-refined OpenAI ViT-B/16 weights (pass them as
 # clip.pretrained=/path/to/openai_vitb16_coco_clim.pt); stock OpenAI weights score lower (not measured here).
 #
@@ -77,7 +79,7 @@ model = dict(
         rpn=dict(
             assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
                           match_low_quality=True, ignore_iof_thr=-1),
-            sampler=dict(type="RandomSampler", num=256, pos_fraction=0.5, neg_pos_ub=-1,
+            sampler=dict(type="SeededRandomSampler", stream=0, num=256, pos_fraction=0.5, neg_pos_ub=-1,
                          add_gt_as_proposals=False),
             allowed_border=-1, pos_weight=-1, debug=False),
         rpn_proposal=dict(nms_pre=2000, max_per_img=1000, nms=dict(type="nms", iou_threshold=0.7),
@@ -85,7 +87,7 @@ model = dict(
         rcnn=dict(
             assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5,
                           match_low_quality=False, ignore_iof_thr=-1),
-            sampler=dict(type="RandomSampler", num=512, pos_fraction=0.25, neg_pos_ub=-1,
+            sampler=dict(type="SeededRandomSampler", stream=1, num=512, pos_fraction=0.25, neg_pos_ub=-1,
                          add_gt_as_proposals=True),
             pos_weight=-1, debug=False)),
     test_cfg=dict(

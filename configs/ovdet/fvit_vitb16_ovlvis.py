@@ -17,6 +17,7 @@
 # Departures: GroupNorm instead of SyncBN in the pyramid, FPN, box and mask heads (one device
 # works too); no norm in the RPN convs (F-ViT's CustomRPNHead has MMSyncBN; mmdet 3.3's RPNHead
 # has none); rare classes absent from the training vocabulary instead of masked (same gradients);
+# SeededRandomSampler for anchors and RoIs (mmdet's RandomSampler seeded per image: exact resume);
 # OpenAI weights instead of EVA-02 (anchor, CLIM README: mask APr 24.3 with CLIM-refined OpenAI
 # ViT-B/16, pass them as clip.pretrained=/path/to/openai_vitb16_cc3m_clim.pt; F-ViT EVA-02 B/16
 # with CLIPSelf: 25.3).
@@ -111,7 +112,7 @@ model = dict(
         rpn=dict(
             assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
                           match_low_quality=True, ignore_iof_thr=-1),
-            sampler=dict(type="RandomSampler", num=256, pos_fraction=0.5, neg_pos_ub=-1,
+            sampler=dict(type="SeededRandomSampler", stream=0, num=256, pos_fraction=0.5, neg_pos_ub=-1,
                          add_gt_as_proposals=False),
             allowed_border=-1, pos_weight=-1, debug=False),
         rpn_proposal=dict(nms_pre=2000, max_per_img=1000, nms=dict(type="nms", iou_threshold=0.7),
@@ -119,7 +120,7 @@ model = dict(
         rcnn=dict(
             assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5,
                           match_low_quality=True, ignore_iof_thr=-1),
-            sampler=dict(type="RandomSampler", num=512, pos_fraction=0.25, neg_pos_ub=-1,
+            sampler=dict(type="SeededRandomSampler", stream=1, num=512, pos_fraction=0.25, neg_pos_ub=-1,
                          add_gt_as_proposals=True),
             mask_size=28, pos_weight=-1, debug=False)),
     test_cfg=dict(
