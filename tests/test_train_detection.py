@@ -320,16 +320,7 @@ def reference(world, tmp_path_factory) -> Path:
     return work
 
 
-# mmdet's RandomSampler draws from torch's global generator, which a resumed run restarts from the
-# seed and which each process of a torchrun has to itself: exact resume and process-count
-# invariance need each image's draws seeded from (seed, draw), as SeededRandomSampler does.
-seeded_sampling = pytest.mark.xfail(
-    "SeededRandomSampler" not in TOY.read_text(), strict=True,
-    reason="the toy config samples RoIs with mmdet's RandomSampler (torch's global generator)")
-
-
 @needs_mmcv_ops
-@seeded_sampling
 def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(world, reference, tmp_path):
     """SIGKILL once the first checkpoint is written; --resume; the final weights, optimizer state
     and schedule equal the uninterrupted run's exactly."""
@@ -366,15 +357,13 @@ def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(wo
 
 
 @needs_mmcv_ops
-@seeded_sampling
-@pytest.mark.xfail("all_reduce" not in (ROOT / "ovdense" / "mm" / "detection.py").read_text(), strict=True,
-                   reason="mmdet averages the RoI losses over each process's own RoIs (1.8e-5 here)")
 def test_two_processes_train_to_the_weights_of_one(world, reference, tmp_path):
     """torchrun, 2 processes × 1 image (gloo, CPU) against 1 process × 2 images: the same global
-    batch and draws, the same weights up to float rounding (GroupNorm, no BatchNorm). The bound
-    3e-6 also catches losses averaged per process: mmdet averages the RoI head's losses over each
-    process's own RoIs (the mask loss over 15 positives on one, 16 on the other), which leaves
-    1.8e-5 after 4 iterations."""
+    batch and draws (SeededRandomSampler), the same weights up to float rounding (GroupNorm, no
+    BatchNorm). The bound 3e-6 also catches losses averaged per process: mmdet averages the RoI
+    head's losses over each process's own RoIs (the mask loss over 15 positives on one, 16 on the
+    other), which left 1.8e-5 after 4 iterations before OvdenseFViTRoIHead rescaled them to the
+    global batch."""
     work = tmp_path / "two"
     opts = options(world, work / "cache", **{"train_dataloader.batch_size": 1})
     run(torchrun(str(ROOT / "tools" / "train.py"), str(TOY), "--work-dir", str(work), "--cfg-options", *opts),
@@ -390,10 +379,6 @@ def test_two_processes_train_to_the_weights_of_one(world, reference, tmp_path):
 
 
 @needs_mmcv_ops
-@pytest.mark.xfail('type="Resize"' not in TOY.read_text(), strict=True,
-                   reason="the toy test pipeline sets no scale_factor (FCNMaskHead's rescale needs it)")
-@pytest.mark.xfail("device_ids" not in (ROOT / "tools" / "test.py").read_text(), strict=True,
-                   reason="tools/test.py --launcher pytorch on CPU: DDP gets device_ids=[LOCAL_RANK]")
 def test_tools_test_on_two_processes_gives_the_figures_of_one(world, reference, tmp_path):
     """tools/test.py with the trained checkpoint on the 3 held-out scenes: OVCocoMetric's box and
     mask figures (base/novel AP50 included) from torchrun's 2 processes equal one process's."""

@@ -85,10 +85,11 @@ def build_config(args: argparse.Namespace):
             raise OvdenseError("--amp needs a CUDA GPU; leave it out to train in float32 on the CPU")
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
-    wrapper = cfg.get("model_wrapper_cfg") or {}
-    ddp = wrapper.get("type") == "MMDistributedDataParallel"
+    wrapper = dict(cfg.get("model_wrapper_cfg") or {})
+    ddp = wrapper.get("type", "MMDistributedDataParallel") == "MMDistributedDataParallel"  # the default
     if args.launcher != "none" and ddp and not torch.cuda.is_available():
-        wrapper["device_ids"] = None  # DDP of a CPU model (mmengine would pass [LOCAL_RANK])
+        # DDP of a CPU model (mmengine would pass [LOCAL_RANK])
+        cfg.model_wrapper_cfg = dict(wrapper, type="MMDistributedDataParallel", device_ids=None)
     cfg.resume = False
     if args.resume:
         from ovdense.mm.training import latest_checkpoint

@@ -151,6 +151,9 @@ default_hooks = dict(
 )
 custom_hooks = [dict(type="LossCurveHook", interval=50), dict(type="ProgressBarHook"),
                 dict(type="ExportFViTHeadHook", dtype="float16")]  # WORK_DIR/fvit_head.safetensors (fp16)
+# DDP over the head (the frozen backbone is no parameter); tools/train.py drops device_ids on CPU
+model_wrapper_cfg = dict(type="MMDistributedDataParallel", find_unused_parameters=False,
+                         broadcast_buffers=False)
 env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
                dist_cfg=dict(backend="nccl"))
 vis_backends = [dict(type="LocalVisBackend")]

@@ -159,6 +159,21 @@ class SeededRandomSampler(RandomSampler):
             return super().sample(assign_result, pred_instances, gt_instances, **kwargs)
 
 
+def _global_share(count: int, device) -> float:
+    """``count / mean(count over processes)``: a loss that mmdet averages over this process's
+    ``count`` items, times this, is averaged over the items of the whole global batch once DDP
+    averages the processes' gradients, as one process with the global batch averages (mmdet
+    averages each process's RoI losses over its own RoIs, so an image would weigh by its process's
+    RoI count). 1 on one process; every process must call it (an all-reduce)."""
+    from mmengine.dist import all_reduce, get_world_size
+
+    if get_world_size() == 1:
+        return 1.0
+    total = torch.tensor(float(count), device=device)
+    all_reduce(total, op="mean")
+    return float(count) / float(total) if float(total) > 0 else 1.0
+
+
 @MODELS.register_module()
 class OvdenseFViTRoIHead(StandardRoIHead):
     """``StandardRoIHead`` that, at test time, gives the box head each box's CLIP embedding
@@ -166,6 +181,25 @@ class OvdenseFViTRoIHead(StandardRoIHead):
     ``OvdenseFViT.extract_feat`` for the batch being predicted."""
 
     clip_context: tuple[torch.Tensor, int] | None = None
+
+    def bbox_loss(self, x, sampling_results) -> dict:
+        """``StandardRoIHead``'s, with the classification and box losses averaged over the sampled
+        RoIs of the whole global batch instead of this process's (``_global_share``)."""
+        results = super().bbox_loss(x, sampling_results)
+        share = _global_share(sum(len(r.priors) for r in sampling_results), x[0].device)
+        losses = results["loss_bbox"]
+        for key in ("loss_cls", "loss_bbox"):
+            if key in losses:
+                losses[key] = losses[key] * share
+        return results
+
+    def mask_loss(self, x, sampling_results, bbox_feats, batch_gt_instances) -> dict:
+        """``StandardRoIHead``'s, with the mask loss averaged over the positive RoIs of the whole
+        global batch instead of this process's (``_global_share``)."""
+        results = super().mask_loss(x, sampling_results, bbox_feats, batch_gt_instances)
+        share = _global_share(sum(len(r.pos_priors) for r in sampling_results), x[0].device)
+        results["loss_mask"]["loss_mask"] = results["loss_mask"]["loss_mask"] * share
+        return results
 
     def _bbox_forward(self, x, rois: torch.Tensor) -> dict:
         bbox_feats = self.bbox_roi_extractor(x[:self.bbox_roi_extractor.num_inputs], rois)
@@ -203,7 +237,7 @@ class OvdenseFViT(TwoStageDetector):
                  indices: Sequence[int] | None = None, pyramid: Mapping | None = None,
                  data_preprocessor: Mapping | None = None, init_cfg=None):
         # everything but the backbone, to rebuild this model from a head checkpoint (export_head)
-        self_config = dict(classes=list(classes) if not isinstance(classes, (str, Path)) else str(classes),
+        self_config = dict(classes=read_classes(classes),  # names, not a class file's path
                            neck=neck, rpn_head=rpn_head, roi_head=roi_head, test_cfg=test_cfg,
                            templates=templates, method=method, indices=indices, pyramid=pyramid)
         backbone = clip if isinstance(clip, ClipBackbone) else create_backbone(**dict(clip))
