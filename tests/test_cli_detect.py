@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ovdense.cli import main
@@ -154,13 +155,27 @@ def test_detect_runs_without_openmmlab(head_file, scene_dir, threshold, tmp_path
             "               for m in sys.modules)\n"
             "sys.exit(code)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     assert done.returncode == 0, done.stderr[-2000:]
     here = detect_argv([scene_dir / "scene.png"], tmp_path / "here", head_file, threshold)
     run_code, _, err = run_cli(here, capsys)
     assert run_code == 0, err
-    assert (json.loads((tmp_path / "plain" / "scene.json").read_text())
-            == json.loads((tmp_path / "here" / "scene.json").read_text()))
+    plain = json.loads((tmp_path / "plain" / "scene.json").read_text())
+    ours = json.loads((tmp_path / "here" / "scene.json").read_text())
+    # another process (and thread count) may round the last float bits differently: same detections,
+    # boxes and scores to float tolerance, masks equal but for a pixel at a threshold
+    assert plain["classes"] == ours["classes"] and len(plain["detections"]) == len(ours["detections"]) > 0
+    from pycocotools import mask as mask_utils
+
+    def decoded(entry):
+        return mask_utils.decode({"size": entry["segmentation"]["size"],
+                                  "counts": entry["segmentation"]["counts"].encode()}).astype(bool)
+
+    for a, b in zip(plain["detections"], ours["detections"]):
+        assert (a["category_id"], a["class"]) == (b["category_id"], b["class"])
+        np.testing.assert_allclose(a["bbox"], b["bbox"], atol=1e-2)
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+        assert (decoded(a) != decoded(b)).mean() < 1e-3
 
 
 def test_no_ensemble_gives_the_detectors_own_scores(toy, head_file, scene_dir, tmp_path, capsys):
