@@ -401,6 +401,15 @@ def _complete(out: Path, stem: str, suffixes: Sequence[str], key: str | None = N
         return False
 
 
+def _check_no_overwrite(out: Path, images: list[Path], suffixes: Sequence[str]) -> None:
+    """Refuse a run whose outputs (``<stem><suffix>`` in ``out``) would replace one of its inputs."""
+    inputs = {p.resolve() for p in images}
+    for path in images:
+        for suffix in suffixes:
+            if (out / f"{path.stem}{suffix}").resolve() in inputs:
+                raise OvdenseError(f"output {out / (path.stem + suffix)} would overwrite an input")
+
+
 def _pending(args: argparse.Namespace, images: list[Path], suffixes: Sequence[str],
              key: str | None = None) -> tuple[list[Path], int]:
     """The images still to compute and how many ``--skip-existing`` skips (no image is read)."""
@@ -458,11 +467,7 @@ def _command_segment(args: argparse.Namespace) -> int:
     images = _list_inputs(args.inputs)
     _check_out(args.out)
     suffixes = SAM_CLIP_OUTPUTS if sam_clip else SEGMENT_OUTPUTS
-    inputs = {p.resolve() for p in images}
-    for path in images:
-        for suffix in suffixes:
-            if (args.out / f"{path.stem}{suffix}").resolve() in inputs:
-                raise OvdenseError(f"output {args.out / (path.stem + suffix)} would overwrite an input")
+    _check_no_overwrite(args.out, images, suffixes)
     todo, skipped = _pending(args, images, suffixes)
     if not todo:
         return _report(args.out, len(images), [], "result", "", skipped)
@@ -612,11 +617,7 @@ def _command_detect(args: argparse.Namespace) -> int:
     classes = _read_detect_classes(args)
     images = _list_inputs(args.inputs)
     _check_out(args.out)
-    inputs = {p.resolve() for p in images}
-    for path in images:
-        for suffix in DETECT_OUTPUTS:
-            if (args.out / f"{path.stem}{suffix}").resolve() in inputs:
-                raise OvdenseError(f"output {args.out / (path.stem + suffix)} would overwrite an input")
+    _check_no_overwrite(args.out, images, DETECT_OUTPUTS)
     todo, skipped = _pending(args, images, DETECT_OUTPUTS, key="detections")
     if not todo:
         return _report(args.out, len(images), [], "result", "", skipped)

@@ -48,6 +48,8 @@ def build_config(args: argparse.Namespace):
     """The config of ``args.config`` with the command line's overrides applied."""
     from mmengine.config import Config
 
+    from ovdense.mm.training import cpu_ddp_wrapper
+
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options:
@@ -57,12 +59,7 @@ def build_config(args: argparse.Namespace):
     elif cfg.get("work_dir") is None:
         cfg.work_dir = osp.join("work_dirs", osp.splitext(osp.basename(args.config))[0])
     cfg.load_from = args.checkpoint
-    wrapper = cfg.get("model_wrapper_cfg")
-    if args.launcher != "none" and (wrapper is None or wrapper.get("type") == "MMDistributedDataParallel"):
-        import torch
-
-        if not torch.cuda.is_available():  # DDP of a CPU model (mmengine would pass [LOCAL_RANK])
-            cfg.model_wrapper_cfg = dict(wrapper or {}, type="MMDistributedDataParallel", device_ids=None)
+    cpu_ddp_wrapper(cfg, args.launcher)
     if args.show or args.show_dir:
         hook = cfg.default_hooks.get("visualization")
         if hook is None:

@@ -52,6 +52,7 @@ def build_config(args: argparse.Namespace):
     from mmengine.config import Config
 
     from ovdense.errors import OvdenseError
+    from ovdense.mm.training import cpu_ddp_wrapper
 
     if not osp.isfile(args.config):
         raise OvdenseError(f"config not found: {args.config}")
@@ -85,11 +86,7 @@ def build_config(args: argparse.Namespace):
             raise OvdenseError("--amp needs a CUDA GPU; leave it out to train in float32 on the CPU")
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
-    wrapper = dict(cfg.get("model_wrapper_cfg") or {})
-    ddp = wrapper.get("type", "MMDistributedDataParallel") == "MMDistributedDataParallel"  # the default
-    if args.launcher != "none" and ddp and not torch.cuda.is_available():
-        # DDP of a CPU model (mmengine would pass [LOCAL_RANK])
-        cfg.model_wrapper_cfg = dict(wrapper, type="MMDistributedDataParallel", device_ids=None)
+    cpu_ddp_wrapper(cfg, args.launcher)
     cfg.resume = False
     if args.resume:
         from ovdense.mm.training import latest_checkpoint

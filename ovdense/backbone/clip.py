@@ -396,16 +396,17 @@ def create_backbone(
 
 
 TOY_NAME = "toy"
+#: ovdense's packaged files: the toy CLIP and the heads that ship for it.
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 def toy_files() -> tuple[Path, Path]:
     """The embedded toy CLIP's config and weights (``ovdense/assets``), trained in-repo on the
     synthetic world by ``tools/train_toy_clip.py``; it knows only that world."""
-    assets = Path(__file__).resolve().parent.parent / "assets"
-    config, weights = assets / "toy-clip.json", assets / "toy-clip.safetensors"
+    config, weights = ASSETS / "toy-clip.json", ASSETS / "toy-clip.safetensors"
     if not config.is_file() or not weights.is_file():
         raise OvdenseError(
-            f"the toy model is missing from this install ({assets}); reinstall ovdense or "
+            f"the toy model is missing from this install ({ASSETS}); reinstall ovdense or "
             "train it with tools/train_toy_clip.py and copy config.json and model.safetensors there"
         )
     return config, weights

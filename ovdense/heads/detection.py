@@ -1223,10 +1223,10 @@ TOY_HEAD_FILE = "fvit-toy-head.safetensors"
 def default_head_checkpoint(backbone) -> Path | None:
     """The F-ViT head that ships with ovdense for ``backbone``: ``ovdense/assets/fvit-toy-head.safetensors``
     for the toy CLIP when the file is installed; ``None`` otherwise (no other backbone ships one)."""
-    from ovdense.backbone.clip import TOY_NAME
+    from ovdense.backbone.clip import ASSETS, TOY_NAME
 
     if backbone.name == TOY_NAME:
-        path = Path(__file__).resolve().parent.parent / "assets" / TOY_HEAD_FILE
+        path = ASSETS / TOY_HEAD_FILE
         if path.is_file():
             return path
     return None

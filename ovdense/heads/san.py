@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ovdense.backbone.clip import TOY_NAME, ClipBackbone
+from ovdense.backbone.clip import ASSETS, TOY_NAME, ClipBackbone
 from ovdense.backbone.prompts import ClassSpec, Templates, Vocabulary
 from ovdense.backbone.runner import embed, run_blocks
 from ovdense.errors import OvdenseError
@@ -631,7 +631,7 @@ def default_head_checkpoint(backbone: ClipBackbone) -> Path:
     (``ovdense/assets/san-toy-head.safetensors``, trained by ``configs/san/san_toy_synthetic.py``
     on the toy world's base classes)."""
     if backbone.name == TOY_NAME:
-        path = Path(__file__).resolve().parent.parent / "assets" / TOY_HEAD_FILE
+        path = ASSETS / TOY_HEAD_FILE
         if path.is_file():
             return path
         raise OvdenseError(f"the toy SAN head is missing from this install ({path}); reinstall ovdense "

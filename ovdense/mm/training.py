@@ -440,6 +440,17 @@ class ProgressBarHook(Hook):
 # Processes
 
 
+def cpu_ddp_wrapper(cfg, launcher: str) -> None:
+    """Where several processes (``launcher`` not ``"none"``) run without a GPU and the model is
+    wrapped in ``MMDistributedDataParallel`` (the config's wrapper, or mmengine's default when it
+    names none), set ``device_ids=None``: mmengine would pass ``[LOCAL_RANK]``, which DDP refuses
+    for a CPU model."""
+    wrapper = dict(cfg.get("model_wrapper_cfg") or {})
+    ddp = wrapper.get("type", "MMDistributedDataParallel") == "MMDistributedDataParallel"
+    if launcher != "none" and ddp and not torch.cuda.is_available():
+        cfg.model_wrapper_cfg = dict(wrapper, type="MMDistributedDataParallel", device_ids=None)
+
+
 def init_cpu_distributed(cfg) -> None:
     """Start the process group over gloo where torch sees no GPU (``cfg.launcher ==
     "pytorch"``): mmengine's own start calls ``torch.cuda.set_device`` and NCCL, which need one."""
