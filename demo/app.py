@@ -662,25 +662,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ovdense.heads.sam_clip import load_sam
 
             sam = load_sam(args.sam_checkpoint, args.sam_model, device=args.device)
+        # refuse a wrong head before serving
+        if args.san_head:
+            from ovdense.heads.san import load_head
+
+            load_head(args.san_head, backbone)
+        if args.fvit_head:
+            from ovdense.heads.detection import load_head as load_fvit_head
+
+            load_fvit_head(args.fvit_head, backbone)
     except OvdenseError as e:
         print(f"ovdense demo: error: {e}", file=sys.stderr)
         return 2
-    if args.san_head:
-        from ovdense.heads.san import load_head
-
-        try:
-            load_head(args.san_head, backbone)  # refuse a wrong head before serving
-        except OvdenseError as e:
-            print(f"ovdense demo: error: {e}", file=sys.stderr)
-            return 2
-    if args.fvit_head:
-        from ovdense.heads.detection import load_head as load_fvit_head
-
-        try:
-            load_fvit_head(args.fvit_head, backbone)  # refuse a wrong head before serving
-        except OvdenseError as e:
-            print(f"ovdense demo: error: {e}", file=sys.stderr)
-            return 2
     app = build_app(backbone, sam, queue_size=args.queue_size, san_head=args.san_head,
                     fvit_head=args.fvit_head)
     try:
