@@ -8,8 +8,9 @@
 # AP, base_ap50 / novel_ap50). The recipe is F-ViT's (Wu et al., CLIPSelf, ICLR 2024; wusize/CLIPSelf
 # F-ViT/configs/ov_coco/fvit_vitb16_upsample_fpn_bs64_3e_ovcoco_eva_original.py) shrunk to the toy:
 # strides halve with the patch (2, 4, 8, 16, 32), FPN width 64, GroupNorm instead of SyncBN (one CPU),
-# fewer RoIs per image. model.test_cfg.rcnn / roi_head.bbox_head.ensemble=False gives the
-# detector's scores without the CLIP term.
+# fewer RoIs per image, RoIAlign through torchvision's op (``use_torchvision``: the same values and
+# gradients as mmcv's, measured; its CPU forward is about twice as fast).
+# model.roi_head.bbox_head.ensemble=False gives the detector's scores without the CLIP term.
 
 default_scope = "mmdet"
 custom_imports = dict(imports=["ovdense.mm.detection", "ovdense.mm.training"], allow_failed_imports=False)
@@ -48,7 +49,8 @@ model = dict(
     roi_head=dict(
         type="OvdenseFViTRoIHead",
         bbox_roi_extractor=dict(
-            type="SingleRoIExtractor", roi_layer=dict(type="RoIAlign", output_size=7, sampling_ratio=0),
+            type="SingleRoIExtractor", roi_layer=dict(type="RoIAlign", output_size=7, sampling_ratio=0,
+                                                    use_torchvision=True),
             out_channels=fpn_width, featmap_strides=[2, 4, 8, 16], finest_scale=28),
         bbox_head=dict(
             type="OvdenseFViTBBoxHead", in_channels=fpn_width, conv_out_channels=fpn_width,
@@ -62,7 +64,8 @@ model = dict(
             loss_bbox=dict(type="L1Loss", loss_weight=1.0),
             alpha=0.1, beta=0.8, vlm_temperature=None, temperature=50.0),  # None: the toy's own logit scale
         mask_roi_extractor=dict(
-            type="SingleRoIExtractor", roi_layer=dict(type="RoIAlign", output_size=14, sampling_ratio=0),
+            type="SingleRoIExtractor", roi_layer=dict(type="RoIAlign", output_size=14, sampling_ratio=0,
+                                                    use_torchvision=True),
             out_channels=fpn_width, featmap_strides=[2, 4, 8, 16], finest_scale=28),
         mask_head=dict(
             type="FCNMaskHead", num_convs=2, in_channels=fpn_width, conv_out_channels=fpn_width,
