@@ -1,8 +1,10 @@
 """Shared fixtures: a tiny random-weight CLIP (12 blocks so every method's layer choices exist,
-width 32, patch 8, 32 px native) and a private cache folder for each test session."""
+width 32, patch 8, 32 px native) and a private cache folder for each test session; a random-init
+F-ViT head for the toy backbone."""
 
 import json
 import os
+from pathlib import Path
 
 # Triton kernels run on CPU tensors through Triton's interpreter; it must be chosen before
 # anything imports triton (open_clip does). A GPU run can set TRITON_INTERPRET=0.
@@ -49,3 +51,26 @@ def _spread_weights(backbone):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def fvit_head(tmp_path_factory) -> Path:
+    """A random-init F-ViT head (Mask R-CNN, ``configs/ovdet/fvlm_toy_synthetic.py``) for the toy
+    backbone, as ``ovdense.mm.detection.export_head`` writes it; needs mmcv's ops and mmdet."""
+    pytest.importorskip("mmcv.ops", reason="needs full mmcv with compiled ops (python tools/build_mmcv.py)")
+    pytest.importorskip("mmdet", reason="needs mmdet 3.3 (pip install -e '.[mm]')")
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    from ovdense.mm.detection import export_head
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "ovdet" / "fvlm_toy_synthetic.py"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OVDENSE_CACHE", str(tmp_path_factory.mktemp("fvit-head-cache")))
+        init_default_scope("mmdet")
+        cfg = Config.fromfile(str(config), import_custom_modules=False)
+        torch.manual_seed(0)
+        model = MODELS.build(cfg.model)
+        model.init_weights()
+        return export_head(model, tmp_path_factory.mktemp("fvit-head") / "fvit_head.safetensors")

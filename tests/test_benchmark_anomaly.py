@@ -1,12 +1,11 @@
 """tools/benchmark_anomaly.py: anomalib's WinClipModel on ovdense's weights (skipped without
 anomalib, which is not a dependency)."""
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tool_runs import load_tool
 
 from ovdense.anomaly.winclip import WinClip
 
@@ -15,11 +14,7 @@ pytest.importorskip("anomalib.models.image.winclip.torch_model")
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).resolve().parent.parent / "tools" / "benchmark_anomaly.py"
-    spec = importlib.util.spec_from_file_location("benchmark_anomaly", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("benchmark_anomaly")
 
 
 def test_anomalib_gets_the_backbones_weights_and_agrees(bench, tiny_backbone, rng):

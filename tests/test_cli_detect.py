@@ -1,9 +1,9 @@
 """``ovdense detect`` end to end: its JSON and overlay against ``Detector.predict`` on the same image,
 unreadable images, ``--skip-existing``, and one ``ovdense: error:`` line per bad option.
 
-The head is a random-init F-ViT for the toy backbone, built from configs/ovdet/fvlm_toy_synthetic.py
-and written by ``ovdense.mm.detection.export_head`` (needs mmcv, as tests/test_mm_detection.py); the
-bad-option cases need no head and run without mmcv.
+The head is conftest.py's ``fvit_head``: a random-init F-ViT for the toy backbone, built from
+configs/ovdet/fvlm_toy_synthetic.py and written by ``ovdense.mm.detection.export_head`` (needs mmcv,
+as tests/test_mm_detection.py); the bad-option cases need no head and run without mmcv.
 """
 
 import json
@@ -20,8 +20,6 @@ from PIL import Image
 
 from ovdense.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "configs" / "ovdet" / "fvlm_toy_synthetic.py"
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle", "star", "ring")
 ALL_CLASSES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
@@ -49,26 +47,6 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def head_file(tmp_path_factory, cache) -> Path:
-    """A random-init F-ViT head (Mask R-CNN) for the toy backbone, as ``export_head`` writes it."""
-    pytest.importorskip("mmcv.ops", reason="needs full mmcv with compiled ops (python tools/build_mmcv.py)")
-    pytest.importorskip("mmdet", reason="needs mmdet 3.3 (pip install -e '.[mm]')")
-    import torch
-    from mmdet.registry import MODELS
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-
-    from ovdense.mm.detection import export_head
-
-    init_default_scope("mmdet")
-    cfg = Config.fromfile(str(CONFIG), import_custom_modules=False)
-    torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    return export_head(model, tmp_path_factory.mktemp("head") / "fvit_head.safetensors")
-
-
-@pytest.fixture(scope="module")
 def toy(cache):
     from ovdense import create_backbone
 
@@ -87,37 +65,37 @@ def scene_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def threshold(toy, head_file, scene_dir) -> float:
+def threshold(toy, fvit_head, scene_dir) -> float:
     """A score threshold halfway between two of the random head's scores: some detections kept, some
     dropped, none on the boundary."""
     from ovdense.heads.detection import Detector
 
-    scores = np.sort(Detector(toy, ALL_CLASSES, head_file, score_threshold=0.0)
+    scores = np.sort(Detector(toy, ALL_CLASSES, fvit_head, score_threshold=0.0)
                      .predict(scene_dir / "scene.png").scores)[::-1]
     assert len(scores) >= 4, scores
     middle = len(scores) // 2
     return float((scores[middle - 1] + scores[middle]) / 2)
 
 
-def detect_argv(inputs, out, head_file, threshold, *extra):
-    return ["detect", *inputs, "--model", "toy", "--head-checkpoint", head_file, "--classes",
+def detect_argv(inputs, out, fvit_head, threshold, *extra):
+    return ["detect", *inputs, "--model", "toy", "--head-checkpoint", fvit_head, "--classes",
             ",".join(ALL_CLASSES), "--score-threshold", repr(threshold), "--out", out, *extra]
 
 
-def test_json_and_overlay_are_the_detectors_prediction(toy, head_file, scene_dir, threshold, tmp_path,
+def test_json_and_overlay_are_the_detectors_prediction(toy, fvit_head, scene_dir, threshold, tmp_path,
                                                         capsys):
     from pycocotools import mask as mask_utils
 
     from ovdense.heads.detection import Detector
 
     out = tmp_path / "out"
-    code, stdout, err = run_cli(detect_argv([scene_dir / "scene.png"], out, head_file, threshold), capsys)
+    code, stdout, err = run_cli(detect_argv([scene_dir / "scene.png"], out, fvit_head, threshold), capsys)
     assert code == 0, err
     assert f"wrote 1 result to {out}" in stdout
     report = json.loads((out / "scene.json").read_text())
     assert set(report) == {"classes", "detections"} and report["classes"] == ALL_CLASSES
 
-    detector = Detector(toy, ALL_CLASSES, head_file, score_threshold=threshold)
+    detector = Detector(toy, ALL_CLASSES, fvit_head, score_threshold=threshold)
     want = detector.predict(str(scene_dir / "scene.png"))
     assert 0 < len(want.scores) == len(report["detections"])
     assert want.masks is not None and want.masks.shape[1:] == (96, 128)
@@ -143,9 +121,9 @@ def test_json_and_overlay_are_the_detectors_prediction(toy, head_file, scene_dir
     assert not any(p.name.endswith(".tmp") for p in out.iterdir())  # written atomically
 
 
-def test_detect_runs_without_openmmlab(head_file, scene_dir, threshold, tmp_path, capsys, cache):
+def test_detect_runs_without_openmmlab(fvit_head, scene_dir, threshold, tmp_path, capsys, cache):
     """mmcv, mmdet and mmengine unimportable (a fresh interpreter): the same JSON as in-process."""
-    argv = [str(a) for a in detect_argv([scene_dir / "scene.png"], tmp_path / "plain", head_file, threshold)]
+    argv = [str(a) for a in detect_argv([scene_dir / "scene.png"], tmp_path / "plain", fvit_head, threshold)]
     code = ("import sys\n"
             "for name in ('mmcv', 'mmdet', 'mmengine'):\n"
             "    sys.modules[name] = None  # import fails\n"
@@ -157,7 +135,7 @@ def test_detect_runs_without_openmmlab(head_file, scene_dir, threshold, tmp_path
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     assert done.returncode == 0, done.stderr[-2000:]
-    here = detect_argv([scene_dir / "scene.png"], tmp_path / "here", head_file, threshold)
+    here = detect_argv([scene_dir / "scene.png"], tmp_path / "here", fvit_head, threshold)
     run_code, _, err = run_cli(here, capsys)
     assert run_code == 0, err
     plain = json.loads((tmp_path / "plain" / "scene.json").read_text())
@@ -178,23 +156,23 @@ def test_detect_runs_without_openmmlab(head_file, scene_dir, threshold, tmp_path
         assert (decoded(a) != decoded(b)).mean() < 1e-3
 
 
-def test_no_ensemble_gives_the_detectors_own_scores(toy, head_file, scene_dir, tmp_path, capsys):
+def test_no_ensemble_gives_the_detectors_own_scores(toy, fvit_head, scene_dir, tmp_path, capsys):
     from ovdense.heads.detection import Detector
 
     out = tmp_path / "out"
-    code, _, err = run_cli(detect_argv([scene_dir / "scene.png"], out, head_file, 0.0, "--no-ensemble",
+    code, _, err = run_cli(detect_argv([scene_dir / "scene.png"], out, fvit_head, 0.0, "--no-ensemble",
                                        "--image-size", "64"), capsys)
     assert code == 0, err
     got = json.loads((out / "scene.json").read_text())["detections"]
-    want = Detector(toy, ALL_CLASSES, head_file, score_threshold=0.0, image_size=64,
+    want = Detector(toy, ALL_CLASSES, fvit_head, score_threshold=0.0, image_size=64,
                     ensemble=False).predict(str(scene_dir / "scene.png"))
-    with_ensemble = Detector(toy, ALL_CLASSES, head_file, score_threshold=0.0,
+    with_ensemble = Detector(toy, ALL_CLASSES, fvit_head, score_threshold=0.0,
                              image_size=64).predict(str(scene_dir / "scene.png"))
     np.testing.assert_allclose([d["score"] for d in got], want.scores, atol=1e-6)
     assert len(want.scores) != len(with_ensemble.scores) or not np.allclose(want.scores, with_ensemble.scores)
 
 
-def test_unreadable_image_is_skipped_and_skip_existing_resumes(head_file, scene_dir, threshold, tmp_path,
+def test_unreadable_image_is_skipped_and_skip_existing_resumes(fvit_head, scene_dir, threshold, tmp_path,
                                                                capsys):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -202,7 +180,7 @@ def test_unreadable_image_is_skipped_and_skip_existing_resumes(head_file, scene_
     (folder / "broken.jpg").write_text("not a jpeg")
     (folder / "again.png").write_bytes((scene_dir / "scene.png").read_bytes())
     out = tmp_path / "out"
-    code, _, err = run_cli(detect_argv([folder], out, head_file, threshold), capsys)
+    code, _, err = run_cli(detect_argv([folder], out, fvit_head, threshold), capsys)
     assert code == 1
     skipped = [line for line in err.splitlines() if line.startswith("ovdense: skipped:")]
     assert len(skipped) == 1 and "broken.jpg" in skipped[0], err
@@ -213,7 +191,7 @@ def test_unreadable_image_is_skipped_and_skip_existing_resumes(head_file, scene_
     # resume: 'scene' is complete; 'again' lost its JSON (an interrupted run); 'broken' still fails
     (out / "again.json").unlink()
     written = (out / "scene.json").stat().st_mtime_ns
-    code, stdout, err = run_cli(detect_argv([folder], out, head_file, threshold, "--skip-existing"), capsys)
+    code, stdout, err = run_cli(detect_argv([folder], out, fvit_head, threshold, "--skip-existing"), capsys)
     assert code == 1 and "1 of 3 images failed" in err
     assert "wrote 1 result" in stdout and "skipped 1 of 3 images whose outputs exist" in stdout
     assert (out / "scene.json").stat().st_mtime_ns == written
@@ -248,20 +226,20 @@ def test_a_pickle_as_head_checkpoint_is_one_line_and_never_runs(scene_dir, tmp_p
     assert not (tmp_path / "code-ran").exists()
 
 
-def test_a_head_of_another_backbone_is_one_line(head_file, scene_dir, tmp_path, capsys, tiny_config_path):
+def test_a_head_of_another_backbone_is_one_line(fvit_head, scene_dir, tmp_path, capsys, tiny_config_path):
     code, _, err = run_cli(["detect", scene_dir / "scene.png", "--model", tiny_config_path, "--classes",
-                            "a,b", "--head-checkpoint", head_file, "--out", tmp_path / "o"], capsys)
+                            "a,b", "--head-checkpoint", fvit_head, "--out", tmp_path / "o"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "trained on backbone" in err, err
 
 
 @pytest.mark.parametrize("shipped", [True, False], ids=["head-ships", "none-ships"])
-def test_toy_without_head_checkpoint_uses_the_shipped_head(toy, head_file, scene_dir, tmp_path, capsys,
+def test_toy_without_head_checkpoint_uses_the_shipped_head(toy, fvit_head, scene_dir, tmp_path, capsys,
                                                            monkeypatch, shipped):
-    """No --head-checkpoint: the head ``default_head_checkpoint`` names (made to be ``head_file``
+    """No --head-checkpoint: the head ``default_head_checkpoint`` names (made to be ``fvit_head``
     here, whether or not this install has the trained one), or the Detector's one line."""
     from ovdense.heads import detection
 
-    monkeypatch.setattr(detection, "default_head_checkpoint", lambda backbone: head_file if shipped else None)
+    monkeypatch.setattr(detection, "default_head_checkpoint", lambda backbone: fvit_head if shipped else None)
     out = tmp_path / "out"
     code, _, err = run_cli(["detect", scene_dir / "scene.png", "--model", "toy", "--classes",
                             "red circle,blue star", "--score-threshold", "0", "--out", out], capsys)
@@ -271,7 +249,7 @@ def test_toy_without_head_checkpoint_uses_the_shipped_head(toy, head_file, scene
         assert "--head-checkpoint" in err
         return
     assert code == 0, err
-    want = detection.Detector(toy, ["red circle", "blue star"], head_file, score_threshold=0.0)
+    want = detection.Detector(toy, ["red circle", "blue star"], fvit_head, score_threshold=0.0)
     want = want.predict(str(scene_dir / "scene.png"))
     got = json.loads((out / "scene.json").read_text())["detections"]
     assert len(got) == len(want.scores) > 0

@@ -1,8 +1,8 @@
 """The demo's Detect tab (``demo/app.py``): its work function against ``Detector.predict`` on the same
 image, its head cache, and its refusals; the page offers the tab only where an F-ViT head is at hand.
 
-The head is a random-init F-ViT for the toy backbone written by ``ovdense.mm.detection.export_head``
-(needs mmcv, as tests/test_mm_detection.py).
+The head is conftest.py's ``fvit_head``: a random-init F-ViT for the toy backbone written by
+``ovdense.mm.detection.export_head`` (needs mmcv, as tests/test_mm_detection.py).
 """
 
 import importlib.util
@@ -16,7 +16,6 @@ from ovdense import OvdenseError, create_backbone
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "demo" / "app.py"
-CONFIG = ROOT / "configs" / "ovdet" / "fvlm_toy_synthetic.py"
 CLASSES = ["red circle", "green square", "blue triangle", "purple star", "orange ring"]
 # pycocotools 2.0 under numpy 2 (its own decode, used here as the reference)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept:DeprecationWarning")
@@ -41,43 +40,24 @@ def toy(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def head_file(toy, tmp_path_factory) -> Path:
-    pytest.importorskip("mmcv.ops", reason="needs full mmcv with compiled ops (python tools/build_mmcv.py)")
-    pytest.importorskip("mmdet", reason="needs mmdet 3.3 (pip install -e '.[mm]')")
-    import torch
-    from mmdet.registry import MODELS
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-
-    from ovdense.mm.detection import export_head
-
-    init_default_scope("mmdet")
-    cfg = Config.fromfile(str(CONFIG), import_custom_modules=False)
-    torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    return export_head(model, tmp_path_factory.mktemp("head") / "fvit_head.safetensors")
-
-
-@pytest.fixture(scope="module")
 def scene():
     from ovdense.data.synthetic import SceneConfig, render_scene
 
     return render_scene(np.random.default_rng([99, 3]), SceneConfig(size=(88, 120))).image
 
 
-def test_detect_image_is_the_detectors_prediction(app, toy, head_file, scene):
+def test_detect_image_is_the_detectors_prediction(app, toy, fvit_head, scene):
     from pycocotools import mask as mask_utils
 
     from ovdense.heads.detection import Detector
 
-    everything = Detector(toy, CLASSES, head_checkpoint=head_file, score_threshold=0.0).predict(scene).scores
+    everything = Detector(toy, CLASSES, head_checkpoint=fvit_head, score_threshold=0.0).predict(scene).scores
     assert len(everything) >= 4
     ranked = np.sort(everything)[::-1]
     threshold = float((ranked[len(ranked) // 2 - 1] + ranked[len(ranked) // 2]) / 2)  # keeps half
-    heads = app.Heads(toy, fvit_head=head_file, size=2)
+    heads = app.Heads(toy, fvit_head=fvit_head, size=2)
     shown = app.detect_image(heads, scene, [(c,) for c in CLASSES], threshold)
-    want = Detector(toy, CLASSES, head_checkpoint=head_file, score_threshold=threshold).predict(scene)
+    want = Detector(toy, CLASSES, head_checkpoint=fvit_head, score_threshold=threshold).predict(scene)
     assert 0 < len(want.scores) == len(shown.rows) == len(shown.report["detections"]) < len(everything)
     assert shown.report["classes"] == CLASSES
     for k, (row, entry) in enumerate(zip(shown.rows, shown.report["detections"])):
@@ -101,27 +81,27 @@ def test_detect_image_is_the_detectors_prediction(app, toy, head_file, scene):
     assert len(heads._cache) == 2 and heads.detector([(c,) for c in CLASSES], threshold) is not first
 
 
-def test_detect_image_refusals(app, toy, head_file, tiny_backbone, scene):
-    heads = app.Heads(toy, fvit_head=head_file)
+def test_detect_image_refusals(app, toy, fvit_head, tiny_backbone, scene):
+    heads = app.Heads(toy, fvit_head=fvit_head)
     with pytest.raises(OvdenseError, match="one name per class"):
         app.detect_image(heads, scene, [("red circle", "red disc"), ("blue star",)])
     with pytest.raises(OvdenseError, match="listed twice"):
         app.detect_image(heads, scene, [("red circle",), ("red circle",)])
     with pytest.raises(OvdenseError, match="trained on backbone"):
-        app.detect_image(app.Heads(tiny_backbone, fvit_head=head_file), scene, [("a",)])
+        app.detect_image(app.Heads(tiny_backbone, fvit_head=fvit_head), scene, [("a",)])
     no_head = app.Heads(tiny_backbone)
     assert no_head.fvit_head is None  # nothing ships for a random JSON-config backbone
     with pytest.raises(OvdenseError, match="--fvit-head"):
         app.detect_image(no_head, scene, [("a",)])
 
 
-def test_the_page_has_a_detect_tab_only_with_a_head(app, toy, head_file, tiny_backbone):
+def test_the_page_has_a_detect_tab_only_with_a_head(app, toy, fvit_head, tiny_backbone):
     pytest.importorskip("gradio", reason="the [demo] extra is not installed")
 
     def api_names(blocks):
         return {fn.api_name for fn in blocks.fns.values()}
 
-    assert "detect" in api_names(app.build_app(toy, fvit_head=head_file))
+    assert "detect" in api_names(app.build_app(toy, fvit_head=fvit_head))
     assert "detect" not in api_names(app.build_app(tiny_backbone))
 
 
@@ -136,10 +116,10 @@ def test_demo_refuses_a_wrong_fvit_head_before_serving(app, tmp_path, capsys, to
 
 
 @pytest.mark.parametrize("shipped", [True, False], ids=["head-ships", "none-ships"])
-def test_the_shipped_head_is_the_default(app, toy, head_file, monkeypatch, shipped):
+def test_the_shipped_head_is_the_default(app, toy, fvit_head, monkeypatch, shipped):
     from ovdense.heads import detection
 
-    monkeypatch.setattr(detection, "default_head_checkpoint", lambda backbone: head_file if shipped else None)
-    assert app.Heads(toy).fvit_head == (head_file if shipped else None)
+    monkeypatch.setattr(detection, "default_head_checkpoint", lambda backbone: fvit_head if shipped else None)
+    assert app.Heads(toy).fvit_head == (fvit_head if shipped else None)
     other = Path("elsewhere.safetensors")
     assert app.Heads(toy, fvit_head=other).fvit_head == other  # --fvit-head wins

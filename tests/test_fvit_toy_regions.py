@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"ovdense_tools_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tool_runs import load_tool
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +23,7 @@ def test_windowed_map_averages_the_windows_that_cover_each_cell(toy):
     columns 0–3 see only the first, 8–11 only the second, 4–7 the normalised sum of both."""
     from ovdense.heads.detection import frozen_features
 
-    regions = _tool("fvit_toy_regions")
+    regions = load_tool("fvit_toy_regions")
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 96)
     got = regions.windowed_clip_map(toy, x, None, "maskclip", 64, 32)  # 1, D, 8, 12
@@ -49,10 +39,10 @@ def test_windowed_map_averages_the_windows_that_cover_each_cell(toy):
 
 
 def test_tool_scores_every_ground_truth_box(tmp_path, capsys):
-    world = _tool("make_synthetic_detection")
+    world = load_tool("make_synthetic_detection")
     world.write_detection_world(tmp_path, num_train=1, num_val=3, seed=5)
     truth = json.loads((tmp_path / "coco" / "annotations" / "instances_val2017.json").read_text())
-    assert _tool("fvit_toy_regions").main(["--data", str(tmp_path), "--methods", "maskclip"]) == 0
+    assert load_tool("fvit_toy_regions").main(["--data", str(tmp_path), "--methods", "maskclip"]) == 0
     out = capsys.readouterr().out
     assert f"{len(truth['annotations'])} ground-truth boxes in 3 scenes" in out
     rows = {line.split("  ")[0]: line for line in out.splitlines()}
@@ -63,5 +53,5 @@ def test_tool_scores_every_ground_truth_box(tmp_path, capsys):
 
 
 def test_tool_without_data_says_what_to_run(tmp_path, capsys):
-    assert _tool("fvit_toy_regions").main(["--data", str(tmp_path / "none")]) == 2
+    assert load_tool("fvit_toy_regions").main(["--data", str(tmp_path / "none")]) == 2
     assert "make_synthetic_detection.py" in capsys.readouterr().err

@@ -8,7 +8,6 @@ against ``ovdense.Segmenter``'s; two processes (torchrun, gloo) against one. A t
 CLIP, with one prompt template.
 """
 
-import importlib.util
 import os
 import re
 import shutil
@@ -26,6 +25,7 @@ pytest.importorskip("mmseg.models", reason="needs mmsegmentation 1.2.2: pip inst
 
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
+from tool_runs import load_tool
 
 from ovdense import Segmenter, Vocabulary, create_backbone  # noqa: E402
 from ovdense.errors import OvdenseError  # noqa: E402
@@ -46,14 +46,6 @@ def parse_options(items) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--options", nargs="+", action=DictAction)
     return parser.parse_args(["--options", *items]).options
-
-
-def load_tool(name: str):
-    module_name = "ovdense_tools_" + name.replace("/", "_")
-    spec = importlib.util.spec_from_file_location(module_name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 test_tool = load_tool("test")

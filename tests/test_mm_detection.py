@@ -1,7 +1,6 @@
 """F-ViT in mmdet 3.3 (ovdense/mm/detection.py) on the toy backbone: training, the ensemble path,
 vocabulary swap, checkpoints, metric. Skipped without compiled mmcv."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from mmdet.structures.mask import BitmapMasks  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
+from tool_runs import load_tool
 
 from ovdense.data import rle  # noqa: E402
 from ovdense.data.synthetic import SceneConfig, open_vocabulary_split, render_scene  # noqa: E402
@@ -187,9 +187,7 @@ def test_coco_metric_equals_pycocotools(tmp_path):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    spec = importlib.util.spec_from_file_location("msd", ROOT / "tools" / "make_synthetic_detection.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("make_synthetic_detection")
     top = tool.write_detection_world(tmp_path, num_train=1, num_val=12, size=96)
     ann_file = str(top / "annotations" / "instances_val2017.json")
     gt = COCO(ann_file)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tool_runs import load_tool
 from torch import nn
 
 from ovdense import OvdenseError, create_backbone
@@ -27,14 +28,6 @@ from ovdense.heads.san import (
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = SanConfig(num_queries=6, side_width=24, side_depth=4, side_heads=2, side_mlp=48, side_image_size=64,
                   decoder_channels=16, decoder_hidden=16, supervised=(3, 4))
-
-
-def _converter():
-    path = ROOT / "tools" / "model_converters" / "san2ovdense.py"
-    spec = importlib.util.spec_from_file_location("san2ovdense", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -389,7 +382,7 @@ def test_convert_official_layout(tiny_config_path, tmp_path):
 
     import open_clip
 
-    conv = _converter()
+    conv = load_tool("model_converters/san2ovdense")
     torch.manual_seed(0)
     cfg = json.loads(Path(tiny_config_path).read_text())
     clip_model = open_clip.CLIP(**cfg)
@@ -470,10 +463,7 @@ def mmseg_san():
     reason = _mmcv_ops()
     if reason:
         pytest.skip(reason)
-    spec = importlib.util.spec_from_file_location("benchmark_san", ROOT / "tools" / "benchmark_san.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_mmseg_san(VOCABULARY, seed=0, text_layers=1)
+    return load_tool("benchmark_san").build_mmseg_san(VOCABULARY, seed=0, text_layers=1)
 
 
 VOCABULARY = ("person", "sky", "tree", "road, street", "dog")
@@ -484,7 +474,7 @@ def test_parity_with_mmseg(mmseg_san, tmp_path):
 
     from ovdense.backbone.clip import ClipBackbone, WeightsSource
 
-    conv = _converter()
+    conv = load_tool("model_converters/san2ovdense")
     state = mmseg_san.state_dict()
     head_state, clip_state, config = conv.convert(state, "mmseg")
     model = open_clip.CLIP(  # open_clip's ViT-B-16-quickgelu with the 1-block text tower of the fixture
@@ -530,7 +520,7 @@ def test_parity_with_mmseg(mmseg_san, tmp_path):
 
 
 def test_converter_never_unpickles_objects(tmp_path, capsys):
-    conv = _converter()
+    conv = load_tool("model_converters/san2ovdense")
     marker = tmp_path / "unpickled"
     torch.save({"model": {"side_adapter_network.query_embed": torch.zeros(1)}, "trainer": _Trap(str(marker))},
                tmp_path / "model_final.pth")

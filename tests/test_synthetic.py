@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from tool_runs import load_tool
 
 from ovdense.data.synthetic import (
     COLOURS,
@@ -108,13 +109,7 @@ def test_open_vocabulary_split():
 def test_toy_scores_of_tools_eval_san_toy():
     """tools/eval_san_toy.py's scores on a hand-checked 2×3 scene: object-pixel accuracy over
     all, base and novel objects and by colour; the novel mIoU over the novel classes present."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / "eval_san_toy.py"
-    spec = importlib.util.spec_from_file_location("ovdense_tools_eval_san_toy", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("eval_san_toy")
     names = colour_shape_classes()
     assert names[1] == "red circle" and names[2] == "red square" and names[7] == "green square"
     truth = np.array([[0, 1, 2], [7, 255, 0]])  # red circle is novel; red and green squares are base

@@ -13,7 +13,6 @@
 
 import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,18 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tool_runs import ROOT, environment, load_tool, run, torchrun, train_command
 
-ROOT = Path(__file__).resolve().parents[1]
 OVDET = ROOT / "configs" / "ovdet"
 TOY = OVDET / "fvlm_toy_synthetic.py"
 ITERS = 4
-
-
-def load_tool(path: Path):
-    spec = importlib.util.spec_from_file_location("ovdense_tool_" + path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,7 +58,7 @@ def lvis_layout(num_base: int = 4, num_rare: int = 2, num_images: int = 3) -> di
 
 
 def test_lvis_converter_keeps_images_and_drops_rare_categories(tmp_path, capsys):
-    converter = load_tool(ROOT / "tools" / "dataset_converters" / "lvis_v1_ovd.py")
+    converter = load_tool("dataset_converters/lvis_v1_ovd")
     lvis = lvis_layout()
     source = tmp_path / "lvis_v1_train.json"
     source.write_text(json.dumps(lvis))
@@ -92,7 +84,7 @@ def test_lvis_converter_keeps_images_and_drops_rare_categories(tmp_path, capsys)
 
 
 def test_lvis_converter_refuses_a_coco_file(tmp_path, capsys):
-    converter = load_tool(ROOT / "tools" / "dataset_converters" / "lvis_v1_ovd.py")
+    converter = load_tool("dataset_converters/lvis_v1_ovd")
     coco = dict(lvis_layout(), categories=[{"id": 1, "name": "person"}])
     (tmp_path / "coco.json").write_text(json.dumps(coco))
     with pytest.raises(SystemExit) as exit_info:
@@ -205,7 +197,7 @@ def test_every_ovdet_config_builds_and_its_strides_match_the_feature_maps(name, 
         assert cfg.train_cfg.max_iters == 48 * epoch
         assert cfg.param_scheduler[1].milestones == [32 * epoch, 44 * epoch]
         assert model.roi_head.mask_head.class_agnostic and len(head.loss_cls.class_weight) == 866 + 1
-        converter = load_tool(ROOT / "tools" / "dataset_converters" / "lvis_v1_ovd.py")
+        converter = load_tool("dataset_converters/lvis_v1_ovd")
         lvis = lvis_layout(num_base=866, num_rare=337, num_images=1)
         (tmp_path / "train.json").write_text(json.dumps(lvis))
         assert converter.main([str(tmp_path / "train.json"), "--out-dir", str(tmp_path)]) == 0
@@ -246,7 +238,7 @@ needs_mmcv_ops = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """4 training scenes (base labels only), 3 held-out scenes (all pairs), 64 px."""
-    tool = load_tool(ROOT / "tools" / "make_synthetic_detection.py")
+    tool = load_tool("make_synthetic_detection")
     return tool.write_detection_world(tmp_path_factory.mktemp("detection_world"), num_train=4, num_val=3,
                                       size=64)
 
@@ -284,29 +276,6 @@ def options(world: Path, cache: Path, **overrides) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def environment() -> dict:
-    # the workers import this checkout's ovdense, whatever is installed
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
-
-
-def train_command(work_dir: Path, opts: list[str], *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "tools" / "train.py"), str(TOY), "--work-dir", str(work_dir), *extra,
-            "--cfg-options", *opts]
-
-
-def torchrun(*arguments: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            *arguments, "--launcher", "pytorch"]
-
-
-def run(command: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=cwd, env=environment(), capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
 def checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -315,7 +284,7 @@ def checkpoint(path: Path) -> dict:
 def reference(world, tmp_path_factory) -> Path:
     """One uninterrupted run of ITERS iterations at batch 2: its work dir."""
     work = tmp_path_factory.mktemp("reference")
-    run(train_command(work, options(world, work / "cache")), cwd=work)
+    run(train_command(TOY, work, options(world, work / "cache")), cwd=work, check=True)
     assert (work / f"iter_{ITERS}.pth").is_file() and (work / "fvit_head.safetensors").is_file()
     return work
 
@@ -326,7 +295,7 @@ def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(wo
     and schedule equal the uninterrupted run's exactly."""
     work = tmp_path / "killed"
     opts = options(world, work / "cache")
-    process = subprocess.Popen(train_command(work, opts), cwd=tmp_path, env=environment(),
+    process = subprocess.Popen(train_command(TOY, work, opts), cwd=tmp_path, env=environment(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
@@ -341,7 +310,7 @@ def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(wo
     left = sorted(int(p.stem.split("_")[1]) for p in work.glob("iter_*.pth"))
     assert left and max(left) < ITERS, "killed too late: the run had finished"
 
-    result = run(train_command(work, opts, "--resume"), cwd=tmp_path)
+    result = run(train_command(TOY, work, opts, "--resume"), cwd=tmp_path, check=True)
     assert f"Load checkpoint from {work / f'iter_{max(left)}.pth'}" in result.stdout + result.stderr
     resumed, straight = checkpoint(work / f"iter_{ITERS}.pth"), checkpoint(reference / f"iter_{ITERS}.pth")
     assert resumed["state_dict"].keys() == straight["state_dict"].keys()
@@ -367,7 +336,7 @@ def test_two_processes_train_to_the_weights_of_one(world, reference, tmp_path):
     work = tmp_path / "two"
     opts = options(world, work / "cache", **{"train_dataloader.batch_size": 1})
     run(torchrun(str(ROOT / "tools" / "train.py"), str(TOY), "--work-dir", str(work), "--cfg-options", *opts),
-        cwd=tmp_path)
+        cwd=tmp_path, check=True)
     one = checkpoint(reference / f"iter_{ITERS}.pth")["state_dict"]
     two = checkpoint(work / f"iter_{ITERS}.pth")["state_dict"]
     start = checkpoint(reference / "iter_2.pth")["state_dict"]
@@ -388,7 +357,7 @@ def test_tools_test_on_two_processes_gives_the_figures_of_one(world, reference, 
     one = load_tool(tool).evaluate([str(TOY), "--checkpoint", ckpt, "--work-dir", str(tmp_path / "one"),
                                     "--cfg-options", *opts])
     run(torchrun(str(tool), str(TOY), "--checkpoint", ckpt, "--work-dir", str(tmp_path / "two"),
-                 "--cfg-options", *opts), cwd=tmp_path)
+                 "--cfg-options", *opts), cwd=tmp_path, check=True)
     logs = list((tmp_path / "two").glob("*/*.json"))
     assert len(logs) == 1, logs
     two = json.loads(logs[0].read_text().strip().splitlines()[-1])

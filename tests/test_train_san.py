@@ -8,12 +8,9 @@ toy backbone in the synthetic toy world (128 px scenes, ``tools/make_synthetic_b
 them (and as SIGKILL needs).
 """
 
-import importlib.util
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,22 +18,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tool_runs import ROOT, environment, load_tool, run, torchrun, train_command
 
 pytest.importorskip("mmcv.ops", reason="needs full mmcv with its compiled ops: python tools/build_mmcv.py")
 pytest.importorskip("mmseg.models", reason="needs mmsegmentation 1.2.2: pip install -e '.[mm]'")
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "san" / "san_toy_synthetic.py"
 ITERS = 8
 SMALL_HEAD = dict(side_width=48, side_heads=2, side_mlp=96, side_depth=4, num_queries=10,
                   decoder_channels=32, decoder_hidden=32, side_image_size=128)
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location("ovdense_tools_" + name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -65,22 +55,6 @@ def options(world, cache: Path, **overrides) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def environment() -> dict:
-    # the workers import this checkout's ovdense, whatever is installed
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
-
-
-def train_command(work_dir: Path, opts: list[str], *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "tools" / "train.py"), str(CONFIG), "--work-dir", str(work_dir),
-            *extra, "--cfg-options", *opts]
-
-
-def run(command: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, env=environment(), capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def head_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
 
@@ -89,7 +63,7 @@ def head_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 def reference(world, tmp_path_factory):
     """One uninterrupted run of ITERS iterations: its work dir."""
     work = tmp_path_factory.mktemp("reference")
-    result = run(train_command(work, options(world, work / "cache")), cwd=work)
+    result = run(train_command(CONFIG, work, options(world, work / "cache")), cwd=work)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (work / f"iter_{ITERS}.pth").is_file()
     return work
@@ -103,7 +77,7 @@ def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(wo
     optimizer state equal the uninterrupted run's exactly."""
     work = tmp_path / "killed"
     opts = options(world, work / "cache")
-    process = subprocess.Popen(train_command(work, opts), cwd=tmp_path, env=environment(),
+    process = subprocess.Popen(train_command(CONFIG, work, opts), cwd=tmp_path, env=environment(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
@@ -121,7 +95,7 @@ def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(wo
     for step in left:  # every checkpoint in place is complete (a kill leaves at most a temporary)
         torch.load(work / f"iter_{step}.pth", map_location="cpu", weights_only=True)
 
-    result = run(train_command(work, opts, "--resume"), cwd=tmp_path)
+    result = run(train_command(CONFIG, work, opts, "--resume"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"Load checkpoint from {work / f'iter_{max(left)}.pth'}" in result.stdout + result.stderr
     assert not list(work.glob(".*.tmp"))  # the resumed run removed what the kill left behind
@@ -144,11 +118,8 @@ def test_two_processes_train_to_the_weights_of_one(world, reference, tmp_path):
     pytest.importorskip("torch.distributed.run")
     work = tmp_path / "two"
     opts = options(world, work / "cache", **{"train_dataloader.batch_size": 1})
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "tools" / "train.py"), str(CONFIG), "--launcher", "pytorch",
-               "--work-dir", str(work), "--cfg-options", *opts]
-    result = run(command, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run(torchrun(str(ROOT / "tools" / "train.py"), str(CONFIG), "--work-dir", str(work),
+                 "--cfg-options", *opts), cwd=tmp_path, check=True)
     one, two = head_weights(reference / f"iter_{ITERS}.pth"), head_weights(work / f"iter_{ITERS}.pth")
     assert one.keys() == two.keys()
     worst = max(float((one[k] - two[k]).abs().max()) for k in one)
@@ -164,7 +135,7 @@ def test_a_non_finite_loss_stops_training_naming_the_iteration(world, tmp_path):
     opts = options(world, work / "cache", **{"optim_wrapper.optimizer.lr": 1e12,
                                              "optim_wrapper.clip_grad": None,
                                              "custom_hooks": "[]"})  # no progress bar on stderr
-    result = run(train_command(work, opts), cwd=tmp_path)
+    result = run(train_command(CONFIG, work, opts), cwd=tmp_path)
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]
     match = re.fullmatch(r"error: the training loss is not finite at iteration (\d+) \(loss \S+, .*\); "

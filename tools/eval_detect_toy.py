@@ -58,6 +58,21 @@ def evaluate(truth, results: list[dict], kind: str, novel_ids: set[int]) -> dict
                 novel_ap50=mean(list(novel_ids & set(per))))
 
 
+def load_held_out(data: Path):
+    """The held-out scenes' truth (``pycocotools.coco.COCO``) and its categories sorted by id, or
+    ``None`` after printing what to run when ``data`` holds no toy detection world."""
+    from pycocotools.coco import COCO
+
+    annotations = data / "coco" / "annotations" / "instances_val2017.json"
+    if not annotations.is_file():
+        print(f"error: {annotations} not found: run tools/make_synthetic_detection.py --out {data}",
+              file=sys.stderr)
+        return None
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(annotations))
+    return truth, sorted(truth.loadCats(truth.getCatIds()), key=lambda c: c["id"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,7 +81,6 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
-    from pycocotools.coco import COCO
     from tqdm import tqdm
 
     import ovdense
@@ -75,14 +89,10 @@ def main(argv=None) -> int:
     from ovdense.errors import OvdenseError
     from ovdense.heads.detection import Detector
 
-    annotations = args.data / "coco" / "annotations" / "instances_val2017.json"
-    if not annotations.is_file():
-        print(f"error: {annotations} not found: run tools/make_synthetic_detection.py --out {args.data}",
-              file=sys.stderr)
+    held_out = load_held_out(args.data)
+    if held_out is None:
         return 2
-    with contextlib.redirect_stdout(io.StringIO()):
-        truth = COCO(str(annotations))
-    categories = sorted(truth.loadCats(truth.getCatIds()), key=lambda c: c["id"])
+    truth, categories = held_out
     names = [c["name"] for c in categories]
     _, novel = open_vocabulary_split()
     novel_ids = {c["id"] for c in categories if c["name"] in novel}

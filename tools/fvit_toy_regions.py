@@ -20,12 +20,13 @@ colour and whose shape are right.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_detect_toy import load_held_out  # noqa: E402  (a sibling tool)
 
 
 def windowed_clip_map(backbone, x, indices, method: str, crop: int, stride: int):
@@ -59,7 +60,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from pycocotools.coco import COCO
     from tqdm import tqdm
 
     import ovdense
@@ -75,14 +75,10 @@ def main(argv=None) -> int:
     )
     from ovdense.io import load_image
 
-    annotations = args.data / "coco" / "annotations" / "instances_val2017.json"
-    if not annotations.is_file():
-        print(f"error: {annotations} not found: run tools/make_synthetic_detection.py --out {args.data}",
-              file=sys.stderr)
+    held_out = load_held_out(args.data)
+    if held_out is None:
         return 2
-    with contextlib.redirect_stdout(io.StringIO()):
-        truth = COCO(str(annotations))
-    categories = sorted(truth.loadCats(truth.getCatIds()), key=lambda c: c["id"])
+    truth, categories = held_out
     names = [c["name"] for c in categories]
     index = {c["id"]: k for k, c in enumerate(categories)}
     _, novel_names = open_vocabulary_split()

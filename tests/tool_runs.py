@@ -1,0 +1,53 @@
+"""What the training tests share: scripts of tools/ loaded as modules, and tools/train.py and
+tools/test.py run in fresh processes (one, or two under torchrun with gloo) that import this
+checkout's ovdense, whatever is installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(path: str | Path):
+    """A script under tools/ (``"make_synthetic_detection"``, ``"dataset_converters/lvis_v1_ovd"``)
+    or at any path, imported as a module."""
+    path = Path(path)
+    if not path.is_absolute():
+        path = ROOT / "tools" / path.with_suffix(".py")
+    spec = importlib.util.spec_from_file_location("ovdense_tool_" + path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def environment() -> dict:
+    # the workers import this checkout's ovdense, whatever is installed
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+
+
+def train_command(config: Path, work_dir: Path, opts: list[str], *extra: str) -> list[str]:
+    """``tools/train.py CONFIG --work-dir WORK_DIR [extra] --cfg-options OPTS``, one process."""
+    return [sys.executable, str(ROOT / "tools" / "train.py"), str(config), "--work-dir", str(work_dir),
+            *extra, "--cfg-options", *opts]
+
+
+def torchrun(*arguments: str) -> list[str]:
+    """``arguments`` (a script and its options) on 2 processes, ``--launcher pytorch``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            *arguments, "--launcher", "pytorch"]
+
+
+def run(command: list[str], cwd: Path, timeout: int = 900, check: bool = False
+        ) -> subprocess.CompletedProcess:
+    """Run ``command`` with ``environment()``; ``check``: assert it succeeded, showing its output."""
+    result = subprocess.run(command, cwd=cwd, env=environment(), capture_output=True, text=True,
+                            timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
