@@ -55,3 +55,13 @@ def test_tool_scores_every_ground_truth_box(tmp_path, capsys):
 def test_tool_without_data_says_what_to_run(tmp_path, capsys):
     assert load_tool("fvit_toy_regions").main(["--data", str(tmp_path / "none")]) == 2
     assert "make_synthetic_detection.py" in capsys.readouterr().err
+
+
+def test_tool_refuses_another_vocabulary(tmp_path, capsys):
+    top = load_tool("make_synthetic_detection").write_detection_world(tmp_path, num_train=1, num_val=1)
+    annotations = top / "annotations" / "instances_val2017.json"
+    truth = json.loads(annotations.read_text())
+    truth["categories"][0]["name"] = "screw"
+    annotations.write_text(json.dumps(truth))
+    assert load_tool("fvit_toy_regions").main(["--data", str(tmp_path)]) == 2
+    assert "not the toy detection world" in capsys.readouterr().err

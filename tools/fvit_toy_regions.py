@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 
     import ovdense
     from ovdense.backbone import dense
-    from ovdense.data.synthetic import SHAPES, open_vocabulary_split
+    from ovdense.data.synthetic import SHAPES, colour_shape_classes, open_vocabulary_split
     from ovdense.errors import OvdenseError
     from ovdense.heads.detection import (
         Detector,
@@ -80,6 +80,11 @@ def main(argv=None) -> int:
         return 2
     truth, categories = held_out
     names = [c["name"] for c in categories]
+    if names != colour_shape_classes()[1:]:
+        print(f"error: {args.data} is not the toy detection world (its categories are not the 30 "
+              "colour–shape pairs in order): write it with tools/make_synthetic_detection.py",
+              file=sys.stderr)
+        return 2
     index = {c["id"]: k for k, c in enumerate(categories)}
     _, novel_names = open_vocabulary_split()
     backbone = ovdense.create_backbone("toy")
@@ -133,6 +138,9 @@ def main(argv=None) -> int:
                     scores[f"CLIP term, {method}, {mode}"].append(vlm)
                     scores[f"ensemble, {method}, {mode}"].append(
                         ensemble(det, vlm, detector.seen, head.alpha, head.beta))
+    if not labels:
+        print(f"error: the held-out scenes of {args.data} have no objects", file=sys.stderr)
+        return 2
     labels = np.array(labels)
     novel = np.array([names[k] in novel_names for k in labels])
     width = max(len(k) for k in scores)
