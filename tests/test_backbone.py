@@ -65,6 +65,39 @@ def test_checkpoint_round_trip_and_fingerprint(tiny_config_path, tmp_path):
     torch.testing.assert_close(again.model.visual.proj, source.model.visual.proj)
 
 
+def test_identity_follows_the_weights_not_their_path_or_precision(tiny_config_path, tmp_path):
+    """What SAN and F-ViT head files record (``ClipBackbone.identity``): the same for a copied
+    weights file and for the backbone run in fp16; different for other weights."""
+    import hashlib
+    import shutil
+
+    torch.manual_seed(5)
+    source = create_backbone(str(tiny_config_path), cache_dir=tmp_path)
+    path = tmp_path / "a" / "tiny.pt"
+    path.parent.mkdir()
+    torch.save(source.model.state_dict(), path)
+    copy = tmp_path / "b" / "renamed.pt"
+    copy.parent.mkdir()
+    shutil.copy(path, copy)
+    loaded = create_backbone(str(tiny_config_path), pretrained=str(path), cache_dir=tmp_path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+    assert loaded.identity == f"{loaded.name}|sha256:{digest}"
+    moved = create_backbone(str(tiny_config_path), pretrained=str(copy), cache_dir=tmp_path)
+    assert moved.identity == loaded.identity
+    half = create_backbone(str(tiny_config_path), pretrained=str(path), cache_dir=tmp_path, precision="fp16")
+    assert half.dtype == torch.float16 and half.identity == loaded.identity
+    # random weights: a hash of every tensor, image tower included
+    assert source.identity.startswith(f"{source.name}|params:") and source.identity != loaded.identity
+    other = create_backbone(str(tiny_config_path), cache_dir=tmp_path)
+    other.model.load_state_dict(source.model.state_dict())
+    assert other.identity == source.identity
+    with torch.no_grad():
+        other = create_backbone(str(tiny_config_path), cache_dir=tmp_path)
+        other.model.load_state_dict(source.model.state_dict())
+        other.model.visual.conv1.weight[0, 0, 0, 0] += 1.0
+    assert other.identity != source.identity
+
+
 def test_wrong_checkpoint_names_the_keys(tiny_config_path, tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"visual.proj": torch.zeros(3), "head.weight": torch.zeros(2)}, path)

@@ -92,6 +92,7 @@ class ClipBackbone(nn.Module):
         self.width = int(visual.transformer.width)
         self.num_layers = len(visual.transformer.resblocks)
         self._fingerprint: str | None = None
+        self._identity: str | None = None
 
     # ----------------------------------------------------------------------------------------
     # Properties and preprocessing
@@ -175,6 +176,30 @@ class ClipBackbone(nn.Module):
                 ident = f"params:{digest.hexdigest()}"
             self._fingerprint = f"{self.name}|{ident}"
         return self._fingerprint
+
+    @property
+    def identity(self) -> str:
+        """What a trained head's file records of the backbone it was trained on (SAN and F-ViT
+        heads alike): the model name with the weights' tag, or the SHA-256 of the weights file's
+        content (so a head survives a fresh clone or a copied file; its path and time do not
+        count), or for random or in-memory weights a hash of every tensor. Independent of the
+        precision the backbone runs in."""
+        if self._identity is None:
+            if self.weights.kind == "file":
+                digest = hashlib.sha256()
+                with open(self.weights.value, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 22), b""):
+                        digest.update(chunk)
+                self._identity = f"{self.name}|sha256:{digest.hexdigest()[:32]}"
+            elif self.weights.kind == "tag":
+                self._identity = self.fingerprint
+            else:
+                digest = hashlib.sha256()
+                for key, tensor in sorted(self.model.state_dict().items()):
+                    digest.update(key.encode())
+                    digest.update(tensor.detach().float().cpu().numpy().tobytes())
+                self._identity = f"{self.name}|params:{digest.hexdigest()[:32]}"
+        return self._identity
 
     @torch.no_grad()
     def encode_text(

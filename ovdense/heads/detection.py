@@ -62,7 +62,6 @@ are refused with an ``OvdenseError`` instead of approximated.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -365,20 +364,6 @@ def seen_mask(classes: Sequence[str], training_classes: Sequence[str]) -> torch.
 # Head checkpoints: safetensors, tied to the backbone they were trained on
 
 
-def backbone_key(backbone) -> str:
-    """Identifies a backbone's image tower across installs: the model name and a SHA-256 of the
-    tensors every head depends on first and last (``conv1``, position embedding, the last
-    block's ``ln_1``, ``ln_post``, ``proj``), independent of file paths."""
-    visual = backbone.model.visual
-    digest = hashlib.sha256()
-    last = visual.transformer.resblocks[-1]
-    for tensor in (visual.conv1.weight, visual.positional_embedding, last.ln_1.weight, visual.ln_post.weight,
-                   visual.proj):
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return f"{backbone.name}:{digest.hexdigest()[:16]}"
-
-
 def save_head(path: str | os.PathLike, state: dict[str, torch.Tensor], backbone, config: dict,
               dtype: torch.dtype | None = None) -> Path:
     """Write a head's ``state`` (the detector's trained tensors, no backbone) as safetensors with
@@ -392,7 +377,7 @@ def save_head(path: str | os.PathLike, state: dict[str, torch.Tensor], backbone,
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    metadata = {"format": HEAD_FORMAT, "backbone": backbone_key(backbone), "config": json.dumps(config)}
+    metadata = {"format": HEAD_FORMAT, "backbone": backbone.identity, "config": json.dumps(config)}
     return write_bytes(path, save(tensors, metadata=metadata))
 
 
@@ -419,7 +404,7 @@ def load_head(path: str | os.PathLike, backbone) -> tuple[dict[str, torch.Tensor
     if metadata.get("format") != HEAD_FORMAT:
         raise OvdenseError(f"{path} is not an ovdense F-ViT head (format {metadata.get('format')!r}, "
                            f"expected {HEAD_FORMAT!r})")
-    expected = backbone_key(backbone)
+    expected = backbone.identity
     if metadata.get("backbone") != expected:
         raise OvdenseError(f"{path} was trained on backbone {metadata.get('backbone')!r}, not this one "
                            f"({expected}); load the backbone it was trained on or retrain the head")

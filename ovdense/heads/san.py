@@ -47,7 +47,6 @@ the max over its synonyms); a CLIP input that is not a patch multiple is cropped
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -536,23 +535,10 @@ def semantic_scores(output: SanOutput, size: tuple[int, int]) -> torch.Tensor:
 # Checkpoints
 
 
-def backbone_identity(backbone: ClipBackbone) -> str:
-    """What a head checkpoint records of its backbone: ``backbone.fingerprint``, except for
-    weights from a file, where the file's content hash replaces its path and time (so a head
-    survives a fresh clone or a copied weights file)."""
-    if backbone.weights.kind != "file":
-        return backbone.fingerprint
-    digest = hashlib.sha256()
-    with open(backbone.weights.value, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return f"{backbone.name}|sha256:{digest.hexdigest()[:32]}"
-
-
 def save_head(path: str | Path, head: SanHead, backbone: ClipBackbone,
               dtype: torch.dtype | None = None) -> Path:
     """Write the head as safetensors (atomically) with string metadata: format, backbone name,
-    its identity (``backbone_identity``), the SanConfig as JSON and the ovdense version.
+    its identity (``ClipBackbone.identity``), the SanConfig as JSON and the ovdense version.
     ``dtype`` (e.g. ``torch.float16``, half the file) stores the floating tensors in that type;
     ``load_head`` casts them back to the head's own."""
     from safetensors.torch import save
@@ -565,7 +551,7 @@ def save_head(path: str | Path, head: SanHead, backbone: ClipBackbone,
     metadata = {
         "format": HEAD_FORMAT,
         "backbone": backbone.name,
-        "fingerprint": backbone_identity(backbone),
+        "fingerprint": backbone.identity,
         "config": head.config.to_json(),
         "ovdense_version": __version__,
     }
@@ -597,7 +583,7 @@ def load_head(path: str | Path, backbone: ClipBackbone) -> SanHead:
     if metadata.get("format") != HEAD_FORMAT:
         raise OvdenseError(f"{file} is a safetensors file but not a SAN head (format "
                            f"{metadata.get('format')!r}); write heads with ovdense.heads.san.save_head")
-    identity = backbone_identity(backbone)
+    identity = backbone.identity
     if metadata.get("backbone") != backbone.name or metadata.get("fingerprint") != identity:
         raise OvdenseError(
             f"{file} was trained on backbone {metadata.get('backbone')!r} ({metadata.get('fingerprint')}), "
