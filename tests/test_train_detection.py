@@ -13,16 +13,13 @@
 
 import importlib.util
 import json
-import signal
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from tool_runs import ROOT, environment, load_tool, run, torchrun, train_command
+from tool_runs import ROOT, kill_after_checkpoint, load_tool, run, torchrun, train_command
 
 OVDET = ROOT / "configs" / "ovdet"
 TOY = OVDET / "fvlm_toy_synthetic.py"
@@ -295,18 +292,7 @@ def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(wo
     and schedule equal the uninterrupted run's exactly."""
     work = tmp_path / "killed"
     opts = options(world, work / "cache")
-    process = subprocess.Popen(train_command(TOY, work, opts), cwd=tmp_path, env=environment(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 600
-        while not (work / "iter_2.pth").exists():
-            assert process.poll() is None, "the run ended before its first checkpoint"
-            assert time.time() < deadline, "no checkpoint after 600 s"
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
+    kill_after_checkpoint(train_command(TOY, work, opts), tmp_path, work / "iter_2.pth", 600)
     left = sorted(int(p.stem.split("_")[1]) for p in work.glob("iter_*.pth"))
     assert left and max(left) < ITERS, "killed too late: the run had finished"
 

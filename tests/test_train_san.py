@@ -9,16 +9,13 @@ them (and as SIGKILL needs).
 """
 
 import re
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tool_runs import ROOT, environment, load_tool, run, torchrun, train_command
+from tool_runs import ROOT, kill_after_checkpoint, load_tool, run, torchrun, train_command
 
 pytest.importorskip("mmcv.ops", reason="needs full mmcv with its compiled ops: python tools/build_mmcv.py")
 pytest.importorskip("mmseg.models", reason="needs mmsegmentation 1.2.2: pip install -e '.[mm]'")
@@ -77,18 +74,7 @@ def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(wo
     optimizer state equal the uninterrupted run's exactly."""
     work = tmp_path / "killed"
     opts = options(world, work / "cache")
-    process = subprocess.Popen(train_command(CONFIG, work, opts), cwd=tmp_path, env=environment(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while not (work / "iter_2.pth").exists():
-            assert process.poll() is None, "the run ended before its first checkpoint"
-            assert time.time() < deadline, "no checkpoint after 240 s"
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
+    kill_after_checkpoint(train_command(CONFIG, work, opts), tmp_path, work / "iter_2.pth", 240)
     assert not (work / f"iter_{ITERS}.pth").exists(), "killed too late: the run had finished"
     left = sorted(int(p.stem.split("_")[1]) for p in work.glob("iter_*.pth"))
     assert left and max(left) < ITERS

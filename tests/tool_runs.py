@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,3 +53,20 @@ def run(command: list[str], cwd: Path, timeout: int = 900, check: bool = False
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def kill_after_checkpoint(command: list[str], cwd: Path, checkpoint: Path, deadline_s: float) -> None:
+    """Start ``command`` (a training run) and SIGKILL it once ``checkpoint`` exists; asserts the
+    run was still going then and that it died of the signal."""
+    process = subprocess.Popen(command, cwd=cwd, env=environment(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + deadline_s
+        while not checkpoint.exists():
+            assert process.poll() is None, "the run ended before its first checkpoint"
+            assert time.time() < deadline, f"no checkpoint after {deadline_s:g} s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
