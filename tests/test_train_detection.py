@@ -6,8 +6,8 @@
   (torchrun, gloo) train to the weights of one process × 2 images; tools/test.py on two processes
   gives the OVCocoMetric figures of one process. Runs are subprocesses, as a user starts them.
 * The OV-COCO and OV-LVIS configs (B/16, L/14) load and build on a random ViT of their depth and
-  patch size, and their pyramid strides match the feature maps; the OV-LVIS configs refuse to load
-  without a working lvis package.
+  patch size, and their pyramid strides match the feature maps; the OV-LVIS configs' dataset and
+  metric refuse a missing or broken lvis package when built on LVIS data.
 * ``tools/dataset_converters/lvis_v1_ovd.py`` on a synthetic LVIS-layout file.
 """
 
@@ -127,25 +127,50 @@ def tiny_vit(folder: Path, layers: int, patch: int) -> Path:
 
 
 @needs_mmdet
-def test_the_ov_lvis_configs_warn_without_a_working_lvis_package(tmp_path, monkeypatch):
-    """Missing lvis, or PyPI's lvis 0.5.3 (np.float) under NumPy >= 1.24: a warning naming the fix
-    when the config loads (it must still load: every config is parsed without its data)."""
+def test_the_ov_lvis_configs_refuse_a_missing_or_broken_lvis_package(tmp_path, monkeypatch):
+    """Missing lvis, or PyPI's lvis 0.5.3 (np.float) under NumPy >= 1.24: the configs' dataset and
+    metric (ovdense/mm/lvis.py) refuse it when built on LVIS data, before any work, with the fix in
+    one message; built without the data they warn with it. The configs load either way."""
+    from mmdet.registry import DATASETS, METRICS
     from mmengine.config import Config
+    from mmengine.registry import init_default_scope
 
+    from ovdense.errors import OvdenseError
+    from ovdense.mm.lvis import check_lvis
+
+    init_default_scope("mmdet")
+    annotations = tmp_path / "lvis_v1_val.json"
+    annotations.write_text(json.dumps(lvis_layout()))
+    missing = r"need the lvis package .*pip install 'lvis @ git\+.*@7d7f07def11da91f8b2710ce352c62a78fd5a7ad'"
+    broken = r"calls np.float, which NumPy .* no longer has: .*pip install 'lvis @ git\+"
     for config in ("fvit_vitb16_ovlvis.py", "fvit_vitl14_ovlvis.py"):
-        monkeypatch.setitem(sys.modules, "lvis", None)  # not installed
-        with pytest.warns(UserWarning, match=r"need the lvis package .*pip install 'lvis @ git\+"):
-            Config.fromfile(str(OVDET / config), import_custom_modules=False)
-        with monkeypatch.context() as patch:
-            fake_lvis(patch, tmp_path / config / "broken", BROKEN_LVIS_EVAL)
-            with pytest.warns(UserWarning, match=r"calls np.float, which NumPy .* no longer has"):
-                Config.fromfile(str(OVDET / config), import_custom_modules=False)
-        with monkeypatch.context() as patch:
-            fake_lvis(patch, tmp_path / config / "fixed", FIXED_LVIS_EVAL)
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                cfg = Config.fromfile(str(OVDET / config), import_custom_modules=False)
-        assert cfg.val_evaluator.type == "LVISMetric" and cfg.val_evaluator.metric == ["segm"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            cfg = Config.fromfile(str(OVDET / config), import_custom_modules=False)  # no lvis check
+        assert "ovdense.mm.lvis" in cfg.custom_imports.imports
+        metric = dict(cfg.val_evaluator, ann_file=str(annotations))
+        assert metric["type"] == "OvdenseLVISMetric" and metric["metric"] == ["segm"]
+        datasets = [cfg.train_dataloader.dataset.dataset, cfg.val_dataloader.dataset]
+        assert [d.type for d in datasets] == ["OvdenseLVISV1Dataset"] * 2
+        datasets = [dict(d, data_root=str(tmp_path), ann_file=annotations.name) for d in datasets]
+        for name, source, pattern in [("missing", None, missing), ("broken", BROKEN_LVIS_EVAL, broken)]:
+            with monkeypatch.context() as patch:
+                if source is None:
+                    patch.setitem(sys.modules, "lvis", None)  # not installed
+                else:
+                    fake_lvis(patch, tmp_path / config / name, source)
+                with pytest.raises(OvdenseError, match=pattern):
+                    METRICS.build(metric)
+                for dataset in datasets:
+                    with pytest.raises(OvdenseError, match=pattern):
+                        DATASETS.build(dataset)
+                with pytest.warns(UserWarning, match=pattern):  # a config built without its data
+                    check_lvis(tmp_path / "absent.json")
+    with monkeypatch.context() as patch:
+        fake_lvis(patch, tmp_path / "fixed", FIXED_LVIS_EVAL)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            check_lvis(annotations)  # lvis-api's fixed main: nothing to say
 
 
 RECIPES = {  # config: (layers, patch, image side, beta, T_vlm, background weight, box FC, model)
@@ -170,7 +195,6 @@ def test_every_ovdet_config_builds_and_its_strides_match_the_feature_maps(name, 
     import ovdense.mm.training  # noqa: F401
 
     layers, patch, side, beta, vlm_temperature, background, fc, clip_name = RECIPES[name]
-    fake_lvis(monkeypatch, tmp_path / "site", FIXED_LVIS_EVAL)
     init_default_scope("mmdet")
     cfg = Config.fromfile(str(OVDET / name), import_custom_modules=False)
     assert sorted(p.name for p in OVDET.glob("*.py") if p.name != TOY.name) == sorted(RECIPES)

@@ -13,7 +13,7 @@
 # cross-entropy, not the federated loss (CLIM's mmdet 3.x port, wusize/CLIM ovdet/configs/_base_/
 # datasets/lvis_v1_ovd_base_lsj.py, inherits mmdet's ClassBalancedDataset(oversample_thr=1e-3);
 # to try it, wrap the inner dataset: train_dataloader.dataset.dataset=dict(type="ClassBalancedDataset",
-# oversample_thr=1e-3, dataset=<the LVISV1Dataset below>)).
+# oversample_thr=1e-3, dataset=<the OvdenseLVISV1Dataset below>)).
 # Departures: GroupNorm instead of SyncBN in the pyramid, FPN, box and mask heads (one device
 # works too); no norm in the RPN convs (F-ViT's CustomRPNHead has MMSyncBN; mmdet 3.3's RPNHead
 # has none); rare classes absent from the training vocabulary instead of masked (same gradients);
@@ -26,42 +26,17 @@
 # COCO 2017's images), then
 #   python tools/dataset_converters/lvis_v1_ovd.py data/lvis_v1/annotations/lvis_v1_train.json
 # writes annotations/lvis_v1_train_base.json and the two class files read below (and prints the
-# exact max_iters for your json). mmdet's LVISV1Dataset and LVISMetric need the lvis package
-# (checked when this file loads: a warning names the fix).
+# exact max_iters for your json). mmdet's LVISV1Dataset and LVISMetric need the lvis package: ovdense's
+# OvdenseLVISV1Dataset / OvdenseLVISMetric (ovdense/mm/lvis.py) are those two, refusing a missing or
+# broken lvis when they are built on the data (a warning naming the fix where the data is absent).
 #   torchrun --nproc_per_node 8 tools/train.py configs/ovdet/fvit_vitb16_ovlvis.py --launcher pytorch --amp
 #   python tools/test.py configs/ovdet/fvit_vitb16_ovlvis.py \
 #       --checkpoint work_dirs/fvit_vitb16_ovlvis/iter_75168.pth
 
 
-def _check_lvis():
-    """LVISV1Dataset and LVISMetric import the lvis package. PyPI's lvis 0.5.3 (its last release)
-    still calls np.float in LVISEval.accumulate, which NumPy 1.24 removed: the evaluation would
-    fail after the whole test set has run (lvis-api issue #37, fixed on its main by PR #42).
-    A warning, not an error: every config must load without its data (tests parse them all)."""
-    import importlib
-    import importlib.util
-    import pathlib
-    import warnings
-
-    fix = ("pip install 'lvis @ git+https://github.com/lvis-dataset/lvis-api.git"
-           "@7d7f07def11da91f8b2710ce352c62a78fd5a7ad'")
-    spec = importlib.util.find_spec("lvis")
-    if spec is None or spec.origin is None:
-        warnings.warn("the OV-LVIS configs need the lvis package (mmdet's LVISV1Dataset and LVISMetric): "
-                      + fix, stacklevel=1)
-        return
-    evaluation = pathlib.Path(spec.origin).with_name("eval.py")
-    numpy = importlib.import_module("numpy")
-    if evaluation.is_file() and "np.float)" in evaluation.read_text() and not hasattr(numpy, "float"):
-        warnings.warn(f"the installed lvis ({evaluation.parent}) calls np.float, which NumPy "
-                      f"{numpy.__version__} no longer has: LVISMetric will fail after the whole test "
-                      f"set has run; install lvis-api's fixed main: {fix}", stacklevel=1)
-
-
-_check_lvis()
-
 default_scope = "mmdet"
-custom_imports = dict(imports=["ovdense.mm.detection", "ovdense.mm.training"], allow_failed_imports=False)
+custom_imports = dict(imports=["ovdense.mm.detection", "ovdense.mm.training", "ovdense.mm.lvis"],
+                      allow_failed_imports=False)
 
 data_root = "data/lvis_v1/"
 base_classes = data_root + "annotations/lvis_v1_base_classes.txt"  # tools/dataset_converters/lvis_v1_ovd.py
@@ -152,7 +127,7 @@ train_dataloader = dict(
     batch_size=8, num_workers=4, persistent_workers=True,
     sampler=dict(type="SeededInfiniteSampler", shuffle=True, batch_size=8),
     dataset=dict(type="SeededDataset", dataset=dict(
-        type="LVISV1Dataset", data_root=data_root, ann_file="annotations/lvis_v1_train_base.json",
+        type="OvdenseLVISV1Dataset", data_root=data_root, ann_file="annotations/lvis_v1_train_base.json",
         data_prefix=dict(img=""),  # file names come from coco_url: train2017/…, val2017/…
         filter_cfg=dict(filter_empty_gt=True, min_size=32), pipeline=train_pipeline,
         backend_args=backend_args)),
@@ -161,13 +136,13 @@ val_dataloader = dict(
     batch_size=1, num_workers=2, persistent_workers=True, drop_last=False,
     sampler=dict(type="DefaultSampler", shuffle=False),
     dataset=dict(
-        type="LVISV1Dataset", data_root=data_root, ann_file="annotations/lvis_v1_val.json",
+        type="OvdenseLVISV1Dataset", data_root=data_root, ann_file="annotations/lvis_v1_val.json",
         data_prefix=dict(img=""), test_mode=True, pipeline=test_pipeline, backend_args=backend_args),
 )
 test_dataloader = val_dataloader
 # F-ViT evaluates masks only (evaluation metric=['segm']); lvis/segm_APr is the novel (rare) AP
-val_evaluator = dict(type="LVISMetric", ann_file=data_root + "annotations/lvis_v1_val.json", metric=["segm"],
-                     backend_args=backend_args)
+val_evaluator = dict(type="OvdenseLVISMetric", ann_file=data_root + "annotations/lvis_v1_val.json",
+                     metric=["segm"], backend_args=backend_args)
 test_evaluator = val_evaluator
 
 # 48 epochs of LVIS v1's 100,170 training images at global batch 64 (images whose only annotations
