@@ -371,9 +371,21 @@ def test_load_annotations16_keeps_16_bit_labels(tmp_path):
     np.testing.assert_array_equal(reduced["gt_seg_map"], [[65535, 299], [457, 65535]])
 
 
-def test_context459_config_runs_on_16_bit_maps(tiny, data, tmp_path):
+# The tiny random ViT gives most pixels of these scenes to the names "thing 9", "thing 3",
+# "thing 47" and "thing 67" (which class a name wins does not depend on its index); the class
+# file moves those names onto labels of the ground truth (0, 30, 195, 240, 390, 405, 420 are
+# there), so that predictions and truth meet, and with ``above_255`` one of them onto 390.
+SWAPS = {False: ((0, 9), (240, 3), (30, 47), (195, 67)), True: ((0, 9), (390, 3), (30, 47), (195, 67))}
+
+
+@pytest.mark.parametrize("above_255", [False, True])
+def test_context459_scores_equal_an_independent_confusion_matrix(tiny, data, tmp_path, above_255):
     """The PC-459 base with a method: class names from the data root's file, 16-bit maps with
-    labels above 255, 65535 ignored."""
+    labels above 255, 65535 ignored. The mIoU and pixel accuracy tools/test.py reports equal a
+    459 × 459 confusion matrix built here from the predictions it saved (``--out``) and the
+    ground-truth files: IoU = TP / (TP + FP + FN) over the classes present in either, mean in %.
+    With ``above_255`` a predicted 390 must survive in the saved file (``IoUMetric16``: 16-bit PNGs;
+    mmseg's ``IoUMetric`` wrote it modulo 256)."""
     root = tmp_path / "VOC2010"
     shutil.copytree(data["context60"] / "JPEGImages", root / "JPEGImages")
     shutil.copytree(data["context60"] / "ImageSets", root / "ImageSets")
@@ -382,12 +394,35 @@ def test_context459_config_runs_on_16_bit_maps(tiny, data, tmp_path):
         full = np.where(labels == 255, 65535, labels * 15).astype(np.uint16)  # up to 450
         (root / "SegmentationClassContext459").mkdir(exist_ok=True)
         Image.fromarray(full).save(root / "SegmentationClassContext459" / path.name)
+    order = list(range(459))
+    for a, b in SWAPS[above_255]:
+        order[a], order[b] = order[b], order[a]
     names = root / "pc459_classnames.txt"
-    names.write_text("".join(f"thing {i}\n" for i in range(459)))
+    names.write_text("".join(f"thing {i}\n" for i in order))
+    out = tmp_path / "predictions"
     metrics = test_tool.evaluate([
         str(CONFIGS / "_base_" / "datasets" / "context459.py"), "--work-dir", str(tmp_path / "work"),
-        "--cfg-options", *tiny, "model.method=sclip", f"model.classnames={names}",
+        "--out", str(out), "--cfg-options", *tiny, "model.method=sclip", f"model.classnames={names}",
         f"test_dataloader.dataset.classnames={names}", f"test_dataloader.dataset.data_root={root}",
         "model.short_side=64",
     ])
-    assert 0.0 <= metrics["mIoU"] <= 100.0 and metrics["aAcc"] >= 0.0
+    ids = (root / "ImageSets" / "SegmentationContext" / "val.txt").read_text().split()
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted(ids)
+    matrix = np.zeros((459, 459), np.int64)  # truth × prediction
+    for image_id in ids:
+        truth = np.array(Image.open(root / "SegmentationClassContext459" / f"{image_id}.png"))
+        truth = truth.astype(np.int64)
+        prediction = np.array(Image.open(out / f"{image_id}.png")).astype(np.int64)
+        assert prediction.shape == truth.shape and prediction.max() < 459
+        keep = truth != 65535
+        matrix += np.bincount(459 * truth[keep] + prediction[keep], minlength=459 * 459).reshape(459, 459)
+    assert matrix[256:].sum() > 0  # ground truth above 255 is scored
+    if above_255:
+        assert matrix[:, 256:].sum() > 0, "no saved prediction above 255"
+    tp = np.diag(matrix).astype(np.float64)
+    union = matrix.sum(0) + matrix.sum(1) - tp
+    miou = 100 * np.mean(tp[union > 0] / union[union > 0])
+    aacc = 100 * tp.sum() / matrix.sum()
+    assert 0 < aacc < 100 and 0 < miou < 100  # neither all right nor all wrong
+    reported = (round(float(metrics["mIoU"]), 2), round(float(metrics["aAcc"]), 2))
+    assert reported == (round(miou, 2), round(aacc, 2))

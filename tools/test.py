@@ -6,7 +6,8 @@
     torchrun --nproc_per_node 8 tools/test.py CONFIG --launcher pytorch
 
 ``--out DIR`` writes each prediction as ``DIR/<image stem>.png`` (mmseg's ``IoUMetric``:
-8-bit, ``+1`` for datasets that ignore label 0); ``--show-dir DIR`` writes overlays. With
+8-bit, ``+1`` for datasets that ignore label 0; 16-bit for PC-459 and ADE20K-847, whose configs
+use ``IoUMetric16``); ``--show-dir DIR`` writes overlays. With
 ``--launcher pytorch`` each process evaluates its share of the images and the metric gathers
 them; where torch sees no GPU, the processes talk over ``gloo`` (CPU) whatever the config says.
 The metrics are printed on one line at the end and written to ``WORK_DIR/<timestamp>/``.

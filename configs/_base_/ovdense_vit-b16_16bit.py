@@ -8,4 +8,4 @@ test_pipeline = [
     dict(type="PackSegInputs"),
 ]
 test_dataloader = dict(dataset=dict(pipeline=test_pipeline))
-test_evaluator = dict(ignore_index=65535)
+test_evaluator = dict(type="IoUMetric16", ignore_index=65535)  # 16-bit --out PNGs

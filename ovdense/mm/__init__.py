@@ -10,6 +10,7 @@ Importing ``ovdense.mm`` registers, in mmsegmentation 1.x's registries (``defaul
   ``ADE20K847Dataset``, the benchmarks mmseg 1.2.2 lacks; ``ClassFileDataset`` (any dataset in
   the images/annotations layout with a class file);
 * ``TRANSFORMS``: ``LoadAnnotations16`` (label maps with more than 255 classes);
+* ``METRICS``: ``IoUMetric16`` (mmseg's ``IoUMetric`` writing 16-bit ``--out`` PNGs);
 * mmengine's ``MODEL_WRAPPERS``: ``OvdenseInferenceWrapper`` (multi-process evaluation of a
   frozen model, which ``DistributedDataParallel`` refuses);
 * mmengine's training registries (``ovdense/mm/training.py``): ``SeededInfiniteSampler``,
@@ -25,6 +26,7 @@ from ovdense.mm.custom import ClassFileDataset
 from ovdense.mm.datasets import (
     ADE20K847Dataset,
     COCOObjectDataset,
+    IoUMetric16,
     LoadAnnotations16,
     PascalContext459Dataset,
     PascalVOC20Dataset,
@@ -52,6 +54,7 @@ __all__ = [
     "SeededInfiniteSampler",
     "SeededIterBasedTrainLoop",
     "COCOObjectDataset",
+    "IoUMetric16",
     "LoadAnnotations16",
     "OvdenseDataPreprocessor",
     "OvdenseInferenceWrapper",

@@ -5,8 +5,8 @@
 * ``COCOObjectDataset`` — COCO-Object: background + COCO's 80 thing classes, from per-image
   ``<id>_instanceTrainIds.png`` label maps (``tools/dataset_converters/coco_object.py``).
 * ``PascalContext459Dataset`` and ``ADE20K847Dataset`` — the full vocabularies, with 16-bit
-  label maps (``0 … C−1``, ``65535`` ignored; load them with ``LoadAnnotations16``); their class
-  names come from a class file, the same one the model reads.
+  label maps (``0 … C−1``, ``65535`` ignored; load them with ``LoadAnnotations16`` and score them
+  with ``IoUMetric16``); their class names come from a class file, the same one the model reads.
 
 VOC21, Context60 (``PascalContextDataset``), Context59 (``PascalContextDataset59``),
 COCO-Stuff-171 (``COCOStuffDataset``), Cityscapes and ADE20K-150 are mmseg's own classes.
@@ -14,14 +14,20 @@ COCO-Stuff-171 (``COCOStuffDataset``), Cityscapes and ADE20K-150 are mmseg's own
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
+import cv2
 import mmcv
 import numpy as np
 from mmengine import fileio
 from mmseg.datasets import BaseSegDataset, COCOStuffDataset, PascalVOCDataset
 from mmseg.datasets.transforms import LoadAnnotations
-from mmseg.registry import DATASETS, TRANSFORMS
+from mmseg.evaluation import IoUMetric
+from mmseg.registry import DATASETS, METRICS, TRANSFORMS
 
 from ovdense.backbone.prompts import Vocabulary
+from ovdense.io import write_bytes
 
 IGNORE_16 = 65535
 
@@ -94,7 +100,7 @@ class ADE20K847Dataset(_ClassesFromFile):
 class LoadAnnotations16(LoadAnnotations):
     """mmseg's ``LoadAnnotations`` without its cast to ``uint8``: label maps keep 16 bits, so
     classes beyond 254 survive. With ``reduce_zero_label``, 0 becomes ``ignore_index`` and
-    ``k`` becomes ``k − 1``. Use ``IoUMetric(ignore_index=65535)`` with these maps."""
+    ``k`` becomes ``k − 1``. Score them with ``IoUMetric16(ignore_index=65535)``."""
 
     def __init__(self, ignore_index: int = IGNORE_16, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -115,3 +121,27 @@ class LoadAnnotations16(LoadAnnotations):
                 seg[original == old_id] = new_id
         results["gt_seg_map"] = seg
         results["seg_fields"].append("gt_seg_map")
+
+
+@METRICS.register_module()
+class IoUMetric16(IoUMetric):
+    """mmseg's ``IoUMetric`` (same scores) whose ``output_dir`` PNGs are 16-bit grayscale: mmseg's
+    own casts each prediction to ``uint8``, so with more than 256 classes (PC-459, ADE20K-847) a
+    predicted 390 was saved as 134. Each file is written atomically (``ovdense.io.write_bytes``);
+    ``+1`` for datasets that reduce the zero label, as mmseg's."""
+
+    def process(self, data_batch: dict, data_samples: Sequence[dict]) -> None:
+        output_dir, self.output_dir = self.output_dir, None  # the scores: mmseg's own code
+        try:
+            super().process(data_batch, data_samples)
+        finally:
+            self.output_dir = output_dir
+        if output_dir is None:
+            return
+        for sample in data_samples:
+            labels = sample["pred_sem_seg"]["data"].squeeze().cpu().numpy().astype(np.int64)  # H, W
+            if sample.get("reduce_zero_label", False):
+                labels = labels + 1
+            name = os.path.splitext(os.path.basename(sample["img_path"]))[0] + ".png"
+            ok, encoded = cv2.imencode(".png", labels.astype(np.uint16))
+            write_bytes(os.path.join(os.path.abspath(output_dir), name), encoded.tobytes())
