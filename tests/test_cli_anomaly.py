@@ -1,11 +1,16 @@
 """``ovdense anomaly`` and ``ovdense anomaly-eval`` end to end with a tiny random model."""
 
+import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from test_eval_anomaly import reference_metrics
+from test_winclip import reference_winclip
 
 from ovdense import create_backbone
 from ovdense.anomaly.winclip import WinClip
@@ -59,15 +64,103 @@ def test_anomaly_bad_input(mvtec, tiny_config_path, tmp_path, capsys, extra, mes
     assert message in err and "Traceback" not in err
 
 
-def test_anomaly_eval_writes_table(mvtec, tiny_config_path, tmp_path, capsys):
-    code = main(["anomaly-eval", "--dataset", "mvtec", "--root", str(mvtec), "--categories", "star",
-                 "--model", str(tiny_config_path), "--shots", "1", "--out", str(tmp_path)])
+def test_anomaly_prompt_set_anomalib(mvtec, tiny_config_path, tmp_path, capsys, monkeypatch):
+    """``--prompt-set anomalib``: maps and scores equal the plain-loop reference built from
+    anomalib's prompts, which differs from the paper prompts' one."""
+    monkeypatch.setenv("OVDENSE_CACHE", str(tmp_path / "cache"))
+    images = mvtec / "star" / "test" / "holed"
+    backbone = create_backbone(str(tiny_config_path))
+    weights = tmp_path / "tiny.pt"
+    torch.save(backbone.model.state_dict(), weights)
+    code = main(["anomaly", str(images), "--object", "star", "--model", str(tiny_config_path),
+                 "--pretrained", str(weights), "--prompt-set", "anomalib", "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    paths = sorted(images.iterdir())
+    rgbs = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+    want = reference_winclip(backbone, "star", "anomalib", rgbs)
+    paper = reference_winclip(backbone, "star", "paper", rgbs)
+    for path, rgb, reference, other in zip(paths, rgbs, want, paper):
+        report = json.loads((tmp_path / "out" / f"{path.stem}_anomaly.json").read_text())
+        assert (report["prompt_set"], report["mode"]) == ("anomalib", "WinCLIP (zero-shot)")
+        score, grid = reference["zero"]
+        assert report["score"] == pytest.approx(score, rel=1e-4, abs=1e-6)
+        amap = np.load(tmp_path / "out" / f"{path.stem}_anomaly.npy")
+        full = F.interpolate(grid[None, None], size=rgb.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+        np.testing.assert_allclose(amap, full.numpy(), rtol=1e-4, atol=1e-6)
+        assert (grid - other["zero"][1]).abs().max() > 1e-3  # the paper prompts would show
+
+
+def mvtec_subset(mvtec, root, categories, defect):
+    """A copy of ``categories`` with their normal images and one defect kind only (fewer images)."""
+    for category in categories:
+        for part in ("train/good", "test/good", f"test/{defect}", f"ground_truth/{defect}"):
+            shutil.copytree(mvtec / category / part, root / category / part)
+    return root
+
+
+def read_mvtec(root, category, shots):
+    """The first ``shots`` training images and every test image with its label and mask."""
+    references = sorted((root / category / "train" / "good").glob("*.png"))[:shots]
+    samples = []
+    for folder in sorted((root / category / "test").iterdir()):
+        for image in sorted(folder.glob("*.png")):
+            if folder.name == "good":
+                mask = np.zeros(Image.open(image).size[::-1], bool)
+            else:
+                mask = np.asarray(Image.open(root / category / "ground_truth" / folder.name
+                                             / f"{image.stem}_mask.png")) > 0
+            samples.append((image, int(folder.name != "good"), mask))
+    return references, samples
+
+
+def test_anomaly_eval_writes_the_metrics_of_the_predictions(mvtec, tiny_config_path, tmp_path, capsys,
+                                                             monkeypatch):
+    """The CSV, the printed table and the picture of ``anomaly-eval`` against metrics computed here
+    (scikit-learn, plain AUPRO) over ``WinClip.predict`` on the same files."""
+    monkeypatch.setenv("OVDENSE_CACHE", str(tmp_path / "cache"))
+    categories = ["star", "ring"]
+    root = mvtec_subset(mvtec, tmp_path / "mvtec", categories, "holed")
+    backbone = create_backbone(str(tiny_config_path))
+    weights = tmp_path / "tiny.pt"
+    torch.save(backbone.model.state_dict(), weights)
+    out = tmp_path / "out"
+    code = main(["anomaly-eval", "--dataset", "mvtec", "--root", str(root), "--categories", *categories,
+                 "--model", str(tiny_config_path), "--pretrained", str(weights), "--shots", "1",
+                 "--out", str(out)])
+    printed = capsys.readouterr().out
     assert code == 0
-    out = capsys.readouterr().out
-    assert "star" in out and "mean" in out
-    rows = (tmp_path / "anomaly_mvtec_1shot.csv").read_text().splitlines()
-    assert rows[0].startswith("category,image_auroc,pixel_auroc,aupro")
-    assert (tmp_path / "anomaly_mvtec_1shot.png").is_file()
+    columns = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "pixel_ap"]
+    want = {}
+    for category in categories:
+        references, samples = read_mvtec(root, category, 1)
+        winclip = WinClip(backbone, category)
+        winclip.set_references(references)
+        results = winclip.predict([image for image, _, _ in samples])
+        metrics = reference_metrics([r.score for r in results], [label for _, label, _ in samples],
+                                    [r.map for r in results], [mask for _, _, mask in samples])
+        want[category] = [100 * metrics[c] for c in columns]
+    want["mean"] = list(np.mean([want[c] for c in categories], axis=0))
+    assert len({tuple(want[c]) for c in categories}) == 2  # the mean row is not any one row
+
+    assert sorted(p.name for p in out.iterdir()) == ["anomaly_mvtec_1shot.csv", "anomaly_mvtec_1shot.png"]
+    with open(out / "anomaly_mvtec_1shot.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["category"] + columns
+    assert [row[0] for row in rows[1:]] == categories + ["mean"]
+    for row in rows[1:]:
+        assert all(len(v.split(".")[1]) == 2 for v in row[1:]), row
+        assert [float(v) for v in row[1:]] == pytest.approx(want[row[0]], abs=0.005 + 1e-9), row[0]
+    lines = printed.splitlines()
+    assert lines[0].split() == ["category"] + columns
+    for line in lines[1:4]:
+        name, *values = line.split()
+        assert [float(v) for v in values] == pytest.approx(want[name], abs=0.05 + 1e-9), name
+    assert lines[4].startswith("ovdense: wrote ")
+    with Image.open(out / "anomaly_mvtec_1shot.png") as pil:
+        picture = np.asarray(pil.convert("L"))
+    assert picture.shape[0] == 8 + 16 * 4  # a text line for the header, each category and the mean
+    for i in range(4):
+        assert (picture[4 + 16 * i:4 + 16 * (i + 1)] < 128).any(), f"line {i} of the picture is empty"
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,8 +231,6 @@ EVAL_CASES = [
 
 @pytest.mark.parametrize("args, message", EVAL_CASES, ids=[" ".join(a) for a, _ in EVAL_CASES])
 def test_anomaly_eval_bad_options_before_any_model(mvtec, tmp_path, capsys, no_model, args, message):
-    import shutil
-
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "empty").mkdir()
     root = tmp_path / "data" / "mvtec"  # a copy with one more category, whose tests are all good

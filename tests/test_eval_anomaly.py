@@ -19,15 +19,13 @@ def plain_aupro(maps, masks, max_fpr=0.3):
     """Threshold at every distinct score; PRO over 8-connected regions; integrate to max_fpr."""
     all_scores = np.concatenate([m.ravel() for m in maps])
     normal = np.concatenate([m[~k] for m, k in zip(maps, masks)])
+    regions = []  # the scores inside each region
+    for m, k in zip(maps, masks):
+        labelled, count = ndimage.label(k, structure=np.ones((3, 3)))
+        regions += [m[labelled == r] for r in range(1, count + 1)]
     points = [(0.0, 0.0)]
     for t in np.unique(all_scores)[::-1]:
-        overlaps = []
-        for m, k in zip(maps, masks):
-            labelled, count = ndimage.label(k, structure=np.ones((3, 3)))
-            for r in range(1, count + 1):
-                region = labelled == r
-                overlaps.append((m[region] >= t).mean())
-        points.append(((normal >= t).mean(), np.mean(overlaps)))
+        points.append(((normal >= t).mean(), np.mean([(region >= t).mean() for region in regions])))
     fpr, pro = np.array(points).T
     keep = fpr <= max_fpr
     x, y = list(fpr[keep]), list(pro[keep])
@@ -37,6 +35,25 @@ def plain_aupro(maps, masks, max_fpr=0.3):
         x.append(max_fpr)
         y.append(y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0))
     return np.trapezoid(y, x) / max_fpr
+
+
+def f1_max(truth, scores):
+    p, r, _ = precision_recall_curve(truth, scores)
+    return np.max(2 * p * r / np.maximum(p + r, 1e-12))
+
+
+def reference_metrics(scores, labels, maps, masks, bins=1 << 16, pro_bins=1 << 12):
+    """What ``AnomalyMetrics()`` should report, from scikit-learn and ``plain_aupro``, with the
+    pixel scores put in its documented histogram bins (``bins`` over [0, 1] for the pixel
+    metrics, ``pro_bins`` for AUPRO; a bin's index stands for its scores)."""
+    def binned(count):
+        return [np.clip(np.floor(m.astype(np.float64) * count), 0, count - 1) for m in maps]
+
+    truth = np.concatenate([k.ravel() for k in masks])
+    pixels = np.concatenate([m.ravel() for m in binned(bins)])
+    return {"image_auroc": roc_auc_score(labels, scores), "image_f1_max": f1_max(labels, scores),
+            "pixel_auroc": roc_auc_score(truth, pixels), "pixel_ap": average_precision_score(truth, pixels),
+            "pixel_f1_max": f1_max(truth, pixels), "aupro": plain_aupro(binned(pro_bins), masks)}
 
 
 def test_pixel_and_image_metrics_match_references(rng):
@@ -61,9 +78,9 @@ def test_pixel_and_image_metrics_match_references(rng):
     pixels = np.concatenate([m.ravel() for m in maps])
     assert got.pixel_auroc == pytest.approx(roc_auc_score(truth, pixels), abs=1e-12)
     assert got.pixel_ap == pytest.approx(average_precision_score(truth, pixels), abs=1e-12)
-    p, r, _ = precision_recall_curve(truth, pixels)
-    assert got.pixel_f1_max == pytest.approx(np.max(2 * p * r / np.maximum(p + r, 1e-12)), abs=1e-12)
+    assert got.pixel_f1_max == pytest.approx(f1_max(truth, pixels), abs=1e-12)
     assert got.image_auroc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert got.image_f1_max == pytest.approx(f1_max(labels, scores), abs=1e-12)
     assert got.aupro == pytest.approx(plain_aupro(maps, masks), abs=1e-9)
 
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from ovdense.anomaly.prompts import state_prompts
+from ovdense.anomaly.prompts import PROMPT_SETS, state_prompts
 from ovdense.anomaly.winclip import WinClip, harmonic_aggregate, window_indices
 from ovdense.errors import OvdenseError
 
@@ -45,16 +46,22 @@ def test_harmonic_aggregation_matches_a_loop():
             assert got[b, p].item() == pytest.approx(want.item(), rel=1e-5)
 
 
-def plain_window_embedding(visual, x, patches):
-    """One window's sequence built by hand: its patch tokens and the class token, each with
-    its full-grid position embedding, through ln_pre, the blocks, ln_post and the projection."""
-    grid_tokens = visual.conv1(x).flatten(2).transpose(1, 2)  # 1, P, W
+def plain_sequences(visual, x, windows):
+    """Per list of patch indices, one sequence: the class token and those patches' tokens of
+    ``x [1, 3, H, W]``, each with its full-grid position embedding, through ln_pre, the blocks and
+    ln_post: ``[n, 1 + len, W]`` (the sequences batched, each on its own)."""
+    grid_tokens = visual.conv1(x).flatten(2).transpose(1, 2)[0]  # P, W
     pos = visual.positional_embedding
-    seq = [visual.class_embedding + pos[0]] + [grid_tokens[0, p] + pos[1 + p] for p in patches]
-    h = visual.ln_pre(torch.stack(seq)[None])
+    h = torch.stack([torch.stack([visual.class_embedding + pos[0]] + [grid_tokens[p] + pos[1 + p] for p in w])
+                     for w in windows])
+    h = visual.ln_pre(h)
     for block in visual.transformer.resblocks:
         h = block(h)
-    return visual.ln_post(h)[0, 0] @ visual.proj
+    return visual.ln_post(h)
+
+
+def plain_window_embedding(visual, x, patches):
+    return plain_sequences(visual, x, [patches])[0, 0] @ visual.proj
 
 
 def test_window_sequences_equal_a_plain_per_window_computation(tiny_backbone):
@@ -72,35 +79,94 @@ def test_window_sequences_equal_a_plain_per_window_computation(tiny_backbone):
         torch.testing.assert_close(encoded["image"], pooled, rtol=1e-4, atol=1e-5)
 
 
-def test_zero_and_few_shot_maps_follow_the_formulas(tiny_backbone):
-    winclip = WinClip(tiny_backbone, "bottle")
-    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        enc = winclip.encode(x)
+def reference_text(backbone, object_name, prompt_set):
+    """``[t_normal, t_anomalous]``: every state of the set in every template, through the
+    backbone's ``encode_text``; per state kind the mean of the raw embeddings, L2-normalised."""
+    normal_states, anomalous_states, templates = PROMPT_SETS[prompt_set]
+    rows = []
+    for states in (normal_states, anomalous_states):
+        prompts = [template.format(state.format(object_name)) for state in states for template in templates]
+        rows.append(backbone.model.encode_text(backbone.tokenizer(prompts)).float().mean(dim=0))
+    return torch.stack(rows) / torch.stack(rows).norm(dim=-1, keepdim=True)
 
-        def zs(f):
-            logits = F.normalize(f, dim=-1) @ winclip.text.T / 0.07
-            return torch.softmax(logits, -1)[..., 1]
 
-        s_img = zs(enc["image"])[0]
-        inverse = 1 / s_img
-        for windows, feats in zip(winclip.windows, enc["windows"]):
-            inverse = inverse + 1 / harmonic_aggregate(zs(feats), windows, 16)
-        image, grid = winclip.score(x)
-        torch.testing.assert_close(image[0], s_img)
-        torch.testing.assert_close(grid.flatten(1), 3 / inverse, rtol=1e-5, atol=1e-6)
+@torch.no_grad()
+def reference_winclip(backbone, object_name, prompt_set, images, references=(), scales=(2, 3), T=0.07):
+    """WinCLIP and, with ``references``, WinCLIP+ by plain loops, from the paper (§3.2–3.4) and
+    nothing of ``ovdense.anomaly``: per RGB image, ``{"zero": (score, map), "few": (score, map)}``
+    with ``[gh, gw]`` maps (``"few"`` only with references).
 
-    # WinCLIP+: an image scored against a memory that holds it has zero few-shot distance,
-    # so its map and image score are half the zero-shot ones
-    rng = np.random.default_rng(3)
-    references = [(rng.random((32, 32, 3)) * 255).astype(np.uint8) for _ in range(2)]
-    winclip.set_references(references)
-    assert winclip.memory["shots"] == 2
-    prepared = winclip.prepare(references[:1])
-    few_image, few_map = winclip.score(prepared)
-    zero_image, zero_map = WinClip(tiny_backbone, "bottle").score(prepared)
-    torch.testing.assert_close(few_map, zero_map / 2, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(few_image, zero_image / 2, rtol=1e-4, atol=1e-5)
+    Images are resized (PIL bicubic) to the native size; a window is its class token through the
+    tower; zero-shot ``softmax(cos / T)[anomalous]``, a patch's per-scale score the harmonic mean
+    over the windows covering it, ``M_zs = (S + 1) / (1 / s_img + Σ 1 / H_k)``; few-shot, per
+    feature ``min over the memory of its kind of (1 − cos) / 2``, ``M_fs`` the mean of the patch
+    map and the harmonic window maps, map ``(M_zs + M_fs) / 2``, score ``(s_img + max M_fs) / 2``."""
+    visual = backbone.model.visual
+    text = reference_text(backbone, object_name, prompt_set)
+    gh, gw = backbone.native_grid
+    H, W = backbone.native_size
+    P = gh * gw
+    windows = {k: [[(r + i) * gw + c + j for i in range(k) for j in range(k)]
+                   for r in range(gh - k + 1) for c in range(gw - k + 1)] for k in scales}
+
+    def features(rgb):
+        resized = np.array(Image.fromarray(np.asarray(rgb)).resize((W, H), Image.BICUBIC))
+        x = backbone.normalize(torch.from_numpy(resized).permute(2, 0, 1)[None].float() / 255)
+        full = plain_sequences(visual, x, [range(P)])[0]  # 1 + P, W
+        return {"image": full[0] @ visual.proj, "patches": list(full[1:]),
+                **{k: list(plain_sequences(visual, x, windows[k])[:, 0] @ visual.proj) for k in scales}}
+
+    def zero_shot(f):
+        cos = F.cosine_similarity(f[None], text, dim=-1)  # 2
+        return torch.softmax(cos / T, dim=0)[1].item()
+
+    def distance(f, memory):
+        return min((1 - F.cosine_similarity(f, m, dim=0).item()) / 2 for m in memory)
+
+    def harmonic(values, k, p):
+        covering = [v for v, w in zip(values, windows[k]) if p in w]
+        return len(covering) / sum(1 / v for v in covering)
+
+    memory = [features(r) for r in references]
+    results = []
+    for rgb in images:
+        f = features(rgb)
+        s_img = zero_shot(f["image"])
+        zs = {k: [zero_shot(e) for e in f[k]] for k in scales}
+        zero = [(len(scales) + 1) / (1 / s_img + sum(1 / harmonic(zs[k], k, p) for k in scales))
+                for p in range(P)]
+        result = {"zero": (s_img, torch.tensor(zero).view(gh, gw))}
+        if memory:
+            patch_memory = [t for m in memory for t in m["patches"]]
+            fs = {k: [distance(e, [t for m in memory for t in m[k]]) for e in f[k]] for k in scales}
+            few = [(distance(f["patches"][p], patch_memory) + sum(harmonic(fs[k], k, p) for k in scales))
+                   / (len(scales) + 1) for p in range(P)]
+            grid = [(z + q) / 2 for z, q in zip(zero, few)]
+            result["few"] = ((s_img + max(few)) / 2, torch.tensor(grid).view(gh, gw))
+        results.append(result)
+    return results
+
+
+@pytest.mark.parametrize("prompt_set", ["paper", "anomalib"])
+def test_scores_equal_an_independent_reference(tiny_backbone, prompt_set):
+    """Zero-shot with text embeddings built here, then WinCLIP+ with a memory of two *other*
+    images, against ``reference_winclip``."""
+    rng = np.random.default_rng(4)
+    images = [(rng.random((32, 32, 3)) * 255).astype(np.uint8) for _ in range(3)]
+    tests, references = images[:1], images[1:]
+    want = reference_winclip(tiny_backbone, "bottle", prompt_set, tests, references)
+    winclip = WinClip(tiny_backbone, "bottle", prompt_set=prompt_set)
+    for mode in ("zero", "few"):
+        if mode == "few":
+            winclip.set_references(references)
+            assert winclip.memory["shots"] == 2
+        scores, grids = winclip.score(winclip.prepare(tests))
+        for b, reference in enumerate(want):
+            want_score, want_grid = reference[mode]
+            assert scores[b].item() == pytest.approx(want_score, rel=1e-4, abs=1e-6), (mode, b)
+            torch.testing.assert_close(grids[b], want_grid, rtol=1e-4, atol=1e-6)
+    # the few-shot distances are not negligible beside the tolerance: a factor 2 on them shows
+    assert all((r["few"][1] - r["zero"][1] / 2).abs().min() > 1e-3 for r in want)
 
 
 def test_predict_returns_maps_at_image_size(tiny_backbone, rng):
