@@ -1,5 +1,6 @@
 """The Segmenter's inference protocol: resize rule, windows, classification, method extras."""
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -8,8 +9,11 @@ import torchvision.transforms.functional as TF
 from scipy import ndimage
 
 from ovdense import Segmenter
+from ovdense.backbone.dense import embed
 from ovdense.errors import OvdenseError
 from ovdense.heads.training_free import close_labels, rescale_size, window_boxes
+from ovdense.refine.cluster import cluster_vote
+from ovdense.refine.pamr import pamr
 
 
 def make_segmenter(backbone, classes=("sky", "grass", "cow"), **kwargs):
@@ -43,8 +47,10 @@ def test_one_window_covering_the_image_equals_one_pass(tiny_backbone, rng):
     torch.testing.assert_close(whole.logits(x, (48, 64)), slid.logits(x, (48, 64)))
 
 
-def test_sliding_canvas_is_mean_of_window_logits(tiny_backbone, rng):
-    seg = make_segmenter(tiny_backbone, short_side=0, window=(32, 16), kernel="reference")
+@pytest.mark.parametrize("batch_windows", [16, 2, 1])  # 3 windows: one batch, 2 + 1, 1 + 1 + 1
+def test_sliding_canvas_is_mean_of_window_logits(tiny_backbone, rng, batch_windows):
+    seg = make_segmenter(tiny_backbone, short_side=0, window=(32, 16), kernel="reference",
+                         batch_windows=batch_windows)
     whole = make_segmenter(tiny_backbone, short_side=0, window=(0, 0), kernel="reference")
     x = seg.prepare((rng.random((32, 64, 3)) * 255).astype(np.uint8))  # 3 windows along W
     with torch.no_grad():
@@ -128,9 +134,11 @@ def test_predict_result_has_the_image_size(tiny_backbone, rng):
         assert result.labels.max() < 3 and abs(sum(result.class_shares()) - 1) < 1e-9
 
 
-def test_image_engineering_is_itaclip_mix(tiny_backbone):
+@pytest.mark.parametrize("weight", [None, 0.3])  # None: ITACLIP's img_eng_coefficient 0.75
+def test_image_engineering_is_itaclip_mix(tiny_backbone, weight):
+    options = {} if weight is None else {"image_engineering_weight": weight}
     seg = make_segmenter(tiny_backbone, method="itaclip", short_side=0, window=(0, 0),
-                         image_engineering=True, pamr=False)
+                         image_engineering=True, pamr=False, **options)
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = seg.logits(x, (32, 32))
@@ -146,7 +154,8 @@ def test_image_engineering_is_itaclip_mix(tiny_backbone):
         main = up(torch.einsum("bdhw,qd->bqhw", mean_feats, seg.text))
         flips = [up(torch.einsum("bdhw,qd->bqhw", feats(x.flip(d)), seg.text)[None][0]).flip(d - 1)
                  for d in (2, 3)]
-        want = 0.75 * main + 0.25 * (flips[0] + flips[1]) / 2
+        w = 0.75 if weight is None else weight
+        want = w * main + (1 - w) * (flips[0] + flips[1]) / 2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -178,3 +187,102 @@ def test_close_labels_is_grey_closing(rng):
 def test_bad_settings_raise_clear_errors(tiny_backbone, kwargs, message):
     with pytest.raises(OvdenseError, match=message):
         make_segmenter(tiny_backbone, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# PAMR, the cluster vote and method options inside the Segmenter, against direct computations
+
+
+def test_segmenter_pamr_is_official_pamr_on_the_resized_logits(tiny_backbone, rng):
+    """``pamr=True``: the official ``PAMR(10, dilations=(8, 16))`` (SCLIP/NACLIP/ClearCLIP/ITACLIP
+    ``pamr_steps``, ``pamr_stride``) on the logits resized to the image, guided by the
+    normalised image resized bilinearly to the same size (SCLIP ``forward_slide``)."""
+    rgb = (rng.random((45, 60, 3)) * 255).astype(np.uint8)
+    refined = make_segmenter(tiny_backbone, method="naclip", short_side=40, window=(32, 16), pamr=True)
+    plain = make_segmenter(tiny_backbone, method="naclip", short_side=40, window=(32, 16), pamr=False)
+    x = plain.prepare(rgb)  # 1, 3, 40, 53
+    with torch.no_grad():
+        logits = plain.logits(x, (45, 60))[None]  # 1, Q, 45, 60
+        guide = F.interpolate(x, size=(45, 60), mode="bilinear", align_corners=False)
+        want = pamr(guide, logits, dilations=(8, 16), num_iter=10)[0]
+        got = refined.logits(x, (45, 60))
+    assert not torch.allclose(want, logits[0], atol=1e-3)  # PAMR visibly changes these logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _cliptrase_affinity_by_hand(visual, x):
+    """CLIPtrase's ``attn_weights[-2]``: at the input of block 11 of 12, the head mean of
+    ``(cos(q_i, q_j) + cos(k_i, k_j) + cos(v_i, v_j)) / 3``, ``[N, N]``."""
+    tokens = embed(visual, x)  # 1, N, W
+    blocks = visual.transformer.resblocks
+    assert len(blocks) == 12
+    for block in blocks[:10]:
+        tokens = block(tokens)
+    block = blocks[10]
+    y = F.linear(block.ln_1(tokens), block.attn.in_proj_weight, block.attn.in_proj_bias)  # 1, N, 3W
+    heads = block.attn.num_heads
+    total = 0
+    for t in y.chunk(3, dim=-1):  # q, k, v: 1, N, W
+        t = F.normalize(t.reshape(1, t.shape[1], heads, -1).transpose(1, 2), dim=-1)  # 1, heads, N, hd
+        total = total + t @ t.transpose(-2, -1)
+    return (total / 3).mean(dim=1)[0]
+
+
+@pytest.mark.parametrize("cluster_params", [None, (0.5, 3)])
+def test_segmenter_cluster_vote_is_cliptrase_on_the_padded_image(tiny_backbone, cluster_params):
+    """The vote's wiring: block-11 affinity of the padded prepared image minus the class token's
+    row, clamped at 0 (``clip_self_correlation.py``); DBSCAN ``cluster_params`` (``None``: the
+    official 224 px pair (0.7, 3), nearest to 5×7 patches); the cluster maps cover the padded
+    image, so the labels (twice the prepared size) sit at twice the padding offset."""
+    g = np.random.default_rng(0)
+    rgb = (g.random((66, 98, 3)) * 255).astype(np.uint8)
+    seg = make_segmenter(tiny_backbone, method="cliptrase", classes=["a", "b", "c", "d", "e"],
+                         short_side=33, cluster=True, cluster_params=cluster_params)
+    # by hand: 66×98 → 33×49, normalised, zero-padded centred to 40×56 (3 top/left, 4 bottom/right)
+    small = cv2.resize(rgb, (49, 33), interpolation=cv2.INTER_LINEAR)
+    mean = torch.tensor(tiny_backbone.mean).view(1, 3, 1, 1)
+    std = torch.tensor(tiny_backbone.std).view(1, 3, 1, 1)
+    x = (torch.from_numpy(small).permute(2, 0, 1)[None].float() / 255 - mean) / std
+    with torch.no_grad():
+        affinity = _cliptrase_affinity_by_hand(tiny_backbone.model.visual, F.pad(x, (3, 4, 3, 4)))
+    denoised = (affinity[1:, 1:] - affinity[0:1, 1:]).clamp(min=0)  # 35, 35
+    eps, min_samples = cluster_params or (0.7, 3)
+    # labels with structure (random classes on 12-pixel cells) so that every wiring mistake shows
+    cells = torch.randint(0, 5, (6, 9), generator=torch.Generator().manual_seed(0))
+    labels = cells.repeat_interleave(12, 0).repeat_interleave(12, 1)[:66, :98]
+    want = cluster_vote(denoised, (5, 7), labels, eps, min_samples, canvas=(80, 112, 6, 6))
+    got = seg._cluster_vote(seg.prepare(rgb), labels)
+    assert (want != labels).float().mean() > 0.3  # the vote changes many labels here
+    torch.testing.assert_close(got, want)
+    # predict votes on the labels it would give without the vote
+    plain = make_segmenter(tiny_backbone, method="cliptrase", classes=["a", "b", "c", "d", "e"],
+                           short_side=33, cluster=False).predict(rgb).labels
+    want = cluster_vote(denoised, (5, 7), torch.from_numpy(plain), eps, min_samples, canvas=(80, 112, 6, 6))
+    assert (want.numpy() != plain).mean() > 0.1
+    np.testing.assert_array_equal(seg.predict(rgb).labels, want.numpy())
+
+
+def test_method_options_reach_the_last_block(tiny_backbone):
+    """``method_options={"keep_residual": False}`` gives MaskCLIP's value path without residual
+    and FFN (ClearCLIP's ablation), computed here from open_clip's own modules at the native
+    32 px: ``ln_post(out_proj(W_v ln_1(x) + b_v)) @ proj``, cosine with the text, upsampled."""
+    seg = make_segmenter(tiny_backbone, method="maskclip", short_side=0, window=(0, 0),
+                         method_options={"keep_residual": False})
+    default = make_segmenter(tiny_backbone, method="maskclip", short_side=0, window=(0, 0))
+    visual = tiny_backbone.model.visual
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        tokens = visual._embeds(x)  # 1, 17, W: open_clip's conv1, class token, positions, ln_pre
+        for block in visual.transformer.resblocks[:-1]:
+            tokens = block(tokens)
+        last = visual.transformer.resblocks[-1]
+        width = tokens.shape[-1]
+        w_v, b_v = last.attn.in_proj_weight[2 * width:], last.attn.in_proj_bias[2 * width:]
+        v = F.linear(last.ln_1(tokens), w_v, b_v)  # 1, 17, W: the value path
+        feats = visual.ln_post(last.attn.out_proj(v)) @ visual.proj  # 1, 17, D
+        feats = F.normalize(feats[0, 1:], dim=-1)  # 16, D
+        logits = (feats @ seg.text.T).T.reshape(1, -1, 4, 4)  # 1, Q, 4, 4
+        want = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)[0]
+        got = seg.logits(x, (32, 32))
+        assert not torch.allclose(default.logits(x, (32, 32)), want, atol=1e-3)  # the option matters
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
