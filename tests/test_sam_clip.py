@@ -398,3 +398,222 @@ def test_cli_sam_clip_writes_labels_overlay_and_instances(tiny_config_path, scen
     code = main(base + ["--sam-checkpoint", str(checkpoint), "--window", "32", "16"])
     err = capsys.readouterr().err
     assert code == 2 and "--window: not an option of --method sam-clip" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Every SAM + CLIP flag of the command line: the proposals against segment-anything's own
+# generator, the classes against a classification computed here
+
+
+def small_sam():
+    """A 128-px SAM (image encoder width 32, two windowed blocks; SAM's prompt encoder and mask
+    decoder, the decoder's weights ×3 so that its random masks differ in area, predicted IoU and
+    stability): its automatic masks take a fraction of a second (``tiny_sam`` encodes 1024 px)."""
+    from functools import partial
+
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    torch.manual_seed(0)
+    size, patch = 128, 16
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=2, embed_dim=32, img_size=size, mlp_ratio=4, num_heads=2, patch_size=patch, qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True, global_attn_indexes=(),
+            window_size=8, out_chans=256),
+        prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(size // patch, size // patch),
+                                     input_image_size=(size, size), mask_in_chans=16),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8)),
+        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+    with torch.no_grad():
+        for p in sam.mask_decoder.parameters():
+            p.mul_(3.0)
+    return sam.eval()
+
+
+CLI_CLASSES = "background,red|crimson,green,blue"
+PROMPTS, CLASS_OF_PROMPT = ["background", "red", "crimson", "green", "blue"], [0, 1, 1, 2, 3]
+# the options of every run below: 3 × 3 points, every mask kept (but by box NMS at IoU 0.95)
+BASE_FLAGS = {"--points-per-side": "3", "--pred-iou-thresh": "0", "--stability-score-thresh": "0",
+              "--box-nms-thresh": "0.95"}
+BASE_OPTIONS = {"points_per_side": 3, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
+                "box_nms_thresh": 0.95}
+
+
+@pytest.fixture(scope="module")
+def sam_cli(tmp_path_factory, scene):
+    """``run(out, **flags)``: ``ovdense segment --method sam-clip --model toy`` on the scene with a
+    ``small_sam`` checkpoint and ``BASE_FLAGS`` (``flags`` maps a flag to its value, replacing or
+    adding): the instances (JSON) and the labels (PNG)."""
+    folder = tmp_path_factory.mktemp("sam-cli")
+    checkpoint = folder / "sam_vit_b_small.pth"
+    torch.save(small_sam().state_dict(), checkpoint)
+    image = folder / "scene.png"
+    Image.fromarray(scene.image).save(image)
+
+    def run(out, **flags):
+        options = {"--sam-checkpoint": str(checkpoint), **BASE_FLAGS, **flags}
+        argv = ["segment", str(image), "--classes", CLI_CLASSES, "--model", "toy", "--short-side", "0",
+                "--method", "sam-clip", "--out", str(out)]
+        argv += [str(v) for flag, value in options.items() for v in (flag, value)]
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("OVDENSE_CACHE", str(folder / "cache"))
+            patch.setitem(segment_anything.sam_model_registry, "vit_b", lambda checkpoint=None: small_sam())
+            code = main(argv)
+        assert code == 0
+        with Image.open(out / "scene_labels.png") as pil:
+            labels = np.asarray(pil)
+        return json.loads((out / "scene_instances.json").read_text()), labels
+
+    run.checkpoint = checkpoint
+    return run
+
+
+@pytest.fixture(scope="module")
+def small():
+    return small_sam()
+
+
+def generated(sam, image, **options) -> np.ndarray:
+    """segment-anything's ``SamAutomaticMaskGenerator.generate`` with ``BASE_OPTIONS`` and
+    ``options``: its masks ``[M, H, W]``, in its order."""
+    found = SamAutomaticMaskGenerator(sam, **{**BASE_OPTIONS, **options}).generate(image)
+    return np.stack([a["segmentation"] for a in found]) if found else np.zeros((0, *image.shape[:2]), bool)
+
+
+def masks_of(entries) -> np.ndarray:
+    return np.stack([decode(e["segmentation"]) for e in entries])
+
+
+PROPOSAL_CASES = {  # flag: (value, segment-anything's option)
+    "--points-per-side": ("2", {"points_per_side": 2}),
+    "--pred-iou-thresh": ("0.9", {"pred_iou_thresh": 0.9}),
+    "--stability-score-thresh": ("0.9", {"stability_score_thresh": 0.9}),
+    "--box-nms-thresh": ("0.9", {"box_nms_thresh": 0.9}),
+    "--min-mask-region-area": ("10", {"min_mask_region_area": 10}),
+}
+
+
+@pytest.mark.parametrize("flag", PROPOSAL_CASES)
+def test_cli_sam_proposal_flags(sam_cli, small, scene, tmp_path, flag):
+    """Each SAM flag changes the proposals as segment-anything's generator with that option does:
+    the instances' masks are its masks, in its order, which differ from the masks without the
+    flag; the labels follow the overlap rule."""
+    value, option = PROPOSAL_CASES[flag]
+    entries, labels = sam_cli(tmp_path / "out", **{flag: value})
+    want = generated(small, scene.image, **option)
+    base = generated(small, scene.image)
+    assert len(entries) == len(want) > 0
+    np.testing.assert_array_equal(masks_of(entries), want)
+    assert len(want) != len(base) or (want != base).any(), "the option changes nothing here"
+    rule, _ = overlap_rule(want, [e["category_id"] for e in entries], [e["score"] for e in entries])
+    np.testing.assert_array_equal(labels, rule)
+
+
+def classified_here(backbone, rgb, masks, method="clearclip", crop_area=None, crop_weight=0.0):
+    """Each mask's ``(label, score)`` computed here: the dense features of ``method`` (the image at
+    its own size) averaged under the mask by ``pooled_by_loop``, L2-normalised; below ``crop_area``
+    of the image blended ``(1 − λ)·pooled + λ·crop`` with the CLIP embedding of its masked crop (box,
+    outside the mask at the mean colour, bicubic to the native size); ``softmax(logit scale ·
+    cosine)`` over the prompts, a class's probability its best synonym's."""
+    from ovdense.backbone.dense import METHODS
+
+    text = backbone.encode_text(PROMPTS, backbone.defaults["templates"]).double()  # Q, D
+    x = backbone.to_tensor(rgb)  # 1, 3, H, W
+    with torch.no_grad():
+        features = backbone.encode_dense(x, method)[0]  # D, h, w
+    H, W = rgb.shape[:2]
+    found = []
+    for mask in masks:
+        if not mask.any():
+            found.append((-1, 0.0))
+            continue
+        embedding = pooled_by_loop(features, torch.from_numpy(mask))
+        embedding = embedding / embedding.norm()
+        if crop_area is not None and mask.sum() < crop_area * H * W:
+            ys, xs = np.nonzero(mask)
+            y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+            region = x[0, :, y0:y1, x0:x1].float() * torch.from_numpy(mask[y0:y1, x0:x1])
+            crop = F.interpolate(region[None], size=backbone.native_size, mode="bicubic", align_corners=False)
+            with torch.no_grad():
+                crop_embedding = backbone.encode_image(crop)[0].double()
+            embedding = (1 - crop_weight) * embedding + crop_weight * crop_embedding / crop_embedding.norm()
+            embedding = embedding / embedding.norm()
+        probs = torch.softmax(METHODS[method].protocol.logit_scale * text @ embedding, dim=0)
+        classes = [max(float(probs[q]) for q in range(len(PROMPTS)) if CLASS_OF_PROMPT[q] == c)
+                   for c in range(max(CLASS_OF_PROMPT) + 1)]
+        found.append((int(np.argmax(classes)), max(classes)))
+    return found
+
+
+def check_classes(entries, want):
+    assert [e["category_id"] for e in entries] == [label for label, _ in want]
+    np.testing.assert_allclose([e["score"] for e in entries], [score for _, score in want], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def toy_clip():
+    from ovdense import create_backbone
+
+    return create_backbone("toy")
+
+
+@pytest.fixture(scope="module")
+def base_run(sam_cli, tmp_path_factory):
+    return sam_cli(tmp_path_factory.mktemp("sam-base") / "out")
+
+
+def test_cli_clip_method_and_sam_model(sam_cli, base_run, toy_clip, scene, tmp_path):
+    """``--clip-method maskclip`` pools MaskCLIP's features with its logit scale (the default run:
+    ClearCLIP's, and the two differ); ``--sam-model vit_b`` reads a checkpoint whose name does not
+    say its type (the same masks as the default run's)."""
+    unnamed = tmp_path / "weights.pth"
+    unnamed.write_bytes(sam_cli.checkpoint.read_bytes())
+    entries, _ = sam_cli(tmp_path / "out", **{"--clip-method": "maskclip", "--sam-model": "vit_b",
+                                              "--sam-checkpoint": str(unnamed)})
+    base, _ = base_run
+    masks = masks_of(base)
+    np.testing.assert_array_equal(masks_of(entries), masks)
+    check_classes(base, classified_here(toy_clip, scene.image, masks))
+    want = classified_here(toy_clip, scene.image, masks, method="maskclip")
+    check_classes(entries, want)
+    assert not np.allclose([e["score"] for e in base], [score for _, score in want], atol=1e-3)
+
+
+def test_cli_unknown_threshold(sam_cli, base_run, tmp_path):
+    """``--unknown-threshold T``: the masks scoring below T (in the run without it) are unknown
+    (category -1, their pixels 0), the others keep their class; scores and masks are unchanged."""
+    base, _ = base_run
+    scores = sorted({e["score"] for e in base if e["score"] > 0})
+    assert len(scores) >= 2, scores
+    middle = len(scores) // 2
+    threshold = (scores[middle - 1] + scores[middle]) / 2
+    entries, labels = sam_cli(tmp_path / "out", **{"--unknown-threshold": threshold})
+    want = [-1 if e["score"] < threshold else e["category_id"] for e in base]
+    assert -1 in want and any(label >= 0 for label in want)
+    assert [e["category_id"] for e in entries] == want
+    assert [e["category_name"] == "unknown" for e in entries] == [label == -1 for label in want]
+    np.testing.assert_allclose([e["score"] for e in entries], [e["score"] for e in base], atol=1e-7)
+    masks = masks_of(entries)
+    np.testing.assert_array_equal(masks, masks_of(base))
+    rule, _ = overlap_rule(masks, want, [e["score"] for e in entries])
+    np.testing.assert_array_equal(labels, rule)
+
+
+def test_cli_crop_area_and_weight(sam_cli, base_run, toy_clip, scene, tmp_path):
+    """``--crop-area 0.1 --crop-weight 0.7``: the masks under a tenth of the image take the blend
+    of their pooled and their masked crop's embedding at λ = 0.7 (computed here), the others keep
+    the scores of the run without the flags."""
+    entries, _ = sam_cli(tmp_path / "out", **{"--crop-area": "0.1", "--crop-weight": "0.7"})
+    base, _ = base_run
+    masks = masks_of(entries)
+    np.testing.assert_array_equal(masks, masks_of(base))
+    small_masks = (masks.sum(axis=(1, 2)) < 0.1 * masks[0].size) & masks.any(axis=(1, 2))
+    assert small_masks.any() and not small_masks.all(), masks.sum(axis=(1, 2))
+    check_classes(entries, classified_here(toy_clip, scene.image, masks, crop_area=0.1, crop_weight=0.7))
+    for entry, before, is_small in zip(entries, base, small_masks):
+        if is_small:
+            assert abs(entry["score"] - before["score"]) > 1e-4
+        else:
+            assert (entry["category_id"], entry["score"]) == (before["category_id"], before["score"])
