@@ -53,24 +53,35 @@ def rng():
     return np.random.default_rng(0)
 
 
+def fvit_head_config() -> dict:
+    """The model of ``configs/ovdet/fvlm_toy_synthetic.py`` as ``OvdenseFViT.head_config`` (what
+    ``export_head`` writes), read as plain Python: no mmengine."""
+    import runpy
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "ovdet" / "fvlm_toy_synthetic.py"
+    model = runpy.run_path(str(config))["model"]
+    keys = ("classes", "neck", "rpn_head", "roi_head", "test_cfg", "method", "pyramid")
+    return {**{k: model[k] for k in keys}, "templates": None, "indices": None}
+
+
 @pytest.fixture(scope="session")
 def fvit_head(tmp_path_factory) -> Path:
     """A random-init F-ViT head (Mask R-CNN, ``configs/ovdet/fvlm_toy_synthetic.py``) for the toy
-    backbone, as ``ovdense.mm.detection.export_head`` writes it; needs mmcv's ops and mmdet."""
-    pytest.importorskip("mmcv.ops", reason="needs full mmcv with compiled ops (python tools/build_mmcv.py)")
-    pytest.importorskip("mmdet", reason="needs mmdet 3.3 (pip install -e '.[mm]')")
-    from mmdet.registry import MODELS
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
+    backbone, built in plain torch (``ovdense.heads.detection.PlainFViT``: the state-dict keys and
+    config that ``ovdense.mm.detection.export_head`` writes; the background embedding initialised
+    from the text "background", as ``OvdenseFViT``), so the tests that use it run in the lean
+    install, without mmcv, mmdet or mmengine."""
+    from ovdense import create_backbone
+    from ovdense.heads import detection as det
 
-    from ovdense.mm.detection import export_head
-
-    config = Path(__file__).resolve().parents[1] / "configs" / "ovdet" / "fvlm_toy_synthetic.py"
+    config = fvit_head_config()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OVDENSE_CACHE", str(tmp_path_factory.mktemp("fvit-head-cache")))
-        init_default_scope("mmdet")
-        cfg = Config.fromfile(str(config), import_custom_modules=False)
+        toy = create_backbone("toy")
         torch.manual_seed(0)
-        model = MODELS.build(cfg.model)
-        model.init_weights()
-        return export_head(model, tmp_path_factory.mktemp("fvit-head") / "fvit_head.safetensors")
+        model = det.PlainFViT(toy, config)
+        background = toy.encode_text(["background"], model.templates)[0]
+        with torch.no_grad():
+            model.roi_head.bbox_head.classifier.background.copy_(background)
+        return det.save_head(tmp_path_factory.mktemp("fvit-head") / "fvit_head.safetensors",
+                             model.state_dict(), toy, config)

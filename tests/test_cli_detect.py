@@ -2,8 +2,8 @@
 unreadable images, ``--skip-existing``, and one ``ovdense: error:`` line per bad option.
 
 The head is conftest.py's ``fvit_head``: a random-init F-ViT for the toy backbone, built from
-configs/ovdet/fvlm_toy_synthetic.py and written by ``ovdense.mm.detection.export_head`` (needs mmcv,
-as tests/test_mm_detection.py); the bad-option cases need no head and run without mmcv.
+configs/ovdet/fvlm_toy_synthetic.py in plain torch (``PlainFViT``, the file ``export_head`` writes), so
+every test here runs without mmcv, mmdet or mmengine; the bad-option cases need no head.
 """
 
 import json
@@ -170,6 +170,9 @@ def test_no_ensemble_gives_the_detectors_own_scores(toy, fvit_head, scene_dir, t
                              image_size=64).predict(str(scene_dir / "scene.png"))
     np.testing.assert_allclose([d["score"] for d in got], want.scores, atol=1e-6)
     assert len(want.scores) != len(with_ensemble.scores) or not np.allclose(want.scores, with_ensemble.scores)
+    full_size = Detector(toy, ALL_CLASSES, fvit_head, score_threshold=0.0,
+                         ensemble=False).predict(str(scene_dir / "scene.png"))  # the default image size
+    assert len(want.scores) != len(full_size.scores) or not np.allclose(want.scores, full_size.scores)
 
 
 def test_unreadable_image_is_skipped_and_skip_existing_resumes(fvit_head, scene_dir, threshold, tmp_path,

@@ -1,8 +1,8 @@
 """The demo's Detect tab (``demo/app.py``): its work function against ``Detector.predict`` on the same
 image, its head cache, and its refusals; the page offers the tab only where an F-ViT head is at hand.
 
-The head is conftest.py's ``fvit_head``: a random-init F-ViT for the toy backbone written by
-``ovdense.mm.detection.export_head`` (needs mmcv, as tests/test_mm_detection.py).
+The head is conftest.py's ``fvit_head``: a random-init F-ViT for the toy backbone built in plain torch
+(``PlainFViT``, the file ``ovdense.mm.detection.export_head`` writes); no mmcv needed.
 """
 
 import importlib.util

@@ -87,6 +87,31 @@ def test_backbone_never_in_state_dict_or_optimizer(model):
     assert not model.clip.model.training
 
 
+def test_extract_feat_feeds_the_fpn_fvits_pyramid(model):
+    """mmdet's ``OvdenseFViT.extract_feat`` hands its FPN F-ViT's simple pyramid (written out in
+    tests/test_detection.py from wusize/CLIPSelf's code, not ovdense's) of the frozen taps, on the
+    model's own pyramid weights (the mmdet-side ``OvdenseFViTPyramid``, state-dict keys included)."""
+    from test_detection import FVIT_TO_OVDENSE, fvit_pyramid_reference
+
+    state = model.state_dict()
+    params = {f"{f}.{k[len('backbone.pyramid.' + n) + 1:]}": v for f, n in FVIT_TO_OVDENSE.items()
+              for k, v in state.items() if k.startswith(f"backbone.pyramid.{n}.")}
+    assert len(params) == sum(k.startswith("backbone.") for k in state) == 8  # nothing else in the pyramid
+    seen = []
+    handle = model.neck.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    images = torch.randn(1, 3, 48, 64, generator=torch.Generator().manual_seed(2))
+    model.eval()
+    try:
+        with torch.no_grad():
+            model.extract_feat(images)
+    finally:
+        handle.remove()
+        model.roi_head.clip_context = None
+    levels = det.frozen_features(model.clip, images, with_clip_map=False).levels
+    for got, want in zip(seen[0], fvit_pyramid_reference(levels, params, "group")):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_training_lowers_the_loss_on_base_classes_only():
     model = build_model()
     batch = model.data_preprocessor(scenes_batch([1, 2]), training=True)
