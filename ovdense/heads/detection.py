@@ -34,8 +34,7 @@ Departures, each deliberate:
 * Norm layers. F-ViT puts ``SyncBN`` in the pyramid (and the FPN and box head): it needs several
   processes and does not run on one CPU. ``SimplePyramid`` takes ``norm="group"`` (GroupNorm,
   32 groups: no statistics shared across processes; detectron2's ViTDet pyramid uses LayerNorm) by
-  default; ``"batch"``,
-  ``"sync_batch"`` (F-ViT's, for multi-GPU runs) and ``"none"`` are available.
+  default; ``"batch"``, ``"sync_batch"`` (F-ViT's, for multi-GPU runs) and ``"none"`` are available.
 * The region embedding is a linear layer to the joint space ``D`` after the box head's FCs
   (CLIM's ``fc_cls`` rebuilt with ``out_features = D``); F-ViT uses the ReLU'd output of its
   last cls FC, whose width happens to equal ``D``.
