@@ -83,13 +83,16 @@ def evaluate(argv=None) -> dict:
     """Run the test loop; return the metrics (the same on every process)."""
     from mmengine.runner import Runner
 
-    from ovdense.mm.training import init_cpu_distributed
+    from ovdense.mm.training import close_distributed, init_cpu_distributed
 
     args = parse_args(argv)
     cfg = build_config(args)
     init_cpu_distributed(cfg)
-    runner = Runner.from_cfg(cfg)
-    return dict(runner.test())
+    try:
+        runner = Runner.from_cfg(cfg)
+        return dict(runner.test())
+    finally:
+        close_distributed()
 
 
 def main(argv=None) -> int:
@@ -101,9 +104,7 @@ def main(argv=None) -> int:
         hint = " (here: --cfg-options model.backbone.pretrained=PATH)" if "pretrained" in str(e) else ""
         print(f"error: {e}{hint}", file=sys.stderr)
         return 2
-    from mmengine.dist import get_rank
-
-    if get_rank() == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's; the process group is closed by now
         print("metrics: " + ", ".join(f"{k} {float(v):.2f}" for k, v in metrics.items()))
     return 0
 

@@ -104,16 +104,19 @@ def train(argv=None):
     from mmengine.model import is_model_wrapper
     from mmengine.runner import Runner
 
-    from ovdense.mm.training import init_cpu_distributed
+    from ovdense.mm.training import close_distributed, init_cpu_distributed
 
     args = parse_args(argv)
     cfg = build_config(args)
     init_cpu_distributed(cfg)
-    runner = Runner.from_cfg(cfg)
-    model = runner.train()
-    model = model.module if is_model_wrapper(model) else model
-    export_head(model, cfg.work_dir)
-    return model
+    try:
+        runner = Runner.from_cfg(cfg)
+        model = runner.train()
+        model = model.module if is_model_wrapper(model) else model
+        export_head(model, cfg.work_dir)
+        return model
+    finally:
+        close_distributed()
 
 
 def export_head(model, work_dir: str) -> None:

@@ -451,6 +451,16 @@ def cpu_ddp_wrapper(cfg, launcher: str) -> None:
         cfg.model_wrapper_cfg = dict(wrapper, type="MMDistributedDataParallel", device_ids=None)
 
 
+def close_distributed() -> None:
+    """Destroy the process group, if one was started, once a run is over. Left to the interpreter's
+    exit, gloo's threads sometimes die with ``terminate called without an active exception``
+    (SIGABRT) after the work is done, and torchrun reports the whole run as failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_cpu_distributed(cfg) -> None:
     """Start the process group over gloo where torch sees no GPU (``cfg.launcher ==
     "pytorch"``): mmengine's own start calls ``torch.cuda.set_device`` and NCCL, which need one."""
