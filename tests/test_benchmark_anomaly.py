@@ -1,4 +1,4 @@
-"""tools/benchmark_anomaly.py: anomalib's WinClipModel on ovdense's weights. anomalib is the
+"""tools/benchmarks/anomaly.py: anomalib's WinClipModel on ovdense's weights. anomalib is the
 ``anomaly-ref`` extra, not a dependency: skipped without it, except in CI (``CI=true``), where
 .ci/run installs it and a skip would hide the one comparison with another implementation."""
 
@@ -22,7 +22,7 @@ except ImportError as e:
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_tool("benchmark_anomaly")
+    return load_tool("benchmarks/anomaly")
 
 
 def test_anomalib_gets_the_backbones_weights_and_agrees(bench, tiny_backbone, rng):

@@ -55,7 +55,8 @@ def scene(seed: int, size=(128, 128)) -> np.ndarray:
 
 
 def build_mm_model(with_mask: bool = True):
-    pytest.importorskip("mmcv.ops", reason="needs full mmcv with compiled ops (python tools/build_mmcv.py)")
+    pytest.importorskip("mmcv.ops",
+                        reason="needs full mmcv with compiled ops (python tools/misc/build_mmcv.py)")
     pytest.importorskip("mmdet", reason="needs mmdet 3.3 (pip install -e '.[mm]')")
     from mmdet.registry import MODELS
     from mmengine.config import Config
@@ -252,8 +253,8 @@ def test_shipped_toy_head_finds_held_out_objects(toy, tmp_path):
     """The shipped head (``ovdense/assets/fvit-toy-head.safetensors``) through the public path
     (``Detector`` with no head named: ``default_head_checkpoint``), the 30 pairs as vocabulary, F-ViT's
     ensemble, on the first 12 held-out scenes of the world it was trained beside
-    (``tools/make_synthetic_detection.py``, seed 0: 24 objects of 15 pairs, 6 of them of 4 novel
-    pairs), box AP50 by pycocotools' COCOeval (``tools/eval_detect_toy.py``'s scoring). Measured:
+    (``tools/data/make_synthetic_detection.py``, seed 0: 24 objects of 15 pairs, 6 of them of 4 novel
+    pairs), box AP50 by pycocotools' COCOeval (``tools/analysis/eval_detect_toy.py``'s scoring). Measured:
     0.830 over all pairs, 0.864 base, 0.737 novel (README, 100 scenes: 0.623 / 0.720 / 0.430); floors
     a little below."""
     from tool_runs import load_tool
@@ -261,8 +262,9 @@ def test_shipped_toy_head_finds_held_out_objects(toy, tmp_path):
     from ovdense.backbone.clip import ASSETS
 
     assert det.default_head_checkpoint(toy) == ASSETS / "fvit-toy-head.safetensors"
-    scoring = load_tool("eval_detect_toy")
-    load_tool("make_synthetic_detection").write_detection_world(tmp_path, num_train=1, num_val=12, seed=0)
+    scoring = load_tool("analysis/eval_detect_toy")
+    world = load_tool("data/make_synthetic_detection")
+    world.write_detection_world(tmp_path, num_train=1, num_val=12, seed=0)
     truth, categories = scoring.load_held_out(tmp_path)
     names = [c["name"] for c in categories]
     assert sorted(names) == sorted(ALL)

@@ -1,4 +1,4 @@
-"""tools/gpu_check.py: the smoke run (every part on the CPU at tiny sizes) writes the report and
+"""tools/misc/gpu_check.py: the smoke run (every part on the CPU at tiny sizes) writes the report and
 one CSV per part whose figures hold together; a part that raises is recorded and the later parts
 still run; a spent budget ends a part with its own row."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "tools" / "gpu_check.py"
+SCRIPT = ROOT / "tools" / "misc" / "gpu_check.py"
 PARTS = ("environment", "kernels", "segment", "winclip", "sam_clip", "heads")
 
 
@@ -115,7 +115,7 @@ def test_unknown_part_is_refused_with_the_choices(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "gpu_check", module)  # its dataclasses look themselves up there
-    monkeypatch.setattr(sys, "path", list(sys.path))  # it puts tools/ on the path
+    monkeypatch.setattr(sys, "path", list(sys.path))  # it puts tools/benchmarks/ on the path
     spec.loader.exec_module(module)
     with pytest.raises(SystemExit, match="unknown part 'colour'; choose from 1–6 or environment"):
         module.main(["--out", str(tmp_path), "--smoke", "--parts", "colour"])

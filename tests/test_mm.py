@@ -20,7 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("mmcv.ops", reason="needs full mmcv with its compiled ops: python tools/build_mmcv.py")
+pytest.importorskip("mmcv.ops",
+                    reason="needs full mmcv with its compiled ops: python tools/misc/build_mmcv.py")
 pytest.importorskip("mmseg.models", reason="needs mmsegmentation 1.2.2: pip install -e '.[mm]'")
 
 from mmengine.config import Config  # noqa: E402
@@ -74,7 +75,7 @@ def tiny(tiny_backbone, tiny_config_path, tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """``{dataset: data_root}`` for the eight benchmarks, three validation images each."""
-    return load_tool("make_synthetic_benchmarks").write_benchmarks(
+    return load_tool("data/make_synthetic_benchmarks").write_benchmarks(
         tmp_path_factory.mktemp("benchmarks"), 3, seed=0, size=SIZE)
 
 
@@ -289,10 +290,10 @@ def test_tools_test_miou_equals_an_independent_computation(dataset, method, tiny
 
 
 def test_benchmark_table_measures_what_tools_test_measures(tiny, data, tmp_path):
-    """tools/benchmark_table.py on the synthetic benchmarks: the cell it runs holds the mIoU that
+    """tools/benchmarks/table.py on the synthetic benchmarks: the cell it runs holds the mIoU that
     tools/test.py gives for the same config and options; the cells it did not run are marked
     and their commands listed; the results file lets the table be rewritten without running."""
-    table_tool = load_tool("benchmark_table")
+    table_tool = load_tool("benchmarks/table")
     root = data["voc21"].parents[2]  # <root>/data/VOCdevkit/VOC2012
     options = [*tiny, "model.short_side=96", "model.window=(64,32)"]
     results = tmp_path / "results.json"

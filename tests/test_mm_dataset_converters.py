@@ -1,4 +1,4 @@
-"""tools/dataset_converters: COCO-Object, COCO-Stuff-171 and PASCAL Context label maps, checked
+"""tools/data/dataset_converters: COCO-Object, COCO-Stuff-171 and PASCAL Context label maps, checked
 against the synthetic scenes' own labels and against hand-made inputs (no mmseg needed)."""
 
 from pathlib import Path
@@ -17,7 +17,7 @@ def test_coco_object_maps_equal_the_scenes_labels(tmp_path):
     """Instances (RLE) → label maps: every pixel is its object's class, 0 elsewhere; images
     are linked into images/val2017."""
     coco = write_dataset("coco-instances", tmp_path, 3, seed=4, size=48)
-    converter = load_tool("dataset_converters/coco_object")
+    converter = load_tool("data/dataset_converters/coco_object")
     assert converter.main([str(coco), "--out", str(tmp_path / "object")]) == 0
     for index in range(3):  # the writer's scenes, drawn again from the same seeds
         rng = np.random.default_rng([4, hash_split("val2017"), index])
@@ -30,7 +30,7 @@ def test_coco_object_maps_equal_the_scenes_labels(tmp_path):
 
 
 def test_coco_object_later_annotations_paint_over_earlier_and_crowds_are_left_out():
-    converter = load_tool("dataset_converters/coco_object")
+    converter = load_tool("data/dataset_converters/coco_object")
     square = np.zeros((4, 4), bool)
     square[:2, :2] = True
     wide = np.zeros((4, 4), bool)
@@ -58,7 +58,7 @@ def test_coco_object_later_annotations_paint_over_earlier_and_crowds_are_left_ou
 def test_coco_stuff_train_ids(tmp_path):
     """The 11 never-annotated COCO ids are dropped: 0..10 stay, 12 → 11, 91 → 80, 181 → 170;
     unlabelled (255) and the dropped ids are ignored."""
-    converter = load_tool("dataset_converters/coco_stuff")
+    converter = load_tool("data/dataset_converters/coco_stuff")
     table = converter.train_id_table()
     assert [table[v] for v in (0, 10, 12, 26, 30, 45, 66, 69, 71, 83, 91, 92, 181)] == [
         0, 10, 11, 24, 26, 40, 60, 61, 62, 73, 80, 81, 170]
@@ -77,7 +77,7 @@ def test_pascal_context_maps_and_splits(tmp_path):
     and, with --full, 16-bit 459-class maps (id − 1, 65535 unlabelled) and the class names."""
     from scipy.io import savemat
 
-    converter = load_tool("dataset_converters/pascal_context")
+    converter = load_tool("data/dataset_converters/pascal_context")
     names = sorted(set(converter.CONTEXT59) | {"accordion", "zebra crossing", "air conditioner"})
     context = tmp_path / "context"
     context.mkdir()

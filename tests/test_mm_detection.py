@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("mmcv.ops", reason="needs full mmcv with compiled ops (python tools/build_mmcv.py)")
+pytest.importorskip("mmcv.ops", reason="needs full mmcv with compiled ops (python tools/misc/build_mmcv.py)")
 pytest.importorskip("mmdet", reason="needs mmdet 3.3 (pip install -e '.[mm]')")
 
 from mmdet.structures import DetDataSample  # noqa: E402
@@ -212,7 +212,7 @@ def test_coco_metric_equals_pycocotools(tmp_path):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    tool = load_tool("make_synthetic_detection")
+    tool = load_tool("data/make_synthetic_detection")
     top = tool.write_detection_world(tmp_path, num_train=1, num_val=12, size=96)
     ann_file = str(top / "annotations" / "instances_val2017.json")
     gt = COCO(ann_file)

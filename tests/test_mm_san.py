@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("mmcv.ops", reason="needs full mmcv with its compiled ops: python tools/build_mmcv.py")
+pytest.importorskip("mmcv.ops",
+                    reason="needs full mmcv with its compiled ops: python tools/misc/build_mmcv.py")
 pytest.importorskip("mmseg.models", reason="needs mmsegmentation 1.2.2: pip install -e '.[mm]'")
 
 from mmengine.config import Config  # noqa: E402

@@ -524,12 +524,12 @@ def _mmcv_ops():
 @pytest.fixture(scope="module")
 def mmseg_san():
     """mmseg's own SAN from its base B/16 config, random weights at trained-model scales
-    (``build_mmseg_san`` in tools/benchmark_san.py); the text tower has 1 block instead of 12 to
+    (``build_mmseg_san`` in tools/benchmarks/san.py); the text tower has 1 block instead of 12 to
     keep the test fast (its code path is the same)."""
     reason = _mmcv_ops()
     if reason:
         pytest.skip(reason)
-    return load_tool("benchmark_san").build_mmseg_san(VOCABULARY, seed=0, text_layers=1)
+    return load_tool("benchmarks/san").build_mmseg_san(VOCABULARY, seed=0, text_layers=1)
 
 
 VOCABULARY = ("person", "sky", "tree", "road, street", "dog")

@@ -402,7 +402,7 @@ def _mmseg_san_head(num_classes):
     try:
         import mmcv.ops  # noqa: F401
     except ImportError as e:
-        pytest.skip(f"mmseg parity needs full mmcv with compiled ops (python tools/build_mmcv.py): {e}")
+        pytest.skip(f"mmseg parity needs full mmcv with compiled ops (python tools/misc/build_mmcv.py): {e}")
     import mmseg
     from mmengine.config import Config
     from mmengine.registry import init_default_scope

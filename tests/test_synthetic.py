@@ -107,9 +107,9 @@ def test_open_vocabulary_split():
 
 
 def test_toy_scores_of_tools_eval_san_toy():
-    """tools/eval_san_toy.py's scores on a hand-checked 2×3 scene: object-pixel accuracy over
+    """tools/analysis/eval_san_toy.py's scores on a hand-checked 2×3 scene: object-pixel accuracy over
     all, base and novel objects and by colour; the novel mIoU over the novel classes present."""
-    tool = load_tool("eval_san_toy")
+    tool = load_tool("analysis/eval_san_toy")
     names = colour_shape_classes()
     assert names[1] == "red circle" and names[2] == "red square" and names[7] == "green square"
     truth = np.array([[0, 1, 2], [7, 255, 0]])  # red circle is novel; red and green squares are base

@@ -22,7 +22,7 @@ except Exception:  # the weights file is missing from this checkout
 pytestmark = pytest.mark.skipif(not HAVE_TOY, reason="ovdense/assets/toy-clip.* missing")
 
 SEED = 20_240_917  # disjoint from the training seeds (0, step)
-# measured on the shipped weights (tools/eval_synthetic.py, 300 images / 20 scenes): zero-shot
+# measured on the shipped weights (tools/analysis/eval_synthetic.py, 300 images / 20 scenes): zero-shot
 # colour 1.00, shape 0.63; maskclip colour mIoU 0.71
 COLOUR_ZERO_SHOT_BAR = 0.9
 SHAPE_ZERO_SHOT_BAR = 0.45

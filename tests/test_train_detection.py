@@ -1,7 +1,7 @@
 """F-ViT with tools/train.py and tools/test.py on CPU, and the configs and data of configs/ovdet/.
 
 * Training (``configs/ovdet/fvlm_toy_synthetic.py`` on the toy backbone, 64 px scenes of
-  ``tools/make_synthetic_detection.py``, 4 iterations at batch 2): a run killed after its first
+  ``tools/data/make_synthetic_detection.py``, 4 iterations at batch 2): a run killed after its first
   checkpoint and resumed ends with the weights of an uninterrupted one; two processes × 1 image
   (torchrun, gloo) train to the weights of one process × 2 images; tools/test.py on two processes
   with the shipped toy head gives the OVCocoMetric figures of one process, non-zero and equal to the
@@ -9,7 +9,7 @@
 * The OV-COCO and OV-LVIS configs (B/16, L/14) load and build on a random ViT of their depth and
   patch size, and their pyramid strides match the feature maps; the OV-LVIS configs' dataset and
   metric refuse a missing or broken lvis package when built on LVIS data.
-* ``tools/dataset_converters/lvis_v1_ovd.py`` on a synthetic LVIS-layout file.
+* ``tools/data/dataset_converters/lvis_v1_ovd.py`` on a synthetic LVIS-layout file.
 """
 
 import importlib.util
@@ -56,7 +56,7 @@ def lvis_layout(num_base: int = 4, num_rare: int = 2, num_images: int = 3) -> di
 
 
 def test_lvis_converter_keeps_images_and_drops_rare_categories(tmp_path, capsys):
-    converter = load_tool("dataset_converters/lvis_v1_ovd")
+    converter = load_tool("data/dataset_converters/lvis_v1_ovd")
     lvis = lvis_layout()
     source = tmp_path / "lvis_v1_train.json"
     source.write_text(json.dumps(lvis))
@@ -82,7 +82,7 @@ def test_lvis_converter_keeps_images_and_drops_rare_categories(tmp_path, capsys)
 
 
 def test_lvis_converter_refuses_a_coco_file(tmp_path, capsys):
-    converter = load_tool("dataset_converters/lvis_v1_ovd")
+    converter = load_tool("data/dataset_converters/lvis_v1_ovd")
     coco = dict(lvis_layout(), categories=[{"id": 1, "name": "person"}])
     (tmp_path / "coco.json").write_text(json.dumps(coco))
     with pytest.raises(SystemExit) as exit_info:
@@ -99,7 +99,7 @@ def test_lvis_converter_refuses_a_coco_file(tmp_path, capsys):
 
 needs_mmdet = pytest.mark.skipif(
     importlib.util.find_spec("mmdet") is None or importlib.util.find_spec("mmcv") is None,
-    reason="needs mmdet 3.3 and full mmcv (pip install -e '.[mm]'; python tools/build_mmcv.py)")
+    reason="needs mmdet 3.3 and full mmcv (pip install -e '.[mm]'; python tools/misc/build_mmcv.py)")
 
 FIXED_LVIS_EVAL = "tp_sum = np.cumsum(tps, axis=1).astype(dtype=float)\n"
 BROKEN_LVIS_EVAL = "tp_sum = np.cumsum(tps, axis=1).astype(dtype=np.float)\n"
@@ -219,7 +219,7 @@ def test_every_ovdet_config_builds_and_its_strides_match_the_feature_maps(name, 
         assert cfg.train_cfg.max_iters == 48 * epoch
         assert cfg.param_scheduler[1].milestones == [32 * epoch, 44 * epoch]
         assert model.roi_head.mask_head.class_agnostic and len(head.loss_cls.class_weight) == 866 + 1
-        converter = load_tool("dataset_converters/lvis_v1_ovd")
+        converter = load_tool("data/dataset_converters/lvis_v1_ovd")
         lvis = lvis_layout(num_base=866, num_rare=337, num_images=1)
         (tmp_path / "train.json").write_text(json.dumps(lvis))
         assert converter.main([str(tmp_path / "train.json"), "--out-dir", str(tmp_path)]) == 0
@@ -254,13 +254,13 @@ def test_every_ovdet_config_builds_and_its_strides_match_the_feature_maps(name, 
 needs_mmcv_ops = pytest.mark.skipif(
     importlib.util.find_spec("mmdet") is None or importlib.util.find_spec("mmcv") is None
     or importlib.util.find_spec("mmcv._ext") is None,
-    reason="needs mmdet 3.3 and full mmcv with compiled ops (python tools/build_mmcv.py)")
+    reason="needs mmdet 3.3 and full mmcv with compiled ops (python tools/misc/build_mmcv.py)")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """4 training scenes (base labels only), 3 held-out scenes (all pairs), 64 px."""
-    tool = load_tool("make_synthetic_detection")
+    tool = load_tool("data/make_synthetic_detection")
     return tool.write_detection_world(tmp_path_factory.mktemp("detection_world"), num_train=4, num_val=3,
                                       size=64)
 
@@ -365,7 +365,7 @@ def test_tools_test_on_two_processes_gives_the_figures_of_one(tmp_path):
     held-out 128 px scenes (11 objects, 3 of novel pairs): OVCocoMetric's box and mask figures
     (base/novel AP50 included) from torchrun's 2 processes equal one process's, and are those that
     pycocotools gives for the plain-torch ``Detector`` with the same head on the same images
-    (tools/eval_detect_toy.py's scoring). Measured: box AP50 0.864, box AP 0.701, mask AP50 0.950;
+    (tools/analysis/eval_detect_toy.py's scoring). Measured: box AP50 0.864, box AP 0.701, mask AP50 0.950;
     box AP50 base 0.929, novel 0.714; mask AP50 base 0.929, novel 1.0. With ``metric=["bbox",
     "segm"]`` OVCocoMetric's ``base_ap50`` / ``novel_ap50`` (keys without the metric's name) are
     the last metric's: the mask figures."""
@@ -375,8 +375,8 @@ def test_tools_test_on_two_processes_gives_the_figures_of_one(tmp_path):
     from ovdense.data.synthetic import open_vocabulary_split
     from ovdense.heads.detection import TOY_HEAD_FILE, Detector, load_head
 
-    held_out = load_tool("make_synthetic_detection").write_detection_world(tmp_path / "held_out", num_train=1,
-                                                                            num_val=4, size=128)
+    held_out = load_tool("data/make_synthetic_detection").write_detection_world(
+        tmp_path / "held_out", num_train=1, num_val=4, size=128)
     toy = create_backbone("toy", cache_dir=tmp_path / "cache")
     state, _ = load_head(ASSETS / TOY_HEAD_FILE, toy)
     ckpt = tmp_path / "shipped_head.pth"
@@ -394,7 +394,7 @@ def test_tools_test_on_two_processes_gives_the_figures_of_one(tmp_path):
     assert {"coco/bbox_mAP_50", "coco/segm_mAP_50", "coco/base_ap50", "coco/novel_ap50"} <= set(one)
     assert {k: two[k] for k in one} == {k: float(v) for k, v in one.items()}
 
-    scoring = load_tool("eval_detect_toy")
+    scoring = load_tool("analysis/eval_detect_toy")
     truth, categories = scoring.load_held_out(held_out.parent)
     detector = Detector(toy, [c["name"] for c in categories], ASSETS / TOY_HEAD_FILE, score_threshold=0.0)
     boxes, masks = [], []

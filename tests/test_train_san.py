@@ -3,7 +3,7 @@ one, a non-finite loss, a falling loss, checkpoints without the backbone, and to
 metric against an independent computation.
 
 Every run trains a shrunk SAN (side ViT width 48, 4 blocks, 10 queries, 64 mask points) on the
-toy backbone in the synthetic toy world (128 px scenes, ``tools/make_synthetic_benchmarks.py
+toy backbone in the synthetic toy world (128 px scenes, ``tools/data/make_synthetic_benchmarks.py
 --san-toy``) with ``configs/san/san_toy_synthetic.py``. Runs are subprocesses, as a user starts
 them (and as SIGKILL needs).
 """
@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 from tool_runs import ROOT, kill_after_checkpoint, load_tool, run, torchrun, train_command
 
-pytest.importorskip("mmcv.ops", reason="needs full mmcv with its compiled ops: python tools/build_mmcv.py")
+pytest.importorskip("mmcv.ops",
+                    reason="needs full mmcv with its compiled ops: python tools/misc/build_mmcv.py")
 pytest.importorskip("mmseg.models", reason="needs mmsegmentation 1.2.2: pip install -e '.[mm]'")
 
 CONFIG = ROOT / "configs" / "san" / "san_toy_synthetic.py"
@@ -30,7 +31,8 @@ SMALL_HEAD = dict(side_width=48, side_heads=2, side_mlp=96, side_depth=4, num_qu
 def world(tmp_path_factory):
     """The toy world: 6 training scenes (base labels), 3 held-out evaluation scenes."""
     out = tmp_path_factory.mktemp("toy_world")
-    return load_tool("make_synthetic_benchmarks").write_san_toy(out, num_train=6, num_val=3, seed=0, size=128)
+    world = load_tool("data/make_synthetic_benchmarks")
+    return world.write_san_toy(out, num_train=6, num_val=3, seed=0, size=128)
 
 
 def options(world, cache: Path, **overrides) -> list[str]:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_tool(path: str | Path):
-    """A script under tools/ (``"make_synthetic_detection"``, ``"dataset_converters/lvis_v1_ovd"``)
+    """A script under tools/ (``"data/make_synthetic_detection"``, ``"data/dataset_converters/lvis_v1_ovd"``)
     or at any path, imported as a module."""
     path = Path(path)
     if not path.is_absolute():

@@ -24,7 +24,7 @@
 #
 # Data: LVIS v1 under data/lvis_v1/ (annotations/lvis_v1_{train,val}.json; train2017/ and val2017/,
 # COCO 2017's images), then
-#   python tools/dataset_converters/lvis_v1_ovd.py data/lvis_v1/annotations/lvis_v1_train.json
+#   python tools/data/dataset_converters/lvis_v1_ovd.py data/lvis_v1/annotations/lvis_v1_train.json
 # writes annotations/lvis_v1_train_base.json and the two class files read below (and prints the
 # exact max_iters for your json). mmdet's LVISV1Dataset and LVISMetric need the lvis package: ovdense's
 # OvdenseLVISV1Dataset / OvdenseLVISMetric (ovdense/mm/lvis.py) are those two, refusing a missing or
@@ -39,7 +39,7 @@ custom_imports = dict(imports=["ovdense.mm.detection", "ovdense.mm.training", "o
                       allow_failed_imports=False)
 
 data_root = "data/lvis_v1/"
-base_classes = data_root + "annotations/lvis_v1_base_classes.txt"  # tools/dataset_converters/lvis_v1_ovd.py
+base_classes = data_root + "annotations/lvis_v1_base_classes.txt"  # tools/data/dataset_converters/lvis_v1_ovd.py
 all_classes = data_root + "annotations/lvis_v1_all_classes.txt"  # category-id order = lvis_v1_val.json's
 num_base = 866  # LVIS v1 frequent (405) + common (461)
 norm_cfg = dict(type="GN", num_groups=32, requires_grad=True)
@@ -146,7 +146,7 @@ val_evaluator = dict(type="OvdenseLVISMetric", ann_file=data_root + "annotations
 test_evaluator = val_evaluator
 
 # 48 epochs of LVIS v1's 100,170 training images at global batch 64 (images whose only annotations
-# are rare drop out: tools/dataset_converters/lvis_v1_ovd.py prints the exact count for your json)
+# are rare drop out: tools/data/dataset_converters/lvis_v1_ovd.py prints the exact count for your json)
 iters_per_epoch = 1566
 max_iters = 48 * iters_per_epoch
 train_cfg = dict(type="SeededIterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters)

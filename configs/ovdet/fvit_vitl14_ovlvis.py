@@ -8,7 +8,7 @@
 # T_vlm = 50, α = 0.1, background weight 0.9, steps at epochs 32 and 44). Departures as in
 # fvit_vitb16_ovlvis.py; OpenAI ViT-L-14-336 instead of EVA02-CLIP-L-14-336.
 #
-#   python tools/dataset_converters/lvis_v1_ovd.py data/lvis_v1/annotations/lvis_v1_train.json
+#   python tools/data/dataset_converters/lvis_v1_ovd.py data/lvis_v1/annotations/lvis_v1_train.json
 #   torchrun --nproc_per_node 8 tools/train.py configs/ovdet/fvit_vitl14_ovlvis.py --launcher pytorch --amp
 
 _base_ = "fvit_vitb16_ovlvis.py"

@@ -1,6 +1,6 @@
 # F-ViT Mask R-CNN on the toy CLIP (6 blocks, patch 8) in the synthetic open-vocabulary world.
 #
-#   python tools/make_synthetic_detection.py --out synthetic/detection --num-train 2000 --num 100
+#   python tools/data/make_synthetic_detection.py --out synthetic/detection --num-train 2000 --num 100
 #   python tools/train.py configs/ovdet/fvlm_toy_synthetic.py      # data_root: synthetic/detection/coco/
 #
 # Trains on the 20 base colour–shape pairs only (the training json has no novel label; the

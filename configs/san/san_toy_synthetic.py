@@ -1,9 +1,9 @@
 # SAN on the toy backbone (ovdense/assets/toy-clip.*) in the open-vocabulary toy world, offline on a
 # CPU: trained on the 20 *base* colour-shape pairs + background (novel objects are ignored pixels),
 # evaluated on all 30 pairs + background of held-out scenes.
-#   python tools/make_synthetic_benchmarks.py --san-toy --out synthetic_san --num-train 2000 --num 100
+#   python tools/data/make_synthetic_benchmarks.py --san-toy --out synthetic_san --num-train 2000 --num 100
 #   python tools/train.py configs/san/san_toy_synthetic.py          # writes WORK_DIR/san_head.safetensors
-#   python tools/eval_san_toy.py --head work_dirs/san_toy_synthetic/san_head.safetensors --data synthetic_san
+#   python tools/analysis/eval_san_toy.py --head work_dirs/san_toy_synthetic/san_head.safetensors --data synthetic_san
 # The SAN structure of ViT-B/16, sized for 128 px scenes and the 6-block toy CLIP (width 192, patch
 # 8): the side network sees 128 x 128 in patches of 8 (a 16 x 16 grid: at the official patch 16 the
 # 8 x 8 masks were too coarse for the toy's small objects), width 192, 6 blocks (the head is 7.3 MB

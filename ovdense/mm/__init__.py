@@ -18,7 +18,7 @@ Importing ``ovdense.mm`` registers, in mmsegmentation 1.x's registries (``defaul
   ``LossCurveHook``, ``ProgressBarHook``.
 
 Configs load it with ``custom_imports = dict(imports=["ovdense.mm"])``. It needs full mmcv 2.1
-(with ``mmcv.ops``; ``python tools/build_mmcv.py``), mmengine 0.10 and mmsegmentation 1.2.2
+(with ``mmcv.ops``; ``python tools/misc/build_mmcv.py``), mmengine 0.10 and mmsegmentation 1.2.2
 (``pip install -e ".[mm]"``). Nothing else in ovdense imports this package.
 """
 

@@ -3,7 +3,7 @@
 * ``PascalVOC20Dataset`` — PASCAL VOC 2012 val without its background class (VOC20): VOC's own
   files; label 0 and the void band are ignored, class ``k`` becomes ``k − 1``.
 * ``COCOObjectDataset`` — COCO-Object: background + COCO's 80 thing classes, from per-image
-  ``<id>_instanceTrainIds.png`` label maps (``tools/dataset_converters/coco_object.py``).
+  ``<id>_instanceTrainIds.png`` label maps (``tools/data/dataset_converters/coco_object.py``).
 * ``PascalContext459Dataset`` and ``ADE20K847Dataset`` — the full vocabularies, with 16-bit
   label maps (``0 … C−1``, ``65535`` ignored; load them with ``LoadAnnotations16`` and score them
   with ``IoUMetric16``); their class names come from a class file, the same one the model reads.
@@ -76,7 +76,7 @@ class _ClassesFromFile(BaseSegDataset):
 @DATASETS.register_module()
 class PascalContext459Dataset(_ClassesFromFile):
     """PASCAL Context with all 459 classes: 16-bit ``SegmentationClassContext459/*.png``
-    (``tools/dataset_converters/pascal_context.py --full``), ``65535`` = unlabelled."""
+    (``tools/data/dataset_converters/pascal_context.py --full``), ``65535`` = unlabelled."""
 
     def __init__(self, classnames: str, ann_file: str, img_suffix: str = ".jpg",
                  seg_map_suffix: str = ".png", **kwargs) -> None:

@@ -1,6 +1,6 @@
 # COCO-Stuff-171 val2017 (164k version): 5000 images, 171 classes; 255 ignored.
 # Layout (mmseg's): data/coco_stuff164k/{images/val2017/*.jpg, annotations/val2017/*_labelTrainIds.png}
-# (mmseg's coco_stuff164k.py or tools/dataset_converters/coco_stuff.py).
+# (mmseg's coco_stuff164k.py or tools/data/dataset_converters/coco_stuff.py).
 
 _base_ = ["../default_runtime.py", "../ovdense_vit-b16.py"]
 

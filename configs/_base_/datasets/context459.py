@@ -1,6 +1,6 @@
 # PASCAL Context val with all 459 classes (PC-459): 5105 images; 65535 ignored.
 # Layout: data/VOCdevkit/VOC2010/{JPEGImages, SegmentationClassContext459/*.png (16 bit), ImageSets/SegmentationContext/val.txt,
-# pc459_classnames.txt}, written by tools/dataset_converters/pascal_context.py --full from the official
+# pc459_classnames.txt}, written by tools/data/dataset_converters/pascal_context.py --full from the official
 # trainval.tar.gz (the class names come from its labels.txt).
 
 _base_ = ["../default_runtime.py", "../ovdense_vit-b16_16bit.py"]

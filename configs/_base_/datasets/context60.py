@@ -1,6 +1,6 @@
 # PASCAL Context val with background (Context60): 5105 images, 60 classes.
 # Layout (mmseg's): data/VOCdevkit/VOC2010/{JPEGImages, SegmentationClassContext, ImageSets/SegmentationContext/val.txt}
-# (mmseg's tools/dataset_converters/pascal_context.py, or ours without the Detail API).
+# (mmseg's own converter, or ours without the Detail API: tools/data/dataset_converters/pascal_context.py).
 
 _base_ = ["../default_runtime.py", "../ovdense_vit-b16.py"]
 

@@ -1,8 +1,8 @@
 """Time F-ViT (ovdense.mm.detection) on this machine: inference per image (frozen backbone vs head)
 and training steps at toy size.
 
-    python tools/benchmark_detect.py                          # B/16 random weights at 640 px + toy training
-    python tools/benchmark_detect.py --images 5 --train-steps 20 --out bench_detect.json
+    python tools/benchmarks/detect.py                          # B/16 random weights at 640 px + toy training
+    python tools/benchmarks/detect.py --images 5 --train-steps 20 --out bench_detect.json
 
 * Inference: ``--config`` (default the OV-COCO B/16 config, weights random unless
   ``--pretrained``: the time does not depend on them, and no download is needed), one
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def build(config: str, device: str, **model_overrides):

@@ -1,15 +1,15 @@
 """Write the eight training-free benchmarks as synthetic datasets, each at its config's
 ``data_root`` under ``--out``, with a class file per benchmark naming the synthetic classes.
 
-    python tools/make_synthetic_benchmarks.py --out synthetic --num 10
-    python tools/benchmark_table.py --data-root-prefix synthetic --classnames-dir synthetic/classnames \\
+    python tools/data/make_synthetic_benchmarks.py --out synthetic --num 10
+    python tools/benchmarks/table.py --data-root-prefix synthetic --classnames-dir synthetic/classnames \\
         --cfg-options model.backbone.name=toy --out synthetic/table.md
 
 Every benchmark gets the files, names and label encoding of its real layout
 (``ovdense.data.layouts``): ``data/VOCdevkit/VOC2012`` (VOC21 and VOC20),
 ``data/VOCdevkit/VOC2010`` (Context60 and Context59, VOC's scenes under Context's folder names),
 ``data/coco_stuff164k`` (COCO-Stuff-171, and COCO-Object's ``*_instanceTrainIds.png`` written
-from a COCO instances json by ``tools/dataset_converters/coco_object.py``),
+from a COCO instances json by ``tools/data/dataset_converters/coco_object.py``),
 ``data/cityscapes`` and ``data/ade/ADEChallengeData2016``. Labels are the synthetic world's
 classes (0 background, then the 30 colour–shape pairs); labels beyond a benchmark's class
 count are marked ignored (255), as VOC's 21 and Cityscapes' 19 classes require.
@@ -20,7 +20,7 @@ the world lacks — so a model that knows the world (the toy CLIP) is scored on 
 
 ``--san-toy`` writes instead the open-vocabulary toy world of SAN (``configs/san/san_toy_synthetic.py``):
 
-    python tools/make_synthetic_benchmarks.py --san-toy --out synthetic_san --num-train 2000 --num 100
+    python tools/data/make_synthetic_benchmarks.py --san-toy --out synthetic_san --num-train 2000 --num 100
 
 * ``data/coco_stuff164k`` (COCO-Stuff layout), ``--num-train`` training scenes per split whose
   labels index ``configs/_base_/classnames/toy_base.txt`` (0 background, then the 20 *base*
@@ -45,7 +45,7 @@ from ovdense.data.layouts import write_dataset
 from ovdense.data.synthetic import base_labels, colour_shape_classes
 from ovdense.io import write_bytes, write_label_png
 
-TOOLS = Path(__file__).resolve().parent
+CONVERTERS = Path(__file__).resolve().parent / "dataset_converters"  # tools/data/dataset_converters
 IGNORE = 255
 
 # benchmark → (number of classes, whether mmseg reduces label 0 away)
@@ -72,7 +72,7 @@ def _ignore_above(path: Path, limit: int, palette: bool) -> None:
 
 
 def _coco_object_converter():
-    path = TOOLS / "dataset_converters" / "coco_object.py"
+    path = CONVERTERS / "coco_object.py"
     spec = importlib.util.spec_from_file_location("ovdense_tools_coco_object", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,6 +1,6 @@
 """Benchmark SAN on the CPU: a training step of ovdense's head, and inference against mmseg's SAN.
 
-    flock /tmp/ovdense-heavy.lock python tools/benchmark_san.py [--parts train,infer] [--repeats 3]
+    flock /tmp/ovdense-heavy.lock python tools/benchmarks/san.py [--parts train,infer] [--repeats 3]
 
 * **train** — one training step (forward in training mode, ``SanCriterion`` on both supervised
   side layers, backward, AdamW step) at batch 2, 320² crops, for the toy backbone and for a
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("person", "sky", "tree", "road", "grass", "building", "car", "dog", "cat", "water", "wall",
          "floor", "ceiling", "table", "chair", "bed", "window", "door", "mountain", "sand")
 

@@ -1,8 +1,9 @@
 """Score a detection head through the user's path (``Detector``, plain torch) on the toy's held-out scenes.
 
-    python tools/make_synthetic_detection.py --out synthetic/detection --num-train 2000 --num 100
-    python tools/eval_detect_toy.py --data synthetic/detection              # the shipped toy head
-    python tools/eval_detect_toy.py --data synthetic/detection --head work_dirs/.../fvit_head.safetensors
+    python tools/data/make_synthetic_detection.py --out synthetic/detection --num-train 2000 --num 100
+    python tools/analysis/eval_detect_toy.py --data synthetic/detection        # the shipped toy head
+    python tools/analysis/eval_detect_toy.py --data synthetic/detection \\
+        --head work_dirs/.../fvit_head.safetensors
 
 Every held-out scene (``coco/val2017``, all 30 colour–shape pairs labelled) goes through
 ``ovdense.heads.detection.Detector`` with the 30 pair names as the vocabulary (20 seen in training,
@@ -65,7 +66,7 @@ def load_held_out(data: Path):
 
     annotations = data / "coco" / "annotations" / "instances_val2017.json"
     if not annotations.is_file():
-        print(f"error: {annotations} not found: run tools/make_synthetic_detection.py --out {data}",
+        print(f"error: {annotations} not found: run tools/data/make_synthetic_detection.py --out {data}",
               file=sys.stderr)
         return None
     with contextlib.redirect_stdout(io.StringIO()):

@@ -1,8 +1,9 @@
 """Score SAN and the training-free heads on the held-out scenes of the open-vocabulary toy world.
 
-    python tools/make_synthetic_benchmarks.py --san-toy --out synthetic_san --num-train 2000 --num 100
-    python tools/eval_san_toy.py --data synthetic_san --head work_dirs/san_toy_synthetic/san_head.safetensors
-    python tools/eval_san_toy.py --data synthetic_san --baselines maskclip sclip naclip   # no SAN head
+    python tools/data/make_synthetic_benchmarks.py --san-toy --out synthetic_san --num-train 2000 --num 100
+    python tools/analysis/eval_san_toy.py --data synthetic_san \\
+        --head work_dirs/san_toy_synthetic/san_head.safetensors
+    python tools/analysis/eval_san_toy.py --data synthetic_san --baselines maskclip sclip naclip  # no --head
 
 Every method segments the same scenes (the ADE20K-layout validation split that ``--san-toy``
 writes: label 0 background, ``k`` = ``colour_shape_classes()[k]``) with the same 31 class
@@ -88,7 +89,7 @@ def scenes(data: Path, num: int | None) -> list[tuple[Path, Path]]:
     images = sorted((root / "images" / "validation").glob("*.jpg"))
     if not images:
         raise OvdenseError(f"no held-out scenes under {root}: write them with "
-                           f"tools/make_synthetic_benchmarks.py --san-toy --out {data}")
+                           f"tools/data/make_synthetic_benchmarks.py --san-toy --out {data}")
     pairs = [(p, root / "annotations" / "validation" / f"{p.stem}.png") for p in images]
     return pairs[:num] if num else pairs
 

@@ -1,7 +1,7 @@
 """The OV-LVIS training split from LVIS v1: base = frequent + common categories (866), novel =
 rare (337), the split of ViLD, Detic, F-VLM and F-ViT.
 
-    python tools/dataset_converters/lvis_v1_ovd.py data/lvis_v1/annotations/lvis_v1_train.json
+    python tools/data/dataset_converters/lvis_v1_ovd.py data/lvis_v1/annotations/lvis_v1_train.json
 
 Writes, next to the input (or into ``--out-dir``):
 

@@ -1,7 +1,7 @@
 """Run the training-free configs and write the README's benchmark table (ViT-B/16, mIoU %).
 
-    python tools/benchmark_table.py --out benchmark.md
-    python tools/benchmark_table.py --methods sclip naclip --datasets voc21 ade150 \\
+    python tools/benchmarks/table.py --out benchmark.md
+    python tools/benchmarks/table.py --methods sclip naclip --datasets voc21 ade150 \\
         --cfg-options model.backbone.pretrained=/path/to/ViT-B-16.bin --data-root-prefix /data
 
 Each cell is ``this implementation / published``. A config runs only when its dataset folder
@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "training_free"
 
 METHODS = ("vanilla", "maskclip", "sclip", "clearclip", "naclip", "cliptrase", "itaclip")

@@ -1,6 +1,6 @@
 """PASCAL Context label maps (60 classes, and with ``--full`` all 459) from the official release.
 
-    python tools/dataset_converters/pascal_context.py data/VOCdevkit/VOC2010 trainval/ [--full]
+    python tools/data/dataset_converters/pascal_context.py data/VOCdevkit/VOC2010 trainval/ [--full]
 
 Inputs: the VOC2010 folder (``JPEGImages``, ``ImageSets/Main/{train,val}.txt``) and the folder of
 the official ``trainval.tar.gz`` (``trainval/*.mat`` with a ``LabelMap`` of the 459 class ids of

@@ -1,7 +1,8 @@
 """Who names the toy's objects better: the trained detection head, or F-ViT's CLIP term?
 
-    python tools/make_synthetic_detection.py --out synthetic/detection --num-train 2000 --num 100
-    python tools/fvit_toy_regions.py --data synthetic/detection [--head FILE] [--methods maskclip sclip]
+    python tools/data/make_synthetic_detection.py --out synthetic/detection --num-train 2000 --num 100
+    python tools/analysis/fvit_toy_regions.py --data synthetic/detection [--head FILE] \\
+        [--methods maskclip sclip]
 
 F-VLM's test-time ensemble (``heads.detection.ensemble``, ``det^(1−β) · vlm^β`` for classes
 outside the training vocabulary) can only lift novel AP where the CLIP term names novel objects
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     names = [c["name"] for c in categories]
     if names != colour_shape_classes()[1:]:
         print(f"error: {args.data} is not the toy detection world (its categories are not the 30 "
-              "colour–shape pairs in order): write it with tools/make_synthetic_detection.py",
+              "colour–shape pairs in order): write it with tools/data/make_synthetic_detection.py",
               file=sys.stderr)
         return 2
     index = {c["id"]: k for k, c in enumerate(categories)}

@@ -1,6 +1,6 @@
 """End-to-end benchmark: the Segmenter against the official protocol written plainly.
 
-    python tools/benchmark_segment.py --out runs/bench_segment.csv [--device cuda]
+    python tools/benchmarks/segment.py --out runs/bench_segment.csv [--device cuda]
 
 ViT-B/16 (random weights unless ``--pretrained``), ClearCLIP's protocol (short side 448,
 windows 448/224), ``--images`` generated images of 512×683, C ∈ {21, 150, 847} classes with
@@ -29,7 +29,7 @@ from ovdense import Segmenter, create_backbone
 from ovdense.heads.training_free import rescale_size, window_boxes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_kernels import measure  # noqa: E402
+from kernels import measure  # noqa: E402  (tools/benchmarks/kernels.py)
 
 
 def official_logits(segmenter: Segmenter, rgb: np.ndarray) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Build full mmcv 2.1.0 (with its compiled ops) once and cache the wheel outside the repo.
 
-    python tools/build_mmcv.py            # install from the cache, building the wheel if missing
-    python tools/build_mmcv.py --print    # print the cached wheel's path (build if missing)
+    python tools/misc/build_mmcv.py            # install from the cache, building the wheel if missing
+    python tools/misc/build_mmcv.py --print    # print the cached wheel's path (build if missing)
 
 mmsegmentation 1.2.2 and mmdet 3.3.0 import ``mmcv.ops``, so mmcv-lite is not enough, and no
 prebuilt wheel matches this torch. The sdist builds in about 25 minutes on 2 cores with

@@ -1,6 +1,6 @@
 """Every GPU figure of the project in one prepared run: one process, seeded, random weights.
 
-    python tools/gpu_check.py --out DIR [--smoke] [--device cuda|cpu] [--parts ...] [--budget-s N]
+    python tools/misc/gpu_check.py --out DIR [--smoke] [--device cuda|cpu] [--parts ...] [--budget-s N]
 
 Writes ``DIR/gpu_report.md`` and one CSV per part (``DIR/<part>.csv``: seven files, so that with
 the log the eight files the device tool brings back from ``$OUT`` hold everything), rewritten
@@ -18,29 +18,30 @@ and a part that raises is recorded as failed with its error while the next part 
 2. ``kernels`` — ``kernels.dense_classify(kernel="triton")`` (``TRITON_INTERPRET=0`` on a GPU;
    the interpreter on a CPU) against the torch reference (``dense_classify_reference``: the
    naive einsum + interpolate + softmax + argmax) at C = 21/150/847 and 512², 1024², 2048×1024
-   (H×W as in ``tools/benchmark_kernels.py``; ViT-B/16 grids, D = 512, ClearCLIP's logit scale,
+   (H×W as in ``tools/benchmarks/kernels.py``; ViT-B/16 grids, D = 512, ClearCLIP's logit scale,
    no background threshold so that the labels are real argmaxes): labels identical (where not,
    the gap of the two best reference logits there), scores within 1e-5, median time and peak
    memory of both. Targets at C = 847, 2048×1024: ≥ 5× faster, ≤ 1/10 of the memory.
 3. ``segment`` — ViT-B/16, ClearCLIP's protocol (short side 448, windows 448/224), C = 150,
-   images of 512×683: the official one-window-at-a-time loop (``tools/benchmark_segment.py``)
+   images of 512×683: the official one-window-at-a-time loop (``tools/benchmarks/segment.py``)
    against ``Segmenter`` with batched windows in fp32 (labels identical; target ≥ 3×), then the
    Segmenter in fp16 and bf16 (``create_backbone(precision=...)``): images per second and the
    fraction of pixels whose label agrees with fp32 (target ≥ 99.5 %). Goal ≥ 30 images/s.
 4. ``winclip`` — WinCLIP on ``ViT-B-16-plus-240`` at 240², batches of 16: ovdense fp32 and bf16
-   and anomalib 2.7's ``WinClipModel`` fp32 on the same weights (``tools/benchmark_anomaly.py``)
+   and anomalib 2.7's ``WinClipModel`` fp32 on the same weights (``tools/benchmarks/anomaly.py``)
    when anomalib imports, else ovdense alone with the reason. Agreement: the minimum Pearson r
    of the maps, ovdense vs anomalib (same prompts) and bf16 vs fp32 (target ≥ 0.999); speed-ups
    (target ≥ 3× in bf16 over anomalib).
 5. ``sam_clip`` — SAM + CLIP at M = 100 masks: ovdense's one dense pass against crop-and-encode
-   per mask (``tools/benchmark_sam_clip.py``), and segment-anything's automatic mask generator
+   per mask (``tools/benchmarks/sam_clip.py``), and segment-anything's automatic mask generator
    (random ``vit_b``, 16² points) timed once, when segment-anything imports.
 6. ``heads`` — trained heads that exist: SAN inference per 640 px image when ``ovdense.heads.san``
    imports; the detector is recorded as not built yet.
 
 Timing: CUDA events around each call (a synchronize on the CPU), after warm-up runs, the median
 of the repeats. Peak memory: ``torch.cuda.max_memory_allocated`` above the baseline after a
-reset; on a CPU the peak resident set size above the baseline (``benchmark_kernels.PeakRss``).
+reset; on a CPU the peak resident set size above the baseline (``PeakRss`` of
+``tools/benchmarks/kernels.py``).
 On a GPU TF32 is switched off, so fp32 means fp32 (the environment part says so).
 
 ``--smoke`` runs every part on the CPU at tiny sizes (a tiny 12-block ViT as in
@@ -51,7 +52,7 @@ and each part's budget is 600 s there, so that a loaded CI machine does not cut 
 
 **On a GPU machine** with ovdense's dependencies installed::
 
-    python tools/gpu_check.py --out runs/gpu_check 2>&1 | tee runs/gpu_check.log
+    python tools/misc/gpu_check.py --out runs/gpu_check 2>&1 | tee runs/gpu_check.log
 
 **On this workplace's device machine** (Python 3.12 with torch, Triton, timm, lightning,
 torchmetrics, scikit-image, opencv; no network): carry the missing packages as wheels in the
@@ -73,7 +74,7 @@ default part budgets add up to 400 s), and ``give_back`` after it::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
         --target /tmp/site .whl/*.whl || exit; export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1; \\
-    set -o pipefail; python3 tools/gpu_check.py --out $OUT 2>&1 | tee $OUT/gpu_check.log
+    set -o pipefail; python3 tools/misc/gpu_check.py --out $OUT 2>&1 | tee $OUT/gpu_check.log
 
 The report's tables and the log come back under the reply's ``files_at``.
 """
@@ -103,10 +104,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# The benchmark scripts beside this one are imported from here. ovdense (and so open_clip, which
-# imports Triton) is imported only inside functions: Triton reads TRITON_INTERPRET when it is
+# The benchmark scripts of tools/benchmarks/ are imported from there. ovdense (and so open_clip,
+# which imports Triton) is imported only inside functions: Triton reads TRITON_INTERPRET when it is
 # first imported, and ``main`` sets it for the device first.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 PARTS = ("environment", "kernels", "segment", "winclip", "sam_clip", "heads")
 BUDGETS = {"environment": 20.0, "kernels": 90.0, "segment": 120.0, "winclip": 80.0, "sam_clip": 60.0,
@@ -283,7 +284,7 @@ class Run:
             fn()
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - base) / 1e6
-        from benchmark_kernels import PeakRss
+        from kernels import PeakRss
 
         with PeakRss() as rss:
             fn()
@@ -434,7 +435,7 @@ def _top2_gap(patch: torch.Tensor, text: torch.Tensor, size: tuple[int, int], di
 
 
 def part_segment(run: Run, part: PartRun) -> None:
-    from benchmark_segment import mismatch_gaps, run_official, run_ovdense
+    from segment import mismatch_gaps, run_official, run_ovdense
 
     from ovdense import Segmenter
 
@@ -496,9 +497,9 @@ def part_segment(run: Run, part: PartRun) -> None:
 
 
 def part_winclip(run: Run, part: PartRun) -> None:
-    from benchmark_anomaly import OBJECT, agreement, anomalib_winclip, scenes
-    from benchmark_anomaly import run_anomalib as anomalib_forward
-    from benchmark_anomaly import run_ovdense as winclip_forward
+    from anomaly import OBJECT, agreement, anomalib_winclip, scenes
+    from anomaly import run_anomalib as anomalib_forward
+    from anomaly import run_ovdense as winclip_forward
 
     from ovdense.anomaly.winclip import WinClip
 
@@ -549,7 +550,7 @@ def part_winclip(run: Run, part: PartRun) -> None:
 
 
 def part_sam_clip(run: Run, part: PartRun) -> None:
-    from benchmark_sam_clip import PassCounter, crop_and_encode, one_pass, random_masks
+    from sam_clip import PassCounter, crop_and_encode, one_pass, random_masks
 
     from ovdense.data.synthetic import SceneConfig, colour_shape_classes, render_scene
     from ovdense.heads.sam_clip import SamClipSegmenter

@@ -1,7 +1,7 @@
 """Cold-start benchmark of the command line: each command run as a fresh process, several times
 after a warm-up, wall time min / median / max.
 
-    python tools/benchmark_cli.py [--runs 5] [--warmup 1] [--cases import help methods segment]
+    python tools/benchmarks/cli.py [--runs 5] [--warmup 1] [--cases import help methods segment]
 
 Cases:
 

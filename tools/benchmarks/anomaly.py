@@ -1,6 +1,6 @@
 """Benchmark WinCLIP / WinCLIP+ against anomalib 2.7's ``WinClipModel``: agreement, then speed.
 
-    python tools/benchmark_anomaly.py --out runs/bench_anomaly.csv [--device cuda]
+    python tools/benchmarks/anomaly.py --out runs/bench_anomaly.csv [--device cuda]
 
 anomalib is not a dependency of ovdense. Its model module imports anomalib's whole model zoo;
 the smallest install that imports it next to ovdense (no pip resolution, so torch is never
@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_kernels import PeakRss  # noqa: E402
+from kernels import PeakRss  # noqa: E402  (tools/benchmarks/kernels.py)
 
 from ovdense import create_backbone  # noqa: E402
 from ovdense.anomaly.winclip import WinClip  # noqa: E402

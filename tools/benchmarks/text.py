@@ -2,7 +2,7 @@
 prompts sorted by length) against open_clip's ``encode_text`` (all 77 positions), in prompts
 per second, on ViT-B/16 with random weights.
 
-    python tools/benchmark_text.py [--sizes 5 150 847] [--open-clip-max 2560] [--ovdense-max N]
+    python tools/benchmarks/text.py [--sizes 5 150 847] [--open-clip-max 2560] [--ovdense-max N]
 
 A size ``C`` is ``C`` class names × the 80 ImageNet templates: the issue's 5 street classes,
 ADE20K-150's and ADE20K-847's first names (``configs/_base_/classnames``). open_clip's pass
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ovdense.backbone.clip import encode_prompts
 from ovdense.backbone.prompts import resolve_templates
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STREET = ["sky", "building", "tree", "person", "car"]
 CLASS_FILES = {150: "ade150.txt", 847: "ade847.txt"}
 

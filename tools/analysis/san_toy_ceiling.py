@@ -1,6 +1,6 @@
 """How well can SAN's recognition path name the toy world's objects, given perfect masks?
 
-    python tools/san_toy_ceiling.py --data synthetic_san [--scenes 40] [--trunk 1 2 3 4 5]
+    python tools/analysis/san_toy_ceiling.py --data synthetic_san [--scenes 40] [--trunk 1 2 3 4 5]
 
 SAN names a region by running [SOS] copies of the trunk's class token through CLIP's last blocks
 with an attention bias that confines each to its mask (``heads.san.build_attn_mask``, the
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     root = args.data / "data" / "ade" / "ADEChallengeData2016"
     images = sorted((root / "images" / "validation").glob("*"))[: args.scenes]
     if not images:
-        print(f"error: no scenes under {root}: run tools/make_synthetic_benchmarks.py --san-toy "
+        print(f"error: no scenes under {root}: run tools/data/make_synthetic_benchmarks.py --san-toy "
               f"--out {args.data}", file=sys.stderr)
         return 2
     backbone = ovdense.create_backbone("toy")

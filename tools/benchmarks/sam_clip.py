@@ -1,6 +1,6 @@
 """Benchmark SAM + CLIP: ovdense's one-pass mask classification against crop-and-encode per mask.
 
-    python tools/benchmark_sam_clip.py --model ViT-B-16 --pretrained none --out runs/bench_sam_clip.csv
+    python tools/benchmarks/sam_clip.py --model ViT-B-16 --pretrained none --out runs/bench_sam_clip.csv
 
 For M ∈ {25, 100, 250} masks on one ``--size``² image, all measured in the same run:
 

@@ -1,6 +1,6 @@
 """Write an F-ViT head file (what ``Detector`` and ``ovdense detect`` load) from a training checkpoint.
 
-    python tools/export_fvit_head.py configs/ovdet/fvlm_toy_synthetic.py \\
+    python tools/model_converters/export_fvit_head.py configs/ovdet/fvlm_toy_synthetic.py \\
         work_dirs/fvlm_toy_synthetic/iter_900.pth ovdense/assets/fvit-toy-head.safetensors --dtype float16
 
 Training writes ``WORK_DIR/fvit_head.safetensors`` itself at its end (``ExportFViTHeadHook``); this

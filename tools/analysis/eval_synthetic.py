@@ -1,6 +1,6 @@
 """Measure the training-free methods on held-out synthetic scenes.
 
-    python tools/eval_synthetic.py --model toy --num 40 --out runs/eval
+    python tools/analysis/eval_synthetic.py --model toy --num 40 --out runs/eval
 
 For every method and each vocabulary (colours, shapes, colour+shape) it segments ``--num``
 scenes of the synthetic world (seed ``--seed``, disjoint from the training seeds, which are

@@ -1,6 +1,6 @@
 """COCO-Object label maps from COCO's instance annotations.
 
-    python tools/dataset_converters/coco_object.py data/coco --out data/coco_stuff164k
+    python tools/data/dataset_converters/coco_object.py data/coco --out data/coco_stuff164k
 
 Reads ``COCO/annotations/instances_<split>.json`` and writes, per image,
 ``OUT/annotations/<split>/<stem>_instanceTrainIds.png`` (8-bit: 0 background, 1–80 COCO's thing

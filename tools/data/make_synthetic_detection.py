@@ -1,6 +1,6 @@
 """Write the toy open-vocabulary detection world in the COCO-instances layout (OV-COCO style).
 
-    python tools/make_synthetic_detection.py --out synthetic/detection --num-train 2000 --num 100
+    python tools/data/make_synthetic_detection.py --out synthetic/detection --num-train 2000 --num 100
 
 Writes, under ``--out/coco`` (the layout of ``ovdense.data.layouts``' ``coco-instances``):
 

@@ -1,6 +1,6 @@
 """COCO-Stuff-171 train ids from the COCO-Stuff 164k ``stuffthingmaps``.
 
-    python tools/dataset_converters/coco_stuff.py data/coco_stuff164k --splits val2017
+    python tools/data/dataset_converters/coco_stuff.py data/coco_stuff164k --splits val2017
 
 The maps (``stuffthingmaps_trainval2017.zip``, unpacked into ``ROOT/annotations/<split>/``) hold
 COCO category id − 1 per pixel (0–181) and 255 for unlabelled. COCO never annotated 11 of its

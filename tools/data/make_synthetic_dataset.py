@@ -1,6 +1,6 @@
 """Write a synthetic dataset in a real dataset's on-disk layout (see ``ovdense.data.layouts``).
 
-    python tools/make_synthetic_dataset.py --layout ade20k --out data/synthetic --num 20 --seed 0
+    python tools/data/make_synthetic_dataset.py --layout ade20k --out data/synthetic --num 20 --seed 0
 """
 
 from __future__ import annotations
