@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny random-weight CLIP (12 blocks so every method's layer choices exist,
-width 32, patch 8, 32 px native) and a private cache folder for each test session; a random-init
-F-ViT head for the toy backbone."""
+width 32, patch 8, 32 px native) and a private cache folder for each test session; the shipped
+toy backbone, one per module (``toy``: a text cache of its own; ``toy_env_cache``: the module's
+``cache``, which the CLI's and the demo's runs read too); a random-init F-ViT head for the toy
+backbone."""
 
 import json
 import os
@@ -51,6 +53,34 @@ def _spread_weights(backbone):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One text-embedding cache for the module: ``OVDENSE_CACHE`` names a fresh folder from the
+    first test that asks for it (or for ``toy_env_cache``) to the module's end, so the CLI's runs,
+    the demo's and the API's share it (the toy's classes are encoded once)."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("cache")
+        patch.setenv("OVDENSE_CACHE", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """The shipped toy backbone, one per module, with a text-embedding cache folder of its own."""
+    from ovdense import create_backbone
+
+    return create_backbone("toy", cache_dir=tmp_path_factory.mktemp("toy-cache"))
+
+
+@pytest.fixture(scope="module")
+def toy_env_cache(cache):
+    """The shipped toy backbone built as the CLI and the demo build it (no ``cache_dir``: it reads
+    ``OVDENSE_CACHE``, which ``cache`` sets), so its text embeddings are the ones their runs read."""
+    from ovdense import create_backbone
+
+    return create_backbone("toy")
 
 
 def fvit_head_config() -> dict:

@@ -38,22 +38,6 @@ def run_cli(argv, capsys):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One text-embedding cache for the module (the toy's 30 classes are encoded once)."""
-    with pytest.MonkeyPatch.context() as patch:
-        folder = tmp_path_factory.mktemp("detect-cache")
-        patch.setenv("OVDENSE_CACHE", str(folder))
-        yield folder
-
-
-@pytest.fixture(scope="module")
-def toy(cache):
-    from ovdense import create_backbone
-
-    return create_backbone("toy")
-
-
-@pytest.fixture(scope="module")
 def scene_dir(tmp_path_factory) -> Path:
     """A folder with one 96×128 toy scene (not square: x and y cannot be swapped unnoticed)."""
     from ovdense.data.synthetic import SceneConfig, render_scene
@@ -65,12 +49,12 @@ def scene_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def threshold(toy, fvit_head, scene_dir) -> float:
+def threshold(toy_env_cache, fvit_head, scene_dir) -> float:
     """A score threshold halfway between two of the random head's scores: some detections kept, some
     dropped, none on the boundary."""
     from ovdense.heads.detection import Detector
 
-    scores = np.sort(Detector(toy, ALL_CLASSES, fvit_head, score_threshold=0.0)
+    scores = np.sort(Detector(toy_env_cache, ALL_CLASSES, fvit_head, score_threshold=0.0)
                      .predict(scene_dir / "scene.png").scores)[::-1]
     assert len(scores) >= 4, scores
     middle = len(scores) // 2
@@ -82,8 +66,8 @@ def detect_argv(inputs, out, fvit_head, threshold, *extra):
             ",".join(ALL_CLASSES), "--score-threshold", repr(threshold), "--out", out, *extra]
 
 
-def test_json_and_overlay_are_the_detectors_prediction(toy, fvit_head, scene_dir, threshold, tmp_path,
-                                                        capsys):
+def test_json_and_overlay_are_the_detectors_prediction(toy_env_cache, fvit_head, scene_dir, threshold,
+                                                        tmp_path, capsys):
     from pycocotools import mask as mask_utils
 
     from ovdense.heads.detection import Detector
@@ -95,7 +79,7 @@ def test_json_and_overlay_are_the_detectors_prediction(toy, fvit_head, scene_dir
     report = json.loads((out / "scene.json").read_text())
     assert set(report) == {"classes", "detections"} and report["classes"] == ALL_CLASSES
 
-    detector = Detector(toy, ALL_CLASSES, fvit_head, score_threshold=threshold)
+    detector = Detector(toy_env_cache, ALL_CLASSES, fvit_head, score_threshold=threshold)
     want = detector.predict(str(scene_dir / "scene.png"))
     assert 0 < len(want.scores) == len(report["detections"])
     assert want.masks is not None and want.masks.shape[1:] == (96, 128)
@@ -156,7 +140,7 @@ def test_detect_runs_without_openmmlab(fvit_head, scene_dir, threshold, tmp_path
         assert (decoded(a) != decoded(b)).mean() < 1e-3
 
 
-def test_no_ensemble_gives_the_detectors_own_scores(toy, fvit_head, scene_dir, tmp_path, capsys):
+def test_no_ensemble_gives_the_detectors_own_scores(toy_env_cache, fvit_head, scene_dir, tmp_path, capsys):
     from ovdense.heads.detection import Detector
 
     out = tmp_path / "out"
@@ -164,13 +148,13 @@ def test_no_ensemble_gives_the_detectors_own_scores(toy, fvit_head, scene_dir, t
                                        "--image-size", "64"), capsys)
     assert code == 0, err
     got = json.loads((out / "scene.json").read_text())["detections"]
-    want = Detector(toy, ALL_CLASSES, fvit_head, score_threshold=0.0, image_size=64,
+    want = Detector(toy_env_cache, ALL_CLASSES, fvit_head, score_threshold=0.0, image_size=64,
                     ensemble=False).predict(str(scene_dir / "scene.png"))
-    with_ensemble = Detector(toy, ALL_CLASSES, fvit_head, score_threshold=0.0,
+    with_ensemble = Detector(toy_env_cache, ALL_CLASSES, fvit_head, score_threshold=0.0,
                              image_size=64).predict(str(scene_dir / "scene.png"))
     np.testing.assert_allclose([d["score"] for d in got], want.scores, atol=1e-6)
     assert len(want.scores) != len(with_ensemble.scores) or not np.allclose(want.scores, with_ensemble.scores)
-    full_size = Detector(toy, ALL_CLASSES, fvit_head, score_threshold=0.0,
+    full_size = Detector(toy_env_cache, ALL_CLASSES, fvit_head, score_threshold=0.0,
                          ensemble=False).predict(str(scene_dir / "scene.png"))  # the default image size
     assert len(want.scores) != len(full_size.scores) or not np.allclose(want.scores, full_size.scores)
 
@@ -236,8 +220,8 @@ def test_a_head_of_another_backbone_is_one_line(fvit_head, scene_dir, tmp_path, 
 
 
 @pytest.mark.parametrize("shipped", [True, False], ids=["head-ships", "none-ships"])
-def test_toy_without_head_checkpoint_uses_the_shipped_head(toy, fvit_head, scene_dir, tmp_path, capsys,
-                                                           monkeypatch, shipped):
+def test_toy_without_head_checkpoint_uses_the_shipped_head(toy_env_cache, fvit_head, scene_dir, tmp_path,
+                                                           capsys, monkeypatch, shipped):
     """No --head-checkpoint: the head ``default_head_checkpoint`` names (made to be ``fvit_head``
     here, whether or not this install has the trained one), or the Detector's one line."""
     from ovdense.heads import detection
@@ -252,7 +236,7 @@ def test_toy_without_head_checkpoint_uses_the_shipped_head(toy, fvit_head, scene
         assert "--head-checkpoint" in err
         return
     assert code == 0, err
-    want = detection.Detector(toy, ["red circle", "blue star"], fvit_head, score_threshold=0.0)
+    want = detection.Detector(toy_env_cache, ["red circle", "blue star"], fvit_head, score_threshold=0.0)
     want = want.predict(str(scene_dir / "scene.png"))
     got = json.loads((out / "scene.json").read_text())["detections"]
     assert len(got) == len(want.scores) > 0

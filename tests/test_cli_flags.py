@@ -185,22 +185,6 @@ CLASSES = ["background", "red ring", "yellow star", "green square"]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One text-embedding cache for the module: the CLI's runs and the API's share it."""
-    with pytest.MonkeyPatch.context() as patch:
-        folder = tmp_path_factory.mktemp("flags-cache")
-        patch.setenv("OVDENSE_CACHE", str(folder))
-        yield folder
-
-
-@pytest.fixture(scope="module")
-def toy(cache):
-    from ovdense import create_backbone
-
-    return create_backbone("toy")
-
-
-@pytest.fixture(scope="module")
 def scene(tmp_path_factory) -> Path:
     """A 64×80 toy scene (a red ring and a yellow star) on disk."""
     from ovdense.data.synthetic import SceneConfig, render_scene
@@ -254,7 +238,7 @@ SEGMENT_CASES = {  # id: (method, flags, the Segmenter's options with them, with
 
 
 @pytest.mark.parametrize("case", SEGMENT_CASES)
-def test_segment_flags_reach_the_segmenter(toy, scene, api_labels, tmp_path, case):
+def test_segment_flags_reach_the_segmenter(toy_env_cache, scene, api_labels, tmp_path, case):
     """The labels equal the Segmenter's with the option the flag names, and differ from its labels
     without it; the report's settings record the option."""
     method, flags, options, without = SEGMENT_CASES[case]
@@ -262,14 +246,16 @@ def test_segment_flags_reach_the_segmenter(toy, scene, api_labels, tmp_path, cas
     flags = [f.replace("{templates}", str(tmp_path / "templates.txt")) for f in flags]
     report = segment(scene, tmp_path / "out", *flags, method=method)
     got = labels_of(tmp_path / "out" / "scene_labels.png")
-    np.testing.assert_array_equal(got, api_labels(toy, method, **options))
-    assert (got != api_labels(toy, method, **without)).mean() > 0.01, "the flag shows no effect here"
+    np.testing.assert_array_equal(got, api_labels(toy_env_cache, method, **options))
+    assert (got != api_labels(toy_env_cache, method, **without)).mean() > 0.01, \
+        "the flag shows no effect here"
     for name, value in options.items():
         assert report["settings"][name] == value, name
 
 
 @pytest.mark.parametrize("kernel", ["reference", "torch", "triton"])
-def test_kernel_picks_the_path_and_keeps_the_labels(toy, scene, api_labels, tmp_path, monkeypatch, kernel):
+def test_kernel_picks_the_path_and_keeps_the_labels(toy_env_cache, scene, api_labels, tmp_path, monkeypatch,
+                                                    kernel):
     """``--kernel reference`` classifies the full-resolution logits (no streaming kernel runs);
     the other choices stream through ``kernels.slide_classify`` with that kernel. The labels
     equal the default run's (the kernels are exact)."""
@@ -286,7 +272,7 @@ def test_kernel_picks_the_path_and_keeps_the_labels(toy, scene, api_labels, tmp_
     report = segment(scene, tmp_path / "out", "--kernel", kernel)
     assert calls == ([] if kernel == "reference" else [kernel])
     assert report["settings"]["kernel"] == kernel
-    np.testing.assert_array_equal(labels_of(tmp_path / "out" / "scene_labels.png"), api_labels(toy))
+    np.testing.assert_array_equal(labels_of(tmp_path / "out" / "scene_labels.png"), api_labels(toy_env_cache))
 
 
 @pytest.fixture
@@ -331,8 +317,8 @@ def other_toy(cache, other_toy_weights):
     return create_backbone("toy", pretrained=str(other_toy_weights))
 
 
-def test_segment_classes_file_pretrained_and_device(toy, other_toy, scene, other_toy_weights, api_labels,
-                                                    devices, tmp_path):
+def test_segment_classes_file_pretrained_and_device(toy_env_cache, other_toy, scene, other_toy_weights,
+                                                    api_labels, devices, tmp_path):
     """``--classes-file`` (one class a line, synonyms after commas) gives the classes and synonyms
     of the report and the Segmenter's labels for that vocabulary; ``--pretrained FILE`` the
     weights of the file (the labels differ from the toy's own); ``--device cpu:0`` is the device
@@ -353,38 +339,40 @@ def test_segment_classes_file_pretrained_and_device(toy, other_toy, scene, other
     vocabulary = ["background", "red ring, red circle", "yellow star", "green square"]
     got = labels_of(out / "scene_labels.png")
     np.testing.assert_array_equal(got, api_labels(other_toy, classes=vocabulary))
-    assert (got != api_labels(toy, classes=vocabulary)).mean() > 0.01
+    assert (got != api_labels(toy_env_cache, classes=vocabulary)).mean() > 0.01
 
 
-def test_san_head_checkpoint(toy, scene, tmp_path):
+def test_san_head_checkpoint(toy_env_cache, scene, tmp_path):
     """``--method san --head-checkpoint FILE``: the labels of that head (here the shipped toy head
     with its weights nudged, written by ``save_head``), not those of the shipped one."""
     from ovdense.heads.san import SanSegmenter, default_head_checkpoint, load_head, save_head
 
-    head = load_head(default_head_checkpoint(toy), toy)
+    head = load_head(default_head_checkpoint(toy_env_cache), toy_env_cache)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in head.parameters():
             if p.numel() > 1:
                 p.add_(0.3 * p.std() * torch.randn(p.shape, generator=generator))
-    nudged = save_head(tmp_path / "nudged_san_head.safetensors", head, toy)
+    nudged = save_head(tmp_path / "nudged_san_head.safetensors", head, toy_env_cache)
     out = tmp_path / "out"
     code = main(["segment", str(scene), "--classes", ",".join(CLASSES), "--model", "toy", "--method", "san",
                  "--head-checkpoint", str(nudged), "--short-side", "64", "--out", str(out)])
     assert code == 0
     assert json.loads((out / "scene.json").read_text())["settings"]["head_checkpoint"] == str(nudged)
     got = labels_of(out / "scene_labels.png")
-    want = SanSegmenter(toy, CLASSES, head_checkpoint=nudged, short_side=64).predict(str(scene)).labels
+    want = SanSegmenter(toy_env_cache, CLASSES, head_checkpoint=nudged,
+                        short_side=64).predict(str(scene)).labels
     np.testing.assert_array_equal(got, want)
-    assert (got != SanSegmenter(toy, CLASSES, short_side=64).predict(str(scene)).labels).mean() > 0.01
+    assert (got != SanSegmenter(toy_env_cache, CLASSES,
+                                short_side=64).predict(str(scene)).labels).mean() > 0.01
 
 
 # --------------------------------------------------------------------------------------------
 # detect
 
 
-def test_detect_classes_file_pretrained_device_and_max_pixels(toy, other_toy, scene, other_toy_weights,
-                                                              devices, tmp_path, capsys):
+def test_detect_classes_file_pretrained_device_and_max_pixels(toy_env_cache, other_toy, scene,
+                                                              other_toy_weights, devices, tmp_path, capsys):
     """``detect --classes-file --pretrained FILE --device cpu:0 --max-pixels N`` over a folder
     with the 64×80 scene (exactly N pixels) and a 65×80 copy: the copy is skipped by name, the
     scene's detections are the Detector's on the backbone of FILE (the shipped toy head, its
@@ -394,7 +382,7 @@ def test_detect_classes_file_pretrained_device_and_max_pixels(toy, other_toy, sc
 
     from ovdense.heads.detection import Detector, default_head_checkpoint
 
-    shipped = default_head_checkpoint(toy)
+    shipped = default_head_checkpoint(toy_env_cache)
     with safe_open(str(shipped), framework="pt") as f:
         tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     head = tmp_path / "head_for_other.safetensors"
@@ -422,7 +410,7 @@ def test_detect_classes_file_pretrained_device_and_max_pixels(toy, other_toy, sc
     assert len(report["detections"]) == len(want.scores) > 0
     np.testing.assert_allclose([d["score"] for d in report["detections"]], want.scores, atol=1e-6)
     assert [d["category_id"] for d in report["detections"]] == want.class_ids.tolist()
-    own = Detector(toy, names, shipped, score_threshold=0.0).predict(str(scene))
+    own = Detector(toy_env_cache, names, shipped, score_threshold=0.0).predict(str(scene))
     assert len(own.scores) != len(want.scores) or not np.allclose(own.scores, want.scores, atol=1e-3)
 
 

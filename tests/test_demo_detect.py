@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ovdense import OvdenseError, create_backbone
+from ovdense import OvdenseError
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "demo" / "app.py"
@@ -33,31 +33,26 @@ def app():
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OVDENSE_CACHE", str(tmp_path_factory.mktemp("demo-detect-cache")))
-        yield create_backbone("toy")
-
-
-@pytest.fixture(scope="module")
 def scene():
     from ovdense.data.synthetic import SceneConfig, render_scene
 
     return render_scene(np.random.default_rng([99, 3]), SceneConfig(size=(88, 120))).image
 
 
-def test_detect_image_is_the_detectors_prediction(app, toy, fvit_head, scene):
+def test_detect_image_is_the_detectors_prediction(app, toy_env_cache, fvit_head, scene):
     from pycocotools import mask as mask_utils
 
     from ovdense.heads.detection import Detector
 
-    everything = Detector(toy, CLASSES, head_checkpoint=fvit_head, score_threshold=0.0).predict(scene).scores
+    everything = Detector(toy_env_cache, CLASSES, head_checkpoint=fvit_head,
+                          score_threshold=0.0).predict(scene).scores
     assert len(everything) >= 4
     ranked = np.sort(everything)[::-1]
     threshold = float((ranked[len(ranked) // 2 - 1] + ranked[len(ranked) // 2]) / 2)  # keeps half
-    heads = app.Heads(toy, fvit_head=fvit_head, size=2)
+    heads = app.Heads(toy_env_cache, fvit_head=fvit_head, size=2)
     shown = app.detect_image(heads, scene, [(c,) for c in CLASSES], threshold)
-    want = Detector(toy, CLASSES, head_checkpoint=fvit_head, score_threshold=threshold).predict(scene)
+    want = Detector(toy_env_cache, CLASSES, head_checkpoint=fvit_head,
+                    score_threshold=threshold).predict(scene)
     assert 0 < len(want.scores) == len(shown.rows) == len(shown.report["detections"]) < len(everything)
     assert shown.report["classes"] == CLASSES
     for k, (row, entry) in enumerate(zip(shown.rows, shown.report["detections"])):
@@ -81,8 +76,8 @@ def test_detect_image_is_the_detectors_prediction(app, toy, fvit_head, scene):
     assert len(heads._cache) == 2 and heads.detector([(c,) for c in CLASSES], threshold) is not first
 
 
-def test_detect_image_refusals(app, toy, fvit_head, tiny_backbone, scene):
-    heads = app.Heads(toy, fvit_head=fvit_head)
+def test_detect_image_refusals(app, toy_env_cache, fvit_head, tiny_backbone, scene):
+    heads = app.Heads(toy_env_cache, fvit_head=fvit_head)
     with pytest.raises(OvdenseError, match="one name per class"):
         app.detect_image(heads, scene, [("red circle", "red disc"), ("blue star",)])
     with pytest.raises(OvdenseError, match="listed twice"):
@@ -95,17 +90,17 @@ def test_detect_image_refusals(app, toy, fvit_head, tiny_backbone, scene):
         app.detect_image(no_head, scene, [("a",)])
 
 
-def test_the_page_has_a_detect_tab_only_with_a_head(app, toy, fvit_head, tiny_backbone):
+def test_the_page_has_a_detect_tab_only_with_a_head(app, toy_env_cache, fvit_head, tiny_backbone):
     pytest.importorskip("gradio", reason="the [demo] extra is not installed")
 
     def api_names(blocks):
         return {fn.api_name for fn in blocks.fns.values()}
 
-    assert "detect" in api_names(app.build_app(toy, fvit_head=fvit_head))
+    assert "detect" in api_names(app.build_app(toy_env_cache, fvit_head=fvit_head))
     assert "detect" not in api_names(app.build_app(tiny_backbone))
 
 
-def test_demo_refuses_a_wrong_fvit_head_before_serving(app, tmp_path, capsys, toy):
+def test_demo_refuses_a_wrong_fvit_head_before_serving(app, tmp_path, capsys, toy_env_cache):
     pytest.importorskip("gradio", reason="the [demo] extra is not installed")
     bad = tmp_path / "fvit_head.safetensors"
     bad.write_bytes(b"not safetensors")
@@ -116,10 +111,10 @@ def test_demo_refuses_a_wrong_fvit_head_before_serving(app, tmp_path, capsys, to
 
 
 @pytest.mark.parametrize("shipped", [True, False], ids=["head-ships", "none-ships"])
-def test_the_shipped_head_is_the_default(app, toy, fvit_head, monkeypatch, shipped):
+def test_the_shipped_head_is_the_default(app, toy_env_cache, fvit_head, monkeypatch, shipped):
     from ovdense.heads import detection
 
     monkeypatch.setattr(detection, "default_head_checkpoint", lambda backbone: fvit_head if shipped else None)
-    assert app.Heads(toy).fvit_head == (fvit_head if shipped else None)
+    assert app.Heads(toy_env_cache).fvit_head == (fvit_head if shipped else None)
     other = Path("elsewhere.safetensors")
-    assert app.Heads(toy, fvit_head=other).fvit_head == other  # --fvit-head wins
+    assert app.Heads(toy_env_cache, fvit_head=other).fvit_head == other  # --fvit-head wins

@@ -13,11 +13,6 @@ from ovdense.errors import OvdenseError
 from ovdense.heads import detection as det
 
 
-@pytest.fixture(scope="module")
-def toy():
-    return create_backbone("toy")
-
-
 def test_out_indices_scale_with_depth():
     assert det.fvit_out_indices(12) == (3, 5, 7, 11)  # F-ViT B/16 config
     assert det.fvit_out_indices(24) == (6, 10, 14, 23)  # F-ViT L/14 config

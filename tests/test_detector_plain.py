@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from ovdense import create_backbone
 from ovdense.data.synthetic import SceneConfig, open_vocabulary_split, render_scene
 from ovdense.errors import OvdenseError
 from ovdense.heads import detection as det
@@ -23,11 +22,6 @@ CONFIG = ROOT / "configs" / "ovdet" / "fvlm_toy_synthetic.py"
 BASE, NOVEL = open_vocabulary_split()
 ALL = BASE + NOVEL
 UNSEEN_WORDS = ["red square", "zebra", "blue ring", "a purple star", "kettle", "green circle"]
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return create_backbone("toy")
 
 
 def head_config() -> dict:

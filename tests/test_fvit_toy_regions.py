@@ -5,17 +5,9 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
 import torch
 import torch.nn.functional as F
 from tool_runs import load_tool
-
-
-@pytest.fixture(scope="module")
-def toy():
-    import ovdense
-
-    return ovdense.create_backbone("toy")
 
 
 def test_windowed_map_averages_the_windows_that_cover_each_cell(toy):

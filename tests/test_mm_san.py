@@ -14,7 +14,6 @@ pytest.importorskip("mmseg.models", reason="needs mmsegmentation 1.2.2: pip inst
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
-from ovdense import create_backbone  # noqa: E402
 from ovdense.backbone.prompts import Vocabulary  # noqa: E402
 from ovdense.errors import OvdenseError  # noqa: E402
 
@@ -22,11 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SAN_CONFIGS = sorted((ROOT / "configs" / "san").glob("*.py"))
 SMALL_HEAD = dict(side_width=48, side_heads=2, side_mlp=96, side_depth=4, num_queries=10,
                   decoder_channels=32, decoder_hidden=32, side_image_size=128)
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return create_backbone("toy", cache_dir=tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture

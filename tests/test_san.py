@@ -31,11 +31,6 @@ SMALL = SanConfig(num_queries=6, side_width=24, side_depth=4, side_heads=2, side
                   decoder_channels=16, decoder_hidden=16, supervised=(3, 4))
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return create_backbone("toy", cache_dir=tmp_path_factory.mktemp("toy-cache"))
-
-
 def _spread(head, seed=0):
     """Random init leaves biases and masks tiny; larger weights make every path visible."""
     g = torch.Generator().manual_seed(seed)

@@ -30,11 +30,6 @@ SEGMENT_METHOD = "maskclip"
 COLOUR_MIOU_BAR = 0.5
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return create_backbone("toy", cache_dir=tmp_path_factory.mktemp("cache"))
-
-
 def test_loads_without_network(monkeypatch, tmp_path):
     def refuse(*args, **kwargs):
         raise OSError("network used")
