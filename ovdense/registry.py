@@ -168,8 +168,8 @@ _ENTRIES: tuple[HeadEntry, ...] = (
     ),
     HeadEntry(
         "fvit", "detection", f"{_FVIT_MODULE}:Detector", title="F-ViT",
-        summary="boxes and instance masks for any words, F-ViT: a trained head on the frozen backbone, its "
-        "scores ensembled with CLIP's region scores; long side 640",
+        summary="a trained head on the frozen backbone, its scores ensembled with CLIP's region scores; "
+        "long side 640",
         paper="Kuo et al., ICLR 2023 (F-VLM), Wu et al., ICLR 2024 (CLIPSelf)",
         options=("head_checkpoint", "score_threshold", "image_size", "ensemble"), checkpoints=_FVIT_MODULE,
         outputs=("_overlay.jpg", ".json"), hint="--head-checkpoint (the toy model ships one)",
