@@ -635,8 +635,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         entry = HEADS[name]
         where = {"segmentation": "the Segment tab's methods"}.get(entry.kind, "the Detect tab")
         parser.add_argument(f"--{name}-head", help=f"a trained {entry.title} head ({name}_head.safetensors) "
-                            f"for this model: adds '{name}' to {where} (default: the one that ships for the model, "
-                            "if any: the toy model's)")
+                            f"for this model: adds '{name}' to {where} (default: the one that ships for the "
+                            "model, if any: the toy model's)")
     parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE,
                         help=f"requests that may wait; more are told to try again (default {QUEUE_SIZE})")
     args = parser.parse_args(argv)
