@@ -188,8 +188,9 @@ _ENTRIES: tuple[HeadEntry, ...] = (
     ),
 )
 
-#: name → ``HeadEntry``, in the order ``ovdense methods`` lists them
-HEADS: Mapping[str, HeadEntry] = MappingProxyType({entry.name: entry for entry in _ENTRIES})
+_HEADS: dict[str, HeadEntry] = {entry.name: entry for entry in _ENTRIES}
+#: name → ``HeadEntry``, in the order ``ovdense methods`` lists them (a read-only view)
+HEADS: Mapping[str, HeadEntry] = MappingProxyType(_HEADS)
 
 
 def list_heads(kind: str | None = None) -> list[str]:

@@ -85,7 +85,7 @@ class AnomalyResult:
         """The map in JET colours (fixed scale 0–1) blended on the image: RGB ``uint8 [H, W, 3]``."""
         return heatmap_overlay(load_image(image), self.map)
 
-    def save(self, out_dir: str | os.PathLike, stem: str, image: ImageInput, **info) -> list[Path]:
+    def save(self, out_dir: str | os.PathLike, stem: str, image: ImageInput, /, **info) -> list[Path]:
         """Write ``<stem>_anomaly.npy`` (the float32 map), ``<stem>_heatmap.png`` and
         ``<stem>_anomaly.json`` (``to_json(**info)``, last) in ``out_dir``."""
         buffer = io.BytesIO()

@@ -24,7 +24,7 @@ class HeadResult(Protocol):
 
     def overlay(self, image) -> np.ndarray: ...
 
-    def save(self, out_dir: str | os.PathLike, stem: str, image, **info: Any) -> list[Path]: ...
+    def save(self, out_dir: str | os.PathLike, stem: str, image, /, **info: Any) -> list[Path]: ...
 
 
 class DetectionOutputs:
@@ -39,7 +39,7 @@ class DetectionOutputs:
 
         return draw_detections(load_image(image), self)
 
-    def save(self, out_dir: str | os.PathLike, stem: str, image, **info: Any) -> list[Path]:
+    def save(self, out_dir: str | os.PathLike, stem: str, image, /, **info: Any) -> list[Path]:
         """Write ``<stem>_overlay.jpg`` and ``<stem>.json`` (``to_json()`` and ``info``) in ``out_dir``."""
         from ovdense.io import write_image, write_json
 

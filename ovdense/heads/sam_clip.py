@@ -239,7 +239,7 @@ class SamClipResult(SegmentationResult):
         """``draw_instances``: the colour map and legend with each mask's outline and label."""
         return draw_instances(load_image(image), self)
 
-    def save(self, out_dir: str | os.PathLike, stem: str, image: ImageInput, **info) -> list[Path]:
+    def save(self, out_dir: str | os.PathLike, stem: str, image: ImageInput, /, **info) -> list[Path]:
         """Write ``<stem>_labels.png``, ``<stem>_overlay.jpg`` and ``<stem>_instances.json``
         (the COCO results, image id ``stem``; ``info`` is not written) in ``out_dir``."""
         out = Path(out_dir)

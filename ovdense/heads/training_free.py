@@ -101,7 +101,7 @@ class SegmentationResult:
         """The labels' colours blended on the image, with a legend: RGB ``uint8 [H, W + 200, 3]``."""
         return overlay(load_image(image), self.labels, self.classes)
 
-    def save(self, out_dir: str | os.PathLike, stem: str, image: ImageInput, **info) -> list[Path]:
+    def save(self, out_dir: str | os.PathLike, stem: str, image: ImageInput, /, **info) -> list[Path]:
         """Write ``<stem>_labels.png`` (indexed, the palette), ``<stem>_overlay.jpg`` and
         ``<stem>.json`` (``to_json(**info)``, last) in ``out_dir``."""
         out = Path(out_dir)
