@@ -42,9 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ovdense import ClipBackbone, OvdenseError, Segmenter, create_backbone
-from ovdense.backbone.dense import METHODS
-from ovdense.io import IMAGE_SUFFIXES, MAX_PIXELS, colorize, heatmap_overlay, load_image, overlay
+from ovdense import ClipBackbone, OvdenseError, create_backbone, create_head
+from ovdense.backbone.protocols import METHOD_INFO
+from ovdense.io import IMAGE_SUFFIXES, MAX_PIXELS, colorize, load_image
+from ovdense.registry import DEFAULT_HEADS, HEADS, default_head, get_head, list_heads
 
 HERE = Path(__file__).resolve().parent
 MAX_SIDE = 1024  # longer images are downscaled (with a notice)
@@ -136,75 +137,89 @@ def parse_classes(text: str, max_classes: int = MAX_CLASSES) -> list[tuple[str, 
 
 
 class Heads:
-    """The heads on one shared backbone, built on first use and kept per (head, settings): the
-    ``size`` most recently used. A head holds its text embeddings, so a repeated vocabulary
-    costs nothing; a new one is encoded once (and then read from the library's disk cache).
+    """The heads on one shared backbone, built on first use (``ovdense.create_head``) and kept per
+    (head, settings): the ``size`` most recently used. A head holds its text embeddings, so a
+    repeated vocabulary costs nothing; a new one is encoded once (and then read from the
+    library's disk cache).
 
     Args:
         backbone: the shared CLIP backbone.
-        sam: a segment-anything model for the SAM + CLIP head (``sam_clip.load_sam``), or ``None``.
+        sam: a segment-anything model for the heads that need one (SAM + CLIP; ``load_sam``), or ``None``.
         size: how many heads to keep.
+        head_checkpoints: ``<name>_head=PATH`` for a trained head of the registry (``san_head``,
+            ``fvit_head``); one not given is the head that ships for the backbone, if any. Each
+            is also an attribute (``heads.san_head``: the path, or ``None``).
     """
 
     def __init__(self, backbone: ClipBackbone, sam=None, size: int = CACHE_SIZE,
-                 san_head: str | Path | None = None, fvit_head: str | Path | None = None):
+                 **head_checkpoints: str | Path | None):
+        unknown = sorted(set(head_checkpoints) - {f"{name}_head" for name in TRAINED})
+        if unknown:
+            raise TypeError(f"Heads() got unexpected arguments {unknown}; trained heads: {list(TRAINED)}")
         self.backbone = backbone
         self.sam = sam
         self.size = size
-        self.san_head = san_head if san_head is not None else _shipped_san_head(backbone)
-        self.fvit_head = fvit_head if fvit_head is not None else _shipped_fvit_head(backbone)
+        self.checkpoints: dict[str, str | Path | None] = {}
+        for name in TRAINED:
+            given = head_checkpoints.get(f"{name}_head")
+            self.checkpoints[name] = given if given is not None else HEADS[name].shipped_checkpoint(backbone)
+            setattr(self, f"{name}_head", self.checkpoints[name])
         self._cache: OrderedDict[tuple, object] = OrderedDict()
+
+    def available(self, kind: str) -> list[str]:
+        """The registered heads of ``kind`` this page can run: a trained one with its checkpoint at
+        hand, one that needs SAM with a SAM model."""
+        return [name for name in list_heads(kind) if not self._missing(HEADS[name])]
 
     @property
     def methods(self) -> list[str]:
-        """The Segment tab's methods: the training-free ones, and SAN where a head is at hand."""
-        return list(METHODS) + ([SAN] if self.san_head is not None else [])
+        """The Segment tab's methods: the registry's segmentation heads that can run here."""
+        return self.available("segmentation")
+
+    def _missing(self, entry) -> str:
+        """Why ``entry`` cannot run here (``""``: it can)."""
+        if entry.trained and self.checkpoints.get(entry.name) is None:
+            return f"no {entry.title} head: start the demo with --{entry.name}-head PATH"
+        if "sam" in entry.needs and self.sam is None:
+            return "no SAM model: start the demo with --sam-checkpoint PATH"
+        return ""
+
+    def head(self, name: str, *args, **settings):
+        """Head ``name`` of the registry with the kind's ``args`` and ``settings`` (``None``: the
+        head's default); a setting the head does not have is refused, not ignored."""
+        entry = get_head(name)
+        missing = self._missing(entry)
+        if missing:
+            raise OvdenseError(missing)
+        given = {key: value for key, value in settings.items() if value is not None}
+        foreign = [key for key in given if OPTION_NAMES.get(key, key) not in entry.options]
+        if foreign:
+            raise OvdenseError(f"{entry.title} has no {' or '.join(foreign)} option; leave it at the default")
+        needs = {"sam": self.sam} if "sam" in entry.needs else {}
+        if entry.trained:
+            needs["head_checkpoint"] = self.checkpoints[entry.name]
+        key = (name, _frozen(args), tuple(sorted(given.items())))
+        return self._get(key, lambda: create_head(name, self.backbone, *args, **needs, **given))
 
     def segmenter(self, method: str, classes: Sequence[tuple[str, ...]], **settings):
-        words = [list(c) for c in classes]
-        if method == SAN:
-            from ovdense.heads.san import SanSegmenter
-
-            if self.san_head is None:
-                raise OvdenseError("no SAN head: start the demo with --san-head PATH")
-            given = [name for name, value in settings.items() if value is not None]
-            if given:
-                raise OvdenseError(f"SAN has no {' or '.join(given)} option; leave it at the default")
-            return self._get(("san", _frozen(classes)),
-                             lambda: SanSegmenter(self.backbone, words, head_checkpoint=self.san_head))
-        key = ("segmenter", method, _frozen(classes), tuple(sorted(settings.items())))
-        return self._get(key, lambda: Segmenter(self.backbone, method, words, **settings))
+        return self.head(method, [list(c) for c in classes], **settings)
 
     def winclip(self, object_name: str):
-        from ovdense.anomaly.winclip import WinClip
-
-        name = object_name.strip()
-        return self._get(("winclip", name), lambda: WinClip(self.backbone, name))
+        return self.head(DEFAULT_HEADS["anomaly"], object_name.strip())
 
     def sam_clip(self, method: str, classes: Sequence[tuple[str, ...]], **settings):
-        from ovdense.heads.sam_clip import SamClipSegmenter
-
-        if self.sam is None:
-            raise OvdenseError("no SAM model: start the demo with --sam-checkpoint PATH")
-        key = ("sam_clip", method, _frozen(classes), tuple(sorted(settings.items())))
-        words = [list(c) for c in classes]
-        return self._get(key, lambda: SamClipSegmenter(self.backbone, self.sam, words, method=method,
-                                                       **settings))
+        """The head that needs SAM (SAM + CLIP) with the dense features of ``method``."""
+        (name,) = [name for name in list_heads("segmentation") if "sam" in HEADS[name].needs]
+        return self.head(name, [list(c) for c in classes], method=method, **settings)
 
     def detector(self, classes: Sequence[tuple[str, ...]], score_threshold: float):
-        """An F-ViT ``Detector`` for these classes (one name each) and score threshold."""
-        from ovdense.heads.detection import Detector
-
-        if self.fvit_head is None:
-            raise OvdenseError("no F-ViT head: start the demo with --fvit-head PATH")
+        """The detection head (F-ViT) for these classes (one name each) and score threshold."""
         joined = [c for c in classes if len(c) > 1]
         if joined:
             raise OvdenseError(f"detection takes one name per class, got synonyms {' | '.join(joined[0])!r}; "
                                "give them as separate classes")
-        names = [c[0] for c in classes]
-        return self._get(("detector", tuple(names), float(score_threshold)),
-                         lambda: Detector(self.backbone, names, head_checkpoint=self.fvit_head,
-                                          score_threshold=float(score_threshold)))
+        return self.head(default_head("detection").name, [c[0] for c in classes],
+                         score_threshold=float(score_threshold))
 
     def _get(self, key: tuple, build: Callable[[], object]):
         if key in self._cache:
@@ -217,31 +232,13 @@ class Heads:
         return head
 
 
-SAN = "san"
+TRAINED = [name for name in HEADS if HEADS[name].trained]  # each has a --<name>-head flag
+OPTION_NAMES = {"method": "clip_method"}  # a head's keyword → its option in the registry (the CLI's name)
 
 
-def _shipped_san_head(backbone: ClipBackbone) -> Path | None:
-    """The SAN head that ships for this backbone (the toy model's), else ``None``."""
-    from ovdense.heads.san import default_head_checkpoint
-
-    try:
-        return default_head_checkpoint(backbone)
-    except OvdenseError:
-        return None
-
-
-def _shipped_fvit_head(backbone: ClipBackbone) -> Path | None:
-    """The F-ViT head that ships for this backbone (the toy model's, once installed), else ``None``."""
-    from ovdense.heads.detection import default_head_checkpoint
-
-    try:
-        return default_head_checkpoint(backbone)
-    except OvdenseError:
-        return None
-
-
-def _frozen(classes: Sequence[Sequence[str]]) -> tuple[tuple[str, ...], ...]:
-    return tuple(tuple(c) for c in classes)
+def _frozen(value):
+    """A hashable copy of nested lists and tuples (a cache key)."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 @dataclass
@@ -273,7 +270,7 @@ def segment_image(
         [name, ", ".join(words), round(100.0 * share, 2)]
         for name, words, share in zip(result.classes, classes, result.class_shares())
     ]
-    return Segmentation(overlay(rgb, result.labels, result.classes), colorize(result.labels), shares, seconds)
+    return Segmentation(result.overlay(rgb), colorize(result.labels), shares, seconds)
 
 
 def compare_methods(
@@ -287,7 +284,7 @@ def compare_methods(
 ) -> dict[str, Segmentation | str]:
     """Every method on the same image: ``{method: Segmentation}``, or the reason a method
     cannot run on this model (e.g. ITACLIP needs 12 blocks) in place of its result. ``None`` =
-    ``heads.methods`` (SAN included where a head is at hand)."""
+    ``heads.methods`` (the registry's segmentation heads that can run here)."""
     methods = heads.methods if methods is None else methods
     results: dict[str, Segmentation | str] = {}
     for index, method in enumerate(methods):
@@ -323,7 +320,7 @@ def anomaly_map(heads: Heads, rgb: np.ndarray, object_name: str,
     else:
         winclip.memory = None  # the cached head may hold an earlier request's references
     (result,) = winclip.predict([rgb])
-    return heatmap_overlay(rgb, result.map), result.score, result.map
+    return result.overlay(rgb), result.score, result.map
 
 
 @dataclass
@@ -343,7 +340,7 @@ def detect_image(heads: Heads, rgb: np.ndarray, classes: Sequence[tuple[str, ...
                  score_threshold: float = 0.3) -> Detection:
     """Detect ``classes`` (one name each) in ``rgb [H, W, 3]`` with the F-ViT head
     (``ovdense.heads.detection.Detector``), keeping scores ≥ ``score_threshold``."""
-    from ovdense.io import draw_detections
+    from ovdense.heads.results import DetectionOutputs
 
     detector = heads.detector(classes, score_threshold)
     start = time.perf_counter()
@@ -352,20 +349,20 @@ def detect_image(heads: Heads, rgb: np.ndarray, classes: Sequence[tuple[str, ...
     report = result.to_json()
     rows = [[d["class"], round(d["score"], 3), *(round(v, 1) for v in d["bbox"])]
             for d in report["detections"]]
-    return Detection(draw_detections(rgb, result), rows, report, seconds)
+    # result.overlay(rgb) once DetectionResult derives from DetectionOutputs (the detection package)
+    return Detection(DetectionOutputs.overlay(result, rgb), rows, report, seconds)
 
 
 def sam_clip_image(heads: Heads, rgb: np.ndarray, classes: Sequence[tuple[str, ...]],
-                   method: str = "clearclip", **settings) -> tuple[np.ndarray, np.ndarray, list[list]]:
+                   method: str = DEFAULT_HEADS["segmentation"],
+                   **settings) -> tuple[np.ndarray, np.ndarray, list[list]]:
     """SAM's automatic masks on ``rgb [H, W, 3]``, each classified from one dense CLIP pass of
     ``method`` (``ovdense.heads.sam_clip``; ``settings`` are ``SamClipSegmenter``'s, e.g.
     ``points_per_side``): the overlay with mask outlines ``[H, W + 200, 3]``, the semantic
     label map ``[H, W, 3]`` and rows ``[class, score, area px]``, one per mask."""
-    from ovdense.heads.sam_clip import draw_instances
-
-    result = heads.sam_clip(method, classes, **settings).segment(rgb)
+    result = heads.sam_clip(method, classes, **settings).predict(rgb)
     rows = [[i.name, round(i.score, 3), i.area] for i in result.instances]
-    return draw_instances(rgb, result), colorize(result.labels), rows
+    return result.overlay(rgb), colorize(result.labels), rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,24 +403,25 @@ def _examples() -> list[list[str]]:
 
 
 def build_app(backbone: ClipBackbone, sam=None, title: str = "ovdense demo", queue_size: int = QUEUE_SIZE,
-              san_head: str | Path | None = None, fvit_head: str | Path | None = None):
+              **head_checkpoints: str | Path | None):
     """The gradio page (a ``gr.Blocks``) on one shared ``backbone``; ``launch()`` serves it.
 
     One tab per head; the SAM + CLIP tab only with a ``sam`` model (``sam_clip.load_sam``). The
     model's handlers take turns (``CONCURRENCY``) and at most ``queue_size`` requests wait. The
-    Segment tab offers SAN with ``san_head`` (a ``san_head.safetensors``) or, for the toy model,
-    the head that ships with ovdense; the Detect tab appears with ``fvit_head`` (an
-    ``fvit_head.safetensors``) or the F-ViT head that ships for the backbone."""
+    Segment tab offers every segmentation head of the registry that can run here (``Heads``): a
+    trained one with its checkpoint (``<name>_head=PATH``, e.g. ``san_head``, or the one that
+    ships for the backbone); the Detect tab appears with a detection head's checkpoint
+    (``fvit_head`` or the shipped one)."""
     import gradio as gr
 
-    heads = Heads(backbone, sam, san_head=san_head, fvit_head=fvit_head)
+    heads = Heads(backbone, sam, **head_checkpoints)
     weights = backbone.weights.value or backbone.weights.kind
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"# {title}\nModel **{Path(backbone.name).name}** ({Path(weights).name}). "
                     "Type any words; the page answers at pixel level.")
         with gr.Tab("Segment"):
             _segment_tab(heads)
-        if heads.fvit_head is not None:
+        if heads.available("detection"):
             with gr.Tab("Detect"):
                 _detect_tab(heads)
         with gr.Tab("Anomaly"):
@@ -479,7 +477,8 @@ def _segment_tab(heads: Heads) -> None:
             classes = gr.Textbox(label="Classes", lines=2, elem_id="classes",
                                  placeholder="sky, building, tree, person|man|woman, car",
                                  info="separated by commas; synonyms of one class joined by |")
-            method = gr.Dropdown(heads.methods, value="clearclip", label="Method", elem_id="method")
+            method = gr.Dropdown(heads.methods, value=DEFAULT_HEADS["segmentation"], label="Method",
+                                 elem_id="method")
             with gr.Accordion("Options", open=False):
                 bg = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Background threshold",
                                info="pixels less sure than this become the first class; 0 = off")
@@ -597,7 +596,8 @@ def _sam_clip_tab(heads: Heads) -> None:
                              elem_id="sam-upload")
             classes = gr.Textbox(label="Classes", lines=2, placeholder="background, cat, dog",
                                  info="the first class paints pixels no mask covers", elem_id="sam-classes")
-            method = gr.Dropdown(list(METHODS), value="clearclip", label="CLIP features of",
+            method = gr.Dropdown(list(METHOD_INFO), value=DEFAULT_HEADS["segmentation"],
+                                 label="CLIP features of",
                                  elem_id="sam-method")
             points = gr.Slider(4, 64, value=32, step=1, label="SAM points per side",
                                info="fewer is faster (SAM's default 32: 1024 prompts)", elem_id="sam-points")
@@ -631,10 +631,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="SAM weights (e.g. sam_vit_b_01ec64.pth): adds the SAM + CLIP tab ([sam] extra)")
     parser.add_argument("--sam-model", choices=("vit_b", "vit_l", "vit_h"),
                         help="SAM model type (default: read from the checkpoint's file name)")
-    parser.add_argument("--san-head", help="a SAN head (san_head.safetensors) for this model: adds 'san' "
-                        "to the Segment tab's methods (the toy model has one built in)")
-    parser.add_argument("--fvit-head", help="an F-ViT head (fvit_head.safetensors) for this model: adds the "
-                        "Detect tab (the toy model has one built in, once trained and shipped)")
+    for name in TRAINED:  # --san-head, --fvit-head: one per trained head of the registry
+        entry = HEADS[name]
+        where = {"segmentation": "the Segment tab's methods"}.get(entry.kind, "the Detect tab")
+        parser.add_argument(f"--{name}-head", help=f"a trained {entry.title} head ({name}_head.safetensors) "
+                            f"for this model: adds '{name}' to {where} (default: the one that ships for the "
+                            "model, if any: the toy model's)")
     parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE,
                         help=f"requests that may wait; more are told to try again (default {QUEUE_SIZE})")
     args = parser.parse_args(argv)
@@ -662,20 +664,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ovdense.heads.sam_clip import load_sam
 
             sam = load_sam(args.sam_checkpoint, args.sam_model, device=args.device)
-        # refuse a wrong head before serving
-        if args.san_head:
-            from ovdense.heads.san import load_head
-
-            load_head(args.san_head, backbone)
-        if args.fvit_head:
-            from ovdense.heads.detection import load_head as load_fvit_head
-
-            load_fvit_head(args.fvit_head, backbone)
+        checkpoints = {f"{name}_head": getattr(args, f"{name}_head") for name in TRAINED}
+        for name in TRAINED:  # refuse a wrong head before serving
+            if checkpoints[f"{name}_head"]:
+                HEADS[name].load_checkpoint(checkpoints[f"{name}_head"], backbone)
     except OvdenseError as e:
         print(f"ovdense demo: error: {e}", file=sys.stderr)
         return 2
-    app = build_app(backbone, sam, queue_size=args.queue_size, san_head=args.san_head,
-                    fvit_head=args.fvit_head)
+    app = build_app(backbone, sam, queue_size=args.queue_size, **checkpoints)
     try:
         app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
     except (OSError, ValueError) as e:  # the port is taken, the address is not this machine's, or

@@ -5,6 +5,12 @@
     segmenter = ovdense.Segmenter(backbone, "clearclip", ["sky", "tree", "person, man, woman"])
     result = segmenter.predict("street.jpg")   # result.labels: [H, W], result.scores: [H, W]
 
+Every head, by name, from one registry (``ovdense.registry``):
+
+    ovdense.list_heads()                        # segmentation, detection and anomaly heads
+    head = ovdense.create_head("san", backbone, ["sky", "tree"])
+    head.predict("street.jpg").save("outputs", "street", "street.jpg")
+
 The public names load on first use (PEP 562), so ``import ovdense`` and the command line's
 ``--help`` start without torch or open_clip.
 """
@@ -18,9 +24,13 @@ from ovdense.errors import OvdenseError
 from ovdense.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from ovdense.anomaly.winclip import WinClip
     from ovdense.backbone.clip import ClipBackbone, create_backbone
     from ovdense.backbone.prompts import Vocabulary
+    from ovdense.heads.sam_clip import SamClipSegmenter
+    from ovdense.heads.san import SanSegmenter
     from ovdense.heads.training_free import SegmentationResult, Segmenter
+    from ovdense.registry import HEADS, create_head, list_heads
 
 # public name → the module that defines it, imported on first access
 _LAZY = {
@@ -30,6 +40,12 @@ _LAZY = {
     "Vocabulary": "ovdense.backbone.prompts",
     "SegmentationResult": "ovdense.heads.training_free",
     "Segmenter": "ovdense.heads.training_free",
+    "SanSegmenter": "ovdense.heads.san",
+    "SamClipSegmenter": "ovdense.heads.sam_clip",
+    "WinClip": "ovdense.anomaly.winclip",
+    "HEADS": "ovdense.registry",
+    "create_head": "ovdense.registry",
+    "list_heads": "ovdense.registry",
 }
 
 
@@ -55,11 +71,17 @@ def list_methods() -> list[str]:
 
 __all__ = [
     "ClipBackbone",
+    "HEADS",
     "OvdenseError",
+    "SamClipSegmenter",
+    "SanSegmenter",
     "SegmentationResult",
     "Segmenter",
     "Vocabulary",
+    "WinClip",
     "__version__",
     "create_backbone",
+    "create_head",
+    "list_heads",
     "list_methods",
 ]

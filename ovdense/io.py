@@ -32,7 +32,7 @@ import os
 import tempfile
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +305,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented UTF-8 JSON, atomically."""
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
     return write_bytes(path, text.encode("utf-8"))
+
+
+def ordered(order: Sequence[str], own: Mapping[str, Any], info: Mapping[str, Any]) -> dict:
+    """``own`` and ``info`` (``info`` winning) as one dict for ``write_json``: the keys of
+    ``order`` first, in that order (those in neither left out), then any other key of ``info``,
+    so a result's JSON keeps one key order whoever adds to it."""
+    merged = {**own, **info}
+    out = {key: merged[key] for key in order if key in merged}
+    out.update((key, value) for key, value in info.items() if key not in out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""SAN (ovdense/heads/san.py), its checkpoints and the weight converter; parity with mmseg 1.2.2's
+"""SAN (ovdense/heads/san/), its checkpoints and the weight converter; parity with mmseg 1.2.2's
 own SAN when a compiled mmcv is installed."""
 
 import importlib.util

@@ -26,8 +26,11 @@ Conventions follow the paper and, where the paper leaves details open, anomalib 
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,7 +42,15 @@ from ovdense.backbone import dense
 from ovdense.backbone.clip import ClipBackbone
 from ovdense.backbone.dense import interpolate_pos_embed
 from ovdense.errors import OvdenseError
-from ovdense.io import ImageInput, load_image
+from ovdense.io import (
+    ImageInput,
+    heatmap_overlay,
+    load_image,
+    ordered,
+    write_bytes,
+    write_image,
+    write_json,
+)
 
 TEMPERATURE = 0.07
 
@@ -47,10 +58,42 @@ TEMPERATURE = 0.07
 @dataclass
 class AnomalyResult:
     """``score``: the image's anomaly score in [0, 1]; ``map``: ``[H, W]`` float32 pixel scores
-    at the input image's resolution."""
+    at the input image's resolution; ``object_name``, ``shots`` (0: zero-shot WinCLIP, else
+    WinCLIP+ with that many references) and ``prompt_set``: the head's settings."""
 
     score: float
     map: np.ndarray
+    object_name: str = ""
+    shots: int = 0
+    prompt_set: str = ""
+
+    OUTPUTS = ("_anomaly.npy", "_heatmap.png", "_anomaly.json")  # what ``save`` writes, the JSON last
+    JSON_KEYS = ("image", "size", "object", "score", "map_max", "mode", "references", "model", "prompt_set")
+
+    @property
+    def mode(self) -> str:
+        return f"WinCLIP+ ({self.shots}-shot)" if self.shots else "WinCLIP (zero-shot)"
+
+    def to_json(self, **info) -> dict:
+        """The JSON ``ovdense anomaly`` writes: size, object, image score, the map's maximum, the
+        mode and the prompt set, with ``info`` (``image``, ``references``, ``model``) in place."""
+        own = {"size": list(self.map.shape), "object": self.object_name, "score": self.score,
+               "map_max": float(self.map.max()), "mode": self.mode, "prompt_set": self.prompt_set}
+        return ordered(self.JSON_KEYS, own, info)
+
+    def overlay(self, image: ImageInput) -> np.ndarray:
+        """The map in JET colours (fixed scale 0–1) blended on the image: RGB ``uint8 [H, W, 3]``."""
+        return heatmap_overlay(load_image(image), self.map)
+
+    def save(self, out_dir: str | os.PathLike, stem: str, image: ImageInput, /, **info) -> list[Path]:
+        """Write ``<stem>_anomaly.npy`` (the float32 map), ``<stem>_heatmap.png`` and
+        ``<stem>_anomaly.json`` (``to_json(**info)``, last) in ``out_dir``."""
+        buffer = io.BytesIO()
+        np.save(buffer, self.map, allow_pickle=False)
+        out = Path(out_dir)
+        return [write_bytes(out / f"{stem}_anomaly.npy", buffer.getvalue()),
+                write_image(out / f"{stem}_heatmap.png", self.overlay(image)),
+                write_json(out / f"{stem}_anomaly.json", self.to_json(**info))]
 
 
 def window_indices(grid: tuple[int, int], k: int) -> torch.Tensor:
@@ -85,6 +128,7 @@ class WinClip:
         scales: window sizes in patches.
         temperature: ``T`` of the normal/anomalous softmax.
         window_batch: window sequences per transformer batch (bounds memory).
+        references: normal images of the object: WinCLIP+ (``set_references``); ``None``: zero-shot.
     """
 
     def __init__(
@@ -95,6 +139,7 @@ class WinClip:
         scales: Sequence[int] = (2, 3),
         temperature: float = TEMPERATURE,
         window_batch: int = 1024,
+        references: Sequence[ImageInput] | None = None,
     ):
         if not object_name or not object_name.strip():
             raise OvdenseError("the object name is empty: say what the images show, e.g. --object bottle")
@@ -108,6 +153,8 @@ class WinClip:
         self.windows = [window_indices(self.grid, k) for k in self.scales]
         self.text = self._state_embeddings()  # 2, D
         self.memory: dict | None = None
+        if references is not None:
+            self.set_references(references)
 
     @torch.no_grad()
     def _state_embeddings(self) -> torch.Tensor:
@@ -260,5 +307,7 @@ class WinClip:
         for rgb, score, grid_map in zip(rgbs, scores, maps):
             full = F.interpolate(grid_map[None, None].float(), size=rgb.shape[:2], mode="bilinear",
                                  align_corners=False)[0, 0]
-            results.append(AnomalyResult(float(score), full.cpu().numpy().astype(np.float32)))
+            shots = self.memory["shots"] if self.memory is not None else 0
+            full = full.cpu().numpy().astype(np.float32)  # H, W
+            results.append(AnomalyResult(float(score), full, self.object_name, shots, self.prompt_set))
         return results

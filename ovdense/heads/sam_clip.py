@@ -31,6 +31,7 @@ when used. SAM checkpoints are read with ``torch.load(weights_only=True)`` and l
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from ovdense.backbone.prompts import ClassSpec, Templates, Vocabulary
 from ovdense.data import rle
 from ovdense.errors import OvdenseError, strip_unpickling_advice
 from ovdense.heads.training_free import SegmentationResult, rescale_size
-from ovdense.io import ImageInput, load_image, overlay, palette
+from ovdense.io import ImageInput, load_image, overlay, palette, write_image, write_json, write_label_png
 from ovdense.kernels.pooling import mask_pool
 from ovdense.kernels.reference import class_max
 
@@ -221,9 +222,30 @@ class SamClipResult(SegmentationResult):
 
     instances: list[Instance] = field(default_factory=list)
 
+    OUTPUTS = ("_labels.png", "_overlay.jpg", "_instances.json")
+
     def to_coco(self, image_id) -> list[dict]:
         """The instances as a COCO results list (loadable by ``pycocotools.COCO.loadRes``)."""
         return [instance.to_coco(image_id) for instance in self.instances]
+
+    def to_json(self, image_id=None, **info) -> dict:
+        """The semantic map's JSON (``SegmentationResult.to_json``) with the ``instances`` as
+        COCO results of ``image_id``."""
+        report = super().to_json(**info)
+        report["instances"] = self.to_coco(image_id)
+        return report
+
+    def overlay(self, image: ImageInput) -> np.ndarray:
+        """``draw_instances``: the colour map and legend with each mask's outline and label."""
+        return draw_instances(load_image(image), self)
+
+    def save(self, out_dir: str | os.PathLike, stem: str, image: ImageInput, /, **info) -> list[Path]:
+        """Write ``<stem>_labels.png``, ``<stem>_overlay.jpg`` and ``<stem>_instances.json``
+        (the COCO results, image id ``stem``; ``info`` is not written) in ``out_dir``."""
+        out = Path(out_dir)
+        return [write_label_png(out / f"{stem}_labels.png", self.labels),
+                write_image(out / f"{stem}_overlay.jpg", self.overlay(image)),
+                write_json(out / f"{stem}_instances.json", self.to_coco(stem))]
 
 
 def draw_instances(rgb: np.ndarray, result: SamClipResult) -> np.ndarray:
@@ -252,13 +274,17 @@ class SamClipSegmenter:
     """SAM proposals classified from one dense CLIP pass (see the module doc).
 
     Use like ``SamPredictor``: ``set_image(image)`` once, then ``predict()`` (automatic masks),
-    ``predict(points=…)``, ``predict(boxes=…)`` or ``predict(masks=…)`` as often as wanted.
+    ``predict(points=…)``, ``predict(boxes=…)`` or ``predict(masks=…)`` as often as wanted;
+    ``predict(image)`` sets the image first (every segmentation head's call).
+
+    Built as every segmentation head, ``SamClipSegmenter(backbone, classes, sam=load_sam(path))``;
+    the earlier order ``(backbone, sam, classes)`` still works (a ``Sam`` or ``None`` second).
 
     Args:
         backbone: the shared CLIP backbone.
-        sam: a segment-anything ``Sam`` (``load_sam``), or ``None`` to classify given masks only.
         classes: class names; commas (or a list) give synonyms; class 0 is what uncovered pixels
             get, so put the background first.
+        sam: a segment-anything ``Sam`` (``load_sam``), or ``None`` to classify given masks only.
         templates: as for ``Segmenter`` (``None``: the backbone's own, else ``"imagenet80"``).
         method: the training-free method whose dense features are pooled.
         short_side: CLIP's input short side (``None``: the backbone's own, else the method's;
@@ -277,8 +303,8 @@ class SamClipSegmenter:
     def __init__(
         self,
         backbone: ClipBackbone,
-        sam: torch.nn.Module | None,
-        classes: Sequence[ClassSpec] | Vocabulary,
+        classes: Sequence[ClassSpec] | Vocabulary | torch.nn.Module | None,
+        sam: torch.nn.Module | Sequence[ClassSpec] | Vocabulary | None = None,
         templates: Templates | None = None,
         method: str = "clearclip",
         short_side: int | None = None,
@@ -294,6 +320,8 @@ class SamClipSegmenter:
         min_mask_region_area: int = 0,
         crop_batch: int = 32,
     ):
+        if classes is None or isinstance(classes, torch.nn.Module):  # the order (backbone, sam, classes)
+            classes, sam = sam, classes
         if method not in METHODS:
             raise OvdenseError(f"unknown method {method!r}; choose from: {', '.join(METHODS)}")
         protocol = METHODS[method].protocol
@@ -335,6 +363,19 @@ class SamClipSegmenter:
     def classes(self) -> tuple[str, ...]:
         return self.vocabulary.names
 
+    def settings(self) -> dict:
+        """Every setting that shapes the output."""
+        return {
+            "method": self.method,
+            "templates": self.templates if isinstance(self.templates, str) else list(self.templates),
+            "short_side": self.short_side,
+            "logit_scale": self.logit_scale,
+            "unknown_threshold": self.unknown_threshold,
+            "crop_area": self.crop_area,
+            "crop_weight": self.crop_weight,
+            **self.sam_options,
+        }
+
     # ----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -353,11 +394,13 @@ class SamClipSegmenter:
         self._rgb = rgb
 
     @torch.inference_mode()
-    def predict(self, points: ArrayLike | None = None, boxes: ArrayLike | None = None,
-                masks: ArrayLike | None = None) -> SamClipResult:
-        """Classify the proposals of the image set by ``set_image``.
+    def predict(self, image: ImageInput | None = None, *, points: ArrayLike | None = None,
+                boxes: ArrayLike | None = None, masks: ArrayLike | None = None) -> SamClipResult:
+        """Classify the proposals of ``image`` (``set_image`` first), or of the image set by
+        ``set_image``.
 
         Args:
+            image: a path, PIL image or RGB array; ``None``: the image set by ``set_image``.
             points: ``[N, 2]`` pixel ``(x, y)`` foreground points, one object each (SAM's best
                 of its three masks by predicted IoU).
             boxes: ``[K, 4]`` pixel ``(x1, y1, x2, y2)`` boxes, one object each.
@@ -365,6 +408,8 @@ class SamClipSegmenter:
             With none of them, SAM's automatic mask generator proposes the masks. Masks come in
             the order points, boxes.
         """
+        if image is not None:
+            self.set_image(image)
         if self._rgb is None:
             raise OvdenseError("no image set: call set_image(image) before predict()")
         H, W = self._rgb.shape[:2]
@@ -454,7 +499,8 @@ class SamClipSegmenter:
             label = int(labels[m])
             name = self.classes[label] if label >= 0 else "unknown"
             instances.append(Instance(mask, label, name, float(scores[m]), rle.bbox(mask), int(area[m])))
-        return SamClipResult(sem_labels.cpu().numpy(), sem_scores.cpu().numpy(), self.classes, instances)
+        return SamClipResult(sem_labels.cpu().numpy(), sem_scores.cpu().numpy(), self.classes,
+                             tuple(self.vocabulary.synonyms()), self.settings(), instances=instances)
 
     def _crop_embeddings(self, masks: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
         """CLIP image embeddings ``[M, D]`` of the masked crops of the masks ``which`` selects

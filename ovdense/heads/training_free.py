@@ -30,8 +30,10 @@ logits, or ``kernel="reference"`` asks for the plain path.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -44,7 +46,7 @@ from ovdense.backbone.clip import ClipBackbone
 from ovdense.backbone.dense import METHODS, MethodSpec, block_input_affinity
 from ovdense.backbone.prompts import ClassSpec, Templates, Vocabulary
 from ovdense.errors import OvdenseError
-from ovdense.io import ImageInput, load_image
+from ovdense.io import ImageInput, load_image, ordered, overlay, write_image, write_json, write_label_png
 from ovdense.refine.cluster import cluster_vote, default_dbscan_params
 from ovdense.refine.pamr import pamr as pamr_refine
 
@@ -62,16 +64,50 @@ class SegmentationResult:
         labels: ``[H, W]`` int64 class indices into ``classes``.
         scores: ``[H, W]`` float32 probability of the winning class.
         classes: the class names (each class's first synonym).
+        synonyms: each class's words (``()``: the names alone).
+        settings: the head's settings that shaped it (``Segmenter.settings()``).
     """
 
     labels: np.ndarray
     scores: np.ndarray
     classes: tuple[str, ...]
+    synonyms: tuple[tuple[str, ...], ...] = ()
+    settings: dict = field(default_factory=dict)
+
+    OUTPUTS = ("_labels.png", "_overlay.jpg", ".json")  # what ``save`` writes, the JSON last
+    JSON_KEYS = ("image", "size", "method", "model", "pretrained", "settings", "classes", "seconds")
 
     def class_shares(self) -> list[float]:
         """The fraction of pixels of each class, in class order."""
         counts = np.bincount(self.labels.reshape(-1), minlength=len(self.classes))
         return [float(c) / self.labels.size for c in counts[: len(self.classes)]]
+
+    def to_json(self, **info) -> dict:
+        """The JSON ``ovdense segment`` writes: the size, the method and its settings, each class
+        (index, name, synonyms, pixel share), with ``info`` (``image``, ``model``,
+        ``pretrained``, ``seconds``, ...) in their places (``JSON_KEYS``)."""
+        synonyms = self.synonyms or tuple((name,) for name in self.classes)
+        shares = self.class_shares()
+        own = {
+            "size": list(self.labels.shape),
+            "method": self.settings.get("method"),
+            "settings": self.settings,
+            "classes": [{"index": i, "name": name, "synonyms": list(syn), "pixel_share": shares[i]}
+                        for i, (name, syn) in enumerate(zip(self.classes, synonyms))],
+        }
+        return ordered(self.JSON_KEYS, own, info)
+
+    def overlay(self, image: ImageInput) -> np.ndarray:
+        """The labels' colours blended on the image, with a legend: RGB ``uint8 [H, W + 200, 3]``."""
+        return overlay(load_image(image), self.labels, self.classes)
+
+    def save(self, out_dir: str | os.PathLike, stem: str, image: ImageInput, /, **info) -> list[Path]:
+        """Write ``<stem>_labels.png`` (indexed, the palette), ``<stem>_overlay.jpg`` and
+        ``<stem>.json`` (``to_json(**info)``, last) in ``out_dir``."""
+        out = Path(out_dir)
+        return [write_label_png(out / f"{stem}_labels.png", self.labels),
+                write_image(out / f"{stem}_overlay.jpg", self.overlay(image)),
+                write_json(out / f"{stem}.json", self.to_json(**info))]
 
 
 def rescale_size(height: int, width: int, short_side: int, long_cap: int = MAX_LONG_SIDE) -> tuple[int, int]:
@@ -291,7 +327,8 @@ class Segmenter:
             labels = self._cluster_vote(x, labels)
         if self.close_labels:
             labels = close_labels(labels)
-        return SegmentationResult(labels.cpu().numpy(), scores.cpu().numpy(), self.classes)
+        return SegmentationResult(labels.cpu().numpy(), scores.cpu().numpy(), self.classes,
+                                  tuple(self.vocabulary.synonyms()), self.settings())
 
     @property
     def streams(self) -> bool:

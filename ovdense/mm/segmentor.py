@@ -26,8 +26,10 @@ from torch import nn
 
 from ovdense.backbone.clip import create_backbone
 from ovdense.backbone.prompts import Vocabulary
+from ovdense.backbone.protocols import METHOD_INFO
 from ovdense.errors import OvdenseError
 from ovdense.heads.training_free import Segmenter
+from ovdense.registry import get_head
 
 
 @MODELS.register_module()
@@ -80,6 +82,10 @@ class OvdenseSegmentor(BaseSegmentor):
         if data_preprocessor is None:
             data_preprocessor = dict(type="OvdenseDataPreprocessor")
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        entry = get_head(method, "segmentation")  # an unknown name: the error lists the heads
+        if not entry.training_free:
+            raise OvdenseError(f"OvdenseSegmentor runs the training-free methods ({', '.join(METHOD_INFO)}); "
+                               f"{method} is not one (SAN: OvdenseSAN in ovdense.mm.san)")
         self.backbone = create_backbone(**dict(backbone))
         self.method = method
         self.vocabulary = _vocabulary(classnames)

@@ -1,0 +1,7 @@
+"""``python -m ovdense``: the ``ovdense`` command."""
+
+import sys
+
+from ovdense.cli import main
+
+sys.exit(main())

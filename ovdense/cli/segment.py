@@ -1,0 +1,140 @@
+"""``ovdense segment`` and ``ovdense methods``: every segmentation head through the registry."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ovdense.cli.common import (
+    _check_device,
+    _check_no_overwrite,
+    _check_out,
+    _check_range,
+    _list_inputs,
+    _pending,
+    _pretrained,
+    _read_classes,
+    _read_templates,
+    _readable_images,
+    _report,
+)
+from ovdense.errors import OvdenseError
+from ovdense.registry import HEADS, get_head, list_heads
+
+#: the segment flags that belong to some heads only (``HeadEntry.options``), in the registry's order
+HEAD_OPTIONS = tuple(dict.fromkeys(option for name in list_heads("segmentation")
+                                   for option in HEADS[name].options))
+#: flags whose default is a value rather than ``None``: given when they differ from it
+FLAG_DEFAULTS = {"kernel": "auto"}
+#: flags that reach the head under another keyword
+KEYWORDS = {"clip_method": "method"}
+#: flags read here, not passed on: SAM's checkpoint and type become the ``sam`` model
+SAM_FLAGS = ("sam_checkpoint", "sam_model")
+
+
+def _given(args: argparse.Namespace, name: str) -> bool:
+    return getattr(args, name) != FLAG_DEFAULTS.get(name)
+
+
+def _check_method_options(args: argparse.Namespace) -> None:
+    """Options of one head given to another are a usage error, not silently ignored."""
+    entry = HEADS[args.method]
+    given = [name for name in HEAD_OPTIONS if _given(args, name) and name not in entry.options]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise OvdenseError(f"{flags}: not an option of --method {args.method}{entry.option_hint}")
+
+
+def _check_segment_arguments(args: argparse.Namespace) -> None:
+    """Every number of ``segment`` in range and the window consistent, before any model."""
+    if args.window is not None:
+        crop, stride = args.window
+        if (crop, stride) != (0, 0):
+            if crop <= 0 or stride <= 0:
+                raise OvdenseError(f"--window {crop} {stride}: crop and stride must be positive (or 0 0 "
+                                   "for one pass over the whole image)")
+            if stride > crop:
+                raise OvdenseError(f"--window {crop} {stride}: the stride is larger than the crop, so the "
+                                   "windows would leave gaps; use a stride ≤ the crop")
+    _check_range(args, "short_side", 0)
+    _check_range(args, "logit_scale", 0, low_open=True)
+    for name in ("bg_threshold", "area_threshold", "pred_iou_thresh", "stability_score_thresh",
+                 "box_nms_thresh", "unknown_threshold", "crop_area", "crop_weight"):
+        _check_range(args, name, 0, 1)
+    _check_range(args, "points_per_side", 1, 1024)
+    _check_range(args, "min_mask_region_area", 0)
+    _check_range(args, "max_pixels", 1)
+
+
+KIND_HEADINGS = {"detection": "detection (ovdense detect): boxes and instance masks for any words",
+                 "anomaly": "anomaly (ovdense anomaly): defect heat maps of images of one object"}
+
+
+def _command_methods() -> int:
+    """Every registered head (``ovdense.registry``): the segmentation heads with their defaults,
+    then the detection and the anomaly heads."""
+    print(f"{'method':<10} {'short side':>10} {'window':>9} {'logit scale':>11} {'pamr':>5}  paper")
+    segmentation = [HEADS[name] for name in list_heads("segmentation")]
+    for entry in [e for e in segmentation if e.training_free]:
+        print(_table_row(entry, entry.paper))
+    print("\nheads beyond the training-free ones:")
+    for entry in [e for e in segmentation if not e.training_free]:
+        print(_table_row(entry, f"{entry.paper}: {entry.summary}; {entry.hint}"))
+    for kind, heading in KIND_HEADINGS.items():
+        print(f"\n{heading}")
+        for name in list_heads(kind):
+            entry = HEADS[name]
+            print(f"{name:<10} {entry.paper}: {entry.summary}; {entry.hint}")
+    return 0
+
+
+def _table_row(entry, text: str) -> str:
+    short_side, window, logit_scale, pamr = entry.table
+    return f"{entry.name:<10} {short_side:>10} {window:>9} {logit_scale:>11} {pamr:>5}  {text}"
+
+
+def _command_segment(args: argparse.Namespace) -> int:
+    from ovdense.backbone.protocols import METHOD_INFO as METHODS  # torch-free
+
+    entry = get_head(args.method, "segmentation")  # the error lists the segmentation heads
+    _check_method_options(args)
+    _check_segment_arguments(args)
+    if args.clip_method is not None and args.clip_method not in METHODS:
+        raise OvdenseError(f"unknown --clip-method {args.clip_method!r}; choose from: {', '.join(METHODS)}")
+    if args.head_checkpoint is not None and not args.head_checkpoint.is_file():
+        raise OvdenseError(f"--head-checkpoint {args.head_checkpoint}: no such file (a SAN head written "
+                           "by tools/train.py or tools/model_converters/san2ovdense.py)")
+    vocabulary = _read_classes(args)
+    templates = _read_templates(args.templates)
+    images = _list_inputs(args.inputs)
+    _check_out(args.out)
+    _check_no_overwrite(args.out, images, entry.outputs)
+    todo, skipped = _pending(args, images, entry.outputs)
+    if not todo:
+        return _report(args.out, len(images), [], "result", "", skipped)
+    _check_device(args.device)
+
+    from ovdense import create_backbone, create_head
+
+    options = {KEYWORDS.get(name, name): getattr(args, name) for name in entry.options
+               if name not in SAM_FLAGS and getattr(args, name) is not None}
+    if "window" in options:
+        options["window"] = tuple(options["window"])
+    if "sam" in entry.needs:
+        from ovdense.heads.sam_clip import load_sam
+
+        options["sam"] = load_sam(args.sam_checkpoint, args.sam_model, device=args.device)  # fails fast
+    pretrained = _pretrained(args.model, args.pretrained)
+    backbone = create_backbone(args.model, pretrained=pretrained, device=args.device)
+    segmenter = create_head(args.method, backbone, vocabulary, templates=templates,
+                            short_side=args.short_side, **options)
+    failed: list[Path] = []
+    for path, rgb in _readable_images(todo, "segment", failed, args.max_pixels):
+        start = time.perf_counter()
+        result = segmenter.predict(rgb)
+        seconds = time.perf_counter() - start
+        result.save(args.out, path.stem, rgb, image=str(path), method=args.method, model=args.model,
+                    pretrained=pretrained, seconds=round(seconds, 4))
+    files = ", ".join(f"<name>{suffix}" for suffix in entry.outputs)
+    return _report(args.out, len(images), failed, "result", f" ({files})", skipped)

@@ -1,0 +1,276 @@
+"""The head registry (ovdense/registry.py): every registered name builds through ``create_head`` on
+the toy backbone and gives what its own class gives; every result keeps the one protocol
+(``to_json``, ``overlay``, ``save``); the command line's ``--method``, ``ovdense methods`` and the
+demo's menus are the registry's names, so a new entry cannot be left out of one of them."""
+
+import importlib
+import importlib.util
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ovdense
+from ovdense import registry
+from ovdense.cli import main
+from ovdense.errors import OvdenseError
+from ovdense.registry import HEADS, KIND_ARGUMENTS, create_head, get_head, list_heads
+
+ROOT = Path(__file__).resolve().parents[1]
+SEGMENT_CLASSES = ["background", "purple triangle, violet triangle", "blue circle"]
+DETECT_CLASSES = ["purple triangle", "blue circle"]
+SAM_OPTIONS = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+
+
+def detection_module():
+    """The F-ViT detector's module: ovdense.heads.fvit once the detection package has landed,
+    ovdense.heads.detection before."""
+    for name in ("ovdense.heads.fvit", "ovdense.heads.detection"):
+        if importlib.util.find_spec(name) is not None:
+            return importlib.import_module(name)
+    raise AssertionError("no detection module")
+
+
+def saver(result):
+    """``result.save``; a ``DetectionResult`` from before the detection package gets it from
+    ``DetectionOutputs`` (its base class after the merge)."""
+    if hasattr(result, "save"):
+        return result.save, result.overlay
+    from ovdense.heads.results import DetectionOutputs
+
+    return partial(DetectionOutputs.save, result), partial(DetectionOutputs.overlay, result)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OVDENSE_CACHE", str(tmp_path_factory.mktemp("registry-cache")))
+        yield ovdense.create_backbone("toy")
+
+
+@pytest.fixture(scope="module")
+def sam():
+    """A tiny random SAM (embedding width 32, two blocks), as in test_sam_clip.py."""
+    from segment_anything.build_sam import _build_sam
+
+    torch.manual_seed(0)
+    return _build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
+                      encoder_global_attn_indexes=[], checkpoint=None)
+
+
+@pytest.fixture(scope="module")
+def rgb():
+    from ovdense.data.synthetic import SceneConfig, render_scene
+
+    return render_scene(np.random.default_rng([25, 1]), SceneConfig(size=(64, 80))).image
+
+
+def build(name, toy, sam, fvit_head, rgb, tiny_backbone):
+    """``create_head(name, ...)`` and the same head built by its own class (on the toy backbone;
+    a method that needs more blocks than the toy's 6, ITACLIP, on the tiny 12-block one)."""
+    from ovdense.anomaly.winclip import WinClip
+    from ovdense.heads.sam_clip import SamClipSegmenter
+    from ovdense.heads.san import SanSegmenter
+    from ovdense.heads.training_free import Segmenter
+
+    entry = HEADS[name]
+    if entry.training_free:
+        from ovdense.backbone.protocols import METHOD_INFO
+
+        blocks = len(toy.model.visual.transformer.resblocks)
+        backbone = tiny_backbone if any(i >= blocks - 1 for i in METHOD_INFO[name].capture) else toy
+        return create_head(name, backbone, SEGMENT_CLASSES), Segmenter(backbone, name, SEGMENT_CLASSES)
+    if name == "san":
+        return create_head(name, toy, SEGMENT_CLASSES), SanSegmenter(toy, SEGMENT_CLASSES)
+    if name == "sam-clip":
+        return (create_head(name, toy, SEGMENT_CLASSES, sam=sam, **SAM_OPTIONS),
+                SamClipSegmenter(toy, sam, SEGMENT_CLASSES, **SAM_OPTIONS))  # the earlier argument order
+    if name == "fvit":
+        return (create_head(name, toy, DETECT_CLASSES, head_checkpoint=fvit_head, score_threshold=0.0),
+                detection_module().Detector(toy, DETECT_CLASSES, fvit_head, score_threshold=0.0))
+    if name == "winclip":
+        return create_head(name, toy, "ring"), WinClip(toy, "ring")
+    if name == "winclip+":
+        own = WinClip(toy, "ring")
+        own.set_references([rgb[::-1].copy()])
+        return create_head(name, toy, "ring", references=[rgb[::-1].copy()]), own
+    raise AssertionError(f"a registered head without a test: {name}; add it to build()")
+
+
+def predict(head, rgb):
+    result = head.predict(rgb)
+    return result[0] if isinstance(result, list) else result
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_every_head_builds_by_name_and_equals_its_own_class(name, toy, sam, fvit_head, rgb, tmp_path,
+                                                            tiny_backbone):
+    entry = HEADS[name]
+    by_name, own = build(name, toy, sam, fvit_head, rgb, tiny_backbone)
+    assert type(by_name) is type(own) is entry.load()
+    got, want = predict(by_name, rgb), predict(own, rgb)
+    arrays = {"segmentation": ("labels", "scores"), "detection": ("boxes", "scores", "class_ids"),
+              "anomaly": ("map",)}[entry.kind]
+    for field in arrays:
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+    save, overlay = saver(got)
+    json.dumps(got.to_json())  # JSON-ready
+    drawn = overlay(rgb)
+    assert drawn.dtype == np.uint8 and drawn.ndim == 3 and drawn.shape[2] == 3
+    assert drawn.shape[0] >= rgb.shape[0] and drawn.shape[1] >= rgb.shape[1]
+    written = save(tmp_path, "scene", rgb)
+    assert [p.name for p in written] == [f"scene{suffix}" for suffix in entry.outputs]  # the JSON last
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"scene{s}" for s in entry.outputs)
+    assert entry.outputs[-1].endswith(".json")
+    report = json.loads((tmp_path / f"scene{entry.outputs[-1]}").read_text(encoding="utf-8"))
+    if name == "sam-clip":
+        assert report == json.loads(json.dumps(got.to_coco("scene")))
+    else:
+        assert report == json.loads(json.dumps(got.to_json()))
+    if entry.kind == "segmentation":
+        from ovdense.io import overlay as io_overlay
+
+        if name != "sam-clip":  # SAM + CLIP draws the masks' outlines on top
+            np.testing.assert_array_equal(drawn, io_overlay(rgb, got.labels, got.classes))
+        assert type(got).OUTPUTS == entry.outputs
+
+
+def test_results_keep_the_cli_json_key_order(toy, rgb):
+    """``to_json(**info)`` places what the caller adds where ``ovdense segment`` writes it."""
+    result = create_head("maskclip", toy, SEGMENT_CLASSES).predict(rgb)
+    report = result.to_json(seconds=1.0, image="x.png", pretrained=None, model="toy")
+    assert list(report) == ["image", "size", "method", "model", "pretrained", "settings", "classes",
+                            "seconds"]
+    assert report["method"] == "maskclip" and report["classes"][1]["synonyms"] == ["purple triangle",
+                                                                                   "violet triangle"]
+
+
+def test_sam_clip_takes_classes_second_and_keeps_its_earlier_order(toy, sam, rgb):
+    from ovdense.heads.sam_clip import SamClipSegmenter
+
+    new = SamClipSegmenter(toy, SEGMENT_CLASSES, sam=sam, **SAM_OPTIONS).predict(rgb)
+    old = SamClipSegmenter(toy, sam, SEGMENT_CLASSES, **SAM_OPTIONS).segment(rgb)
+    by_keyword = SamClipSegmenter(toy, sam=sam, classes=SEGMENT_CLASSES, **SAM_OPTIONS).segment(rgb)
+    np.testing.assert_array_equal(new.labels, old.labels)
+    np.testing.assert_array_equal(by_keyword.labels, old.labels)
+    masks_only = SamClipSegmenter(toy, SEGMENT_CLASSES, method="vanilla")  # no SAM: given masks only
+    assert masks_only.generator is None
+
+
+def test_unknown_names_and_wrong_calls_are_one_error(toy):
+    with pytest.raises(OvdenseError) as error:
+        create_head("no-such-head", toy, ["a"])
+    message = str(error.value)
+    assert "unknown method 'no-such-head'" in message and all(name in message for name in HEADS)
+    with pytest.raises(OvdenseError, match="unknown method 'fvit'; choose from: vanilla"):
+        get_head("fvit", "segmentation")
+    with pytest.raises(OvdenseError, match="set by the head's name"):
+        create_head("clearclip", toy, ["a"], method="sclip")
+    with pytest.raises(OvdenseError, match=r"winclip\+ needs references"):
+        create_head("winclip+", toy, "ring")
+    with pytest.raises(OvdenseError, match="positional"):
+        create_head("clearclip", toy, ["a"], "extra")
+    with pytest.raises(OvdenseError, match="given twice"):
+        create_head("clearclip", toy, ["a"], classes=["b"])
+    with pytest.raises(OvdenseError, match="unknown kind"):
+        list_heads("tracking")
+
+
+def test_the_table_is_complete_and_torch_free():
+    assert set(HEADS) >= {"vanilla", "maskclip", "sclip", "clearclip", "naclip", "cliptrase", "itaclip",
+                          "san", "sam-clip", "fvit", "winclip", "winclip+"}
+    assert list_heads() == list(HEADS) == ovdense.list_heads()
+    assert sorted({HEADS[n].kind for n in HEADS}) == sorted(KIND_ARGUMENTS)
+    assert [n for n in HEADS if HEADS[n].training_free] == ovdense.list_methods()
+    assert ovdense.HEADS is HEADS and ovdense.create_head is create_head
+    for name, entry in HEADS.items():
+        assert entry.name == name and entry.summary and entry.paper and entry.outputs, name
+        module, _, attribute = entry.target.partition(":")
+        assert module.startswith("ovdense.") and attribute, name
+    for kind, name in registry.DEFAULT_HEADS.items():
+        assert HEADS[name].kind == kind
+    probe = ("import sys, ovdense\nnames = ovdense.list_heads()\nentry = ovdense.HEADS['san']\n"
+             "print(len(names), 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
+    assert done.stdout.split() == [str(len(HEADS)), "False"], done.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# The command line and the demo read the registry
+
+
+def run_cli(argv, capsys):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def methods_listed(capsys) -> list[str]:
+    code, out, _ = run_cli(["methods"], capsys)
+    assert code == 0
+    return [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0] in HEADS]
+
+
+def accepted(name, tmp_path, capsys) -> bool:
+    """Whether ``segment --method name`` gets past the method's check (to the device's)."""
+    image = tmp_path / "in.png"
+    if not image.exists():
+        from PIL import Image
+
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    code, _, err = run_cli(["segment", image, "--classes", "a", "--method", name, "--out", tmp_path / "o",
+                            "--device", "nowhere"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    if "unknown method" in err:
+        assert f"choose from: {', '.join(list_heads('segmentation'))}" in err
+        return False
+    assert "--device 'nowhere' is not a device" in err, err
+    return True
+
+
+@pytest.fixture(scope="module")
+def app():
+    spec = importlib.util.spec_from_file_location("ovdense_demo_app_registry", ROOT / "demo" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_cli_methods_and_demo_list_the_registry(toy, sam, fvit_head, app, tmp_path, capsys):
+    assert methods_listed(capsys) == list_heads()
+    assert [n for n in list_heads() if accepted(n, tmp_path, capsys)] == list_heads("segmentation")
+    heads = app.Heads(toy, sam, fvit_head=fvit_head)
+    assert heads.methods == list_heads("segmentation")
+    assert heads.available("detection") == list_heads("detection")
+    assert heads.available("anomaly") == list_heads("anomaly")
+    assert app.Heads(toy).methods == [n for n in list_heads("segmentation") if not HEADS[n].needs]
+    args = app._parse_args([])
+    for name in list_heads():
+        assert hasattr(args, f"{name}_head") == HEADS[name].trained, name
+
+
+def test_a_new_entry_appears_in_the_cli_methods_and_demo(toy, app, tmp_path, capsys, monkeypatch):
+    """One entry, no other change: ``--method`` takes it, ``ovdense methods`` lists it, the demo
+    offers it and builds it."""
+    new = replace(HEADS["maskclip"], name="maskclip-again", title="MaskCLIP again")
+    monkeypatch.setitem(registry._HEADS, new.name, new)
+    assert "maskclip-again" in list_heads("segmentation")
+    assert accepted("maskclip-again", tmp_path, capsys)
+    assert "maskclip-again" in methods_listed(capsys)
+    heads = app.Heads(toy)
+    assert "maskclip-again" in heads.methods
+    rgb = np.zeros((32, 40, 3), np.uint8)
+    shown = app.segment_image(heads, rgb, [("a",), ("b",)], "maskclip-again")
+    want = app.segment_image(heads, rgb, [("a",), ("b",)], "maskclip")
+    np.testing.assert_array_equal(shown.label_map, want.label_map)
