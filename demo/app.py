@@ -193,7 +193,7 @@ class Heads:
 
     def detector(self, classes: Sequence[tuple[str, ...]], score_threshold: float):
         """An F-ViT ``Detector`` for these classes (one name each) and score threshold."""
-        from ovdense.heads.detection import Detector
+        from ovdense.heads.fvit import Detector
 
         if self.fvit_head is None:
             raise OvdenseError("no F-ViT head: start the demo with --fvit-head PATH")
@@ -232,7 +232,7 @@ def _shipped_san_head(backbone: ClipBackbone) -> Path | None:
 
 def _shipped_fvit_head(backbone: ClipBackbone) -> Path | None:
     """The F-ViT head that ships for this backbone (the toy model's, once installed), else ``None``."""
-    from ovdense.heads.detection import default_head_checkpoint
+    from ovdense.heads.fvit import default_head_checkpoint
 
     try:
         return default_head_checkpoint(backbone)
@@ -668,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             load_head(args.san_head, backbone)
         if args.fvit_head:
-            from ovdense.heads.detection import load_head as load_fvit_head
+            from ovdense.heads.fvit import load_head as load_fvit_head
 
             load_fvit_head(args.fvit_head, backbone)
     except OvdenseError as e:

@@ -624,7 +624,7 @@ def _command_detect(args: argparse.Namespace) -> int:
     _check_device(args.device)
 
     from ovdense import create_backbone
-    from ovdense.heads.detection import Detector
+    from ovdense.heads.fvit import Detector
     from ovdense.io import draw_detections, write_image, write_json
 
     backbone = create_backbone(args.model, pretrained=_pretrained(args.model, args.pretrained),
