@@ -14,7 +14,7 @@ options the configs use, with mmdet's parameter names, so a head file written by
 
 torchvision's ops are used where they compute what mmcv computes: ``roi_align(aligned=True)``
 (mmcv's ``RoIAlign(aligned=True)``, the same detectron2 kernel), ``nms`` (mmcv's greedy loop at
-``offset=0``). Kept by hand, with the reason beside each:
+``offset=0``), ``clip_boxes_to_image``, ``box_area``. Kept by hand, with the reason beside each:
 mmcv's ``batched_nms`` (torchvision's switches to a per-class loop above 1000 CPU boxes, mmcv
 only above 10000), the anchors, the box coder, the small-box filter, the level mapping and the mask
 pasting (torchvision's own versions round, compare or resample differently).

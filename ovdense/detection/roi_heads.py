@@ -47,7 +47,7 @@ class SingleRoIExtractor(nn.Module):
 
     def forward(self, feats: Sequence[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
         """``rois [R, 5]`` (batch index, x1, y1, x2, y2) → ``[R, C, s, s]``."""
-        from torchvision.ops import roi_align
+        from torchvision.ops import box_area, roi_align
 
         rois = rois.type_as(feats[0])
         out = feats[0].new_zeros(rois.size(0), self.out_channels, *self.output_size)  # R, C, s, s
@@ -60,7 +60,7 @@ class SingleRoIExtractor(nn.Module):
 
         if num_levels == 1:
             return out if len(rois) == 0 else pool(0, rois)
-        scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))  # R
+        scale = torch.sqrt(box_area(rois[:, 1:]))  # R: √((x2−x1)·(y2−y1)), as mmdet
         levels = torch.floor(torch.log2(scale / self.finest_scale + 1e-6))
         levels = levels.clamp(min=0, max=num_levels - 1).long()  # R
         for level in range(num_levels):

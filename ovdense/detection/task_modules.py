@@ -75,8 +75,8 @@ class DeltaXYWHBBoxCoder:
     """mmdet ``models/task_modules/coders/delta_xywh_bbox_coder.py`` ``delta2bbox``: denormalise
     ``d·std + mean``, centre ``(x1+x2)/2 + w·dx``, size ``w·exp(clamp(dw, ±|log(wh_ratio_clip)|))``
     (``wh_ratio_clip`` 16/1000), corners ``centre ± size/2``, clipped to ``[0, W] × [0, H]`` of
-    ``max_shape = img_shape`` (the resized image, not the padded batch) when ``clip_border``.
-    (torchvision's detection box coder
+    ``max_shape = img_shape`` (the resized image, not the padded batch) when ``clip_border``, by
+    ``torchvision.ops.clip_boxes_to_image`` (the same clamp). (torchvision's detection box coder
     divides by weights instead of multiplying by stds and clamps ``dw`` from above only.)"""
 
     def __init__(self, target_means=(0.0, 0.0, 0.0, 0.0), target_stds=(1.0, 1.0, 1.0, 1.0),
@@ -110,7 +110,8 @@ class DeltaXYWHBBoxCoder:
         gwh = pwh * dwh.exp()
         bboxes = torch.cat([gxy - (gwh * 0.5), gxy + (gwh * 0.5)], dim=-1)  # N·k, 4
         if self.clip_border and max_shape is not None:
-            bboxes[..., 0::2].clamp_(min=0, max=max_shape[1])
-            bboxes[..., 1::2].clamp_(min=0, max=max_shape[0])
+            from torchvision.ops import clip_boxes_to_image  # mmdet's clamp_ to [0, W] × [0, H]
+
+            bboxes = clip_boxes_to_image(bboxes, tuple(max_shape[:2]))  # N·k, 4
         return bboxes.reshape(num_bboxes, -1)  # N, 4·k
 
