@@ -16,10 +16,10 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, offset:
     """mmcv ``ops/nms.py`` ``nms`` (its ``NMSop``): greedy NMS in descending score order,
     suppressing IoU ``>`` the threshold, areas ``(x2−x1)·(y2−y1)`` (``offset=0``). Runs
     ``torchvision.ops.nms``: the same loop over the same IoU (on random boxes it keeps the same
-    set as mmcv's kernel; boxes of exactly equal score may come out in another order, as mmcv's CPU
-    kernel sorts the scores unstably). mmcv's ``offset=1`` (the old pixel convention, ``+1`` on every
-    width and height) has no torchvision mode and no shipped config uses it: refused, not
-    approximated."""
+    set as mmcv's kernel, in the same order except among boxes of exactly equal score, which the
+    two kernels' sorts may visit in another order). mmcv's ``offset=1`` (the old pixel convention,
+    ``+1`` on every width and height) has no torchvision mode and no shipped config uses it:
+    refused, not approximated."""
     from torchvision.ops import nms as torchvision_nms
 
     if offset != 0:
@@ -43,8 +43,9 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, n
     group, merged by descending score. Returns ``(boxes [K, 4], scores [K], keep [K])``.
 
     Not ``torchvision.ops.batched_nms``: it takes the per-group loop above 1000 boxes on CPU (25000
-    on GPU) where mmcv keeps the shifted single NMS up to 10000, so an RPN's 5 × 1000 proposals
-    meet other float rounding and another order of tied scores than mmdet's."""
+    on GPU) where mmcv keeps the shifted single NMS up to 10000, and IoUs of shifted and unshifted
+    boxes round differently: two boxes with IoU 0.7000003 among 1500 (an RPN's proposals are up to
+    5 × 1000) are both kept by mmcv and here, one dropped by torchvision at threshold 0.7."""
     cfg = dict(nms_cfg)
     class_agnostic = cfg.pop("class_agnostic", class_agnostic)
     if class_agnostic:
