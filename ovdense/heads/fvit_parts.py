@@ -252,6 +252,10 @@ def ensemble(det: torch.Tensor, vlm: torch.Tensor, seen: torch.Tensor, alpha: fl
     return det.pow(1.0 - exponent) * vlm.pow(exponent)
 
 
+# --------------------------------------------------------------------------------------------
+# The box head: mmdet's ConvFCBBoxHead with the classifier and the ensemble
+
+
 class OpenVocabBBoxHead(ConvFCBBoxHead):
     """F-ViT's box head in plain torch (``ovdense/mm/detection.py`` ``OvdenseFViTBBoxHead``, F-ViT
     ``FViTBBoxHead``): mmdet's ``ConvFCBBoxHead`` whose ``fc_cls`` maps to the joint space ``D``,
