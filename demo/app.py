@@ -339,9 +339,7 @@ class Detection:
 def detect_image(heads: Heads, rgb: np.ndarray, classes: Sequence[tuple[str, ...]],
                  score_threshold: float = 0.3) -> Detection:
     """Detect ``classes`` (one name each) in ``rgb [H, W, 3]`` with the F-ViT head
-    (``ovdense.heads.detection.Detector``), keeping scores ≥ ``score_threshold``."""
-    from ovdense.heads.results import DetectionOutputs
-
+    (``ovdense.heads.fvit.Detector``), keeping scores ≥ ``score_threshold``."""
     detector = heads.detector(classes, score_threshold)
     start = time.perf_counter()
     result = detector.predict(rgb)
@@ -349,8 +347,7 @@ def detect_image(heads: Heads, rgb: np.ndarray, classes: Sequence[tuple[str, ...
     report = result.to_json()
     rows = [[d["class"], round(d["score"], 3), *(round(v, 1) for v in d["bbox"])]
             for d in report["detections"]]
-    # result.overlay(rgb) once DetectionResult derives from DetectionOutputs (the detection package)
-    return Detection(DetectionOutputs.overlay(result, rgb), rows, report, seconds)
+    return Detection(result.overlay(rgb), rows, report, seconds)
 
 
 def sam_clip_image(heads: Heads, rgb: np.ndarray, classes: Sequence[tuple[str, ...]],

@@ -394,7 +394,7 @@ def draw_detections(rgb: np.ndarray, result, alpha: float = 0.45) -> np.ndarray:
     """The overlay of ``ovdense detect``: ``rgb [H, W, 3]`` with each detection's mask blended in
     its class colour, its box, and a label ``"<class> <score>"`` on a tab of that colour (black or
     white text, whichever reads better): RGB ``uint8 [H, W, 3]``. ``result`` is a
-    ``heads.detection.DetectionResult``. Colours are the ovdense palette from index 1 (index 0 is
+    ``heads.fvit.DetectionResult``. Colours are the ovdense palette from index 1 (index 0 is
     black); the lowest scores are drawn first, so the best detection lies on top."""
     import cv2
 

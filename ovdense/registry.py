@@ -50,8 +50,7 @@ DEFAULT_HEADS: Mapping[str, str] = MappingProxyType({
 })
 
 # The module of the F-ViT detector: its ``Detector``, ``default_head_checkpoint`` and ``load_head``.
-# ovdense.heads.fvit once the detection package has landed.
-_FVIT_MODULE = "ovdense.heads.detection"
+_FVIT_MODULE = "ovdense.heads.fvit"
 
 
 @dataclass(frozen=True)

@@ -97,12 +97,12 @@ def fvit_head_config() -> dict:
 @pytest.fixture(scope="session")
 def fvit_head(tmp_path_factory) -> Path:
     """A random-init F-ViT head (Mask R-CNN, ``configs/ovdet/fvlm_toy_synthetic.py``) for the toy
-    backbone, built in plain torch (``ovdense.heads.detection.PlainFViT``: the state-dict keys and
+    backbone, built in plain torch (``ovdense.heads.fvit.PlainFViT``: the state-dict keys and
     config that ``ovdense.mm.detection.export_head`` writes; the background embedding initialised
     from the text "background", as ``OvdenseFViT``), so the tests that use it run in the lean
     install, without mmcv, mmdet or mmengine."""
     from ovdense import create_backbone
-    from ovdense.heads import detection as det
+    from ovdense.heads import fvit as det
 
     config = fvit_head_config()
     with pytest.MonkeyPatch.context() as patch:

@@ -52,7 +52,7 @@ def scene_dir(tmp_path_factory) -> Path:
 def threshold(toy_env_cache, fvit_head, scene_dir) -> float:
     """A score threshold halfway between two of the random head's scores: some detections kept, some
     dropped, none on the boundary."""
-    from ovdense.heads.detection import Detector
+    from ovdense.heads.fvit import Detector
 
     scores = np.sort(Detector(toy_env_cache, ALL_CLASSES, fvit_head, score_threshold=0.0)
                      .predict(scene_dir / "scene.png").scores)[::-1]
@@ -70,7 +70,7 @@ def test_json_and_overlay_are_the_detectors_prediction(toy_env_cache, fvit_head,
                                                         tmp_path, capsys):
     from pycocotools import mask as mask_utils
 
-    from ovdense.heads.detection import Detector
+    from ovdense.heads.fvit import Detector
 
     out = tmp_path / "out"
     code, stdout, err = run_cli(detect_argv([scene_dir / "scene.png"], out, fvit_head, threshold), capsys)
@@ -141,7 +141,7 @@ def test_detect_runs_without_openmmlab(fvit_head, scene_dir, threshold, tmp_path
 
 
 def test_no_ensemble_gives_the_detectors_own_scores(toy_env_cache, fvit_head, scene_dir, tmp_path, capsys):
-    from ovdense.heads.detection import Detector
+    from ovdense.heads.fvit import Detector
 
     out = tmp_path / "out"
     code, _, err = run_cli(detect_argv([scene_dir / "scene.png"], out, fvit_head, 0.0, "--no-ensemble",
@@ -224,7 +224,7 @@ def test_toy_without_head_checkpoint_uses_the_shipped_head(toy_env_cache, fvit_h
                                                            capsys, monkeypatch, shipped):
     """No --head-checkpoint: the head ``default_head_checkpoint`` names (made to be ``fvit_head``
     here, whether or not this install has the trained one), or the Detector's one line."""
-    from ovdense.heads import detection
+    from ovdense.heads import fvit as detection
 
     monkeypatch.setattr(detection, "default_head_checkpoint", lambda backbone: fvit_head if shipped else None)
     out = tmp_path / "out"
@@ -250,7 +250,7 @@ def test_toy_without_head_checkpoint_uses_the_shipped_head(toy_env_cache, fvit_h
 def test_detections_json_by_hand():
     from pycocotools import mask as mask_utils
 
-    from ovdense.heads.detection import DetectionResult
+    from ovdense.heads.fvit import DetectionResult
 
     masks = np.zeros((2, 5, 7), bool)
     masks[0, 1:3, 2:6] = True
@@ -276,7 +276,7 @@ def test_detections_json_by_hand():
 
 
 def test_draw_detections_blends_the_mask_and_draws_the_box():
-    from ovdense.heads.detection import DetectionResult
+    from ovdense.heads.fvit import DetectionResult
     from ovdense.io import draw_detections, palette
 
     rgb = np.full((120, 160, 3), 91, np.uint8)
@@ -304,7 +304,7 @@ def test_draw_detections_blends_the_mask_and_draws_the_box():
 def no_model(monkeypatch):
     """Building a backbone or a detector fails loudly: a bad argument must be refused before."""
     import ovdense
-    from ovdense.heads import detection
+    from ovdense.heads import fvit as detection
 
     def built(*args, **kwargs):
         raise AssertionError("a model was built before the arguments were checked")

@@ -380,7 +380,7 @@ def test_detect_classes_file_pretrained_device_and_max_pixels(toy_env_cache, oth
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ovdense.heads.detection import Detector, default_head_checkpoint
+    from ovdense.heads.fvit import Detector, default_head_checkpoint
 
     shipped = default_head_checkpoint(toy_env_cache)
     with safe_open(str(shipped), framework="pt") as f:

@@ -42,7 +42,7 @@ def scene():
 def test_detect_image_is_the_detectors_prediction(app, toy_env_cache, fvit_head, scene):
     from pycocotools import mask as mask_utils
 
-    from ovdense.heads.detection import Detector
+    from ovdense.heads.fvit import Detector
 
     everything = Detector(toy_env_cache, CLASSES, head_checkpoint=fvit_head,
                           score_threshold=0.0).predict(scene).scores
@@ -112,7 +112,7 @@ def test_demo_refuses_a_wrong_fvit_head_before_serving(app, tmp_path, capsys, to
 
 @pytest.mark.parametrize("shipped", [True, False], ids=["head-ships", "none-ships"])
 def test_the_shipped_head_is_the_default(app, toy_env_cache, fvit_head, monkeypatch, shipped):
-    from ovdense.heads import detection
+    from ovdense.heads import fvit as detection
 
     monkeypatch.setattr(detection, "default_head_checkpoint", lambda backbone: fvit_head if shipped else None)
     assert app.Heads(toy_env_cache).fvit_head == (fvit_head if shipped else None)

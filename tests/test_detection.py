@@ -1,4 +1,4 @@
-"""F-ViT's plain-torch parts (ovdense/heads/detection.py) against independent computations."""
+"""F-ViT's plain-torch parts (ovdense/heads/fvit.py, fvit_parts.py) against independent computations."""
 
 import math
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ovdense import create_backbone
 from ovdense.backbone import dense
 from ovdense.errors import OvdenseError
-from ovdense.heads import detection as det
+from ovdense.heads import fvit as det
 
 
 def test_out_indices_scale_with_depth():

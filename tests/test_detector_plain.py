@@ -1,4 +1,4 @@
-"""F-ViT inference in plain torch (ovdense/heads/detection.py: ``PlainFViT``, ``Detector``) against
+"""F-ViT inference in plain torch (ovdense/heads/fvit.py: ``PlainFViT``, ``Detector``) against
 mmdet 3.3's own predict (ovdense/mm/detection.py ``OvdenseFViT``) on the same random head: boxes,
 scores, labels and masks; the pieces (RoIAlign, preprocessing) against mmcv/mmdet; no mmcv needed;
 bad inputs. The mmdet comparisons skip without compiled mmcv."""
@@ -15,7 +15,7 @@ import torch
 
 from ovdense.data.synthetic import SceneConfig, open_vocabulary_split, render_scene
 from ovdense.errors import OvdenseError
-from ovdense.heads import detection as det
+from ovdense.heads import fvit as det
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "ovdet" / "fvlm_toy_synthetic.py"
@@ -202,7 +202,7 @@ for name in ("mmcv", "mmdet", "mmengine"):
     sys.modules[name] = None  # any import of them raises ImportError
 import numpy as np
 from ovdense import create_backbone
-from ovdense.heads.detection import Detector
+from ovdense.heads.fvit import Detector
 detector = Detector(create_backbone("toy"), ["red circle", "zebra"], {str(plain_head)!r}, score_threshold=0.0)
 result = detector.predict(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
 assert len(result.boxes) > 0 and result.masks.shape == (len(result.boxes), 40, 56), result

@@ -13,7 +13,7 @@ from tool_runs import load_tool
 def test_windowed_map_averages_the_windows_that_cover_each_cell(toy):
     """A 64 × 96 input, 64 px windows at stride 32: two windows (columns 0–63 and 32–95). Cells of
     columns 0–3 see only the first, 8–11 only the second, 4–7 the normalised sum of both."""
-    from ovdense.heads.detection import frozen_features
+    from ovdense.heads.fvit import frozen_features
 
     regions = load_tool("analysis/fvit_toy_regions")
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ from tool_runs import load_tool
 from ovdense.data import rle  # noqa: E402
 from ovdense.data.synthetic import SceneConfig, open_vocabulary_split, render_scene  # noqa: E402
 from ovdense.errors import OvdenseError  # noqa: E402
-from ovdense.heads import detection as det  # noqa: E402
+from ovdense.heads import fvit as det  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "ovdet" / "fvlm_toy_synthetic.py"
@@ -250,7 +250,7 @@ def test_coco_metric_equals_pycocotools(tmp_path):
 
 
 def test_detector_api_equals_the_model(model, tmp_path, tiny_backbone):
-    from ovdense.heads.detection import Detector  # plain torch; ovdense.mm.detection re-exports it
+    from ovdense.heads.fvit import Detector  # plain torch; ovdense.mm.detection re-exports it
     from ovdense.mm.detection import export_head
 
     path = export_head(model, tmp_path / "fvit_head.safetensors")

@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,31 +19,13 @@ import ovdense
 from ovdense import registry
 from ovdense.cli import main
 from ovdense.errors import OvdenseError
+from ovdense.heads import fvit
 from ovdense.registry import HEADS, KIND_ARGUMENTS, create_head, get_head, list_heads
 
 ROOT = Path(__file__).resolve().parents[1]
 SEGMENT_CLASSES = ["background", "purple triangle, violet triangle", "blue circle"]
 DETECT_CLASSES = ["purple triangle", "blue circle"]
 SAM_OPTIONS = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
-
-
-def detection_module():
-    """The F-ViT detector's module: ovdense.heads.fvit once the detection package has landed,
-    ovdense.heads.detection before."""
-    for name in ("ovdense.heads.fvit", "ovdense.heads.detection"):
-        if importlib.util.find_spec(name) is not None:
-            return importlib.import_module(name)
-    raise AssertionError("no detection module")
-
-
-def saver(result):
-    """``result.save``; a ``DetectionResult`` from before the detection package gets it from
-    ``DetectionOutputs`` (its base class after the merge)."""
-    if hasattr(result, "save"):
-        return result.save, result.overlay
-    from ovdense.heads.results import DetectionOutputs
-
-    return partial(DetectionOutputs.save, result), partial(DetectionOutputs.overlay, result)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +74,7 @@ def build(name, toy, sam, fvit_head, rgb, tiny_backbone):
                 SamClipSegmenter(toy, sam, SEGMENT_CLASSES, **SAM_OPTIONS))  # the earlier argument order
     if name == "fvit":
         return (create_head(name, toy, DETECT_CLASSES, head_checkpoint=fvit_head, score_threshold=0.0),
-                detection_module().Detector(toy, DETECT_CLASSES, fvit_head, score_threshold=0.0))
+                fvit.Detector(toy, DETECT_CLASSES, fvit_head, score_threshold=0.0))
     if name == "winclip":
         return create_head(name, toy, "ring"), WinClip(toy, "ring")
     if name == "winclip+":
@@ -119,7 +100,7 @@ def test_every_head_builds_by_name_and_equals_its_own_class(name, toy, sam, fvit
               "anomaly": ("map",)}[entry.kind]
     for field in arrays:
         np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
-    save, overlay = saver(got)
+    save, overlay = got.save, got.overlay
     json.dumps(got.to_json())  # JSON-ready
     drawn = overlay(rgb)
     assert drawn.dtype == np.uint8 and drawn.ndim == 3 and drawn.shape[2] == 3

@@ -373,7 +373,7 @@ def test_tools_test_on_two_processes_gives_the_figures_of_one(tmp_path):
     from ovdense.backbone.clip import ASSETS
     from ovdense.data import rle
     from ovdense.data.synthetic import open_vocabulary_split
-    from ovdense.heads.detection import TOY_HEAD_FILE, Detector, load_head
+    from ovdense.heads.fvit import TOY_HEAD_FILE, Detector, load_head
 
     held_out = load_tool("data/make_synthetic_detection").write_detection_world(
         tmp_path / "held_out", num_train=1, num_val=4, size=128)

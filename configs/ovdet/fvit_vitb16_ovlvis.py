@@ -34,6 +34,8 @@
 #       --checkpoint work_dirs/fvit_vitb16_ovlvis/iter_75168.pth
 
 
+_base_ = "../_base_/models/fvit_vitb16.py"
+
 default_scope = "mmdet"
 custom_imports = dict(imports=["ovdense.mm.detection", "ovdense.mm.training", "ovdense.mm.lvis"],
                       allow_failed_imports=False)
@@ -42,66 +44,27 @@ data_root = "data/lvis_v1/"
 base_classes = data_root + "annotations/lvis_v1_base_classes.txt"  # tools/data/dataset_converters/lvis_v1_ovd.py
 all_classes = data_root + "annotations/lvis_v1_all_classes.txt"  # category-id order = lvis_v1_val.json's
 num_base = 866  # LVIS v1 frequent (405) + common (461)
-norm_cfg = dict(type="GN", num_groups=32, requires_grad=True)
 
+# the B/16 model of _base_/models/fvit_vitb16.py with this recipe's vocabulary, background weight, β,
+# T_vlm, mask head, rcnn assigner and test thresholds
 model = dict(
-    type="OvdenseFViT",
-    clip=dict(name="ViT-B-16", pretrained="openai"),
     classes=base_classes,
     test_classes=all_classes,
-    templates="imagenet80",
-    method="maskclip",
-    indices=(3, 5, 7, 11),
-    pyramid=dict(norm="group", num_groups=32),
-    neck=dict(type="FPN", in_channels=[768] * 4, out_channels=256, num_outs=5, norm_cfg=norm_cfg),
-    rpn_head=dict(
-        type="RPNHead", in_channels=256, feat_channels=256, num_convs=2,
-        anchor_generator=dict(type="AnchorGenerator", scales=[8], ratios=[0.5, 1.0, 2.0],
-                              strides=[4, 8, 16, 32, 64]),
-        bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[1.0] * 4),
-        loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0),
-        loss_bbox=dict(type="L1Loss", loss_weight=1.0)),
     roi_head=dict(
-        type="OvdenseFViTRoIHead",
-        bbox_roi_extractor=dict(
-            type="SingleRoIExtractor", roi_layer=dict(type="RoIAlign", output_size=7, sampling_ratio=0),
-            out_channels=256, featmap_strides=[4, 8, 16, 32]),
         bbox_head=dict(
-            type="OvdenseFViTBBoxHead", in_channels=256, conv_out_channels=256, fc_out_channels=512,
-            roi_feat_size=7, num_classes=num_base, num_shared_convs=4, num_shared_fcs=2, num_cls_fcs=1,
-            num_reg_fcs=1, norm_cfg=norm_cfg, reg_class_agnostic=True,
-            bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4,
-                            target_stds=[0.1, 0.1, 0.2, 0.2]),
-            loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0,
-                          class_weight=[1.0] * num_base + [0.9]),  # F-ViT LVIS: bg_weight=0.9
-            loss_bbox=dict(type="L1Loss", loss_weight=1.0),
-            alpha=0.1, beta=0.6, vlm_temperature=50.0, temperature=50.0),
+            num_classes=num_base,
+            loss_cls=dict(class_weight=[1.0] * num_base + [0.9]),  # F-ViT LVIS: bg_weight=0.9
+            beta=0.6, vlm_temperature=50.0),
         mask_roi_extractor=dict(
             type="SingleRoIExtractor", roi_layer=dict(type="RoIAlign", output_size=14, sampling_ratio=0),
             out_channels=256, featmap_strides=[4, 8, 16, 32]),
         mask_head=dict(
             type="FCNMaskHead", num_convs=4, in_channels=256, conv_out_channels=256,
-            num_classes=num_base, class_agnostic=True, norm_cfg=norm_cfg,
+            num_classes=num_base, class_agnostic=True, norm_cfg={{_base_.norm_cfg}},
             loss_mask=dict(type="CrossEntropyLoss", use_mask=True, loss_weight=1.0))),
-    train_cfg=dict(
-        rpn=dict(
-            assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
-                          match_low_quality=True, ignore_iof_thr=-1),
-            sampler=dict(type="SeededRandomSampler", stream=0, num=256, pos_fraction=0.5, neg_pos_ub=-1,
-                         add_gt_as_proposals=False),
-            allowed_border=-1, pos_weight=-1, debug=False),
-        rpn_proposal=dict(nms_pre=2000, max_per_img=1000, nms=dict(type="nms", iou_threshold=0.7),
-                          min_bbox_size=0),
-        rcnn=dict(
-            assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5,
-                          match_low_quality=True, ignore_iof_thr=-1),
-            sampler=dict(type="SeededRandomSampler", stream=1, num=512, pos_fraction=0.25, neg_pos_ub=-1,
-                         add_gt_as_proposals=True),
-            mask_size=28, pos_weight=-1, debug=False)),
-    test_cfg=dict(
-        rpn=dict(nms_pre=2000, max_per_img=1000, nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0),
-        rcnn=dict(score_thr=0.0001, nms=dict(type="nms", iou_threshold=0.5), max_per_img=300,
-                  mask_thr_binary=0.5)),
+    train_cfg=dict(rcnn=dict(assigner=dict(match_low_quality=True), mask_size=28)),
+    test_cfg=dict(rcnn=dict(score_thr=0.0001, nms=dict(type="nms", iou_threshold=0.5), max_per_img=300,
+                            mask_thr_binary=0.5)),
 )
 
 image_size = (1024, 1024)

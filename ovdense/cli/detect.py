@@ -48,7 +48,7 @@ def _command_detect(args: argparse.Namespace) -> int:
         raise OvdenseError(f"--head-checkpoint {args.head_checkpoint}: no such file (an F-ViT head written "
                            "by tools/train.py configs/ovdet/...: work_dirs/<config>/fvit_head.safetensors)")
     if args.head_checkpoint is None and args.model != "toy":
-        # only the toy model ships a head (ovdense.heads.detection.default_head_checkpoint): say so
+        # only the toy model ships a head (ovdense.heads.fvit.default_head_checkpoint): say so
         # before a backbone is downloaded and built
         raise OvdenseError(f"no F-ViT head ships for --model {args.model}: pass --head-checkpoint PATH, a "
                            "head trained with python tools/train.py configs/ovdet/<config>.py "
@@ -63,7 +63,6 @@ def _command_detect(args: argparse.Namespace) -> int:
     _check_device(args.device)
 
     from ovdense import create_backbone, create_head
-    from ovdense.heads.results import DetectionOutputs
 
     backbone = create_backbone(args.model, pretrained=_pretrained(args.model, args.pretrained),
                                device=args.device)
@@ -73,8 +72,7 @@ def _command_detect(args: argparse.Namespace) -> int:
     failed: list[Path] = []
     for path, rgb in _readable_images(todo, "detect", failed, args.max_pixels):
         result = detector.predict(rgb)
-        # result.save(...) once DetectionResult derives from DetectionOutputs (the detection package)
-        DetectionOutputs.save(result, args.out, path.stem, rgb)
+        result.save(args.out, path.stem, rgb)
     return _report(args.out, len(images), failed, "result", " (<name>.json, <name>_overlay.jpg)", skipped)
 
 

@@ -25,26 +25,3 @@ class HeadResult(Protocol):
     def overlay(self, image) -> np.ndarray: ...
 
     def save(self, out_dir: str | os.PathLike, stem: str, image, /, **info: Any) -> list[Path]: ...
-
-
-class DetectionOutputs:
-    """``overlay`` and ``save`` of a detection result (``boxes``, ``scores``, ``class_ids``,
-    ``masks``, ``classes`` and its own ``to_json()``): a base class of ``DetectionResult``."""
-
-    OUTPUTS = ("_overlay.jpg", ".json")
-
-    def overlay(self, image) -> np.ndarray:
-        """``ovdense detect``'s picture: masks, boxes and labels on the image, RGB ``uint8 [H, W, 3]``."""
-        from ovdense.io import draw_detections, load_image
-
-        return draw_detections(load_image(image), self)
-
-    def save(self, out_dir: str | os.PathLike, stem: str, image, /, **info: Any) -> list[Path]:
-        """Write ``<stem>_overlay.jpg`` and ``<stem>.json`` (``to_json()`` and ``info``) in ``out_dir``."""
-        from ovdense.io import write_image, write_json
-
-        out = Path(out_dir)
-        report = self.to_json()
-        report.update(info)
-        return [write_image(out / f"{stem}_overlay.jpg", DetectionOutputs.overlay(self, image)),
-                write_json(out / f"{stem}.json", report)]

@@ -1,6 +1,6 @@
 """F-ViT (open-vocabulary Faster / Mask R-CNN on the frozen shared backbone) in mmdet 3.3's registries.
 
-The plain-torch parts are ``ovdense.heads.detection`` (read its docstring for the papers and the
+The plain-torch parts are ``ovdense.heads.fvit`` (read its docstring for the papers and the
 official files followed); this module only fits them into mmdet's two-stage detector:
 
 * ``OvdenseFViT`` (a ``TwoStageDetector``): holds the frozen ``ClipBackbone`` *outside* its
@@ -44,7 +44,7 @@ from torch import nn
 
 from ovdense.backbone.clip import ClipBackbone, create_backbone
 from ovdense.errors import OvdenseError
-from ovdense.heads import detection as fvit
+from ovdense.heads import fvit
 from ovdense.mm.training import derive_seed, seeded_global_rng
 
 read_classes = fvit.read_classes  # a class list or a class file (one name per line)
@@ -52,7 +52,7 @@ read_classes = fvit.read_classes  # a class list or a class file (one name per l
 
 @MODELS.register_module()
 class OvdenseFViTPyramid(BaseModule):
-    """The trainable simple pyramid (``heads.detection.SimplePyramid``) in mmdet's backbone slot:
+    """The trainable simple pyramid (``heads.fvit.SimplePyramid``) in mmdet's backbone slot:
     takes the four frozen token maps, returns four maps at strides ``p/4, p/2, p, 2p``."""
 
     def __init__(self, width: int, norm: str = "group", num_groups: int = 32, init_cfg=None):
@@ -344,7 +344,7 @@ def _plain(value):
 def export_head(model: OvdenseFViT, path: str | Path, dtype: torch.dtype | str | None = None) -> Path:
     """Write a trained ``OvdenseFViT``'s head (every registered tensor: pyramid, FPN, RPN, RoI heads;
     no backbone) with the configuration that rebuilds it, tied to its backbone
-    (``heads.detection.save_head``). ``dtype`` (``torch.float16`` or ``"float16"``) stores the
+    (``heads.fvit.save_head``). ``dtype`` (``torch.float16`` or ``"float16"``) stores the
     floating tensors in that type (half the file); loading gives float32 back."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

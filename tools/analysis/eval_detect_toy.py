@@ -6,7 +6,7 @@
         --head work_dirs/.../fvit_head.safetensors
 
 Every held-out scene (``coco/val2017``, all 30 colour–shape pairs labelled) goes through
-``ovdense.heads.detection.Detector`` with the 30 pair names as the vocabulary (20 seen in training,
+``ovdense.heads.fvit.Detector`` with the 30 pair names as the vocabulary (20 seen in training,
 10 never: they get F-ViT's β), score threshold 0, once with F-ViT's CLIP ensemble and once without
 (the detector's own scores). pycocotools' ``COCOeval`` scores the boxes and masks; printed per run:
 box AP50 over all pairs, the base pairs and the novel pairs (the mean over those categories of
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     from ovdense.data import rle
     from ovdense.data.synthetic import open_vocabulary_split
     from ovdense.errors import OvdenseError
-    from ovdense.heads.detection import Detector
+    from ovdense.heads.fvit import Detector
 
     held_out = load_held_out(args.data)
     if held_out is None:

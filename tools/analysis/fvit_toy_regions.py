@@ -4,13 +4,13 @@
     python tools/analysis/fvit_toy_regions.py --data synthetic/detection [--head FILE] \\
         [--methods maskclip sclip]
 
-F-VLM's test-time ensemble (``heads.detection.ensemble``, ``det^(1−β) · vlm^β`` for classes
+F-VLM's test-time ensemble (``heads.fvit.ensemble``, ``det^(1−β) · vlm^β`` for classes
 outside the training vocabulary) can only lift novel AP where the CLIP term names novel objects
 better than the detector does. This tool measures both on the ground-truth boxes of the held-out
 scenes (``coco/val2017``, all 30 colour–shape pairs), so localisation plays no part: every box goes
 to the head's RoI classifier (the detector's own probabilities, ``ensemble=False``), to the CLIP
 term of each training-free method (the 1×1 RoIAlign on the dense CLIP map of
-``heads.detection.frozen_features``: F-ViT's single pass over the whole scene, and the same map
+``heads.fvit.frozen_features``: F-ViT's single pass over the whole scene, and the same map
 averaged over the backbone's native sliding windows — for the toy, 64 px windows at stride 32,
 where objects have the pixel size the toy CLIP was trained on), and to the ensemble of the two
 with the head's own α, β and CLIP temperature. Printed per scorer: the share of base boxes and of
@@ -36,7 +36,7 @@ def windowed_clip_map(backbone, x, indices, method: str, crop: int, stride: int)
     get the mean of their embeddings, re-normalised. ``crop`` ≥ the image: the single pass."""
     import torch.nn.functional as F
 
-    from ovdense.heads.detection import frozen_features
+    from ovdense.heads.fvit import frozen_features
     from ovdense.heads.training_free import window_boxes
 
     p = backbone.patch_size
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     from ovdense.backbone import dense
     from ovdense.data.synthetic import SHAPES, colour_shape_classes, open_vocabulary_split
     from ovdense.errors import OvdenseError
-    from ovdense.heads.detection import (
+    from ovdense.heads.fvit import (
         Detector,
         ensemble,
         frozen_features,

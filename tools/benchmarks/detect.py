@@ -92,7 +92,7 @@ def sync(device: str) -> None:
 def bench_inference(args) -> dict:
     from mmdet.structures import DetDataSample
 
-    from ovdense.heads.detection import frozen_features
+    from ovdense.heads.fvit import frozen_features
 
     clip = dict(name=args.model, pretrained=args.pretrained)
     model, _ = build(args.config, args.device, clip=clip)

@@ -633,15 +633,15 @@ def part_heads(run: Run, part: PartRun) -> None:
         _time_san(run, part, san)
     part.check("detector")
     try:
-        import ovdense.heads.detection as detection
+        import ovdense.heads.fvit as detection
     except ImportError as e:
-        part.add("detector (F-ViT)", "not built yet", note=f"ovdense.heads.detection does not import ({e})")
+        part.add("detector (F-ViT)", "not built yet", note=f"ovdense.heads.fvit does not import ({e})")
         return
     predictors = [name for name, value in vars(detection).items() if isinstance(value, type)
                   and value.__module__ == detection.__name__ and hasattr(value, "predict")]
     if not predictors:
         part.add("detector (F-ViT)", "not built yet",
-                 note="ovdense.heads.detection has pieces but no detector with predict() yet")
+                 note="ovdense.heads.fvit has pieces but no detector with predict() yet")
     else:
         part.add("detector (F-ViT)", "skipped",
                  note=f"{', '.join(predictors)} exists; gpu_check does not time it yet")
