@@ -8,7 +8,7 @@ sends PNGs, which are lossless); the Anomaly tab's score and heat map are checke
 ``WinClip.predict``. It also uploads a text file named ``.png`` and expects the error message
 in the page, and saves screenshots: to ``$OVDENSE_TEST_ARTIFACTS`` (default: pytest's temporary
 folder, printed), and to ``$OVDENSE_DEMO_SCREENSHOT`` too when that is set
-(``OVDENSE_DEMO_SCREENSHOT=demo/screenshot.png`` refreshes the README's picture).
+(``OVDENSE_DEMO_SCREENSHOT=demo/screenshot.png`` refreshes the demo page's picture in docs/demo.md).
 
 The model is the trained toy CLIP when ``ovdense/assets`` has it, else a tiny random ViT: the
 comparison is with the library's own prediction, which holds for any weights.

@@ -332,7 +332,7 @@ def test_toy_clip_term_names_novel_boxes_by_colour_and_shape(toy):
     and 200 shape-blind terms (those means plus a fixed random direction per pair, measured once)
     at most 0.624 over all pairs, 0.705 novel (99th percentile 0.67–0.69), 0.649 base. Measured
     top-1: 0.290 novel, 0.300 base, colour right 1.0 / 0.975: the toy CLIP knows colour far better
-    than shape (README: novel shape right 0.240 on 100 scenes)."""
+    than shape (docs/toy_world.md: novel shape right 0.240 on 100 scenes)."""
     from ovdense.data import rle
     from ovdense.data.synthetic import SceneConfig, colour_shape_classes, open_vocabulary_split, render_scene
 

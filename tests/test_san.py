@@ -308,7 +308,7 @@ def test_shipped_toy_head_on_held_out_scenes(toy, tmp_path):
     scenes of its toy world (``make_synthetic_benchmarks --san-toy``: the ADE20K-layout validation
     split, seed 11, JPEG images) with all 30 colour–shape pairs + background named. Measured:
     object pixels given the right pair 14.0 %, the right colour 60.7 % (chance: 3 % and 17 %;
-    README, 100 scenes: 21.7 % and 67.6 %)."""
+    docs/toy_world.md, 100 scenes: 21.7 % and 67.6 %)."""
     from PIL import Image
 
     from ovdense.data.layouts import write_dataset

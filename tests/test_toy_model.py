@@ -1,6 +1,6 @@
 """The embedded toy CLIP: loads with no network, and knows its world.
 
-The bars are set from measurements of the shipped weights (README, "The toy model"), with a
+The bars are set from measurements of the shipped weights (docs/toy_world.md), with a
 margin for the different scenes drawn here; chance is 1/6 for colours and 1/5 for shapes.
 """
 

@@ -205,3 +205,36 @@ class TextCache:
     @staticmethod
     def _warn(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------------
+# Plain class lists (one name per class: detection, the command line's detect)
+
+
+def check_vocabulary(classes: Sequence[str]) -> list[str]:
+    """A clean class list: non-empty, strings, no duplicates; else one ``OvdenseError``."""
+    if isinstance(classes, str):
+        classes = [classes]
+    names = [c.strip() if isinstance(c, str) else c for c in classes]
+    if not names:
+        raise OvdenseError("the class list is empty: give at least one class name")
+    bad = [c for c in names if not isinstance(c, str) or not c]
+    if bad:
+        raise OvdenseError(f"class names must be non-empty strings, got {bad[0]!r}")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise OvdenseError(f"class {name!r} is listed twice; give each class once")
+        seen.add(name)
+    return names
+
+
+def read_classes(classes) -> list[str]:
+    """A class list, or a class file (one name per line; a ``background`` line is skipped)."""
+    if isinstance(classes, (str, os.PathLike)) and Path(classes).suffix == ".txt":
+        path = Path(classes)
+        if not path.is_file():
+            raise OvdenseError(f"class file not found: {path}")
+        classes = [line.strip() for line in path.read_text().splitlines()]
+        classes = [c for c in classes if c and c != "background"]
+    return check_vocabulary(classes)

@@ -31,13 +31,9 @@ def _read_detect_classes(args: argparse.Namespace) -> list[str]:
         sep = "'|'" if args.classes is not None else "commas"
         raise OvdenseError(f"detect takes one name per class, got synonyms ({sep}) in "
                            f"{' | '.join(joined[0])!r}; give them as separate classes")
-    names = list(vocabulary.names)
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise OvdenseError(f"class {name!r} is listed twice; give each class once")
-        seen.add(name)
-    return names
+    from ovdense.backbone.prompts import check_vocabulary
+
+    return check_vocabulary(vocabulary.names)
 
 
 def _command_detect(args: argparse.Namespace) -> int:
