@@ -153,7 +153,7 @@ def test_every_config_parses_and_builds(tiny, monkeypatch):
     built = 0
     for path in files:
         cfg = Config.fromfile(str(path))
-        if path.parent.name == "_base_" or path.parent == CONFIGS / "_base_" / "models":  # shared runtime, models
+        if path.parent.name == "_base_" or path.parent == CONFIGS / "_base_" / "models":  # shared
             continue
         if path.parent.name == "ovdet":  # mmdet configs: tests/test_mm_detection.py builds them
             assert cfg.default_scope == "mmdet", path

@@ -1,4 +1,4 @@
-"""Text encoding on the shortest context (``clip.encode_prompts``) against open_clip's own
+"""Text encoding on the shortest context (``backbone.text.encode_prompts``) against open_clip's own
 ``encode_text`` on the full context, for every text tower ovdense supports, on random weights."""
 
 import open_clip
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ovdense.backbone import clip as clip_module
-from ovdense.backbone.clip import causal_text_tower, encode_prompts
+from ovdense.backbone import text as text_module
+from ovdense.backbone.text import causal_text_tower, encode_prompts
 
 CONTEXT = 24
 VISION = {"image_size": 32, "layers": 2, "width": 32, "head_width": 8, "patch_size": 8}
@@ -170,7 +170,7 @@ def test_backbone_encode_text_is_the_template_ensemble_of_open_clip(tiny_backbon
 
 def test_progress_bar_only_beyond_the_threshold(monkeypatch, capsys):
     model = build()
-    monkeypatch.setattr(clip_module, "PROGRESS_ABOVE", len(PROMPTS))
+    monkeypatch.setattr(text_module, "PROGRESS_ABOVE", len(PROMPTS))
     with torch.no_grad():
         encode_prompts(model, tokenizer(), PROMPTS)
     assert "prompt" not in capsys.readouterr().err
