@@ -250,8 +250,7 @@ def test_shipped_toy_head_finds_held_out_objects(toy, tmp_path):
     (``tools/data/make_synthetic_detection.py``, seed 0: 24 objects of 15 pairs, 6 of them of 4 novel
     pairs), box AP50 by pycocotools' COCOeval (``tools/analysis/eval_detect_toy.py``'s scoring). Measured:
     0.830 over all pairs, 0.864 base, 0.737 novel (docs/toy_world.md, 100 scenes: 0.623 / 0.720 /
-    0.430); floors
-    a little below."""
+    0.430); floors a little below."""
     from tool_runs import load_tool
 
     from ovdense.backbone.clip import ASSETS
