@@ -66,15 +66,15 @@ TABLE = [  # CSV column, table heading, value format
 
 class PassCounter:
     """Counts the CLIP forward calls: dense and global image passes and text-tower batches
-    (open_clip's full pass, and ovdense's truncated one, ``backbone.clip.encode_truncated``,
+    (open_clip's full pass, and ovdense's truncated one, ``backbone.text.encode_truncated``,
     which ``encode_text`` takes for causal towers)."""
 
     def __init__(self, backbone):
-        from ovdense.backbone import clip
+        from ovdense.backbone import text
 
         self.count = 0
         for owner, name in ((backbone, "encode_dense"), (backbone, "encode_image"),
-                            (backbone.model, "encode_text"), (clip, "encode_truncated")):
+                            (backbone.model, "encode_text"), (text, "encode_truncated")):
             setattr(owner, name, self._counted(getattr(owner, name)))
 
     def _counted(self, fn):

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ovdense.backbone.clip import encode_prompts
 from ovdense.backbone.prompts import resolve_templates
+from ovdense.backbone.text import encode_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
 STREET = ["sky", "building", "tree", "person", "car"]
@@ -63,10 +63,10 @@ def main(argv=None) -> int:
 
     import open_clip
 
-    from ovdense.backbone import clip
+    from ovdense.backbone import text
 
     if not args.progress:
-        clip.PROGRESS_ABOVE = 1 << 62  # the bars would interleave with the table
+        text.PROGRESS_ABOVE = 1 << 62  # the bars would interleave with the table
 
     torch.manual_seed(0)
     model = open_clip.create_model(args.model).eval()
