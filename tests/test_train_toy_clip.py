@@ -49,6 +49,14 @@ def test_writes_weights_config_curve_and_resumes_exactly(tmp_path):
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=0)
 
+    # stopped exactly at the stage boundary (its checkpoint holds stage 1's optimizer), resumed
+    run(tmp_path / "d", 2)
+    assert torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)["step"] == 2
+    run(tmp_path / "d", 4, "--resume")
+    at_boundary = load_file(str(tmp_path / "d" / "model.safetensors"))
+    for key in whole:
+        torch.testing.assert_close(at_boundary[key], whole[key], rtol=0, atol=0)
+
 
 def test_stage_two_locks_the_image_tower(tmp_path):
     run(tmp_path / "a", 2)  # stage 1 only

@@ -1,12 +1,12 @@
 """Train the project's toy CLIP (v2) on the synthetic world (``ovdense.data.synthetic``).
 
-    python tools/train_toy_clip.py --out runs/toy --seed 0            # the shipped recipe
+    python tools/train_toy_clip.py --out runs/toy --seed 0            # the v2 recipe (its defaults)
     python tools/train_toy_clip.py --out runs/toy --minutes 30        # a chunk; then
     python tools/train_toy_clip.py --out runs/toy --resume            # continue where it stopped
 
 The model is a plain open_clip ``CLIP`` (a ViT image tower, a text transformer), so every
-method and head reads it like any other CLIP. It is trained in two stages, chosen by
-measurement (docs/toy_world.md has the table of what each choice buys):
+method and head reads it like any other CLIP. It is trained in two stages (the measurements
+behind each choice go to docs/toy_world.md with the v2 weights):
 
 **Stage 1 — supervised image tower** (``--stage1-steps``). Small ViTs learn these shapes slowly
 from a contrastive signal (v1: 1,100 contrastive steps, shape zero-shot 0.63), so the image
@@ -319,7 +319,7 @@ def main(argv=None) -> int:
         model.load_state_dict(state["model"])
         prototypes.load_state_dict(state["prototypes"])
         step, losses = int(state["step"]), [float(v) for v in state["losses"]]
-        if step >= stage1:
+        if step > stage1:  # at step == stage1 the saved state is stage 1's; the loop switches
             optimizer = make_optimizer(2)
         optimizer.load_state_dict(state["optimizer"])
         print(f"resumed from step {step}", file=sys.stderr)
