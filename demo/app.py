@@ -153,7 +153,7 @@ class Heads:
 
     def __init__(self, backbone: ClipBackbone, sam=None, size: int = CACHE_SIZE,
                  **head_checkpoints: str | Path | None):
-        unknown = sorted(set(head_checkpoints) - {f"{name}_head" for name in TRAINED})
+        unknown = sorted(set(head_checkpoints) - {head_keyword(name) for name in TRAINED})
         if unknown:
             raise TypeError(f"Heads() got unexpected arguments {unknown}; trained heads: {list(TRAINED)}")
         self.backbone = backbone
@@ -161,9 +161,9 @@ class Heads:
         self.size = size
         self.checkpoints: dict[str, str | Path | None] = {}
         for name in TRAINED:
-            given = head_checkpoints.get(f"{name}_head")
+            given = head_checkpoints.get(head_keyword(name))
             self.checkpoints[name] = given if given is not None else HEADS[name].shipped_checkpoint(backbone)
-            setattr(self, f"{name}_head", self.checkpoints[name])
+            setattr(self, head_keyword(name), self.checkpoints[name])
         self._cache: OrderedDict[tuple, object] = OrderedDict()
 
     def available(self, kind: str) -> list[str]:
@@ -233,6 +233,12 @@ class Heads:
 
 
 TRAINED = [name for name in HEADS if HEADS[name].trained]  # each has a --<name>-head flag
+
+
+def head_keyword(name: str) -> str:
+    """The keyword (and ``--<name>-head`` destination) of a trained head's checkpoint:
+    ``san`` → ``san_head``, ``clip-dinoiser`` → ``clip_dinoiser_head``."""
+    return name.replace("-", "_") + "_head"
 OPTION_NAMES = {"method": "clip_method"}  # a head's keyword → its option in the registry (the CLI's name)
 
 
@@ -284,8 +290,9 @@ def compare_methods(
 ) -> dict[str, Segmentation | str]:
     """Every method on the same image: ``{method: Segmentation}``, or the reason a method
     cannot run on this model (e.g. ITACLIP needs 12 blocks) in place of its result. ``None`` =
-    ``heads.methods`` (the registry's segmentation heads that can run here)."""
-    methods = heads.methods if methods is None else methods
+    ``heads.methods`` but the heads that need another model (SAM + CLIP: it has its own tab, and
+    its automatic masks take minutes on a CPU)."""
+    methods = [m for m in heads.methods if not HEADS[m].needs] if methods is None else methods
     results: dict[str, Segmentation | str] = {}
     for index, method in enumerate(methods):
         if on_step is not None:
@@ -630,10 +637,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="SAM model type (default: read from the checkpoint's file name)")
     for name in TRAINED:  # --san-head, --fvit-head: one per trained head of the registry
         entry = HEADS[name]
-        where = {"segmentation": "the Segment tab's methods"}.get(entry.kind, "the Detect tab")
-        parser.add_argument(f"--{name}-head", help=f"a trained {entry.title} head ({name}_head.safetensors) "
-                            f"for this model: adds '{name}' to {where} (default: the one that ships for the "
-                            "model, if any: the toy model's)")
+        where = {"segmentation": "the Segment tab's methods", "detection": "the Detect tab"}.get(
+            entry.kind, "the Anomaly tab")
+        parser.add_argument(f"--{name}-head", dest=head_keyword(name),
+                            help=f"a trained {entry.title} head ({name}_head.safetensors) for this model: "
+                            f"adds '{name}' to {where} (default: the one that ships for the model, if any: "
+                            "the toy model's)")
     parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE,
                         help=f"requests that may wait; more are told to try again (default {QUEUE_SIZE})")
     args = parser.parse_args(argv)
@@ -661,10 +670,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ovdense.heads.sam_clip import load_sam
 
             sam = load_sam(args.sam_checkpoint, args.sam_model, device=args.device)
-        checkpoints = {f"{name}_head": getattr(args, f"{name}_head") for name in TRAINED}
+        checkpoints = {head_keyword(name): getattr(args, head_keyword(name)) for name in TRAINED}
         for name in TRAINED:  # refuse a wrong head before serving
-            if checkpoints[f"{name}_head"]:
-                HEADS[name].load_checkpoint(checkpoints[f"{name}_head"], backbone)
+            if checkpoints[head_keyword(name)]:
+                HEADS[name].load_checkpoint(checkpoints[head_keyword(name)], backbone)
     except OvdenseError as e:
         print(f"ovdense demo: error: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@
 Every head, by name, from one registry (``ovdense.registry``):
 
     ovdense.list_heads()                        # segmentation, detection and anomaly heads
-    head = ovdense.create_head("san", backbone, ["sky", "tree"])
+    head = ovdense.create_head("san", backbone, ["sky", "tree"], head_checkpoint="san_head.safetensors")
     head.predict("street.jpg").save("outputs", "street", "street.jpg")
 
 The public names load on first use (PEP 562), so ``import ovdense`` and the command line's
@@ -24,9 +24,10 @@ from ovdense.errors import OvdenseError
 from ovdense.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from ovdense.anomaly.winclip import WinClip
+    from ovdense.anomaly.winclip import AnomalyResult, WinClip
     from ovdense.backbone.clip import ClipBackbone, create_backbone
     from ovdense.backbone.prompts import Vocabulary
+    from ovdense.heads.fvit import DetectionResult, Detector
     from ovdense.heads.sam_clip import SamClipSegmenter
     from ovdense.heads.san import SanSegmenter
     from ovdense.heads.training_free import SegmentationResult, Segmenter
@@ -42,7 +43,10 @@ _LAZY = {
     "Segmenter": "ovdense.heads.training_free",
     "SanSegmenter": "ovdense.heads.san",
     "SamClipSegmenter": "ovdense.heads.sam_clip",
+    "Detector": "ovdense.heads.fvit",
+    "DetectionResult": "ovdense.heads.fvit",
     "WinClip": "ovdense.anomaly.winclip",
+    "AnomalyResult": "ovdense.anomaly.winclip",
     "HEADS": "ovdense.registry",
     "create_head": "ovdense.registry",
     "list_heads": "ovdense.registry",
@@ -70,7 +74,10 @@ def list_methods() -> list[str]:
 
 
 __all__ = [
+    "AnomalyResult",
     "ClipBackbone",
+    "DetectionResult",
+    "Detector",
     "HEADS",
     "OvdenseError",
     "SamClipSegmenter",

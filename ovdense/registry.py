@@ -214,7 +214,7 @@ def get_head(name: str, kind: str | None = None) -> HeadEntry:
 
 def default_head(kind: str, given: set[str] | frozenset[str] = frozenset()) -> HeadEntry:
     """The head a command uses when it names none: the first head of ``kind`` whose required
-    options are all ``given`` and not empty (``winclip+`` when references are given), else the
+    options are all among the ``given`` names (``winclip+`` when references are given), else the
     kind's default (``DEFAULT_HEADS``)."""
     for name in list_heads(kind):
         entry = HEADS[name]

@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny random-weight CLIP (12 blocks so every method's layer choices exist,
 width 32, patch 8, 32 px native) and a private cache folder for each test session; the shipped
 toy backbone, one per module (``toy``: a text cache of its own; ``toy_env_cache``: the module's
-``cache``, which the CLI's and the demo's runs read too); a random-init F-ViT head for the toy
+``env_cache``, which the CLI's and the demo's runs read too); a random-init F-ViT head for the toy
 backbone."""
 
 import json
@@ -56,7 +56,7 @@ def rng():
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def env_cache(tmp_path_factory):
     """One text-embedding cache for the module: ``OVDENSE_CACHE`` names a fresh folder from the
     first test that asks for it (or for ``toy_env_cache``) to the module's end, so the CLI's runs,
     the demo's and the API's share it (the toy's classes are encoded once)."""
@@ -75,9 +75,9 @@ def toy(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def toy_env_cache(cache):
+def toy_env_cache(env_cache):
     """The shipped toy backbone built as the CLI and the demo build it (no ``cache_dir``: it reads
-    ``OVDENSE_CACHE``, which ``cache`` sets), so its text embeddings are the ones their runs read."""
+    ``OVDENSE_CACHE``, which ``env_cache`` sets), so its text embeddings are the ones their runs read."""
     from ovdense import create_backbone
 
     return create_backbone("toy")

@@ -105,7 +105,7 @@ def test_json_and_overlay_are_the_detectors_prediction(toy_env_cache, fvit_head,
     assert not any(p.name.endswith(".tmp") for p in out.iterdir())  # written atomically
 
 
-def test_detect_runs_without_openmmlab(fvit_head, scene_dir, threshold, tmp_path, capsys, cache):
+def test_detect_runs_without_openmmlab(fvit_head, scene_dir, threshold, tmp_path, capsys, env_cache):
     """mmcv, mmdet and mmengine unimportable (a fresh interpreter): the same JSON as in-process."""
     argv = [str(a) for a in detect_argv([scene_dir / "scene.png"], tmp_path / "plain", fvit_head, threshold)]
     code = ("import sys\n"
@@ -200,7 +200,7 @@ def test_skip_existing_needs_no_model_and_ignores_segment_outputs(scene_dir, tmp
         run_cli(argv, capsys)
 
 
-def test_a_pickle_as_head_checkpoint_is_one_line_and_never_runs(scene_dir, tmp_path, capsys, cache):
+def test_a_pickle_as_head_checkpoint_is_one_line_and_never_runs(scene_dir, tmp_path, capsys, env_cache):
     class Marker:
         def __reduce__(self):
             return (os.makedirs, (str(tmp_path / "code-ran"),))
@@ -224,9 +224,9 @@ def test_toy_without_head_checkpoint_uses_the_shipped_head(toy_env_cache, fvit_h
                                                            capsys, monkeypatch, shipped):
     """No --head-checkpoint: the head ``default_head_checkpoint`` names (made to be ``fvit_head``
     here, whether or not this install has the trained one), or the Detector's one line."""
-    from ovdense.heads import fvit as detection
+    from ovdense.heads import fvit
 
-    monkeypatch.setattr(detection, "default_head_checkpoint", lambda backbone: fvit_head if shipped else None)
+    monkeypatch.setattr(fvit, "default_head_checkpoint", lambda backbone: fvit_head if shipped else None)
     out = tmp_path / "out"
     code, _, err = run_cli(["detect", scene_dir / "scene.png", "--model", "toy", "--classes",
                             "red circle,blue star", "--score-threshold", "0", "--out", out], capsys)
@@ -236,7 +236,7 @@ def test_toy_without_head_checkpoint_uses_the_shipped_head(toy_env_cache, fvit_h
         assert "--head-checkpoint" in err
         return
     assert code == 0, err
-    want = detection.Detector(toy_env_cache, ["red circle", "blue star"], fvit_head, score_threshold=0.0)
+    want = fvit.Detector(toy_env_cache, ["red circle", "blue star"], fvit_head, score_threshold=0.0)
     want = want.predict(str(scene_dir / "scene.png"))
     got = json.loads((out / "scene.json").read_text())["detections"]
     assert len(got) == len(want.scores) > 0
@@ -304,13 +304,13 @@ def test_draw_detections_blends_the_mask_and_draws_the_box():
 def no_model(monkeypatch):
     """Building a backbone or a detector fails loudly: a bad argument must be refused before."""
     import ovdense
-    from ovdense.heads import fvit as detection
+    from ovdense.heads import fvit
 
     def built(*args, **kwargs):
         raise AssertionError("a model was built before the arguments were checked")
 
     monkeypatch.setattr(ovdense, "create_backbone", built)
-    monkeypatch.setattr(detection, "Detector", built)
+    monkeypatch.setattr(fvit, "Detector", built)
 
 
 def _files(tmp_path: Path) -> None:
@@ -345,7 +345,7 @@ DETECT_CASES = [
     (["--out", "{tmp}/a_file.txt"], "is a file; give a folder"),
     (["--out", "{tmp}/a_file.txt/sub"], "a_file.txt is a file, so the folder cannot be made"),
     (["--device", "tpu"], "--device 'tpu'"),
-    (["--method", "maskclip"], "unrecognized arguments: --method"),
+    (["--method", "maskclip"], "argument --method: invalid choice: 'maskclip'"),  # not a detection head
     (["--window", "32", "16"], "unrecognized arguments"),
 ]
 

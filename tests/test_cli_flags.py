@@ -65,6 +65,7 @@ SUCCEEDING_RUNS = {
         "--crop-weight": "test_sam_clip.py::test_cli_crop_area_and_weight",
     },
     "detect": {
+        "--method": "test_registry.py::test_detect_and_anomaly_take_the_method_by_name",
         "--classes": "test_cli_detect.py::test_json_and_overlay_are_the_detectors_prediction",
         "--classes-file": f"{HERE}::test_detect_classes_file_pretrained_device_and_max_pixels",
         "--model": "test_cli_detect.py::test_json_and_overlay_are_the_detectors_prediction",
@@ -79,6 +80,7 @@ SUCCEEDING_RUNS = {
         "--skip-existing": "test_cli_detect.py::test_unreadable_image_is_skipped_and_skip_existing_resumes",
     },
     "anomaly": {
+        "--method": "test_registry.py::test_detect_and_anomaly_take_the_method_by_name",
         "--object": "test_cli_anomaly.py::test_anomaly_outputs_agree",
         "--reference": "test_cli_anomaly.py::test_anomaly_outputs_agree",
         "--shots": "test_cli_anomaly.py::test_anomaly_outputs_agree",
@@ -276,7 +278,7 @@ def test_kernel_picks_the_path_and_keeps_the_labels(toy_env_cache, scene, api_la
 
 
 @pytest.fixture
-def devices(cache, monkeypatch):
+def devices(env_cache, monkeypatch):
     """The ``device`` every backbone built during the test is asked for (``ovdense.create_backbone``
     wrapped, so the CLI's builds are recorded)."""
     import ovdense
@@ -311,7 +313,7 @@ def other_toy_weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def other_toy(cache, other_toy_weights):
+def other_toy(env_cache, other_toy_weights):
     from ovdense import create_backbone
 
     return create_backbone("toy", pretrained=str(other_toy_weights))

@@ -112,9 +112,9 @@ def test_demo_refuses_a_wrong_fvit_head_before_serving(app, tmp_path, capsys, to
 
 @pytest.mark.parametrize("shipped", [True, False], ids=["head-ships", "none-ships"])
 def test_the_shipped_head_is_the_default(app, toy_env_cache, fvit_head, monkeypatch, shipped):
-    from ovdense.heads import fvit as detection
+    from ovdense.heads import fvit
 
-    monkeypatch.setattr(detection, "default_head_checkpoint", lambda backbone: fvit_head if shipped else None)
+    monkeypatch.setattr(fvit, "default_head_checkpoint", lambda backbone: fvit_head if shipped else None)
     assert app.Heads(toy_env_cache).fvit_head == (fvit_head if shipped else None)
     other = Path("elsewhere.safetensors")
     assert app.Heads(toy_env_cache, fvit_head=other).fvit_head == other  # --fvit-head wins

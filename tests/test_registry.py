@@ -20,6 +20,7 @@ from ovdense import registry
 from ovdense.cli import main
 from ovdense.errors import OvdenseError
 from ovdense.heads import fvit
+from ovdense.heads.results import HeadResult
 from ovdense.registry import HEADS, KIND_ARGUMENTS, create_head, get_head, list_heads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +101,7 @@ def test_every_head_builds_by_name_and_equals_its_own_class(name, toy, sam, fvit
               "anomaly": ("map",)}[entry.kind]
     for field in arrays:
         np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+    assert isinstance(got, HeadResult), type(got)
     save, overlay = got.save, got.overlay
     json.dumps(got.to_json())  # JSON-ready
     drawn = overlay(rgb)
@@ -255,3 +257,70 @@ def test_a_new_entry_appears_in_the_cli_methods_and_demo(toy, app, tmp_path, cap
     shown = app.segment_image(heads, rgb, [("a",), ("b",)], "maskclip-again")
     want = app.segment_image(heads, rgb, [("a",), ("b",)], "maskclip")
     np.testing.assert_array_equal(shown.label_map, want.label_map)
+
+
+def test_every_registered_option_is_a_flag_of_its_command():
+    """A head's ``options`` are the command-line destinations its command reads for it: each must
+    exist in that subcommand's parser, or every run of the command would fail on it."""
+    import argparse
+
+    from ovdense.cli.parser import _build_parser
+
+    parser = _build_parser()
+    commands = {"segmentation": "segment", "detection": "detect", "anomaly": "anomaly"}
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, entry in HEADS.items():
+        dests = {a.dest for a in sub.choices[commands[entry.kind]]._actions}
+        missing = [option for option in entry.options if option not in dests]
+        assert not missing, (name, missing)
+
+
+def test_a_trained_kind_of_entry_without_a_table_is_listed(capsys, monkeypatch):
+    """An entry that is not training-free and has no defaults table (``table=None``) still prints
+    in ``ovdense methods``."""
+    new = replace(HEADS["san"], name="another-san", title="another SAN", table=None)
+    monkeypatch.setitem(registry._HEADS, new.name, new)
+    code, out, _ = run_cli(["methods"], capsys)
+    assert code == 0
+    line = next(row for row in out.splitlines() if row.startswith("another-san "))
+    assert line.split()[1:5] == ["-", "-", "-", "-"]
+
+
+def test_detect_and_anomaly_take_the_method_by_name(toy, fvit_head, tmp_path, capsys):
+    """``detect --method`` and ``anomaly --method`` build the head the registry names: the default
+    head named explicitly writes the same files as the default; a head that needs references
+    without ``--reference`` (or one that takes none, with it) is one error before any model."""
+    from ovdense.data.synthetic import SceneConfig, render_scene
+    from ovdense.io import write_image
+
+    image = tmp_path / "scene.png"
+    write_image(image, render_scene(np.random.default_rng(4), SceneConfig(size=(64, 64))).image)
+    base = ["detect", str(image), "--model", "toy", "--classes", "red circle,blue star",
+            "--head-checkpoint", str(fvit_head), "--score-threshold", "0"]
+    code, _, err = run_cli([*base, "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    code, _, err = run_cli([*base, "--method", "fvit", "--out", str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "a" / "scene.json").read_bytes() == (tmp_path / "b" / "scene.json").read_bytes()
+
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    good = render_scene(np.random.default_rng(5), SceneConfig(size=(64, 64))).image
+    write_image(normal / "good.png", good)
+    base = ["anomaly", str(image), "--model", "toy", "--object", "circle"]
+    code, _, err = run_cli([*base, "--out", str(tmp_path / "c")], capsys)
+    assert code == 0, err
+    code, _, err = run_cli([*base, "--method", "winclip", "--out", str(tmp_path / "d")], capsys)
+    assert code == 0, err
+    zero_shot = [(tmp_path / out / "scene_anomaly.npy").read_bytes() for out in ("c", "d")]
+    assert zero_shot[0] == zero_shot[1]
+    assert run_cli([*base, "--reference", str(normal), "--out", str(tmp_path / "e")], capsys)[0] == 0
+    assert run_cli([*base, "--method", "winclip+", "--reference", str(normal), "--out", str(tmp_path / "f")],
+                   capsys)[0] == 0
+    few_shot = [(tmp_path / out / "scene_anomaly.npy").read_bytes() for out in ("e", "f")]
+    assert few_shot[0] == few_shot[1]
+    code, _, err = run_cli([*base, "--method", "winclip+", "--out", str(tmp_path / "g")], capsys)
+    assert code != 0 and "--method winclip+ needs --reference" in err
+    code, _, err = run_cli([*base, "--method", "winclip", "--reference", str(normal),
+                            "--out", str(tmp_path / "h")], capsys)
+    assert code != 0 and "--method winclip takes no --reference" in err and "winclip+" in err

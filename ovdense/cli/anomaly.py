@@ -17,7 +17,7 @@ from ovdense.cli.common import (
     _report,
 )
 from ovdense.errors import OvdenseError
-from ovdense.registry import default_head
+from ovdense.registry import default_head, get_head
 
 ANOMALY_OUTPUTS = default_head("anomaly").outputs  # the JSON last: the completion marker
 
@@ -29,6 +29,13 @@ def _command_anomaly(args: argparse.Namespace) -> int:
     images = _list_inputs(args.inputs)
     _check_out(args.out)
     references = _reference_images(args)
+    if args.method is not None:  # a head named: its need of references must match --reference
+        entry = get_head(args.method, "anomaly")
+        if "references" in entry.required and not references:
+            raise OvdenseError(f"--method {entry.name} needs --reference FOLDER (its normal images)")
+        if references and "references" not in entry.required:
+            raise OvdenseError(f"--method {entry.name} takes no --reference; leave it out, or choose a "
+                               f"head that reads normal images ({', '.join(_with_references())})")
     todo, skipped = _pending(args, images, ANOMALY_OUTPUTS)
     if not todo:
         return _report(args.out, len(images), [], "anomaly map", "", skipped)
@@ -41,14 +48,23 @@ def _command_anomaly(args: argparse.Namespace) -> int:
     backbone = create_backbone(args.model, pretrained=_pretrained(args.model, args.pretrained),
                                device=args.device)
     given = {"references": arrays} if references else {}
-    entry = default_head("anomaly", set(given))  # WinCLIP+ with references, else WinCLIP
-    winclip = create_head(entry.name, backbone, args.object, prompt_set=args.prompt_set, **given)
+    if args.method is None:
+        entry = default_head("anomaly", set(given))  # WinCLIP+ with references, else WinCLIP
+    options = {name: getattr(args, name) for name in entry.options}  # its own flags (--prompt-set)
+    head = create_head(entry.name, backbone, args.object, **options, **given)
     failed: list[Path] = []
     for path, rgb in _readable_images(todo, "anomaly", failed, args.max_pixels):
-        (result,) = winclip.predict([rgb])
+        (result,) = head.predict([rgb])
         result.save(args.out, path.stem, rgb, image=str(path), object=args.object,
                     references=[str(r) for r in references], model=args.model)
     return _report(args.out, len(images), failed, "anomaly map", "", skipped)
+
+
+def _with_references() -> list[str]:
+    """The anomaly heads that take normal reference images."""
+    from ovdense.registry import HEADS, list_heads
+
+    return [name for name in list_heads("anomaly") if "references" in HEADS[name].required]
 
 
 def _reference_images(args: argparse.Namespace) -> list[Path]:

@@ -18,7 +18,7 @@ from ovdense.cli.common import (
     _report,
 )
 from ovdense.errors import OvdenseError
-from ovdense.registry import default_head
+from ovdense.registry import default_head, get_head
 
 DETECT_OUTPUTS = default_head("detection").outputs  # the JSON last: the completion marker
 
@@ -62,7 +62,7 @@ def _command_detect(args: argparse.Namespace) -> int:
 
     backbone = create_backbone(args.model, pretrained=_pretrained(args.model, args.pretrained),
                                device=args.device)
-    entry = default_head("detection")
+    entry = get_head(args.method, "detection")
     options = {name: getattr(args, name) for name in entry.options}
     detector = create_head(entry.name, backbone, classes, **options)
     failed: list[Path] = []

@@ -106,6 +106,9 @@ def _build_parser() -> argparse.ArgumentParser:
     anomaly.add_argument("--object", required=True, help="what the images show, e.g. bottle")
     anomaly.add_argument("--reference", type=Path, help="folder of normal images (WinCLIP+)")
     anomaly.add_argument("--shots", type=int, help="reference images to use (default 1; needs --reference)")
+    anomaly.add_argument("--method", choices=list_heads("anomaly"),
+                         help="the anomaly head (see `ovdense methods`; default: "
+                         f"{DEFAULT_HEADS['anomaly']}, or the head that takes references with --reference)")
     _add_anomaly_model_arguments(anomaly)
     anomaly.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
     _add_batch_arguments(anomaly)
@@ -130,6 +133,8 @@ def _add_detect_parser(sub) -> None:
         "\"class\", \"score\", \"segmentation\": COCO RLE}]}, input-image pixels) and <stem>_overlay.jpg.",
     )
     det.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders")
+    det.add_argument("--method", choices=list_heads("detection"), default=DEFAULT_HEADS["detection"],
+                     help=f"the detection head (see `ovdense methods`; default {DEFAULT_HEADS['detection']})")
     vocab = det.add_mutually_exclusive_group(required=True)
     vocab.add_argument("--classes", help="comma-separated class names, e.g. 'red circle,blue star'")
     vocab.add_argument("--classes-file", type=Path, help="one class name per line")

@@ -90,7 +90,7 @@ def _command_methods() -> int:
 
 
 def _table_row(entry, text: str) -> str:
-    short_side, window, logit_scale, pamr = entry.table
+    short_side, window, logit_scale, pamr = entry.table if entry.table is not None else ("-",) * 4
     return f"{entry.name:<10} {short_side:>10} {window:>9} {logit_scale:>11} {pamr:>5}  {text}"
 
 

@@ -1,4 +1,5 @@
-"""What every head's result offers (``HeadResult``), and the pieces the result types share.
+"""What every head's result offers: the ``HeadResult`` protocol (``tests/test_registry.py``
+checks every registered head's result against it).
 
 Every result answers ``to_json(**info)`` (a JSON-ready dict; ``info`` adds what the caller knows
 and the result does not, such as the image's path or the model's name), ``overlay(image)`` (an

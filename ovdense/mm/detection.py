@@ -43,11 +43,10 @@ from mmengine.structures import InstanceData
 from torch import nn
 
 from ovdense.backbone.clip import ClipBackbone, create_backbone
+from ovdense.backbone.prompts import read_classes
 from ovdense.errors import OvdenseError
 from ovdense.heads import fvit
 from ovdense.mm.training import derive_seed, seeded_global_rng
-
-read_classes = fvit.read_classes  # a class list or a class file (one name per line)
 
 
 @MODELS.register_module()
