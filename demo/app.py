@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ovdense import ClipBackbone, OvdenseError, create_backbone, create_head
+from ovdense.backbone.prompts import single_names
 from ovdense.backbone.protocols import METHOD_INFO
 from ovdense.io import IMAGE_SUFFIXES, MAX_PIXELS, colorize, load_image
 from ovdense.registry import DEFAULT_HEADS, HEADS, default_head, get_head, list_heads
@@ -214,11 +215,7 @@ class Heads:
 
     def detector(self, classes: Sequence[tuple[str, ...]], score_threshold: float):
         """The detection head (F-ViT) for these classes (one name each) and score threshold."""
-        joined = [c for c in classes if len(c) > 1]
-        if joined:
-            raise OvdenseError(f"detection takes one name per class, got synonyms {' | '.join(joined[0])!r}; "
-                               "give them as separate classes")
-        return self.head(default_head("detection").name, [c[0] for c in classes],
+        return self.head(default_head("detection").name, single_names(classes),
                          score_threshold=float(score_threshold))
 
     def _get(self, key: tuple, build: Callable[[], object]):

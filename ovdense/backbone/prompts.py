@@ -238,3 +238,14 @@ def read_classes(classes) -> list[str]:
         classes = [line.strip() for line in path.read_text().splitlines()]
         classes = [c for c in classes if c and c != "background"]
     return check_vocabulary(classes)
+
+
+def single_names(groups: Sequence[Sequence[str]], what: str = "detection", how: str = "") -> list[str]:
+    """The one name of each class, from classes given as synonym groups (``Vocabulary.synonyms()``
+    or the demo's tuples), checked by ``check_vocabulary``; a class with synonyms is one
+    ``OvdenseError`` (``how``: how synonyms were written, for the message)."""
+    joined = [tuple(words) for words in groups if len(words) > 1]
+    if joined:
+        raise OvdenseError(f"{what} takes one name per class, got synonyms{how} in "
+                           f"{' | '.join(joined[0])!r}; give them as separate classes")
+    return check_vocabulary([words[0] for words in groups])

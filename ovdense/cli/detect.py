@@ -25,15 +25,11 @@ DETECT_OUTPUTS = default_head("detection").outputs  # the JSON last: the complet
 
 def _read_detect_classes(args: argparse.Namespace) -> list[str]:
     """``--classes`` / ``--classes-file`` as plain names: one word (or phrase) per class, each once."""
-    vocabulary = _read_classes(args)
-    joined = [words for words in vocabulary.synonyms() if len(words) > 1]
-    if joined:
-        sep = "'|'" if args.classes is not None else "commas"
-        raise OvdenseError(f"detect takes one name per class, got synonyms ({sep}) in "
-                           f"{' | '.join(joined[0])!r}; give them as separate classes")
-    from ovdense.backbone.prompts import check_vocabulary
+    from ovdense.backbone.prompts import single_names
 
-    return check_vocabulary(vocabulary.names)
+    vocabulary = _read_classes(args)
+    how = " ('|')" if args.classes is not None else " (commas)"
+    return single_names(vocabulary.synonyms(), "detect", how)
 
 
 def _command_detect(args: argparse.Namespace) -> int:
