@@ -17,24 +17,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from ovdense.cli import main
+from tool_runs import run_cli
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle", "star", "ring")
 ALL_CLASSES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
 # pycocotools 2.0 under numpy 2 (its own decode, used here as the reference)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept:DeprecationWarning")
-
-
-def run_cli(argv, capsys):
-    """``main(argv)`` as the console script runs it (argparse's exit included): code, stdout, stderr."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

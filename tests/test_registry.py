@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from tool_runs import run_cli, tiny_sam
 
 import ovdense
 from ovdense import registry
-from ovdense.cli import main
 from ovdense.errors import OvdenseError
 from ovdense.heads import fvit
 from ovdense.heads.results import HeadResult
@@ -38,12 +37,7 @@ def toy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sam():
-    """A tiny random SAM (embedding width 32, two blocks), as in test_sam_clip.py."""
-    from segment_anything.build_sam import _build_sam
-
-    torch.manual_seed(0)
-    return _build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
-                      encoder_global_attn_indexes=[], checkpoint=None)
+    return tiny_sam()
 
 
 @pytest.fixture(scope="module")
@@ -186,15 +180,6 @@ def test_the_table_is_complete_and_torch_free():
 
 # --------------------------------------------------------------------------------------------
 # The command line and the demo read the registry
-
-
-def run_cli(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def methods_listed(capsys) -> list[str]:

@@ -20,7 +20,7 @@ mask_utils = pytest.importorskip("pycocotools.mask")
 
 from PIL import Image  # noqa: E402
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor  # noqa: E402
-from segment_anything.build_sam import _build_sam  # noqa: E402
+from tool_runs import tiny_sam  # noqa: E402
 
 from ovdense.cli import main  # noqa: E402
 from ovdense.data import rle as ovdense_rle  # noqa: E402
@@ -36,12 +36,6 @@ from ovdense.heads.sam_clip import (  # noqa: E402
 
 CLASSES = ["background", "red, crimson", "blue", "green"]
 AUTO = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
-
-
-def tiny_sam():
-    torch.manual_seed(0)
-    return _build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
-                      encoder_global_attn_indexes=[], checkpoint=None)
 
 
 @pytest.fixture(scope="module")

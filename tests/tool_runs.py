@@ -1,6 +1,7 @@
-"""What the training tests share: scripts of tools/ loaded as modules, and tools/train.py and
+"""What several test modules share: scripts of tools/ loaded as modules; tools/train.py and
 tools/test.py run in fresh processes (one, or two under torchrun with gloo) that import this
-checkout's ovdense, whatever is installed."""
+checkout's ovdense, whatever is installed; the command line run in-process (``run_cli``); a tiny
+random SAM (``tiny_sam``)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,27 @@ def kill_after_checkpoint(command: list[str], cwd: Path, checkpoint: Path, deadl
     finally:
         process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
+
+
+def run_cli(argv, capsys):
+    """``ovdense.cli.main(argv)`` as the console script runs it (argparse's exit included):
+    exit code, stdout, stderr."""
+    from ovdense.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def tiny_sam():
+    """A random SAM with an image encoder of width 32 and two windowed blocks, built by
+    segment-anything's own private builder (seeded: the same weights each call)."""
+    import torch
+    from segment_anything.build_sam import _build_sam
+
+    torch.manual_seed(0)
+    return _build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
+                      encoder_global_attn_indexes=[], checkpoint=None)
