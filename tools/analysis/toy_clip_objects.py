@@ -6,9 +6,9 @@ Two measurements of the image embedding (``encode_image``) against the prompts o
 training wording (``"a photo of a red circle"``, ``"a photo of a circle"``,
 ``"a photo of a red object"``), every image drawn from seeds disjoint from training:
 
-* **single objects**: ``--single`` native-size images of one object (radius 0.2–0.33 of the
-  side, as ``tools/analysis/eval_synthetic.py``), named among the 6 colours, 5 shapes and
-  30 colour–shape pairs;
+* **single objects**: ``--single`` native-size images of one object, named among the 6 colours,
+  5 shapes and 30 colour–shape pairs (``eval_synthetic.zero_shot_accuracy``, run here with this
+  tool's seed);
 * **cut objects**: every object of ``--scenes`` multi-object scenes (the scene generator's
   defaults: 128 px, 1–4 objects, radius 0.09–0.17, occlusion) cut out with a square crop
   around its circumscribed circle (side 2.3 · radius, moved inside the image where it would
@@ -32,6 +32,9 @@ import torch
 from ovdense import create_backbone
 from ovdense.data.synthetic import COLOURS, SHAPES, SceneConfig, render_scene
 from ovdense.io import write_image, write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_synthetic import zero_shot_accuracy  # noqa: E402  (the single-object measurement)
 
 SEED = 20_261_207  # disjoint from the training seeds (seed, step) and tools/analysis/eval_synthetic.py's
 PAIRS = [f"{c} {s}" for c in COLOURS for s in SHAPES]
@@ -125,11 +128,9 @@ def main(argv=None) -> int:
     with torch.no_grad():
         text = {name: backbone.encode_text(rows, ["{}"]) for name, rows in prompts().items()}
 
-    rng = np.random.default_rng([args.seed, 1])
-    single = [render_scene(rng, SceneConfig(size=(native, native), objects=(1, 1), radius=(0.2, 0.33)))
-              for _ in range(args.single)]
-    single_truths = [truth_of(s.objects[0]) for s in single]
-    single_acc, _ = accuracy(backbone, [s.image for s in single], single_truths, text)
+    single = zero_shot_accuracy(backbone, args.single, args.seed)
+    single_acc = {"colour": single["colour (6-way)"], "shape": single["shape (5-way)"],
+                  "pair": single["colour+shape (30-way)"]}
 
     scenes = [render_scene(np.random.default_rng([args.seed, 2, i]), SceneConfig())
               for i in range(args.scenes)]
