@@ -177,6 +177,13 @@ class Heads:
         """The Segment tab's methods: the registry's segmentation heads that can run here."""
         return self.available("segmentation")
 
+    @property
+    def default_method(self) -> str:
+        """The Segment tab's first choice: the model's own (its config's ``"ovdense"`` entry, as
+        the CLI's ``segment``), else the registry's default."""
+        own = self.backbone.defaults.get("method")
+        return own if own in self.methods else DEFAULT_HEADS["segmentation"]
+
     def _missing(self, entry) -> str:
         """Why ``entry`` cannot run here (``""``: it can)."""
         if entry.trained and self.checkpoints.get(entry.name) is None:
@@ -478,7 +485,7 @@ def _segment_tab(heads: Heads) -> None:
             classes = gr.Textbox(label="Classes", lines=2, elem_id="classes",
                                  placeholder="sky, building, tree, person|man|woman, car",
                                  info="separated by commas; synonyms of one class joined by |")
-            method = gr.Dropdown(heads.methods, value=DEFAULT_HEADS["segmentation"], label="Method",
+            method = gr.Dropdown(heads.methods, value=heads.default_method, label="Method",
                                  elem_id="method")
             with gr.Accordion("Options", open=False):
                 bg = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Background threshold",
@@ -597,8 +604,9 @@ def _sam_clip_tab(heads: Heads) -> None:
                              elem_id="sam-upload")
             classes = gr.Textbox(label="Classes", lines=2, placeholder="background, cat, dog",
                                  info="the first class paints pixels no mask covers", elem_id="sam-classes")
-            method = gr.Dropdown(list(METHOD_INFO), value=DEFAULT_HEADS["segmentation"],
-                                 label="CLIP features of",
+            first = heads.default_method
+            first = first if first in METHOD_INFO else DEFAULT_HEADS["segmentation"]  # a training-free one
+            method = gr.Dropdown(list(METHOD_INFO), value=first, label="CLIP features of",
                                  elem_id="sam-method")
             points = gr.Slider(4, 64, value=32, step=1, label="SAM points per side",
                                info="fewer is faster (SAM's default 32: 1024 prompts)", elem_id="sam-points")

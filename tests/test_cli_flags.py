@@ -328,9 +328,9 @@ def test_segment_classes_file_pretrained_and_device(toy_env_cache, other_toy, sc
     classes = tmp_path / "classes.txt"
     classes.write_text("background\nred ring, red circle\nyellow star\ngreen square\n")
     out = tmp_path / "out"
-    code = main(["segment", str(scene), "--classes-file", str(classes), "--model", "toy", "--pretrained",
-                 str(other_toy_weights), "--device", "cpu:0", "--short-side", "64", "--window", "64", "32",
-                 "--out", str(out)])
+    code = main(["segment", str(scene), "--classes-file", str(classes), "--model", "toy", "--method",
+                 "clearclip", "--pretrained", str(other_toy_weights), "--device", "cpu:0",
+                 "--short-side", "64", "--window", "64", "32", "--out", str(out)])
     assert code == 0
     assert devices == ["cpu:0"]
     report = json.loads((out / "scene.json").read_text())

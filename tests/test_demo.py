@@ -36,6 +36,7 @@ from PIL import Image
 from ovdense import OvdenseError, Segmenter, create_backbone
 from ovdense.backbone.dense import METHODS
 from ovdense.io import colorize, heatmap_overlay, overlay
+from ovdense.registry import DEFAULT_HEADS
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "demo" / "app.py"
@@ -191,6 +192,10 @@ def test_san_in_the_segment_tab_is_the_shipped_heads_prediction(app, small_backb
     toy = create_backbone("toy", cache_dir=tmp_path / "cache")
     heads = app.Heads(toy)
     assert heads.methods[-1] == "san"
+    # the first choice: the toy's own head (its config file's "ovdense" entry), else the registry's
+    own = json.loads((ASSETS / "toy-clip.json").read_text())["ovdense"]["method"]
+    assert heads.default_method == own != DEFAULT_HEADS["segmentation"]
+    assert app.Heads(small_backbone).default_method == DEFAULT_HEADS["segmentation"]
     rgb = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
     classes = [("background",), ("red circle", "red disc"), ("blue square",)]
     shown = app.segment_image(heads, rgb, classes, "san")

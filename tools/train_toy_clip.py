@@ -73,9 +73,10 @@ TOY_CONFIG = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
 # inference defaults that travel with the weights (the config's "ovdense" entry): the training
-# captions' wording, and windows at the native size over scenes twice that size, where the
-# objects have the pixel size they had in training
-TOY_DEFAULTS = {"templates": ["a photo of a {}"], "short_side": 128, "window": [64, 32]}
+# captions' wording, windows at the native size over scenes twice that size, where the objects
+# have the pixel size they had in training, and the segmentation head the CLI and the demo use
+# when none is named: the best training-free head on the v2 weights (docs/toy_world.md)
+TOY_DEFAULTS = {"templates": ["a photo of a {}"], "short_side": 128, "window": [64, 32], "method": "sclip"}
 
 PAIRS = [f"{c} {s}" for c in COLOURS for s in SHAPES]  # colour_shape label k + 1 is PAIRS[k]
 BACKGROUND_PROMPT = "a photo of a background"

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ovdense.backbone import dense
+from ovdense.backbone.model_config import ASSETS, TOY_NAME, read_defaults, toy_files  # noqa: F401 (ASSETS: public here too)
 from ovdense.backbone.prompts import Templates, TextCache, default_cache_dir, resolve_templates
 from ovdense.backbone.text import causal_text_tower, encode_prompts  # noqa: F401 (causal_text_tower: public here too)
 from ovdense.errors import OvdenseError, checkpoint_error_text
@@ -58,9 +59,10 @@ class ClipBackbone(nn.Module):
         width: the vision transformer's token width.
         num_layers: the number of vision transformer blocks.
         defaults: the model's own inference defaults (``templates``, ``short_side``,
-            ``window``) from the ``"ovdense"`` entry of its JSON config, used by heads where
-            the caller gives none (the toy model's are its training wording and native size);
-            empty for open_clip models.
+            ``window``, ``method``) from the ``"ovdense"`` entry of its JSON config
+            (``model_config.read_defaults``), used where the caller gives none: by heads, and
+            ``method`` by the CLI and the demo (the toy model's are its training wording, its
+            native size and its best training-free head); empty for open_clip models.
     """
 
     def __init__(
@@ -297,23 +299,6 @@ def create_backbone(
     return ClipBackbone(model, tokenizer, name, source, mean, std, cache_dir, defaults)
 
 
-TOY_NAME = "toy"
-#: ovdense's packaged files: the toy CLIP and the heads that ship for it.
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-
-
-def toy_files() -> tuple[Path, Path]:
-    """The embedded toy CLIP's config and weights (``ovdense/assets``), trained in-repo on the
-    synthetic world by ``tools/train_toy_clip.py``; it knows only that world."""
-    config, weights = ASSETS / "toy-clip.json", ASSETS / "toy-clip.safetensors"
-    if not config.is_file() or not weights.is_file():
-        raise OvdenseError(
-            f"the toy model is missing from this install ({ASSETS}); reinstall ovdense or "
-            "train it with tools/train_toy_clip.py and copy config.json and model.safetensors there"
-        )
-    return config, weights
-
-
 def _from_config_file(path: str, pretrained: str | None):
     import json
 
@@ -334,10 +319,7 @@ def _from_config_file(path: str, pretrained: str | None):
     context = cfg.get("text_cfg", {}).get("context_length", 77)
     tokenizer = open_clip.SimpleTokenizer(context_length=context)
     pre = cfg.get("preprocess_cfg", {})
-    defaults = cfg.get("ovdense", {})
-    unknown = set(defaults) - {"templates", "short_side", "window"}
-    if unknown:
-        raise OvdenseError(f"{config_path}: unknown keys {sorted(unknown)} in its 'ovdense' entry")
+    defaults = read_defaults(cfg, config_path)
     return model, tokenizer, source, pre.get("mean", OPENAI_MEAN), pre.get("std", OPENAI_STD), defaults
 
 

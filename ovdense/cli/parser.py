@@ -46,8 +46,9 @@ def _build_parser() -> argparse.ArgumentParser:
     vocab.add_argument(
         "--classes-file", type=Path, help="one class per line, synonyms separated by commas"
     )
-    seg.add_argument("--method", default=DEFAULT_HEADS["segmentation"],
-                     help=f"one of {', '.join(list_heads('segmentation'))} (default "
+    seg.add_argument("--method",
+                     help=f"one of {', '.join(list_heads('segmentation'))} (default: the model's own, "
+                     f"from its config's 'ovdense' entry, e.g. the toy model's; else "
                      f"{DEFAULT_HEADS['segmentation']}); see `ovdense methods`")
     seg.add_argument(
         "--model", default="ViT-B-16", help="open_clip model name, 'toy', or a JSON model config"

@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from ovdense.backbone.model_config import model_defaults
 from ovdense.cli.common import (
     _check_device,
     _check_no_overwrite,
@@ -20,7 +21,7 @@ from ovdense.cli.common import (
     _report,
 )
 from ovdense.errors import OvdenseError
-from ovdense.registry import HEADS, get_head, list_heads
+from ovdense.registry import DEFAULT_HEADS, HEADS, get_head, list_heads
 
 #: the segment flags that belong to some heads only (``HeadEntry.options``), in the registry's order
 HEAD_OPTIONS = tuple(dict.fromkeys(option for name in list_heads("segmentation")
@@ -97,6 +98,8 @@ def _table_row(entry, text: str) -> str:
 def _command_segment(args: argparse.Namespace) -> int:
     from ovdense.backbone.protocols import METHOD_INFO as METHODS  # torch-free
 
+    if args.method is None:  # the model's own default (before it loads), else the kind's
+        args.method = model_defaults(args.model).get("method", DEFAULT_HEADS["segmentation"])
     entry = get_head(args.method, "segmentation")  # the error lists the segmentation heads
     _check_method_options(args)
     _check_segment_arguments(args)

@@ -1,0 +1,67 @@
+"""Where the embedded toy CLIP lives, and a model config's own inference defaults.
+
+A JSON model config (open_clip's layout) may carry an ``"ovdense"`` entry: the inference
+defaults that travel with its weights (the toy model's are its training wording, its native
+window and the segmentation head that suits it best). This module reads that entry without
+torch, so the command line can settle its defaults before any model loads; ``backbone.clip``
+reads the same entry when it builds the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ovdense.errors import OvdenseError
+
+TOY_NAME = "toy"
+#: ovdense's packaged files: the toy CLIP and the heads that ship for it.
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+#: what a config's ``"ovdense"`` entry may hold: prompt templates, the short side and the sliding
+#: window of the training-free heads, and ``method``, the segmentation head used when none is named
+DEFAULT_KEYS = ("templates", "short_side", "window", "method")
+
+
+def toy_files() -> tuple[Path, Path]:
+    """The embedded toy CLIP's config and weights (``ovdense/assets``), trained in-repo on the
+    synthetic world by ``tools/train_toy_clip.py``; it knows only that world."""
+    config, weights = ASSETS / "toy-clip.json", ASSETS / "toy-clip.safetensors"
+    if not config.is_file() or not weights.is_file():
+        raise OvdenseError(
+            f"the toy model is missing from this install ({ASSETS}); reinstall ovdense or "
+            "train it with tools/train_toy_clip.py and copy config.json and model.safetensors there"
+        )
+    return config, weights
+
+
+def read_defaults(config: dict, where: Path | str) -> dict:
+    """The ``"ovdense"`` entry of the parsed model config ``config`` (``{}`` if it has none);
+    unknown keys and a ``method`` that is not a name are refused, naming ``where``."""
+    defaults = config.get("ovdense", {})
+    if not isinstance(defaults, dict):
+        raise OvdenseError(f"{where}: its 'ovdense' entry must be an object, not {type(defaults).__name__}")
+    unknown = set(defaults) - set(DEFAULT_KEYS)
+    if unknown:
+        raise OvdenseError(f"{where}: unknown keys {sorted(unknown)} in its 'ovdense' entry "
+                           f"(known: {', '.join(DEFAULT_KEYS)})")
+    if "method" in defaults and not isinstance(defaults["method"], str):
+        raise OvdenseError(f"{where}: 'method' in its 'ovdense' entry must be a head's name, "
+                           f"not {defaults['method']!r}")
+    return dict(defaults)
+
+
+def model_defaults(name: str) -> dict:
+    """The inference defaults of model ``name`` as ``create_backbone`` would read them, before it
+    loads: the toy model's, a JSON config's, ``{}`` for open_clip names. A config that cannot be
+    read gives ``{}`` here; loading the model then reports it."""
+    if name == TOY_NAME:
+        path = ASSETS / "toy-clip.json"
+    elif name.endswith(".json"):
+        path = Path(name)
+    else:
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return read_defaults(config, path) if isinstance(config, dict) else {}
