@@ -276,6 +276,24 @@ def test_shipped_toy_head_finds_held_out_objects(toy, tmp_path):
     assert figures["ap50"] > 0.75 and figures["base_ap50"] > 0.75 and figures["novel_ap50"] > 0.6, figures
 
 
+def test_eval_detect_toy_beta_sweep(toy, tmp_path, capsys):
+    """``tools/analysis/eval_detect_toy.py --beta``: at the head's own β (0.8) the sweep scores what
+    the ensemble run scores; at β = 0 the novel pairs' scores change, so the sweep reads its β."""
+    import json
+
+    from tool_runs import load_tool
+
+    load_tool("data/make_synthetic_detection").write_detection_world(tmp_path, num_train=1, num_val=8, seed=0)
+    out = tmp_path / "report.json"
+    assert load_tool("analysis/eval_detect_toy").main(["--data", str(tmp_path), "--beta", "0.8", "0",
+                                                       "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    sweep = report["beta sweep (box)"]
+    assert sweep["0.8"] == report["with CLIP term"]["bbox"]
+    assert sweep["0"]["novel_ap50"] != sweep["0.8"]["novel_ap50"]
+    assert "beta = 0.8" in capsys.readouterr().out
+
+
 def one_line_error(call, match: str) -> None:
     with pytest.raises(OvdenseError, match=match) as error:
         call()
