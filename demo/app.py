@@ -243,6 +243,8 @@ def head_keyword(name: str) -> str:
     """The keyword (and ``--<name>-head`` destination) of a trained head's checkpoint:
     ``san`` → ``san_head``, ``clip-dinoiser`` → ``clip_dinoiser_head``."""
     return name.replace("-", "_") + "_head"
+
+
 OPTION_NAMES = {"method": "clip_method"}  # a head's keyword → its option in the registry (the CLI's name)
 
 

@@ -17,6 +17,8 @@ from ovdense.errors import OvdenseError
 TOY_NAME = "toy"
 #: ovdense's packaged files: the toy CLIP and the heads that ship for it.
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TOY_CONFIG = ASSETS / "toy-clip.json"
+TOY_WEIGHTS = ASSETS / "toy-clip.safetensors"
 #: what a config's ``"ovdense"`` entry may hold: prompt templates, the short side and the sliding
 #: window of the training-free heads, and ``method``, the segmentation head used when none is named
 DEFAULT_KEYS = ("templates", "short_side", "window", "method")
@@ -25,7 +27,7 @@ DEFAULT_KEYS = ("templates", "short_side", "window", "method")
 def toy_files() -> tuple[Path, Path]:
     """The embedded toy CLIP's config and weights (``ovdense/assets``), trained in-repo on the
     synthetic world by ``tools/train_toy_clip.py``; it knows only that world."""
-    config, weights = ASSETS / "toy-clip.json", ASSETS / "toy-clip.safetensors"
+    config, weights = TOY_CONFIG, TOY_WEIGHTS
     if not config.is_file() or not weights.is_file():
         raise OvdenseError(
             f"the toy model is missing from this install ({ASSETS}); reinstall ovdense or "
@@ -55,7 +57,7 @@ def model_defaults(name: str) -> dict:
     loads: the toy model's, a JSON config's, ``{}`` for open_clip names. A config that cannot be
     read gives ``{}`` here; loading the model then reports it."""
     if name == TOY_NAME:
-        path = ASSETS / "toy-clip.json"
+        path = TOY_CONFIG
     elif name.endswith(".json"):
         path = Path(name)
     else:

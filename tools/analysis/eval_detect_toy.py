@@ -120,10 +120,11 @@ def main(argv=None) -> int:
                     masks.append({**row, "segmentation": rle.encode(r.masks[k])})
         return boxes, masks
 
+    detectors = {}
     for ensemble in (True, False):
         try:
-            detector = Detector(backbone, names, head_checkpoint=args.head, score_threshold=0.0,
-                                ensemble=ensemble)
+            detector = detectors[ensemble] = Detector(backbone, names, head_checkpoint=args.head,
+                                                      score_threshold=0.0, ensemble=ensemble)
         except OvdenseError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
               f"{s['ap']:8.3f} {s['ap50']:10.3f}")
     sweep = {}
     if args.beta:
-        detector = Detector(backbone, names, head_checkpoint=args.head, score_threshold=0.0, ensemble=True)
+        detector = detectors[True]  # the ensemble run's, its β set in turn
         for beta in args.beta:
             detector.model.roi_head.bbox_head.beta = beta
             boxes, _ = detections(detector, f"beta={beta:g}")
