@@ -63,7 +63,9 @@ def build_mm_model(with_mask: bool = True):
     if not with_mask:  # Faster R-CNN: boxes only (mmdet rescales them in the box head then)
         cfg.model.roi_head.pop("mask_head")
         cfg.model.roi_head.pop("mask_roi_extractor")
-    torch.manual_seed(0)
+    # seed 3: on the shipped toy CLIP this random head's detections of every test image reach both
+    # seen and unseen classes, with and without the ensemble (seed 0 did on the first toy model)
+    torch.manual_seed(3)
     model = MODELS.build(cfg.model)
     model.init_weights()
     with torch.no_grad():  # a wider RPN and box-delta spread: proposals and boxes of many sizes and levels
@@ -248,9 +250,10 @@ def test_shipped_toy_head_finds_held_out_objects(toy, tmp_path):
     (``Detector`` with no head named: ``default_head_checkpoint``), the 30 pairs as vocabulary, F-ViT's
     ensemble, on the first 12 held-out scenes of the world it was trained beside
     (``tools/data/make_synthetic_detection.py``, seed 0: 24 objects of 15 pairs, 6 of them of 4 novel
-    pairs), box AP50 by pycocotools' COCOeval (``tools/analysis/eval_detect_toy.py``'s scoring). Measured:
-    0.830 over all pairs, 0.864 base, 0.737 novel (docs/toy_world.md, 100 scenes: 0.623 / 0.720 /
-    0.430); floors a little below."""
+    pairs), box AP50 by pycocotools' COCOeval (``tools/analysis/eval_detect_toy.py``'s scoring). Measured
+    on the v2 toy model's head: 0.945 over all pairs, 0.924 base, 1.000 novel (docs/toy_world.md, 100
+    scenes: 0.798 / 0.886 / 0.623); floors a little below (the first toy's head: 0.830 / 0.864 /
+    0.737 under floors of 0.75 / 0.75 / 0.6, now tightened)."""
     from tool_runs import load_tool
 
     from ovdense.backbone.clip import ASSETS
@@ -273,12 +276,13 @@ def test_shipped_toy_head_finds_held_out_objects(toy, tmp_path):
     figures = scoring.evaluate(truth, rows, "bbox", novel_ids)
     assert len(truth.getAnnIds()) == 24 and len({a["category_id"] for a in truth.loadAnns(truth.getAnnIds())}
                                                  & novel_ids) >= 4
-    assert figures["ap50"] > 0.75 and figures["base_ap50"] > 0.75 and figures["novel_ap50"] > 0.6, figures
+    assert figures["ap50"] > 0.85 and figures["base_ap50"] > 0.85 and figures["novel_ap50"] > 0.8, figures
 
 
 def test_eval_detect_toy_beta_sweep(toy, tmp_path, capsys):
     """``tools/analysis/eval_detect_toy.py --beta``: at the head's own β (0.8) the sweep scores what
-    the ensemble run scores; at β = 0 the novel pairs' scores change, so the sweep reads its β."""
+    the ensemble run scores; at β = 0 the novel pairs' scores change (and the base pairs' do not), so
+    the sweep reads its β."""
     import json
 
     from tool_runs import load_tool
@@ -290,7 +294,10 @@ def test_eval_detect_toy_beta_sweep(toy, tmp_path, capsys):
     report = json.loads(out.read_text())
     sweep = report["beta sweep (box)"]
     assert sweep["0.8"] == report["with CLIP term"]["bbox"]
-    assert sweep["0"]["novel_ap50"] != sweep["0.8"]["novel_ap50"]
+    # β moves only the novel pairs' scores; on these 8 scenes the shipped head's novel AP50 is 1.0 at
+    # both β, so the change shows in AP over the IoU thresholds (0.683 at β = 0.8, 0.703 at 0)
+    assert sweep["0"]["base_ap50"] == sweep["0.8"]["base_ap50"]
+    assert sweep["0"]["ap"] != sweep["0.8"]["ap"]
     assert "beta = 0.8" in capsys.readouterr().out
 
 

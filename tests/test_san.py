@@ -279,6 +279,9 @@ def test_segmenter_pre_and_post_processing_by_hand(toy):
     torch.manual_seed(0)
     head = _spread(SanHead(toy, SMALL)).eval()
     seg = SanSegmenter(toy, ["background", "red circle", "blue square"], head=head, short_side=100)
+    # random class embeddings: with the toy's own, "background" takes every pixel of this noise image
+    # and the other classes' scores stay flat, so a misplaced mask would not show
+    seg.text = _text(toy, 3, seed=1)
     rgb = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     resized = cv2.resize(rgb, (140, 100), interpolation=cv2.INTER_LINEAR)
     mean = torch.tensor(toy.mean).view(1, 3, 1, 1)
@@ -306,9 +309,10 @@ def test_segmenter_pre_and_post_processing_by_hand(toy):
 def test_shipped_toy_head_on_held_out_scenes(toy, tmp_path):
     """The shipped head (``ovdense/assets/san-toy-head.safetensors``) on the first 10 held-out
     scenes of its toy world (``make_synthetic_benchmarks --san-toy``: the ADE20K-layout validation
-    split, seed 11, JPEG images) with all 30 colour–shape pairs + background named. Measured:
-    object pixels given the right pair 14.0 %, the right colour 60.7 % (chance: 3 % and 17 %;
-    docs/toy_world.md, 100 scenes: 21.7 % and 67.6 %)."""
+    split, seed 11, JPEG images) with all 30 colour–shape pairs + background named. Measured on the
+    v2 toy model's head: object pixels given the right pair 42.2 %, the right colour 75.2 % (chance:
+    3 % and 17 %; docs/toy_world.md, 100 scenes: 42.9 % and 80.8 %); the first toy's head measured
+    14.0 % and 60.7 % here, under bars of 12 % and 55 %, now tightened."""
     from PIL import Image
 
     from ovdense.data.layouts import write_dataset
@@ -327,8 +331,8 @@ def test_shipped_toy_head_on_held_out_scenes(toy, tmp_path):
         colour += int(((p > 0) & ((p - 1) // len(SHAPES) == (t - 1) // len(SHAPES))).sum())
         total += int(objects.sum())
     assert total > 0
-    assert right / total >= 0.12, right / total
-    assert colour / total >= 0.55, colour / total
+    assert right / total >= 0.35, right / total
+    assert colour / total >= 0.68, colour / total
 
 
 def test_default_head_is_the_shipped_toy_head_and_nothing_else(toy, tiny_backbone):
