@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import PeakRss  # noqa: E402  (tools/benchmarks/kernels.py)
+from measuring import PeakRss  # noqa: E402  (tools/benchmarks/measuring.py)
 
 from ovdense import create_backbone  # noqa: E402
 from ovdense.anomaly.winclip import WinClip  # noqa: E402

@@ -30,8 +30,6 @@ import argparse
 import csv
 import os
 import sys
-import threading
-import time
 from functools import partial
 from pathlib import Path
 
@@ -41,59 +39,8 @@ import torch.nn.functional as F
 from ovdense import kernels
 from ovdense.kernels.reference import dense_classify_reference
 
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRss:
-    """Samples the resident set size every 2 ms while active; ``peak`` is above the start."""
-
-    def __enter__(self):
-        self.base = self.top = rss_bytes()
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.top = max(self.top, rss_bytes())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.top, rss_bytes()) - self.base
-
-
-def measure(fn, device: torch.device, repeats: int):
-    """Best wall time in seconds over ``repeats`` runs after one untimed warm-up (thread pools,
-    first-touch pages), peak extra memory in bytes over all of them, the warm-up's result."""
-    best, peak, result = float("inf"), 0, None
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            start = time.perf_counter()
-            out = fn()
-            torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-            peak = max(peak, torch.cuda.max_memory_allocated() - base)
-        else:
-            with PeakRss() as rss:
-                start = time.perf_counter()
-                out = fn()
-                elapsed = time.perf_counter() - start
-            peak = max(peak, rss.peak)
-        if i == 0:
-            result = out
-        else:
-            best = min(best, elapsed)
-        del out
-    return best, peak, result
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measuring import PeakRss, measure, rss_bytes  # noqa: E402, F401  (tools/benchmarks/measuring.py)
 
 
 def plain_path(patch: torch.Tensor, text: torch.Tensor, out_size: tuple[int, int], logit_scale: float):

@@ -29,7 +29,7 @@ from ovdense import Segmenter, create_backbone
 from ovdense.heads.training_free import rescale_size, window_boxes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import measure  # noqa: E402  (tools/benchmarks/kernels.py)
+from measuring import measure  # noqa: E402  (tools/benchmarks/measuring.py)
 
 
 def official_logits(segmenter: Segmenter, rgb: np.ndarray) -> torch.Tensor:

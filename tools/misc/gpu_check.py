@@ -41,7 +41,7 @@ and a part that raises is recorded as failed with its error while the next part 
 Timing: CUDA events around each call (a synchronize on the CPU), after warm-up runs, the median
 of the repeats. Peak memory: ``torch.cuda.max_memory_allocated`` above the baseline after a
 reset; on a CPU the peak resident set size above the baseline (``PeakRss`` of
-``tools/benchmarks/kernels.py``).
+``tools/benchmarks/measuring.py``).
 On a GPU TF32 is switched off, so fp32 means fp32 (the environment part says so).
 
 ``--smoke`` runs every part on the CPU at tiny sizes (a tiny 12-block ViT as in
@@ -284,7 +284,7 @@ class Run:
             fn()
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - base) / 1e6
-        from kernels import PeakRss
+        from measuring import PeakRss
 
         with PeakRss() as rss:
             fn()
