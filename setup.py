@@ -26,8 +26,10 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
+        # transformers: the reference CLIPSeg (CLIPSegForImageSegmentation) tests/test_clipseg.py
+        # checks ovdense's against, pinned to the version that was checked
         "dev": ["pytest>=8", "ruff>=0.5", "scipy>=1.10", "scikit-learn>=1.3", "pycocotools>=2.0.7",
-                "segment-anything==1.0", "playwright>=1.50"],
+                "segment-anything==1.0", "playwright>=1.50", "transformers==5.25.0"],
         "sam": ["segment-anything==1.0", "pycocotools>=2.0.7"],
         "mm": ["mmengine>=0.10,<0.11", "mmsegmentation==1.2.2", "mmdet==3.3.0", "pycocotools>=2.0.7",
                "scipy>=1.10", "prettytable"],
