@@ -159,6 +159,14 @@ _ENTRIES: tuple[HeadEntry, ...] = (
         table=("640", "whole", "learned", "off"), hint="--head-checkpoint (the toy model ships one)",
     ),
     HeadEntry(
+        "clipseg", "segmentation", "ovdense.heads.clipseg:ClipSegSegmenter", title="CLIPSeg",
+        summary="a trained decoder on three taps, steered by each word's (or example's) CLIP embedding",
+        paper="Lüddecke & Ecker, CVPR 2022 (CLIPSeg)",
+        options=("head_checkpoint", "bg_threshold"), checkpoints="ovdense.heads.clipseg",
+        outputs=_SEGMENT_OUTPUTS, table=("352×352", "whole", "-", "off"),
+        hint="--head-checkpoint (the toy model ships one), --bg-threshold",
+    ),
+    HeadEntry(
         "sam-clip", "segmentation", "ovdense.heads.sam_clip:SamClipSegmenter", title="SAM + CLIP",
         summary="masks classified by one dense CLIP pass", paper="Kirillov et al., ICCV 2023 (SAM)",
         options=_SAM_OPTIONS, needs=("sam",), outputs=("_labels.png", "_overlay.jpg", "_instances.json"),

@@ -160,7 +160,7 @@ def test_segmenter_is_the_quickstart_pipeline(pair):
     rng = np.random.default_rng(0)
     rgb = (rng.random((150, 210, 3)) * 255).astype(np.uint8)
     segmenter = ClipSegSegmenter(backbone, ["a red circle, sky", "the dog on the left"], head=head)
-    assert segmenter.template == "{}"  # the words as written (official inference)
+    assert segmenter.templates == ("{}",)  # the words as written (official inference)
     quickstart = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
                                      transforms.Resize((352, 352))])
     x = quickstart(Image.fromarray(rgb))[None].expand(len(PROMPTS), -1, -1, -1)
@@ -173,7 +173,10 @@ def test_segmenter_is_the_quickstart_pipeline(pair):
     sig = 1 / (1 + np.exp(-resized))  # P, 150, 210
     np.testing.assert_allclose(probs.numpy(), np.stack([np.maximum(sig[0], sig[1]), sig[2]]), atol=TOL)
     result = segmenter.predict(rgb)
-    np.testing.assert_array_equal(result.labels, probs.argmax(0).numpy())
+    best = np.stack([np.maximum(sig[0], sig[1]), sig[2]])
+    want_labels = np.where(best.max(0) >= 0.5, best.argmax(0), 0)  # class 0 where none reaches 0.5
+    assert 0 < (best.max(0) < 0.5).mean() < 1  # both rules show on this image
+    np.testing.assert_array_equal(result.labels, want_labels)
     assert result.synonyms == (("a red circle", "sky"), ("the dog on the left",))
 
 
@@ -355,3 +358,36 @@ def test_official_visual_prompt_engineering(official):
     want = official_utils.blend_image_segmentation(img, seg, mode="crop_blur_highlight352", image_size=352)[0]
     got = prompt_image(rgb, mask)[0]
     assert _max_diff(got, torch.as_tensor(want)) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# The toy head that ships
+
+
+def test_shipped_toy_head_beats_maskclip_on_novel_pairs(tmp_path):
+    """The shipped toy head (``ovdense/assets/clipseg-toy-head.safetensors``, trained on the 20 base
+    pairs by ``configs/clipseg/clipseg_toy_synthetic.py``) through ``ClipSegSegmenter`` with no head
+    named, on 12 held-out scenes (seed 11), scored per prompt by ``tools/analysis/eval_clipseg_toy.py``.
+    Measured: text IoU base 0.788, novel 0.635; one-shot (image prompts from another scene) novel
+    0.584; maskclip on the same pairs base 0.486, novel 0.432 (docs/clipseg.md, 100 scenes: text
+    0.716 / 0.683, one-shot 0.732 / 0.736, maskclip 0.471 / 0.535)."""
+    from ovdense import Segmenter
+    from ovdense.backbone.clip import ASSETS
+    from ovdense.data.layouts import write_dataset
+    from ovdense.data.synthetic import colour_shape_classes
+    from ovdense.heads.clipseg import default_head_checkpoint
+
+    toy = ovdense.create_backbone("toy")
+    assert default_head_checkpoint(toy) == ASSETS / "clipseg-toy-head.safetensors"
+    tool = load_tool("analysis/eval_clipseg_toy")
+    top = write_dataset("ade20k", tmp_path, 12, seed=11, size=128)
+    pairs = [(p, top / "annotations" / "validation" / f"{p.stem}.png")
+             for p in sorted((top / "images" / "validation").glob("*.jpg"))]
+    names = colour_shape_classes()
+    scores = tool.summarise(tool.evaluate(ClipSegSegmenter(toy, names[1:]), Segmenter(toy, "maskclip", names),
+                                          pairs, progress=False))
+    text, shot, maskclip = scores["text"], scores["one-shot"], scores["maskclip"]
+    assert text["novel"][1] >= 10 and shot["novel"][1] >= 5  # enough novel prompts to mean something
+    assert text["base"][0] >= 0.7 and text["novel"][0] >= 0.55, scores
+    assert text["novel"][0] >= maskclip["novel"][0] + 0.1 and text["base"][0] >= maskclip["base"][0] + 0.1
+    assert shot["novel"][0] >= 0.45, scores

@@ -191,7 +191,7 @@ def test_san_in_the_segment_tab_is_the_shipped_heads_prediction(app, small_backb
     assert "san" not in app.Heads(small_backbone).methods
     toy = create_backbone("toy", cache_dir=tmp_path / "cache")
     heads = app.Heads(toy)
-    assert heads.methods[-1] == "san"
+    assert heads.methods[-2:] == ["san", "clipseg"]  # the trained heads, in the registry's order
     # the first choice: the toy's own head (its config file's "ovdense" entry), else the registry's
     own = json.loads((ASSETS / "toy-clip.json").read_text())["ovdense"]["method"]
     assert heads.default_method == own != DEFAULT_HEADS["segmentation"]
@@ -203,6 +203,20 @@ def test_san_in_the_segment_tab_is_the_shipped_heads_prediction(app, small_backb
     np.testing.assert_array_equal(shown.label_map, colorize(want.labels))
     with pytest.raises(OvdenseError, match="SAN has no bg_threshold"):
         app.segment_image(heads, rgb, classes, "san", bg_threshold=0.3)
+
+
+def test_clipseg_in_the_segment_tab_is_the_shipped_heads_prediction(app, small_backbone, rng, tmp_path):
+    """The toy model offers CLIPSeg with its shipped head (labels = ClipSegSegmenter's, a class's
+    synonyms each a prompt); a model without a head does not offer it."""
+    from ovdense.heads.clipseg import ClipSegSegmenter
+
+    assert "clipseg" not in app.Heads(small_backbone).methods
+    toy = create_backbone("toy", cache_dir=tmp_path / "cache")
+    rgb = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    classes = [("background",), ("red circle", "red disc"), ("blue square",)]
+    shown = app.segment_image(app.Heads(toy), rgb, classes, "clipseg")
+    want = ClipSegSegmenter(toy, [list(c) for c in classes]).predict(rgb)
+    np.testing.assert_array_equal(shown.label_map, colorize(want.labels))
 
 
 def test_anomaly_map_is_winclips_and_forgets_references(app, small_backbone, rng):

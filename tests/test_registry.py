@@ -64,6 +64,10 @@ def build(name, toy, sam, fvit_head, rgb, tiny_backbone):
         return create_head(name, backbone, SEGMENT_CLASSES), Segmenter(backbone, name, SEGMENT_CLASSES)
     if name == "san":
         return create_head(name, toy, SEGMENT_CLASSES), SanSegmenter(toy, SEGMENT_CLASSES)
+    if name == "clipseg":
+        from ovdense.heads.clipseg import ClipSegSegmenter
+
+        return create_head(name, toy, SEGMENT_CLASSES), ClipSegSegmenter(toy, SEGMENT_CLASSES)
     if name == "sam-clip":
         return (create_head(name, toy, SEGMENT_CLASSES, sam=sam, **SAM_OPTIONS),
                 SamClipSegmenter(toy, sam, SEGMENT_CLASSES, **SAM_OPTIONS))  # the earlier argument order

@@ -12,7 +12,8 @@ iteration (which images, their augmentation, the loss's sampled points) derives 
 ``(randomness.seed, global sample index)`` (``ovdense/mm/training.py``). The global batch is
 ``train_dataloader.batch_size`` × processes; the configs name it. Where torch sees no GPU,
 ``--launcher pytorch`` processes talk over ``gloo`` (CPU). At the end the trained head is also
-written as ``WORK_DIR/san_head.safetensors`` (``ovdense.heads.san.load_head`` reads it).
+written as ``WORK_DIR/san_head.safetensors`` (``ovdense.heads.san.load_head`` reads it); a CLIPSeg
+head as ``WORK_DIR/clipseg_head.safetensors`` (``ovdense.heads.clipseg.load_head``).
 Any mmengine config trains here (the detection configs of ``configs/ovdet/`` too); the seeded
 sampler, loop and atomic checkpoints are the configs' choice.
 """
@@ -120,16 +121,21 @@ def train(argv=None):
 
 
 def export_head(model, work_dir: str) -> None:
-    """Write a trained SAN head as ``WORK_DIR/san_head.safetensors`` (process 0)."""
+    """Write a trained SAN or CLIPSeg head as ``WORK_DIR/san_head.safetensors`` or
+    ``WORK_DIR/clipseg_head.safetensors`` (process 0)."""
     from mmengine.dist import is_main_process
 
-    from ovdense.heads.san import save_head
+    from ovdense.heads import clipseg, san
+    from ovdense.mm.clipseg import OvdenseCLIPSeg
     from ovdense.mm.san import OvdenseSAN
 
-    if is_main_process() and isinstance(model, OvdenseSAN):
-        path = osp.join(work_dir, "san_head.safetensors")
-        save_head(path, model.head, model.backbone)
-        print(f"head: {path}")
+    if not is_main_process():
+        return
+    for kind, module, name in ((OvdenseSAN, san, "san_head"), (OvdenseCLIPSeg, clipseg, "clipseg_head")):
+        if isinstance(model, kind):
+            path = osp.join(work_dir, f"{name}.safetensors")
+            module.save_head(path, model.head, model.backbone)
+            print(f"head: {path}")
 
 
 def main(argv=None) -> int:

@@ -106,8 +106,8 @@ def _command_segment(args: argparse.Namespace) -> int:
     if args.clip_method is not None and args.clip_method not in METHODS:
         raise OvdenseError(f"unknown --clip-method {args.clip_method!r}; choose from: {', '.join(METHODS)}")
     if args.head_checkpoint is not None and not args.head_checkpoint.is_file():
-        raise OvdenseError(f"--head-checkpoint {args.head_checkpoint}: no such file (a SAN head written "
-                           "by tools/train.py or tools/model_converters/san2ovdense.py)")
+        raise OvdenseError(f"--head-checkpoint {args.head_checkpoint}: no such file (a trained head: "
+                           "tools/train.py writes one, tools/model_converters/ convert published ones)")
     vocabulary = _read_classes(args)
     templates = _read_templates(args.templates)
     images = _list_inputs(args.inputs)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ovdense.backbone.clip import ASSETS, TOY_NAME, ClipBackbone
-from ovdense.backbone.prompts import ClassSpec, Vocabulary
+from ovdense.backbone.prompts import ClassSpec, Templates, Vocabulary, resolve_templates
 from ovdense.backbone.runner import embed, run_blocks
 from ovdense.errors import OvdenseError
 from ovdense.heads.training_free import SegmentationResult
@@ -219,11 +219,7 @@ def prompt_image(rgb: np.ndarray, mask: np.ndarray, size: int = 352, context: fl
     """The official visual prompt engineering (``crop_blur_highlight352``): ``[1, 3, size, size]``.
 
     As the official data path does it: the image resized to ``size × size`` (bilinear,
-    ``align_corners=True``; the mask nearest) and normalised, then (``img_preprocess``) the
-    background blurred (``cv2.GaussianBlur``, kernel 15, σ = ``blur``) and dimmed to
-    ``background``: ``img·m + background·blur(img)·(1 − m)``; cropped to the mask's box grown by
-    ``context`` of its extent on each side (``crop_mask``), zero-padded to a square, centred
-    (``pad_to_square``), resized to ``size`` (nearest, torch's default there).
+    ``align_corners=True``; the mask nearest) and normalised, then ``engineer_prompt``.
 
     Args:
         rgb: ``uint8 [H, W, 3]``.
@@ -235,13 +231,32 @@ def prompt_image(rgb: np.ndarray, mask: np.ndarray, size: int = 352, context: fl
     if mask.shape != rgb.shape[:2]:
         raise OvdenseError(f"the prompt mask is {mask.shape[1]}x{mask.shape[0]}, its image "
                            f"{rgb.shape[1]}x{rgb.shape[0]}: give a mask of the image's size")
-    img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()  # 1, 3, H, W
+    img = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None].float()  # 1, 3, H, W
     img = F.interpolate(img, (size, size), mode="bilinear", align_corners=True)[0] / 255.0  # 3, S, S
     seg = torch.from_numpy((mask != 0).astype(np.uint8))[None, None]  # 1, 1, H, W
-    seg = F.interpolate(seg, (size, size), mode="nearest")[0, 0].float()  # S, S
+    seg = F.interpolate(seg, (size, size), mode="nearest")[0, 0]  # S, S
+    img = (img - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    return engineer_prompt(img, seg, context, blur, background)[None]
+
+
+def engineer_prompt(img: torch.Tensor, seg: torch.Tensor, context: float = 0.1, blur: float = 3.0,
+                    background: float = 0.1) -> torch.Tensor:
+    """``img_preprocess`` of the official ``evaluation_utils.py`` on a normalised image ``[3, S, S]``
+    and its mask ``[S, S]``: the background blurred (``cv2.GaussianBlur``, kernel 15, σ = ``blur``)
+    and dimmed to ``background``: ``img·m + background·blur(img)·(1 − m)``; cropped to the mask's
+    box grown by ``context`` of its extent on each side (``crop_mask``), zero-padded to a square,
+    centred (``pad_to_square``), resized back to ``S`` (nearest, torch's default there).
+    Returns ``[3, S, S]`` on ``img``'s device.
+
+    Raises:
+        OvdenseError: the mask is empty.
+    """
+    size = img.shape[-1]
+    device = img.device
+    img = img.detach().float().cpu()
+    seg = (seg.detach().cpu() != 0).float()  # S, S
     if not seg.any():
         raise OvdenseError("the prompt mask is empty (at the prompt's input size): mark the object")
-    img = (img - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     blurred = cv2.GaussianBlur(img.permute(1, 2, 0).numpy(), (15, 15), blur)  # S, S, 3
     blurred = torch.from_numpy(blurred).permute(2, 0, 1)  # 3, S, S
     img = img * seg + background * blurred * (1 - seg)  # 3, S, S
@@ -260,7 +275,7 @@ def prompt_image(rgb: np.ndarray, mask: np.ndarray, size: int = 352, context: fl
         top = (w - h) // 2
         bottom = w - h - top
     crop = F.pad(crop, (left, right, top, bottom))  # 3, s, s (zeros: the mean colour)
-    return F.interpolate(crop[None], (size, size), mode="nearest")  # 1, 3, S, S
+    return F.interpolate(crop[None], (size, size), mode="nearest")[0].to(device)  # 3, S, S
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,7 +361,8 @@ class ClipSegSegmenter:
     tensor — bilinear with antialiasing, torchvision's default): the image resized to ``S × S``,
     normalised, one backbone pass; each prompt's logits at ``S × S`` resized to the
     image (bilinear) and passed through the sigmoid; a class's probability is the max over its
-    prompts; ``labels`` = the most probable class, ``scores`` its probability.
+    prompts; ``labels`` = the most probable class (class 0 where none reaches ``bg_threshold``),
+    ``scores`` the most probable class's probability.
 
     Args:
         backbone: the shared backbone the head was trained on.
@@ -354,8 +370,16 @@ class ClipSegSegmenter:
         head_checkpoint: a file written by ``save_head``; or pass ``head``; neither: the head
             that ships for this backbone.
         head: a ``ClipSegHead`` in memory.
-        template: how a word becomes a prompt; ``None`` = the word as written (the official
-            inference), or the backbone's own first template (the toy model).
+        templates: how a word becomes a prompt: ``None`` = the word as written (the official
+            inference), or the backbone's own templates (the toy model); a set's name or a list
+            (``ovdense.backbone.prompts``): with several, a word's prompt vector is the mean of its
+            templates' unnormalised embeddings (an ovdense addition; one template is the official
+            use).
+        short_side: the square input side S; ``None`` = the head's own (its config's
+            ``image_size``: 352 for the published heads).
+        bg_threshold: pixels whose most probable class has a probability below it go to class 0
+            (name a background class first); each prompt's map is an independent sigmoid, so
+            without it every pixel gets some class. ``None``: plain argmax.
         image_prompts: ``{class name: (rgb, mask)}``, classes prompted by an example image.
     """
 
@@ -367,7 +391,9 @@ class ClipSegSegmenter:
         classes: Sequence[ClassSpec] | Vocabulary = (),
         head_checkpoint: str | Path | None = None,
         head: ClipSegHead | None = None,
-        template: str | None = None,
+        templates: Templates | None = None,
+        short_side: int | None = None,
+        bg_threshold: float | None = 0.5,
         image_prompts: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     ):
         if head is not None and head_checkpoint is not None:
@@ -379,7 +405,14 @@ class ClipSegSegmenter:
         self.head.eval()
         self.head_checkpoint = str(head_checkpoint) if head_checkpoint is not None else None
         own = backbone.defaults.get("templates")
-        self.template = template if template is not None else (own[0] if own else "{}")
+        self.templates = resolve_templates(templates if templates is not None else (own or "{}"))
+        self.input_size = int(short_side) if short_side else self.head.config.image_size
+        if bg_threshold is not None and not 0 <= bg_threshold <= 1:
+            raise OvdenseError(f"bg_threshold must be in [0, 1], got {bg_threshold}")
+        self.bg_threshold = bg_threshold
+        if self.input_size % backbone.patch_size:
+            raise OvdenseError(f"short_side {self.input_size} is not a multiple of the patch size "
+                               f"{backbone.patch_size}")
         image_prompts = dict(image_prompts or {})
         if isinstance(classes, Vocabulary):
             words = classes
@@ -392,14 +425,8 @@ class ClipSegSegmenter:
         if not len(self.vocabulary):
             raise OvdenseError("CLIPSeg needs at least one class or image prompt")
         with torch.inference_mode():
-            vectors = [text_prompt_vectors(backbone, [self.template.format(p) for p in words.prompts])] \
-                if words.prompts else []
-            if image_prompts:
-                engineered = torch.cat([prompt_image(rgb, mask, self.head.config.image_size,
-                                                     mean=self._stats()[0], std=self._stats()[1])
-                                        for rgb, mask in image_prompts.values()])
-                vectors.append(self.head.image_prompt_vectors(backbone, engineered.to(backbone.device,
-                                                                                     backbone.dtype)))
+            vectors = [self.text_prompts(words.prompts)] if words.prompts else []
+            vectors += [self.image_prompt(rgb, mask) for rgb, mask in image_prompts.values()]
         self.cond = torch.cat(vectors).float()  # P, D_joint
         self.synonyms = tuple(words.synonyms()) + tuple((name,) for name in image_prompts)
         first = len(words.names)
@@ -407,10 +434,24 @@ class ClipSegSegmenter:
             list(words.class_of_prompt) + [first + i for i in range(len(image_prompts))],
             device=backbone.device)
 
-    def _stats(self) -> tuple[Sequence[float], Sequence[float]]:
-        if self.head.config.normalisation == "clip":
-            return self.backbone.mean, self.backbone.std
-        return IMAGENET_MEAN, IMAGENET_STD
+    @torch.inference_mode()
+    def text_prompts(self, words: Sequence[str]) -> torch.Tensor:
+        """Prompt vectors ``[W, D_joint]`` of words: each word in every template, the unnormalised
+        embeddings averaged over the templates (one template: its embedding as it is)."""
+        T = len(self.templates)
+        vectors = text_prompt_vectors(self.backbone, [t.format(w) for w in words for t in self.templates])
+        return vectors.view(len(words), T, -1).mean(dim=1)  # W, D_joint
+
+    @torch.inference_mode()
+    def image_prompt(self, rgb: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+        """The prompt vector ``[1, D_joint]`` of an example: ``rgb`` ``uint8 [H, W, 3]`` and the
+        object's ``mask`` ``[H, W]`` through ``prompt_image`` at the head's input size."""
+        clip_stats = self.head.config.normalisation == "clip"
+        mean = self.backbone.mean if clip_stats else IMAGENET_MEAN
+        std = self.backbone.std if clip_stats else IMAGENET_STD
+        engineered = prompt_image(rgb, mask, self.input_size, mean=mean, std=std)
+        x = engineered.to(self.backbone.device, self.backbone.dtype)
+        return self.head.image_prompt_vectors(self.backbone, x).float()
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -418,20 +459,24 @@ class ClipSegSegmenter:
 
     def settings(self) -> dict:
         """Every setting that shapes the output (written into the CLI's JSON)."""
-        return {"method": self.method, "head_checkpoint": self.head_checkpoint, "template": self.template,
+        return {"method": self.method, "head_checkpoint": self.head_checkpoint,
+                "templates": list(self.templates), "short_side": self.input_size,
+                "bg_threshold": self.bg_threshold,
                 "clipseg_config": json.loads(self.head.config.to_json())}
 
     @torch.inference_mode()
-    def prompt_logits(self, rgb: np.ndarray) -> torch.Tensor:
-        """Logits ``[P, S, S]`` of every prompt at the input size (before resizing to the image)."""
-        S = self.head.config.image_size
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()  # 1, 3, H, W
+    def prompt_logits(self, rgb: np.ndarray, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[P, S, S]`` of every prompt at the input size (before resizing to the image);
+        ``cond`` ``[P, D_joint]``: other prompt vectors than the segmenter's own."""
+        S = self.input_size
+        x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None].float()  # 1, 3, H, W
         x = F.interpolate(x.to(self.backbone.device) / 255.0, (S, S), mode="bilinear", align_corners=False,
                           antialias=True)  # 1, 3, S, S
         x = self.head.normalise(self.backbone, x).to(self.backbone.dtype)
         taps = self.head.taps(self.backbone, x)
         g = S // self.backbone.patch_size
-        logits = self.head(taps, self.cond.to(taps[0].dtype), (g, g)).float()  # P, S', S'
+        cond = self.cond if cond is None else cond
+        logits = self.head(taps, cond.to(taps[0].dtype), (g, g)).float()  # P, S', S'
         if logits.shape[-1] != S:
             logits = F.interpolate(logits[None], (S, S), mode="bilinear", align_corners=False)[0]
         return logits
@@ -455,6 +500,8 @@ class ClipSegSegmenter:
         rgb = load_image(image)
         probs = self.probabilities(rgb)  # C, H, W
         best, labels = probs.max(dim=0)
+        if self.bg_threshold is not None:
+            labels[best < self.bg_threshold] = 0
         return SegmentationResult(labels.cpu().numpy(), best.float().cpu().numpy(), self.classes,
                                   self.synonyms, self.settings())
 

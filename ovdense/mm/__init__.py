@@ -5,7 +5,7 @@ Importing ``ovdense.mm`` registers, in mmsegmentation 1.x's registries (``defaul
 * ``MODELS``: ``OvdenseSegmentor`` (any training-free method of ``ovdense.Segmenter`` on the
   shared backbone) and ``OvdenseDataPreprocessor`` (BGR → RGB only; the ``Segmenter``
   resizes and normalises itself); ``OvdenseSAN`` (the trained SAN head, ``ovdense/mm/san.py``)
-  and ``SanDataPreprocessor``;
+  and ``SanDataPreprocessor``; ``OvdenseCLIPSeg`` (CLIPSeg's decoder, ``ovdense/mm/clipseg.py``);
 * ``DATASETS``: ``PascalVOC20Dataset``, ``COCOObjectDataset``, ``PascalContext459Dataset`` and
   ``ADE20K847Dataset``, the benchmarks mmseg 1.2.2 lacks; ``ClassFileDataset`` (any dataset in
   the images/annotations layout with a class file);
@@ -22,6 +22,7 @@ Configs load it with ``custom_imports = dict(imports=["ovdense.mm"])``. It needs
 (``pip install -e ".[mm]"``). Nothing else in ovdense imports this package.
 """
 
+from ovdense.mm.clipseg import OvdenseCLIPSeg
 from ovdense.mm.custom import ClassFileDataset
 from ovdense.mm.datasets import (
     ADE20K847Dataset,
@@ -47,6 +48,7 @@ __all__ = [
     "AtomicCheckpointHook",
     "ClassFileDataset",
     "LossCurveHook",
+    "OvdenseCLIPSeg",
     "OvdenseSAN",
     "ProgressBarHook",
     "SanDataPreprocessor",

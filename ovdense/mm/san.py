@@ -300,17 +300,17 @@ def _to_rgb(image: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
 
 
-def _check_input(image: torch.Tensor, sample: SegDataSample | None) -> None:
+def _check_input(image: torch.Tensor, sample: SegDataSample | None, model: str = "OvdenseSAN") -> None:
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
         raise OvdenseError(
-            f"OvdenseSAN predicts on uint8 RGB images [3, H, W], got {image.dtype} {tuple(image.shape)}; "
+            f"{model} predicts on uint8 RGB images [3, H, W], got {image.dtype} {tuple(image.shape)}; "
             "use data_preprocessor=dict(type='SanDataPreprocessor')"
         )
     ori, img = sample.metainfo.get("ori_shape"), sample.metainfo.get("img_shape")
     if ori is not None and img is not None and tuple(ori[:2]) != tuple(img[:2]):
         raise OvdenseError(
             f"the test pipeline resized the image from {tuple(ori[:2])} to {tuple(img[:2])}; "
-            "remove Resize from it: OvdenseSAN resizes by model.short_side itself"
+            f"remove Resize from it: {model} resizes the image itself"
         )
 
 
