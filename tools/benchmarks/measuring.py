@@ -1,8 +1,9 @@
-"""Wall time and peak memory of a call, shared by the benchmarks (``kernels.py``, ``segment.py``,
-``anomaly.py``) and ``tools/misc/gpu_check.py``.
+"""Wall time and peak memory of a call, shared by the benchmarks (``last_step.py``,
+``segment.py``, ``anomaly.py``, ``clipseg.py``) and ``tools/misc/gpu_check.py``.
 
-Its own name: a sibling imported as ``kernels`` lost to the ``kernels`` package that
-transformers 5 installs, whenever that one was imported first in the process.
+No file in this folder is named after a package: a script's folder comes first on ``sys.path``,
+and the benchmark of the kernels, once ``kernels.py``, hid the ``kernels`` package that
+transformers 5 imports (and lost to it when that was imported first).
 """
 
 from __future__ import annotations

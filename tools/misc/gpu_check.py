@@ -18,7 +18,7 @@ and a part that raises is recorded as failed with its error while the next part 
 2. ``kernels`` — ``kernels.dense_classify(kernel="triton")`` (``TRITON_INTERPRET=0`` on a GPU;
    the interpreter on a CPU) against the torch reference (``dense_classify_reference``: the
    naive einsum + interpolate + softmax + argmax) at C = 21/150/847 and 512², 1024², 2048×1024
-   (H×W as in ``tools/benchmarks/kernels.py``; ViT-B/16 grids, D = 512, ClearCLIP's logit scale,
+   (H×W as in ``tools/benchmarks/last_step.py``; ViT-B/16 grids, D = 512, ClearCLIP's logit scale,
    no background threshold so that the labels are real argmaxes): labels identical (where not,
    the gap of the two best reference logits there), scores within 1e-5, median time and peak
    memory of both. Targets at C = 847, 2048×1024: ≥ 5× faster, ≤ 1/10 of the memory.

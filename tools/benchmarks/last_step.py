@@ -1,6 +1,6 @@
 """Benchmark the last step of dense heads: the plain path and the reference vs ovdense's kernels.
 
-    python tools/benchmarks/kernels.py --out runs/bench_kernels.csv [--device cuda]
+    python tools/benchmarks/last_step.py --out runs/bench_kernels.csv [--device cuda]
 
 For C ∈ {21, 150, 847} classes, outputs 512×512, 1024×1024 and 2048×1024, B ∈ {1, 8} and
 ``--prompts-per-class`` k ∈ {1, 2} (k > 1: synonyms, Q = k·C prompts): time and peak memory
