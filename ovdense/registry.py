@@ -162,7 +162,7 @@ _ENTRIES: tuple[HeadEntry, ...] = (
         "clipseg", "segmentation", "ovdense.heads.clipseg:ClipSegSegmenter", title="CLIPSeg",
         summary="a trained decoder on three taps, steered by each word's (or example's) CLIP embedding",
         paper="Lüddecke & Ecker, CVPR 2022 (CLIPSeg)",
-        options=("head_checkpoint", "bg_threshold"), checkpoints="ovdense.heads.clipseg",
+        options=("head_checkpoint", "bg_threshold", "image_prompt"), checkpoints="ovdense.heads.clipseg",
         outputs=_SEGMENT_OUTPUTS, table=("352×352", "whole", "-", "off"),
         hint="--head-checkpoint (the toy model ships one), --bg-threshold",
     ),

@@ -52,6 +52,7 @@ SUCCEEDING_RUNS = {
         "--max-pixels": "test_cli.py::test_max_pixels_option",
         "--skip-existing": "test_resume_cli.py::test_killed_run_resumes_without_recomputing",
         "--head-checkpoint": f"{HERE}::test_san_head_checkpoint",
+        "--image-prompt": "test_clipseg.py::test_cli_image_prompts_name_classes_by_example",
         "--sam-checkpoint": "test_sam_clip.py::test_cli_sam_clip_writes_labels_overlay_and_instances",
         "--sam-model": "test_sam_clip.py::test_cli_clip_method_and_sam_model",
         "--clip-method": "test_sam_clip.py::test_cli_clip_method_and_sam_model",

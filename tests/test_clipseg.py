@@ -12,6 +12,7 @@ here: those tests skip without it), with one shim: its ``clip.load`` returns an 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import types
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tool_runs import load_tool
 
 import ovdense
@@ -391,3 +393,44 @@ def test_shipped_toy_head_beats_maskclip_on_novel_pairs(tmp_path):
     assert text["base"][0] >= 0.7 and text["novel"][0] >= 0.55, scores
     assert text["novel"][0] >= maskclip["novel"][0] + 0.1 and text["base"][0] >= maskclip["base"][0] + 0.1
     assert shot["novel"][0] >= 0.45, scores
+
+
+def test_cli_image_prompts_name_classes_by_example(tmp_path, capsys):
+    """``ovdense segment --method clipseg --image-prompt NAME=IMAGE:MASK``: the labels equal the
+    segmenter's with that example (the mask read as non-zero = object); a prompt without a mask is
+    the whole image; bad prompts are one line each, exit 2, before any output."""
+    from tool_runs import run_cli
+
+    from ovdense.data.synthetic import SceneConfig, render_scene
+
+    toy = ovdense.create_backbone("toy")
+    example = render_scene(np.random.default_rng(5), SceneConfig(size=(128, 128)))  # an orange star first
+    query = render_scene(np.random.default_rng(8), SceneConfig(size=(96, 128)))
+    Image.fromarray(example.image).save(tmp_path / "example.png")
+    mask = ((example.instance == 1) * 255).astype(np.uint8)
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    Image.fromarray(query.image).save(tmp_path / "query.png")
+    out = tmp_path / "out"
+    code, _, err = run_cli(["segment", tmp_path / "query.png", "--model", "toy", "--method", "clipseg",
+                            "--classes", "background,blue circle", "--out", out,
+                            "--image-prompt", f"like this={tmp_path / 'example.png'}:{tmp_path / 'mask.png'}",
+                            "--image-prompt", f"whole={tmp_path / 'example.png'}"], capsys)
+    assert code == 0, err
+    want = ClipSegSegmenter(toy, ["background", "blue circle"], image_prompts={
+        "like this": (example.image, mask > 0), "whole": (example.image, np.ones(mask.shape, bool))})
+    got = np.array(Image.open(out / "query_labels.png"))
+    np.testing.assert_array_equal(got, want.predict(query.image).labels)
+    report = json.loads((out / "query.json").read_text())
+    assert [c["name"] for c in report["classes"]] == ["background", "blue circle", "like this", "whole"]
+
+    Image.fromarray(np.zeros_like(mask)).save(tmp_path / "empty.png")
+    Image.fromarray(mask[:64]).save(tmp_path / "small.png")
+    for prompt, message in ((f"x{tmp_path / 'example.png'}", "NAME=IMAGE"),
+                            (f"x={tmp_path / 'none.png'}", "no such file"),
+                            (f"x={tmp_path / 'example.png'}:{tmp_path / 'empty.png'}", "mask is empty"),
+                            (f"x={tmp_path / 'example.png'}:{tmp_path / 'small.png'}", "the mask is 128x64")):
+        code, _, err = run_cli(["segment", tmp_path / "query.png", "--model", "toy", "--method", "clipseg",
+                                "--classes", "background", "--out", tmp_path / "bad",
+                                "--image-prompt", prompt], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+        assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").iterdir())

@@ -90,8 +90,14 @@ def _build_parser() -> argparse.ArgumentParser:
     san = seg.add_argument_group(_group_title("head_checkpoint", "trained heads"),
                                  "a trained head on the backbone")
     san.add_argument("--head-checkpoint", type=Path,
-                     help="a SAN head (san_head.safetensors from tools/train.py or "
-                     "tools/model_converters/san2ovdense.py; default for --model toy: the shipped one)")
+                     help="a trained head (san_head.safetensors / clipseg_head.safetensors from "
+                     "tools/train.py, or converted by tools/model_converters/; default for --model toy: "
+                     "the shipped one)")
+    clipseg = seg.add_argument_group(_group_title("image_prompt", "image prompts"),
+                                     "classes named by an example image")
+    clipseg.add_argument("--image-prompt", action="append", metavar="NAME=IMAGE[:MASK]",
+                         help="a class named by an example: IMAGE shows it, MASK (an image of the same size, "
+                         "non-zero on the object) marks it, the whole image without one; repeatable")
     _add_sam_clip_arguments(seg)
     _add_detect_parser(sub)
 

@@ -29,7 +29,7 @@ HEAD_OPTIONS = tuple(dict.fromkeys(option for name in list_heads("segmentation")
 #: flags whose default is a value rather than ``None``: given when they differ from it
 FLAG_DEFAULTS = {"kernel": "auto"}
 #: flags that reach the head under another keyword
-KEYWORDS = {"clip_method": "method"}
+KEYWORDS = {"clip_method": "method", "image_prompt": "image_prompts"}
 #: flags read here, not passed on: SAM's checkpoint and type become the ``sam`` model
 SAM_FLAGS = ("sam_checkpoint", "sam_model")
 
@@ -122,6 +122,8 @@ def _command_segment(args: argparse.Namespace) -> int:
 
     options = {KEYWORDS.get(name, name): getattr(args, name) for name in entry.options
                if name not in SAM_FLAGS and getattr(args, name) is not None}
+    if "image_prompts" in options:
+        options["image_prompts"] = _read_image_prompts(options["image_prompts"], args.max_pixels)
     if "window" in options:
         options["window"] = tuple(options["window"])
     if "sam" in entry.needs:
@@ -141,3 +143,44 @@ def _command_segment(args: argparse.Namespace) -> int:
                     pretrained=pretrained, seconds=round(seconds, 4))
     files = ", ".join(f"<name>{suffix}" for suffix in entry.outputs)
     return _report(args.out, len(images), failed, "result", f" ({files})", skipped)
+
+
+def _read_image_prompts(values: list[str], max_pixels: int | None) -> dict:
+    """``--image-prompt NAME=IMAGE[:MASK]`` → ``{name: (rgb, mask)}``, every file read and checked
+    before any model is built (the mask: non-zero on the object, the image's size)."""
+    import numpy as np
+
+    prompts: dict = {}
+    for value in values:
+        name, sep, files = value.partition("=")
+        name = name.strip()
+        if not sep or not name or not files:
+            raise OvdenseError(f"--image-prompt {value!r}: write NAME=IMAGE or NAME=IMAGE:MASK")
+        if name in prompts:
+            raise OvdenseError(f"--image-prompt {value!r}: {name!r} is named twice")
+        image, mask = files, None
+        if ":" in files and not Path(files).exists():
+            image, _, mask = files.rpartition(":")
+        rgb = _load_prompt_file(image, value, max_pixels)
+        if mask is None:
+            region = np.ones(rgb.shape[:2], bool)
+        else:
+            region = _load_prompt_file(mask, value, max_pixels).max(axis=2) > 0
+            if region.shape != rgb.shape[:2]:
+                raise OvdenseError(f"--image-prompt {value!r}: the mask is {region.shape[1]}x"
+                                   f"{region.shape[0]}, the image {rgb.shape[1]}x{rgb.shape[0]}")
+            if not region.any():
+                raise OvdenseError(f"--image-prompt {value!r}: the mask is empty (all zero)")
+        prompts[name] = (rgb, region)
+    return prompts
+
+
+def _load_prompt_file(path: str, value: str, max_pixels: int | None):
+    from ovdense.io import load_image
+
+    if not Path(path).is_file():
+        raise OvdenseError(f"--image-prompt {value!r}: no such file: {path}")
+    try:
+        return load_image(path, max_pixels=max_pixels)
+    except OvdenseError as e:
+        raise OvdenseError(f"--image-prompt {value!r}: {e}") from None

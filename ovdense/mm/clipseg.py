@@ -21,11 +21,15 @@ label maps in place of PhraseCut's phrase/mask pairs: each image of the batch (a
   without one, the text alone;
 * the loss: binary cross-entropy with logits over the non-ignored pixels.
 
-Every random choice of an image derives from ``(seed, draw)`` (``SeededDataset``), so a resumed
-run and a multi-process run make the same choices.
+Every random choice of an image derives from ``(seed, draw)`` (``SeededDataset``), so a run killed
+and resumed makes the same choices as an uninterrupted one. Departure not yet closed: the official
+code draws the visual prompt from any sample of the dataset with the same phrase; here it comes
+from the same process's batch, so a run on more processes with fewer images each sees fewer
+visual prompts and does not reproduce a one-process run.
 
 Inference (``predict``): ``ClipSegSegmenter`` over this head and the test vocabulary (each class
-prompted by its words in the backbone's template or as written), labels the most probable class.
+prompted by its words in the backbone's template or as written): the most probable class, class 0
+where none reaches its ``bg_threshold``.
 """
 
 from __future__ import annotations
