@@ -40,14 +40,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from mmengine.structures import PixelData
-from mmseg.models.segmentors.base import BaseSegmentor
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 
-from ovdense.backbone.clip import ClipBackbone, create_backbone
+from ovdense.backbone.clip import create_backbone
 from ovdense.errors import OvdenseError
 from ovdense.heads import clipseg as clipseg_head
-from ovdense.mm.san import IGNORE_INDEX, _check_input, _to_rgb, _vocabulary
+from ovdense.mm.san import IGNORE_INDEX, FrozenBackboneSegmentor, _check_input, _to_rgb, _vocabulary
 from ovdense.mm.training import derive_seed
 
 # the official prompt list "shuffle+" (models/clipseg.py get_prompt_list)
@@ -57,7 +56,7 @@ SHUFFLE_PLUS = ("a photo of a {}.", "a photograph of a {}.", "an image of a {}."
 
 
 @MODELS.register_module()
-class OvdenseCLIPSeg(BaseSegmentor):
+class OvdenseCLIPSeg(FrozenBackboneSegmentor):
     """CLIPSeg on ovdense's shared backbone (see the module docstring).
 
     Args:
@@ -109,7 +108,7 @@ class OvdenseCLIPSeg(BaseSegmentor):
         preprocessor.setdefault("mean", [255.0 * m for m in mean])
         preprocessor.setdefault("std", [255.0 * s for s in std])
         super().__init__(data_preprocessor=preprocessor, init_cfg=init_cfg)
-        object.__setattr__(self, "_backbone", clip)  # not a submodule: never trained or saved
+        self.keep_backbone(clip)
         self.head = module
         self.vocabulary = _vocabulary(classnames)
         self.test_vocabulary = self.vocabulary if test_classnames is None else _vocabulary(test_classnames)
@@ -123,19 +122,6 @@ class OvdenseCLIPSeg(BaseSegmentor):
         self.train_cfg = dict(train_cfg or {})
         self.test_cfg = dict(test_cfg or {})
         self._segmenter: clipseg_head.ClipSegSegmenter | None = None
-
-    @property
-    def backbone(self) -> ClipBackbone:
-        return self._backbone
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.test_vocabulary)
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        self._backbone._apply(fn)
-        return self
 
     # ----------------------------------------------------------------------------------------
     # Training

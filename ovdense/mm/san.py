@@ -109,8 +109,32 @@ class SanDataPreprocessor(BaseDataPreprocessor):
         return dict(inputs=torch.stack(batch), data_samples=samples)  # B, 3, H, W
 
 
+class FrozenBackboneSegmentor(BaseSegmentor):
+    """An mmseg segmentor around ovdense's frozen backbone (SAN, CLIPSeg): the backbone is kept
+    outside the registered modules (``keep_backbone``), so it is never in ``state_dict()``, an
+    optimizer or a checkpoint, and follows the segmentor's ``.to()``/``.cuda()``/``.half()``;
+    ``predict`` segments ``test_vocabulary``."""
+
+    def keep_backbone(self, clip: ClipBackbone) -> None:
+        object.__setattr__(self, "_backbone", clip)  # not a submodule: never trained or saved
+
+    @property
+    def backbone(self) -> ClipBackbone:
+        return self._backbone
+
+    @property
+    def num_classes(self) -> int:
+        """The number of classes ``predict`` segments (the test vocabulary)."""
+        return len(self.test_vocabulary)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self._backbone._apply(fn)
+        return self
+
+
 @MODELS.register_module()
-class OvdenseSAN(BaseSegmentor):
+class OvdenseSAN(FrozenBackboneSegmentor):
     """SAN on ovdense's shared backbone (see the module docstring).
 
     Args:
@@ -152,7 +176,7 @@ class OvdenseSAN(BaseSegmentor):
         preprocessor.setdefault("mean", [255.0 * m for m in clip.mean])
         preprocessor.setdefault("std", [255.0 * s for s in clip.std])
         super().__init__(data_preprocessor=preprocessor, init_cfg=init_cfg)
-        object.__setattr__(self, "_backbone", clip)  # not a submodule: never trained or saved
+        self.keep_backbone(clip)
         self.vocabulary = _vocabulary(classnames)
         self.test_vocabulary = self.vocabulary if test_classnames is None else _vocabulary(test_classnames)
         self.templates = templates if templates is not None else _default_templates(clip)
@@ -169,20 +193,6 @@ class OvdenseSAN(BaseSegmentor):
         self.test_cfg = dict(test_cfg or {})
         self._text: torch.Tensor | None = None
         self._segmenter: san_head.SanSegmenter | None = None
-
-    @property
-    def backbone(self) -> ClipBackbone:
-        return self._backbone
-
-    @property
-    def num_classes(self) -> int:
-        """The number of classes ``predict`` segments (the test vocabulary)."""
-        return len(self.test_vocabulary)
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        self._backbone._apply(fn)
-        return self
 
     def text_embeddings(self) -> torch.Tensor:
         """``[C, D]`` L2-normalised class embeddings on the backbone's device, computed once

@@ -37,18 +37,8 @@ from ovdense.data.synthetic import colour_shape_classes, open_vocabulary_split
 from ovdense.errors import OvdenseError
 from ovdense.io import load_image, write_json
 
-IGNORE = 255
-
-
-def scenes(data: Path, num: int | None) -> list[tuple[Path, Path]]:
-    """``(image, label map)`` pairs of the held-out split under ``--data``."""
-    root = data / "data" / "ade" / "ADEChallengeData2016"
-    images = sorted((root / "images" / "validation").glob("*.jpg"))
-    if not images:
-        raise OvdenseError(f"no held-out scenes under {root}: write them with "
-                           f"tools/data/make_synthetic_benchmarks.py --san-toy --out {data}")
-    pairs = [(p, root / "annotations" / "validation" / f"{p.stem}.png") for p in images]
-    return pairs[:num] if num else pairs
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_san_toy import IGNORE, scenes  # noqa: E402  (a sibling tool: the same held-out split)
 
 
 def binary_iou(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> float:
