@@ -51,8 +51,9 @@ from ovdense.backbone.clip import ASSETS, TOY_NAME, ClipBackbone
 from ovdense.backbone.prompts import ClassSpec, Templates, Vocabulary, resolve_templates
 from ovdense.backbone.runner import embed, run_blocks
 from ovdense.errors import OvdenseError
+from ovdense.heads.head_files import read_head, write_head
 from ovdense.heads.training_free import SegmentationResult
-from ovdense.io import ImageInput, load_image, write_bytes
+from ovdense.io import ImageInput, load_image
 
 HEAD_FORMAT = "ovdense-clipseg-head-v1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -285,17 +286,9 @@ def engineer_prompt(img: torch.Tensor, seg: torch.Tensor, context: float = 0.1, 
 def save_head(path: str | Path, head: ClipSegHead, backbone: ClipBackbone,
               dtype: torch.dtype | None = None) -> Path:
     """Write the head as safetensors (atomically) with its format, backbone name and identity,
-    config and the ovdense version; ``dtype`` stores the floating tensors in that type."""
-    from safetensors.torch import save
-
-    from ovdense.version import __version__
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    metadata = {"format": HEAD_FORMAT, "backbone": backbone.name, "fingerprint": backbone.identity,
-                "config": head.config.to_json(), "ovdense_version": __version__}
-    return write_bytes(path, save(tensors, metadata=metadata))
+    config and the ovdense version (``head_files.write_head``); ``dtype`` stores the floating
+    tensors in that type."""
+    return write_head(path, head, backbone, HEAD_FORMAT, dtype)
 
 
 def load_head(path: str | Path, backbone: ClipBackbone) -> ClipSegHead:
@@ -304,39 +297,9 @@ def load_head(path: str | Path, backbone: ClipBackbone) -> ClipSegHead:
     Raises:
         OvdenseError: not a CLIPSeg head, another backbone, or keys and shapes that do not fit.
     """
-    from safetensors import safe_open
-
-    file = Path(path)
-    if not file.is_file():
-        raise OvdenseError(f"CLIPSeg head checkpoint not found: {file}")
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - anything unreadable is the user's wrong file
-        raise OvdenseError(f"{file} is not a safetensors CLIPSeg head (a pickled .pth?); ovdense never "
-                           "unpickles head checkpoints: convert published CLIPSeg weights with "
-                           "tools/model_converters/clipseg2ovdense.py") from e
-    if metadata.get("format") != HEAD_FORMAT:
-        raise OvdenseError(f"{file} is a safetensors file but not a CLIPSeg head (format "
-                           f"{metadata.get('format')!r})")
-    if metadata.get("backbone") != backbone.name or metadata.get("fingerprint") != backbone.identity:
-        raise OvdenseError(
-            f"{file} was trained on backbone {metadata.get('backbone')!r} ({metadata.get('fingerprint')}), "
-            f"not on this one, {backbone.name!r} ({backbone.identity}); create that backbone or use a "
-            "head trained on this one")
-    head = ClipSegHead(backbone, ClipSegConfig.from_json(metadata.get("config", "{}")))
-    expected = head.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise OvdenseError(f"{file} does not fit ClipSegHead: missing keys {missing[:5]}, unexpected "
-                           f"keys {unexpected[:5]}")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise OvdenseError(f"{file} does not fit ClipSegHead: {key} has shape {tuple(tensor.shape)}, "
-                               f"the head expects {tuple(expected[key].shape)}")
-    head.load_state_dict(state, strict=True)
-    return head.to(backbone.device)
+    return read_head(path, backbone, HEAD_FORMAT, "CLIPSeg",
+                     lambda config: ClipSegHead(backbone, ClipSegConfig.from_json(config)),
+                     "tools/model_converters/clipseg2ovdense.py", "ovdense.heads.clipseg.save_head")
 
 
 def default_head_checkpoint(backbone: ClipBackbone) -> Path:

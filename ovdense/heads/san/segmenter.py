@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from ovdense.backbone.clip import ASSETS, TOY_NAME, ClipBackbone
 from ovdense.backbone.prompts import ClassSpec, Templates, Vocabulary
 from ovdense.errors import OvdenseError
+from ovdense.heads.head_files import read_head, write_head
 from ovdense.heads.san.model import HEAD_FORMAT, TEST_LONG_SIDE, VILD_TEMPLATES, SanConfig, SanHead
 from ovdense.heads.training_free import SegmentationResult, rescale_size
-from ovdense.io import ImageInput, load_image, write_bytes
+from ovdense.io import ImageInput, load_image
 
 # --------------------------------------------------------------------------------------------
 # Checkpoints
@@ -26,24 +27,10 @@ from ovdense.io import ImageInput, load_image, write_bytes
 def save_head(path: str | Path, head: SanHead, backbone: ClipBackbone,
               dtype: torch.dtype | None = None) -> Path:
     """Write the head as safetensors (atomically) with string metadata: format, backbone name,
-    its identity (``ClipBackbone.identity``), the SanConfig as JSON and the ovdense version.
-    ``dtype`` (e.g. ``torch.float16``, half the file) stores the floating tensors in that type;
-    ``load_head`` casts them back to the head's own."""
-    from safetensors.torch import save
-
-    from ovdense.version import __version__
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    metadata = {
-        "format": HEAD_FORMAT,
-        "backbone": backbone.name,
-        "fingerprint": backbone.identity,
-        "config": head.config.to_json(),
-        "ovdense_version": __version__,
-    }
-    return write_bytes(path, save(tensors, metadata=metadata))
+    its identity (``ClipBackbone.identity``), the SanConfig as JSON and the ovdense version
+    (``head_files.write_head``). ``dtype`` (e.g. ``torch.float16``, half the file) stores the
+    floating tensors in that type; ``load_head`` casts them back to the head's own."""
+    return write_head(path, head, backbone, HEAD_FORMAT, dtype)
 
 
 def load_head(path: str | Path, backbone: ClipBackbone) -> SanHead:
@@ -53,44 +40,9 @@ def load_head(path: str | Path, backbone: ClipBackbone) -> SanHead:
         OvdenseError: not a safetensors SAN head, another backbone, missing/unexpected keys or
             a tensor of the wrong shape; each message says which and what to do.
     """
-    from safetensors import safe_open
-
-    file = Path(path)
-    if not file.is_file():
-        raise OvdenseError(f"SAN head checkpoint not found: {file}")
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - anything unreadable is the user's wrong file
-        raise OvdenseError(
-            f"{file} is not a safetensors SAN head (a pickled .pth or another file?); ovdense never "
-            "unpickles head checkpoints: convert published SAN weights with "
-            "tools/model_converters/san2ovdense.py"
-        ) from e
-    if metadata.get("format") != HEAD_FORMAT:
-        raise OvdenseError(f"{file} is a safetensors file but not a SAN head (format "
-                           f"{metadata.get('format')!r}); write heads with ovdense.heads.san.save_head")
-    identity = backbone.identity
-    if metadata.get("backbone") != backbone.name or metadata.get("fingerprint") != identity:
-        raise OvdenseError(
-            f"{file} was trained on backbone {metadata.get('backbone')!r} ({metadata.get('fingerprint')}), "
-            f"not on this one, {backbone.name!r} ({identity}); create that backbone or use a head "
-            "trained on this one"
-        )
-    head = SanHead(backbone, SanConfig.from_json(metadata.get("config", "{}")))
-    expected = head.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise OvdenseError(f"{file} does not fit SanHead: missing keys {missing[:5]}, unexpected keys "
-                           f"{unexpected[:5]}; was it written by another ovdense version?")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise OvdenseError(f"{file} does not fit SanHead: {key} has shape {tuple(tensor.shape)}, the "
-                               f"head expects {tuple(expected[key].shape)}")
-    head.load_state_dict(state, strict=True)
-    return head.to(backbone.device)
+    return read_head(path, backbone, HEAD_FORMAT, "SAN",
+                     lambda config: SanHead(backbone, SanConfig.from_json(config)),
+                     "tools/model_converters/san2ovdense.py", "ovdense.heads.san.save_head")
 
 
 # --------------------------------------------------------------------------------------------
