@@ -153,4 +153,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ovdense.mm.training import exit_process
+
+    exit_process(main())

@@ -461,6 +461,27 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
+def exit_process(code: int) -> None:
+    """End a ``tools/`` entry point with ``code``. A process that ran a gloo process group on the
+    CPU (``init_cpu_distributed``) leaves at once after flushing its streams and logs: even with
+    the group destroyed (``close_distributed``), the interpreter's teardown of gloo's threads
+    sometimes aborts (``terminate called without an active exception``, SIGABRT) after the work
+    and its output are complete, and torchrun then reports the run as failed. Every other process
+    exits normally."""
+    import logging
+    import sys
+
+    if not _CPU_GROUP_STARTED:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+_CPU_GROUP_STARTED = False
+
+
 def init_cpu_distributed(cfg) -> None:
     """Start the process group over gloo where torch sees no GPU (``cfg.launcher ==
     "pytorch"``): mmengine's own start calls ``torch.cuda.set_device`` and NCCL, which need one."""
@@ -476,3 +497,5 @@ def init_cpu_distributed(cfg) -> None:
     if timeout is not None:
         dist_cfg["timeout"] = datetime.timedelta(seconds=timeout)
     dist.init_process_group(backend="gloo", **dist_cfg)
+    global _CPU_GROUP_STARTED
+    _CPU_GROUP_STARTED = True
