@@ -2,11 +2,11 @@
 # released rd64-uni model (timojl/clipseg experiments/phrasecut.yaml: AdamW 1e-3, cosine to 1e-4
 # over 20,000 iterations, batch 64, 352 x 352 inputs, text and visual prompts mixed, 20 % negative
 # prompts, binary cross-entropy; AMP on GPU: tools/train.py --amp) on mmengine, from semantic
-# segmentation data (ovdense/mm/clipseg.py turns each label map into a class prompt and its mask).
-# A training config in configs/clipseg/ adds its dataset and class file.
+# segmentation or phrase-grounding data (ovdense/mm/clipseg.py's ClipSegPromptDataset turns each
+# sample into a prompt and its mask). A training config in configs/clipseg/ adds its dataset.
 #
 # Global batch 64 = train_dataloader.batch_size x processes. Exact resume: SeededInfiniteSampler +
-# SeededDataset + SeededIterBasedTrainLoop (ovdense/mm/training.py); atomic checkpoints.
+# ClipSegPromptDataset + SeededIterBasedTrainLoop (ovdense/mm/training.py); atomic checkpoints.
 
 _base_ = ["./default_runtime.py"]
 
@@ -14,10 +14,8 @@ image_size = 352
 model = dict(
     type="OvdenseCLIPSeg",
     backbone=dict(name="ViT-B-16", pretrained="openai"),
-    classnames=None,  # the training class file, in the dataset's label order
+    test_classnames=None,  # a class file to segment at test time; None: each test sample's phrase
     head=dict(reduce_dim=64),  # ClipSegConfig: rd64 (refined=True for rd64-refined, 50k iterations)
-    negative_prob=0.2,
-    mix_text_max=0.5,
     data_preprocessor=dict(type="SanDataPreprocessor", size_divisor=image_size),
 )
 train_pipeline = [
@@ -34,7 +32,9 @@ train_dataloader = dict(
     num_workers=4,
     persistent_workers=True,
     sampler=dict(type="SeededInfiniteSampler", shuffle=True),
-    dataset=dict(type="SeededDataset", dataset=dict(pipeline=train_pipeline)),
+    # each sample's prompt (text, a visual prompt from another sample, 20 % negatives) from (seed, draw)
+    dataset=dict(type="ClipSegPromptDataset", negative_prob=0.2, mix_text_max=0.5,
+                 dataset=dict(pipeline=train_pipeline)),
 )
 test_pipeline = [
     dict(type="LoadImageFromFile"),

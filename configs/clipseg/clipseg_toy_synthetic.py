@@ -13,10 +13,8 @@ image_size = 128
 max_iters = 1000  # 1.55 s an iteration of 32 on 2 CPU cores: ~26 min
 model = dict(
     backbone=dict(_delete_=True, name="toy"),
-    classnames="{{fileDirname}}/../_base_/classnames/toy_base.txt",  # background + 20 base pairs
     test_classnames="{{fileDirname}}/../_base_/classnames/toy_all.txt",  # background + all 30 pairs
     head=dict(image_size=image_size),
-    templates=["a photo of a {}"],
     data_preprocessor=dict(size_divisor=image_size),
 )
 train_pipeline = [
@@ -32,7 +30,7 @@ train_dataloader = dict(
     batch_size=32,
     num_workers=0,
     persistent_workers=False,
-    dataset=dict(dataset=dict(
+    dataset=dict(templates=["a photo of a {}"], dataset=dict(
         _delete_=True,
         type="ClassFileDataset",
         classnames="{{fileDirname}}/../_base_/classnames/toy_base.txt",

@@ -8,7 +8,8 @@ Importing ``ovdense.mm`` registers, in mmsegmentation 1.x's registries (``defaul
   and ``SanDataPreprocessor``; ``OvdenseCLIPSeg`` (CLIPSeg's decoder, ``ovdense/mm/clipseg.py``);
 * ``DATASETS``: ``PascalVOC20Dataset``, ``COCOObjectDataset``, ``PascalContext459Dataset`` and
   ``ADE20K847Dataset``, the benchmarks mmseg 1.2.2 lacks; ``ClassFileDataset`` (any dataset in
-  the images/annotations layout with a class file);
+  the images/annotations layout with a class file); ``ClipSegPromptDataset`` (CLIPSeg's
+  prompted training pairs from any of them);
 * ``TRANSFORMS``: ``LoadAnnotations16`` (label maps with more than 255 classes);
 * ``METRICS``: ``IoUMetric16`` (mmseg's ``IoUMetric`` writing 16-bit ``--out`` PNGs);
 * mmengine's ``MODEL_WRAPPERS``: ``OvdenseInferenceWrapper`` (multi-process evaluation of a
@@ -22,7 +23,7 @@ Configs load it with ``custom_imports = dict(imports=["ovdense.mm"])``. It needs
 (``pip install -e ".[mm]"``). Nothing else in ovdense imports this package.
 """
 
-from ovdense.mm.clipseg import OvdenseCLIPSeg
+from ovdense.mm.clipseg import ClipSegPromptDataset, OvdenseCLIPSeg
 from ovdense.mm.custom import ClassFileDataset
 from ovdense.mm.datasets import (
     ADE20K847Dataset,
@@ -32,6 +33,7 @@ from ovdense.mm.datasets import (
     PascalContext459Dataset,
     PascalVOC20Dataset,
 )
+from ovdense.mm.phrasecut import LoadPhraseMask, PhraseCutDataset, PhraseGroundingMetric  # noqa: F401
 from ovdense.mm.san import OvdenseSAN, SanDataPreprocessor
 from ovdense.mm.segmentor import OvdenseDataPreprocessor, OvdenseInferenceWrapper, OvdenseSegmentor
 from ovdense.mm.training import (
@@ -47,6 +49,7 @@ __all__ = [
     "ADE20K847Dataset",
     "AtomicCheckpointHook",
     "ClassFileDataset",
+    "ClipSegPromptDataset",
     "LossCurveHook",
     "OvdenseCLIPSeg",
     "OvdenseSAN",

@@ -88,6 +88,10 @@ class SanDataPreprocessor(BaseDataPreprocessor):
         self.size_divisor = int(size_divisor)
         self.bgr_to_rgb = bgr_to_rgb
 
+    def normalise(self, image: torch.Tensor) -> torch.Tensor:
+        """``(image − mean) / std`` of one image ``[3, h, w]`` already in RGB order (float32)."""
+        return (image.float() - self.mean) / self.std
+
     def forward(self, data: dict, training: bool = False) -> dict:
         data = self.cast_data(data)
         images = [image.flip(0) if self.bgr_to_rgb else image for image in data["inputs"]]  # 3, H, W
@@ -99,7 +103,7 @@ class SanDataPreprocessor(BaseDataPreprocessor):
         width = -(-max(image.shape[-1] for image in images) // d) * d
         batch = []
         for i, image in enumerate(images):
-            x = (image.float() - self.mean) / self.std  # 3, h, w
+            x = self.normalise(image)  # 3, h, w
             pad = (0, width - x.shape[-1], 0, height - x.shape[-2])
             batch.append(F.pad(x, pad, value=0.0))  # 3, H, W
             if samples is not None and "gt_sem_seg" in samples[i]:
