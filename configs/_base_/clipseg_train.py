@@ -27,6 +27,13 @@ train_pipeline = [
     dict(type="RandomFlip", prob=0.5),
     dict(type="PackSegInputs"),
 ]
+# a visual prompt's sample: the whole image, fit into the input (ClipSegPromptDataset)
+support_pipeline = [
+    dict(type="LoadImageFromFile"),
+    dict(type="LoadAnnotations"),
+    dict(type="Resize", scale=(image_size, image_size), keep_ratio=True),
+    dict(type="PackSegInputs"),
+]
 train_dataloader = dict(
     batch_size=64,
     num_workers=4,
@@ -34,7 +41,7 @@ train_dataloader = dict(
     sampler=dict(type="SeededInfiniteSampler", shuffle=True),
     # each sample's prompt (text, a visual prompt from another sample, 20 % negatives) from (seed, draw)
     dataset=dict(type="ClipSegPromptDataset", negative_prob=0.2, mix_text_max=0.5,
-                 dataset=dict(pipeline=train_pipeline)),
+                 support_pipeline=support_pipeline, dataset=dict(pipeline=train_pipeline)),
 )
 test_pipeline = [
     dict(type="LoadImageFromFile"),

@@ -26,11 +26,17 @@ train_pipeline = [
     dict(type="RandomFlip", prob=0.5),
     dict(type="PackSegInputs"),
 ]
+support_pipeline = [
+    dict(type="LoadImageFromFile"),
+    dict(type="LoadAnnotations"),
+    dict(type="Resize", scale=(image_size, image_size), keep_ratio=True),
+    dict(type="PackSegInputs"),
+]
 train_dataloader = dict(
     batch_size=32,
     num_workers=0,
     persistent_workers=False,
-    dataset=dict(templates=["a photo of a {}"], dataset=dict(
+    dataset=dict(templates=["a photo of a {}"], support_pipeline=support_pipeline, dataset=dict(
         _delete_=True,
         type="ClassFileDataset",
         classnames="{{fileDirname}}/../_base_/classnames/toy_base.txt",

@@ -17,9 +17,11 @@ so the plan does not depend on which process loads the sample, on its batch, or 
 * the text prompt: the class's name in a template drawn from ``templates`` (the official
   ``shuffle+`` list by default);
 * the visual prompt, as the official ``with_visual``: another sample of the *dataset* that shows
-  the class (the official code: another sample with the same phrase), loaded through the same
-  pipeline under its own seed — retried up to ``support_tries`` times if the crop lost the class
-  — its image and the class's mask; the segmentor engineers it (``crop_blur_highlight``,
+  the class (the official code: another sample with the same phrase), loaded through
+  ``support_pipeline`` under its own seed — by default the whole image resized to fit the input
+  (the official ``load_sample`` takes the largest square that keeps ≥ 5 % of the mask, the whole
+  image where it is square) — and redrawn up to ``support_tries`` times if it lost the class;
+  its image and the class's mask; the segmentor engineers it (``crop_blur_highlight``,
   ``engineer_prompt``) after normalising it as the batch, and mixes the two vectors as the
   official ``mix``: ``w·text + (1 − w)·visual``, ``w ~ U(0, mix_text_max)``; with no such sample,
   the text alone. Departure: the official code may pick the query sample itself as its own
@@ -43,6 +45,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from mmengine.dataset import Compose
 from mmengine.registry import DATASETS
 from mmengine.structures import PixelData
 from mmseg.registry import MODELS
@@ -87,7 +90,10 @@ class ClipSegPromptDataset:
         mix_text_max: the text weight's upper bound in the text/visual mix (official 0.5);
             ``None``: text prompts only.
         skip_background: class 0 is background, never a prompt.
-        support_tries: how many times a support sample is redrawn when its crop lost the class.
+        support_pipeline: the transforms a support sample goes through (ending in
+            ``PackSegInputs``); None: the dataset's own pipeline (random crops lose small objects:
+            more redraws).
+        support_tries: how many times a support sample is redrawn when it lost the class.
         index_file: a JSON file caching the class → samples index read from the label maps.
 
     Keys are ``SeededInfiniteSampler``'s ``(index, draw, seed)``; a plain integer ``k`` is
@@ -99,9 +105,11 @@ class ClipSegPromptDataset:
     """
 
     def __init__(self, dataset, templates: Sequence[str] | None = None, negative_prob: float = 0.2,
-                 mix_text_max: float | None = 0.5, skip_background: bool = True, support_tries: int = 5,
+                 mix_text_max: float | None = 0.5, skip_background: bool = True,
+                 support_pipeline: Sequence | None = None, support_tries: int = 5,
                  index_file: str | None = None):
         self.dataset = DATASETS.build(dataset) if isinstance(dataset, Mapping) else dataset
+        self.support_pipeline = Compose(support_pipeline) if support_pipeline is not None else None
         self.names = tuple(self.dataset.metainfo["classes"])
         self.templates = tuple(templates) if templates is not None else SHUFFLE_PLUS
         if not 0 <= negative_prob < 1:
@@ -147,8 +155,10 @@ class ClipSegPromptDataset:
             write_bytes(index_file, json.dumps({"seg_maps": paths, "index": index}).encode())
         return index
 
-    def _load(self, index: int, seed: int) -> dict:
+    def _load(self, index: int, seed: int, support: bool = False) -> dict:
         with seeded_global_rng(seed):
+            if support and self.support_pipeline is not None:
+                return self.support_pipeline(self.dataset.get_data_info(index))
             return self.dataset[index]
 
     @staticmethod
@@ -198,7 +208,7 @@ class ClipSegPromptDataset:
         if others and self.mix_text_max is not None:
             for attempt in range(self.support_tries):
                 j = int(others[rng.integers(len(others))])
-                candidate = self._load(j, derive_seed(seed, _SUPPORT, draw, attempt))
+                candidate = self._load(j, derive_seed(seed, _SUPPORT, draw, attempt), support=True)
                 mask = self._mask(*self._classes_of(candidate), cls)
                 if bool(mask.any()):
                     support, support_data, support_mask = j, candidate, mask
