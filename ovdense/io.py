@@ -293,6 +293,19 @@ def write_label_png(path: str | os.PathLike, labels: np.ndarray) -> Path:
     return write_bytes(path, _encode_pil(pil, "PNG"))
 
 
+PROBABILITY_SCALE = 65535  # a probability PNG holds round(p · 65535)
+
+
+def write_probability_png(path: str | os.PathLike, probability: np.ndarray) -> Path:
+    """Write ``probability[H, W]`` (values in [0, 1]) as a 16-bit grayscale PNG holding
+    ``round(p · 65535)``: viewable as a heat map, exact to ``1 / 131070``; read it back as
+    ``np.asarray(Image.open(path)) / 65535``."""
+    if probability.ndim != 2:
+        raise ValueError(f"a probability map must be [H, W], got {probability.shape}")
+    values = np.rint(np.clip(probability, 0.0, 1.0) * PROBABILITY_SCALE).astype(np.uint16)
+    return write_bytes(path, _encode_pil(Image.fromarray(values), "PNG"))
+
+
 def write_image(path: str | os.PathLike, rgb: np.ndarray, quality: int = 92) -> Path:
     """Write an RGB ``uint8`` array; the format follows the suffix (.png, .jpg)."""
     path = Path(path)

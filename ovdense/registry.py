@@ -163,7 +163,8 @@ _ENTRIES: tuple[HeadEntry, ...] = (
         summary="a trained decoder on three taps, steered by each word's (or example's) CLIP embedding",
         paper="Lüddecke & Ecker, CVPR 2022 (CLIPSeg)",
         options=("head_checkpoint", "bg_threshold", "image_prompt"), checkpoints="ovdense.heads.clipseg",
-        outputs=_SEGMENT_OUTPUTS, table=("352×352", "whole", "-", "off"),
+        outputs=("_labels.png", "_overlay.jpg", "_prob_0.png", ".json"),  # and _prob_<k>.png per class
+        table=("352×352", "whole", "-", "off"),
         hint="--head-checkpoint (the toy model ships one), --bg-threshold",
     ),
     HeadEntry(

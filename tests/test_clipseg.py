@@ -398,7 +398,8 @@ def test_shipped_toy_head_beats_maskclip_on_novel_pairs(tmp_path):
 def test_cli_image_prompts_name_classes_by_example(tmp_path, capsys):
     """``ovdense segment --method clipseg --image-prompt NAME=IMAGE:MASK``: the labels equal the
     segmenter's with that example (the mask read as non-zero = object); a prompt without a mask is
-    the whole image; bad prompts are one line each, exit 2, before any output."""
+    the whole image; each class's probability map is written (16-bit) and named in the JSON; bad
+    prompts are one line each, exit 2, before any output."""
     from tool_runs import run_cli
 
     from ovdense.data.synthetic import SceneConfig, render_scene
@@ -422,6 +423,13 @@ def test_cli_image_prompts_name_classes_by_example(tmp_path, capsys):
     np.testing.assert_array_equal(got, want.predict(query.image).labels)
     report = json.loads((out / "query.json").read_text())
     assert [c["name"] for c in report["classes"]] == ["background", "blue circle", "like this", "whole"]
+    # one probability map per class: 16-bit, p = value / 65535, the segmenter's own probabilities
+    probs = want.probabilities(query.image).numpy()  # 4, 96, 128
+    for k, entry in enumerate(report["classes"]):
+        assert entry["probability_map"] == f"query_prob_{k}.png"
+        stored = np.asarray(Image.open(out / entry["probability_map"]))
+        assert stored.dtype == np.uint16 and stored.shape == (96, 128)
+        assert np.abs(stored / 65535 - probs[k]).max() <= 0.5 / 65535 + 1e-6
 
     Image.fromarray(np.zeros_like(mask)).save(tmp_path / "empty.png")
     Image.fromarray(mask[:64]).save(tmp_path / "small.png")

@@ -106,10 +106,15 @@ def test_every_head_builds_by_name_and_equals_its_own_class(name, toy, sam, fvit
     assert drawn.dtype == np.uint8 and drawn.ndim == 3 and drawn.shape[2] == 3
     assert drawn.shape[0] >= rgb.shape[0] and drawn.shape[1] >= rgb.shape[1]
     written = save(tmp_path, "scene", rgb)
-    assert [p.name for p in written] == [f"scene{suffix}" for suffix in entry.outputs]  # the JSON last
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"scene{s}" for s in entry.outputs)
+    names = [f"scene{suffix}" for suffix in entry.outputs]
+    if name == "clipseg":  # _prob_0.png stands for one probability map per class
+        names[3:3] = [f"scene_prob_{k}.png" for k in range(1, len(got.classes))]
+    assert [p.name for p in written] == names  # the JSON last
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     assert entry.outputs[-1].endswith(".json")
     report = json.loads((tmp_path / f"scene{entry.outputs[-1]}").read_text(encoding="utf-8"))
+    if name == "clipseg":
+        assert [c.pop("probability_map") for c in report["classes"]] == names[2:-1]
     if name == "sam-clip":
         assert report == json.loads(json.dumps(got.to_coco("scene")))
     else:

@@ -37,8 +37,9 @@ by their sigmoid probability (``labels`` = argmax).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -53,7 +54,7 @@ from ovdense.backbone.runner import embed, run_blocks
 from ovdense.errors import OvdenseError
 from ovdense.heads.head_files import read_head, write_head
 from ovdense.heads.training_free import SegmentationResult
-from ovdense.io import ImageInput, load_image
+from ovdense.io import ImageInput, load_image, write_image, write_json, write_label_png, write_probability_png
 
 HEAD_FORMAT = "ovdense-clipseg-head-v1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -317,6 +318,30 @@ def default_head_checkpoint(backbone: ClipBackbone) -> Path:
 # Inference
 
 
+@dataclass
+class ClipSegResult(SegmentationResult):
+    """A CLIPSeg segmentation, with each class's probability map ``probabilities [C, H, W]``
+    (each an independent sigmoid; a class's map is the max over its prompts)."""
+
+    probabilities: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), np.float32))
+
+    OUTPUTS = ("_labels.png", "_overlay.jpg", "_prob_0.png", ".json")
+
+    def save(self, out_dir: str | os.PathLike, stem: str, image: ImageInput, /, **info) -> list[Path]:
+        """``SegmentationResult``'s files and ``<stem>_prob_<k>.png`` for each class ``k``
+        (``ovdense.io.write_probability_png``: 16-bit, ``p = value / 65535``), named in the JSON
+        (each class's ``probability_map``), which is written last."""
+        out = Path(out_dir)
+        written = [write_label_png(out / f"{stem}_labels.png", self.labels),
+                   write_image(out / f"{stem}_overlay.jpg", self.overlay(image))]
+        written += [write_probability_png(out / f"{stem}_prob_{k}.png", p)
+                    for k, p in enumerate(self.probabilities)]
+        report = self.to_json(**info)
+        for entry, path in zip(report["classes"], written[2:]):
+            entry["probability_map"] = path.name
+        return written + [write_json(out / f"{stem}.json", report)]
+
+
 class ClipSegSegmenter:
     """Segment images by words (and example images) with a CLIPSeg head (the shape of ``Segmenter``).
 
@@ -465,8 +490,8 @@ class ClipSegSegmenter:
         best, labels = probs.max(dim=0)
         if self.bg_threshold is not None:
             labels[best < self.bg_threshold] = 0
-        return SegmentationResult(labels.cpu().numpy(), best.float().cpu().numpy(), self.classes,
-                                  self.synonyms, self.settings())
+        return ClipSegResult(labels.cpu().numpy(), best.float().cpu().numpy(), self.classes, self.synonyms,
+                             self.settings(), probabilities=probs.float().cpu().numpy())
 
 
 def text_prompt_vectors(backbone: ClipBackbone, prompts: Sequence[str]) -> torch.Tensor:
