@@ -1,22 +1,31 @@
 """The ovdense demo: a web page to segment an image with any words, compare the training-free
-methods side by side, detect objects named by any words, and see defect maps.
+methods side by side, find things like an example image (CLIPSeg), detect objects named by any
+words, and see defect maps.
 
     python demo/app.py [--model toy|ViT-B-16|CONFIG.json] [--pretrained TAG|FILE|none] [--port 7860]
-                       [--san-head PATH] [--fvit-head PATH] [--sam-checkpoint PATH]
+                       [--san-head PATH] [--clipseg-head PATH] [--fvit-head PATH] [--sam-checkpoint PATH]
 
 Needs the ``[demo]`` extra (gradio). The default model is ``toy``, the embedded CLIP of the
 synthetic world: the page then runs offline and on a CPU. The server binds to 127.0.0.1 unless
 ``--host`` says otherwise.
 
 The work is done by plain functions on numpy images — ``read_image``, ``parse_classes``,
-``segment_image``, ``compare_methods``, ``detect_image``, ``anomaly_map``, ``sam_clip_image`` —
-and ``build_app`` only wires them to gradio. One backbone is loaded at start and shared by every
-tab; the heads (``Segmenter``, ``Detector``, ``WinClip``, ``SamClipSegmenter``, each holding its
-text embeddings) are kept per (head, settings) in a small LRU (``Heads``), and the library's disk
-cache keeps text embeddings across runs. The SAM + CLIP tab appears only with
+``read_image_prompt``, ``parse_region``, ``parse_prompt_name``, ``segment_image``,
+``compare_methods``, ``detect_image``, ``anomaly_map``, ``sam_clip_image`` — and ``build_app``
+only wires them to gradio. One backbone is loaded at start and shared by every tab; the heads
+(``Segmenter``, ``ClipSegSegmenter``, ``Detector``, ``WinClip``, ``SamClipSegmenter``, each
+holding its text embeddings) are kept per (head, settings) in a small LRU (``Heads``), and the
+library's disk cache keeps text embeddings across runs. The SAM + CLIP tab appears only with
 ``--sam-checkpoint``; the Detect tab with an F-ViT head (``--fvit-head``, or the one that ships
-for the toy model). User errors
-(``OvdenseError``) are shown in the page as one message, never a stack trace.
+for the toy model). User errors (``OvdenseError``) are shown in the page as one message, never a
+stack trace.
+
+The Find like this tab (with a CLIPSeg head: ``--clipseg-head``, or the one that ships for the
+toy model) adds one class named by an example image: the object is marked by a mask upload (its
+non-zero pixels, the example's size) or a box ``x0, y0, x1, y1`` in the example's pixels, or is
+the whole example; ``segment_image(..., image_prompts={name: (rgb, mask)})`` runs it. A cached
+head's key holds the SHA-256 digests of the example's pixels and mask (``_frozen``), not the
+arrays, so two different examples never share a head.
 
 Under load: the model's handlers share one queue slot (``CONCURRENCY`` at a time, one model on one
 machine) and at most ``--queue-size`` requests wait (``QUEUE_SIZE``); a request beyond that is
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import html
 import logging
 import os
@@ -95,6 +105,12 @@ def read_image(path: str | Path | None, max_side: int = MAX_SIDE,
             raise OvdenseError(f"{size}; upload a smaller image") from None
         raise OvdenseError(f"{path.name} is not a readable image; upload a PNG, JPEG, BMP, TIFF "
                            "or WebP file") from e
+    return _downscaled(rgb, max_side)
+
+
+def _downscaled(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, str]:
+    """``rgb [H, W, 3]`` with its long side at most ``max_side`` (area interpolation) and a notice
+    (``""`` when it already fits)."""
     height, width = rgb.shape[:2]
     if max(height, width) <= max_side:
         return rgb, ""
@@ -131,6 +147,106 @@ def parse_classes(text: str, max_classes: int = MAX_CLASSES) -> list[tuple[str, 
     if long:
         raise OvdenseError(f"a class name is longer than {MAX_WORD_LENGTH} characters: {long[0][:40]}…")
     return classes
+
+
+def parse_region(text: str | None) -> tuple[int, int, int, int] | None:
+    """``"x0, y0, x1, y1"`` (pixels of the example; commas or spaces) → ``(x0, y0, x1, y1)``;
+    empty → ``None``. The box holds the pixels ``x0 ≤ x < x1``, ``y0 ≤ y < y1`` (numpy's slices);
+    corners given the other way round are put in order.
+
+    Raises:
+        OvdenseError: not four whole numbers.
+    """
+    items = (text or "").replace(",", " ").split()
+    if not items:
+        return None
+    try:
+        numbers = [int(item) for item in items]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 4:
+        raise OvdenseError(f"the region {(text or '').strip()[:40]!r} is not four whole numbers: write "
+                           "x0, y0, x1, y1 in pixels of the example, e.g. 10, 20, 110, 90")
+    x0, y0, x1, y1 = numbers
+    return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
+
+
+def read_image_prompt(example: str | Path | None, mask: str | Path | None = None,
+                      region: tuple[int, int, int, int] | None = None,
+                      max_side: int = MAX_SIDE) -> tuple[np.ndarray, np.ndarray, str]:
+    """An example upload and where its object is → RGB ``uint8 [H, W, 3]``, the object's mask
+    ``bool [H, W]`` and a notice (``""`` unless downscaled): the image prompt of CLIPSeg.
+
+    The object is the non-zero pixels of the ``mask`` upload (any channel, as the command line's
+    ``--image-prompt NAME=IMAGE:MASK`` reads it; it must have the example's size), or the box
+    ``region`` ``(x0, y0, x1, y1)`` (``parse_region``; clipped to the example), or, with neither,
+    the whole example (as ``NAME=IMAGE``). Both files are checked as ``read_image`` checks an
+    upload; the example and its mask are then downscaled together to ``max_side`` (the mask
+    nearest).
+
+    Raises:
+        OvdenseError: no example, an unreadable or oversized file, a mask and a region both given,
+            a mask of another size, an empty mask or region.
+    """
+    if example is None:
+        raise OvdenseError("no example image: upload an image that shows the object to find")
+    if mask is not None and region is not None:
+        raise OvdenseError("give the object as a mask or as a region, not both: clear one of them")
+    rgb, _ = read_image(example, max_side=sys.maxsize)  # the sizes are compared before downscaling
+    height, width = rgb.shape[:2]
+    if mask is not None:
+        marked, _ = read_image(mask, max_side=sys.maxsize)
+        if marked.shape != rgb.shape:
+            raise OvdenseError(f"the mask is {marked.shape[1]}×{marked.shape[0]} px, the example "
+                               f"{width}×{height}: upload a mask of the example's size")
+        region_mask = marked.max(axis=2) > 0  # H, W
+        if not region_mask.any():
+            raise OvdenseError(f"{Path(mask).name} is all black: the mask must be non-zero on the object")
+    elif region is not None:
+        x0, y0, x1, y1 = region
+        region_mask = np.zeros((height, width), bool)  # H, W
+        region_mask[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
+        if not region_mask.any():
+            raise OvdenseError(f"the region {x0}, {y0}, {x1}, {y1} holds no pixel of the {width}×{height} "
+                               "example: give x0 < x1 and y0 < y1 inside it")
+    else:
+        region_mask = np.ones((height, width), bool)
+    small, notice = _downscaled(rgb, max_side)
+    if small.shape != rgb.shape:
+        import cv2
+
+        size = (small.shape[1], small.shape[0])
+        region_mask = cv2.resize(region_mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+    return small, region_mask, notice
+
+
+def parse_prompt_name(text: str | None, classes: Sequence[tuple[str, ...]] = ()) -> str:
+    """The class name of an image prompt: one name (no commas or ``|``), within the class list's
+    limits (``MAX_WORD_LENGTH``; the classes and the prompt at most ``MAX_CLASSES``) and not a
+    word of the other ``classes``.
+
+    Raises:
+        OvdenseError: empty, several names, too long, too many classes, or already a class.
+    """
+    name = (text or "").strip()
+    if not name:
+        raise OvdenseError("the example has no name: type the name its class gets in the result, "
+                           "e.g. like this")
+    if "," in name or "|" in name or "\n" in name:
+        raise OvdenseError(f"the example's name {name[:40]!r} is one name: no commas or |")
+    if len(name) > MAX_WORD_LENGTH:
+        raise OvdenseError(f"the example's name is longer than {MAX_WORD_LENGTH} characters: {name[:40]}…")
+    if len(classes) + 1 > MAX_CLASSES:
+        raise OvdenseError(f"{len(classes)} classes and the example; the demo takes at most {MAX_CLASSES}")
+    if any(name == word for words in classes for word in words):
+        raise OvdenseError(f"{name!r} is already a class: give the example another name")
+    return name
+
+
+def prompt_preview(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The example ``[H, W, 3]`` as the page shows it: the marked pixels as they are, the rest
+    dimmed to a third."""
+    return np.where(mask[..., None], rgb, rgb // 3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,6 +294,12 @@ class Heads:
         return self.available("segmentation")
 
     @property
+    def prompt_methods(self) -> list[str]:
+        """The segmentation heads that take example images (``image_prompt`` among their
+        registry options: CLIPSeg) and can run here: the Find-like-this tab's."""
+        return [name for name in self.methods if "image_prompt" in HEADS[name].options]
+
+    @property
     def default_method(self) -> str:
         """The Segment tab's first choice: the model's own (its config's ``"ovdense"`` entry, as
         the CLI's ``segment``), else the registry's default."""
@@ -206,10 +328,12 @@ class Heads:
         needs = {"sam": self.sam} if "sam" in entry.needs else {}
         if entry.trained:
             needs["head_checkpoint"] = self.checkpoints[entry.name]
-        key = (name, _frozen(args), tuple(sorted(given.items())))
+        key = (name, _frozen(args), _frozen(given))
         return self._get(key, lambda: create_head(name, self.backbone, *args, **needs, **given))
 
     def segmenter(self, method: str, classes: Sequence[tuple[str, ...]], **settings):
+        """A segmentation head for ``classes``; ``image_prompts={name: (rgb, mask)}`` adds classes
+        named by an example (the heads of ``prompt_methods``), keyed by the examples' digests."""
         return self.head(method, [list(c) for c in classes], **settings)
 
     def winclip(self, object_name: str):
@@ -245,12 +369,22 @@ def head_keyword(name: str) -> str:
     return name.replace("-", "_") + "_head"
 
 
-OPTION_NAMES = {"method": "clip_method"}  # a head's keyword → its option in the registry (the CLI's name)
+# a head's keyword → its option in the registry (the CLI's name)
+OPTION_NAMES = {"method": "clip_method", "image_prompts": "image_prompt"}
 
 
 def _frozen(value):
-    """A hashable copy of nested lists and tuples (a cache key)."""
-    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+    """A hashable copy of nested lists, tuples and dicts (a cache key); an array becomes its
+    shape, dtype and SHA-256 digest, so an image prompt's pixels key its head without the key
+    holding them, and two examples that differ in one pixel (or one mask pixel) never share one."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((key, _frozen(v)) for key, v in value.items()))
+    if isinstance(value, np.ndarray):
+        digest = hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()
+        return ("array", value.shape, value.dtype.str, digest)
+    return value
 
 
 @dataclass
@@ -272,15 +406,22 @@ def segment_image(
     method: str,
     bg_threshold: float | None = None,
     pamr: bool | None = None,
+    image_prompts: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> Segmentation:
-    """Segment ``rgb [H, W, 3]`` with ``method``; ``None`` settings are the method's defaults."""
-    segmenter = heads.segmenter(method, classes, bg_threshold=bg_threshold, pamr=pamr)
+    """Segment ``rgb [H, W, 3]`` with ``method``; ``None`` settings are the method's defaults.
+
+    ``image_prompts`` ``{name: (rgb [h, w, 3] uint8, mask [h, w] bool)}`` (``read_image_prompt``)
+    adds one class per example after ``classes``, for a method of ``heads.prompt_methods``
+    (CLIPSeg: "find things like this"); another method refuses them."""
+    segmenter = heads.segmenter(method, classes, bg_threshold=bg_threshold, pamr=pamr,
+                                image_prompts=image_prompts or None)
     start = time.perf_counter()
     result = segmenter.predict(rgb)
     seconds = time.perf_counter() - start
+    words = [", ".join(c) for c in classes] + ["an example image"] * len(image_prompts or {})
     shares = [
-        [name, ", ".join(words), round(100.0 * share, 2)]
-        for name, words, share in zip(result.classes, classes, result.class_shares())
+        [name, described, round(100.0 * share, 2)]
+        for name, described, share in zip(result.classes, words, result.class_shares())
     ]
     return Segmentation(result.overlay(rgb), colorize(result.labels), shares, seconds)
 
@@ -421,7 +562,8 @@ def build_app(backbone: ClipBackbone, sam=None, title: str = "ovdense demo", que
     Segment tab offers every segmentation head of the registry that can run here (``Heads``): a
     trained one with its checkpoint (``<name>_head=PATH``, e.g. ``san_head``, or the one that
     ships for the backbone); the Detect tab appears with a detection head's checkpoint
-    (``fvit_head`` or the shipped one)."""
+    (``fvit_head`` or the shipped one), the Find-like-this tab (image prompts) with a head of
+    ``Heads.prompt_methods`` (CLIPSeg: ``clipseg_head`` or the shipped one)."""
     import gradio as gr
 
     heads = Heads(backbone, sam, **head_checkpoints)
@@ -434,6 +576,9 @@ def build_app(backbone: ClipBackbone, sam=None, title: str = "ovdense demo", que
         if heads.available("detection"):
             with gr.Tab("Detect"):
                 _detect_tab(heads)
+        if heads.prompt_methods:
+            with gr.Tab("Find like this"):
+                _prompt_tab(heads)
         with gr.Tab("Anomaly"):
             _anomaly_tab(heads)
         if sam is not None:
@@ -515,6 +660,76 @@ def _segment_tab(heads: Heads) -> None:
     compare.change(lambda on: gr.Column(visible=on), compare, compared)
     button.click(_shown_in_page(run), [upload, classes, method, bg, pamr, compare],
                  [shown_overlay, label_map, shares, status, gallery, times], api_name="segment",
+                 concurrency_id="model", concurrency_limit=CONCURRENCY)
+
+
+def _prompt_tab(heads: Heads) -> None:
+    """Find things like an example: an image, classes by words, and one class by an example image
+    whose object is marked by a mask upload or a box (``read_image_prompt``)."""
+    import gradio as gr
+
+    progress_bar = gr.Progress()
+
+    def preview(example, mask, region):
+        if example is None:
+            return None, ""
+        rgb, marked, notice = read_image_prompt(example, mask, parse_region(region))
+        return prompt_preview(rgb, marked), notice
+
+    def run(path, text, example, mask, region, name, method, bg, progress=progress_bar):
+        classes = parse_classes(text)
+        name = parse_prompt_name(name, classes)
+        box = parse_region(region)
+        rgb, notice = read_image(path)
+        example_rgb, example_mask, example_notice = read_image_prompt(example, mask, box)
+        progress(0, desc=f"{method}: segmenting")
+        chosen = segment_image(heads, rgb, classes, method, bg_threshold=float(bg),
+                               image_prompts={name: (example_rgb, example_mask)})
+        height, width = rgb.shape[:2]
+        status = (f"**{method}** with the example *{html.escape(name)}* on {width}×{height} px: "
+                  f"{chosen.seconds:.2f} s")
+        notices = [f"image {notice}" if notice else "", f"example {example_notice}" if example_notice else ""]
+        status += "".join(f" — {n}" for n in notices if n)
+        return (chosen.overlay, chosen.label_map, chosen.shares, status,
+                prompt_preview(example_rgb, example_mask))
+
+    with gr.Row():
+        with gr.Column(scale=1):
+            upload = gr.File(label="Image", file_types=list(IMAGE_SUFFIXES), type="filepath",
+                             elem_id="prompt-upload")
+            classes = gr.Textbox(label="Classes", value="background", lines=1, elem_id="prompt-classes",
+                                 info="by words, separated by commas; name the background first")
+            example = gr.File(label="Example image", file_types=list(IMAGE_SUFFIXES), type="filepath",
+                              elem_id="prompt-example")
+            mask = gr.File(label="Mask of the example (optional)", file_types=list(IMAGE_SUFFIXES),
+                           type="filepath", elem_id="prompt-mask")
+            region = gr.Textbox(label="Or a region of the example: x0, y0, x1, y1", elem_id="prompt-region",
+                                placeholder="10, 20, 110, 90",
+                                info="pixels; the mask's non-zero pixels instead; neither: the whole example")
+            marked = gr.Image(label="Example (the object as marked)", type="numpy", format="png",
+                              interactive=False, height=200, elem_id="prompt-preview")
+            example_notice = gr.Markdown(elem_id="prompt-example-notice")
+            name = gr.Textbox(label="Name of the example's class", value="like this", elem_id="prompt-name")
+            methods = heads.prompt_methods
+            method = gr.Dropdown(methods, value=methods[0], label="Method", visible=len(methods) > 1,
+                                 elem_id="prompt-method")
+            bg = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Background threshold",
+                           info="pixels no class reaches this sure become the first class; 0 = off")
+            button = gr.Button("Find", variant="primary", elem_id="run-prompt")
+        with gr.Column(scale=2):
+            status = gr.Markdown(elem_id="prompt-status")
+            shown_overlay = gr.Image(label="Overlay", format="png", interactive=False,
+                                     elem_id="prompt-overlay")
+            with gr.Row():
+                label_map = gr.Image(label="Label map", format="png", interactive=False,
+                                     elem_id="prompt-label-map")
+                shares = gr.Dataframe(headers=["class", "words", "pixels %"], label="Pixel shares",
+                                      interactive=False, wrap=True, elem_id="prompt-shares")
+    gr.on([example.change, mask.change, region.submit, region.blur], _shown_in_page(preview),
+          [example, mask, region], [marked, example_notice], api_name="prompt_preview",
+          concurrency_id="preview", concurrency_limit=2)
+    button.click(_shown_in_page(run), [upload, classes, example, mask, region, name, method, bg],
+                 [shown_overlay, label_map, shares, status, marked], api_name="prompt_segment",
                  concurrency_id="model", concurrency_limit=CONCURRENCY)
 
 
@@ -646,6 +861,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         entry = HEADS[name]
         where = {"segmentation": "the Segment tab's methods", "detection": "the Detect tab"}.get(
             entry.kind, "the Anomaly tab")
+        if "image_prompt" in entry.options:
+            where += " and the Find like this tab (image prompts)"
         parser.add_argument(f"--{name}-head", dest=head_keyword(name),
                             help=f"a trained {entry.title} head ({name}_head.safetensors) for this model: "
                             f"adds '{name}' to {where} (default: the one that ships for the model, if any: "

@@ -5,10 +5,13 @@ The browser test uploads a generated scene, types classes, runs with "compare me
 compares the label map and the overlay the page shows, pixel for pixel, with
 ``Segmenter.predict`` + ``colorize`` / ``overlay`` computed here on the same image (the page
 sends PNGs, which are lossless); the Anomaly tab's score and heat map are checked against
-``WinClip.predict``. It also uploads a text file named ``.png`` and expects the error message
-in the page, and saves screenshots: to ``$OVDENSE_TEST_ARTIFACTS`` (default: pytest's temporary
-folder, printed), and to ``$OVDENSE_DEMO_SCREENSHOT`` too when that is set
-(``OVDENSE_DEMO_SCREENSHOT=demo/screenshot.png`` refreshes the demo page's picture in docs/demo.md).
+``WinClip.predict``, and (with the toy model, whose CLIPSeg head ships) the Find like this tab's
+label map for an uploaded example and mask against ``ClipSegSegmenter.predict``
+(``tests/test_demo_clipseg.py`` checks that tab's functions). It also uploads a text file named
+``.png`` and expects the error message in the page, and saves screenshots: to
+``$OVDENSE_TEST_ARTIFACTS`` (default: pytest's temporary folder, printed), and to
+``$OVDENSE_DEMO_SCREENSHOT`` too when that is set (``OVDENSE_DEMO_SCREENSHOT=demo/screenshot.png``
+refreshes the demo page's picture in docs/demo.md).
 
 The model is the trained toy CLIP when ``ovdense/assets`` has it, else a tiny random ViT: the
 comparison is with the library's own prediction, which holds for any weights.
@@ -378,6 +381,15 @@ def test_demo_page_in_a_browser(small_backbone, small_config, tmp_path_factory, 
         from ovdense.anomaly.winclip import WinClip
 
         defects = WinClip(backbone, "ring").predict([scene.image])[0]
+        prompted = None
+        if model_args[1] == "toy":  # its CLIPSeg head ships: the Find like this tab is there
+            from ovdense.heads.clipseg import ClipSegSegmenter
+
+            example = render_scene(5, SceneConfig(size=(96, 128), objects=(2, 3)))
+            example_file = _write_png(folder / "example.png", example.image)
+            mask_file = _write_png(folder / "mask.png", ((example.instance == 1) * 255).astype(np.uint8))
+            prompted = ClipSegSegmenter(backbone, ["background"], bg_threshold=0.5, image_prompts={
+                "like this": (example.image, example.instance == 1)}).predict(scene.image)
         _wait_until_serving(server, url, log)
         with sync_api.sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=BROWSER_ARGS)
@@ -424,6 +436,19 @@ def test_demo_page_in_a_browser(small_backbone, small_config, tmp_path_factory, 
             heat = _shown_image(page, "#heatmap").astype(int)
             assert np.abs(heat - heatmap_overlay(scene.image, defects.map)).max() <= 1
             page.screenshot(path=str(artifacts / "demo_anomaly.png"), full_page=True)
+
+            if prompted is not None:  # an example and its mask name a class: CLIPSeg's labels
+                page.get_by_role("tab", name="Find like this").click()
+                page.set_input_files("#prompt-upload input[type=file]", str(image))
+                page.set_input_files("#prompt-example input[type=file]", str(example_file))
+                page.set_input_files("#prompt-mask input[type=file]", str(mask_file))
+                page.wait_for_selector("#prompt-preview img")
+                page.click("#run-prompt")
+                page.wait_for_selector("#prompt-label-map img")
+                np.testing.assert_array_equal(_shown_image(page, "#prompt-label-map"),
+                                              colorize(prompted.labels))
+                assert "with the example like this" in page.inner_text("#prompt-status")
+                page.screenshot(path=str(artifacts / "demo_find_like_this.png"), full_page=True)
             browser.close()
     finally:
         server.terminate()
