@@ -142,6 +142,32 @@ def test_prompt_plan_follows_the_labels_and_the_seed(built, world):
     assert other != plans
 
 
+def test_text_only_prob_sets_the_share_of_prompts_without_a_visual_prompt(built, world):
+    """Among prompts whose class another training scene shows (read from the label files):
+    with ``text_only_prob`` 0 every one gets a visual prompt, with 1 none does, and the toy
+    config's 0.2 leaves about a fifth text-only; a class no other scene shows is always text."""
+    from mmseg.registry import DATASETS
+
+    _, _, cfg = built
+    shows = {}
+    shares = {}
+    for prob in (0.0, 1.0, 0.2):
+        dataset = DATASETS.build({**cfg.train_dataloader.dataset, "text_only_prob": prob})
+        if not shows:
+            shows = {i: set(np.unique(label_file(world, dataset, i)).tolist()) for i in range(len(dataset))}
+        with_others = without = 0
+        for draw in range(96):
+            index = draw % 8
+            plan = dataset[(index, draw, 0)]["data_samples"].metainfo["clipseg_prompt"]
+            if any(plan["cls"] in shows[j] for j in shows if j != index):
+                with_others += 1
+                without += plan["support"] is None
+            else:
+                assert plan["support"] is None
+        shares[prob] = without / with_others
+    assert shares[0.0] == 0.0 and shares[1.0] == 1.0 and 0.05 <= shares[0.2] <= 0.4, shares
+
+
 def test_loss_is_the_binary_cross_entropy_of_the_planned_targets(built, batch):
     """The loss against one computed here: the support image normalised by hand (BGR → RGB,
     ImageNet's mean and std), padded, engineered, its class token mixed with the text's vector by

@@ -36,7 +36,10 @@ train_dataloader = dict(
     batch_size=32,
     num_workers=0,
     persistent_workers=False,
-    dataset=dict(templates=["a photo of a {}"], support_pipeline=support_pipeline, dataset=dict(
+    # a fifth of the prompts by text alone: the toy's 20 class names always have other samples to
+    # lend a visual prompt, where PhraseCut's unique phrases leave a text-only share
+    dataset=dict(templates=["a photo of a {}"], support_pipeline=support_pipeline, text_only_prob=0.2,
+                 dataset=dict(
         _delete_=True,
         type="ClassFileDataset",
         classnames="{{fileDirname}}/../_base_/classnames/toy_base.txt",
