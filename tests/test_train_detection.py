@@ -176,6 +176,7 @@ def test_the_ov_lvis_configs_refuse_a_missing_or_broken_lvis_package(tmp_path, m
 
 RECIPES = {  # config: (layers, patch, image side, beta, T_vlm, background weight, box FC, model)
     "fvit_vitb16_ovcoco.py": (12, 16, 640, 0.8, 75.0, 0.6, 512, "ViT-B-16"),
+    "fvit_vitb16_ovcoco_clim.py": (12, 16, 640, 0.8, 75.0, 0.6, 1024, "ViT-B-16"),
     "fvit_vitl14_ovcoco.py": (24, 14, 896, 0.8, 75.0, 0.6, 768, "ViT-L-14-336"),
     "fvit_vitb16_ovlvis.py": (12, 16, 1024, 0.6, 50.0, 0.9, 512, "ViT-B-16"),
     "fvit_vitl14_ovlvis.py": (24, 14, 896, 0.4, 50.0, 0.9, 768, "ViT-L-14-336"),
@@ -200,7 +201,9 @@ def test_every_ovdet_config_builds_and_its_strides_match_the_feature_maps(name, 
     cfg = Config.fromfile(str(OVDET / name), import_custom_modules=False)
     assert sorted(p.name for p in OVDET.glob("*.py") if p.name != TOY.name) == sorted(RECIPES)
     model = cfg.model
-    assert model.clip.name == clip_name and model.clip.pretrained == "openai"
+    clim = name.endswith("_clim.py")  # CLIM's shape: its weights file (GELU), the 80 COCO test classes
+    assert model.clip.name == clip_name
+    assert model.clip.pretrained == ("checkpoints/openai_vitb16_coco_clim.pt" if clim else "openai")
     assert tuple(model.indices) == ((3, 5, 7, 11) if layers == 12 else (6, 10, 14, 23))
     head = model.roi_head.bbox_head
     assert (head.alpha, head.beta, head.vlm_temperature) == (0.1, beta, vlm_temperature)
@@ -226,14 +229,15 @@ def test_every_ovdet_config_builds_and_its_strides_match_the_feature_maps(name, 
         model.classes = str(tmp_path / "lvis_v1_base_classes.txt")
         model.test_classes = str(tmp_path / "lvis_v1_all_classes.txt")
     else:
-        assert cfg.train_cfg.max_iters == 5052 and len(model.classes) == 48 and len(model.test_classes) == 65
+        assert cfg.train_cfg.max_iters == 5052 and len(model.classes) == 48
+        assert len(model.test_classes) == (80 if clim else 65)
 
     model.clip = dict(name=str(tiny_vit(tmp_path, layers, patch)), cache_dir=str(tmp_path / "cache"))
     model.neck.in_channels = [32] * 4
     torch.manual_seed(0)
     detector = MODELS.build(model)
     assert detector.roi_head.bbox_head.num_classes == (866 if "lvis" in name else 48)
-    assert len(detector.test_classes) == (866 + 337 if "lvis" in name else 65)
+    assert len(detector.test_classes) == (866 + 337 if "lvis" in name else 80 if clim else 65)
     assert detector.data_preprocessor.pad_size_divisor == 2 * patch
     image = torch.zeros(1, 3, 8 * patch, 12 * patch)
     detector.eval()

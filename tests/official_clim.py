@@ -1,0 +1,35 @@
+"""The official wusize/CLIM code, read from a mirror, for the tests that compare ovdense with it
+(tests/test_fvit_official.py: the F-ViT detector, CLIM's ``ovdet`` FVLM; tests/test_ovcoco_metric_official.py:
+the OV-COCO evaluation). ``OVDENSE_CLIM_REPO`` names the mirror (a bare git repository, or a clone);
+without it the tests skip."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+CLIM_REPO = Path(os.environ.get("OVDENSE_CLIM_REPO", "/work/.mirror/wusize+CLIM/repo"))
+#: CLIM's OV-COCO F-ViT (FVLM) on OpenAI ViT-B/16, the config its README's 29.7 novel AP50 comes from
+CLIM_CONFIG = "ovdet/configs/clip_based/openai_vitb16/faster_rcnn_fpn_openai_vitb16_clim_bs64_ov_coco_3e.py"
+
+
+def clim_checkout(dest: Path, paths: tuple[str, ...]) -> Path:
+    """``paths`` of the mirror's HEAD written under ``dest`` (``git archive``: the mirror is only
+    read, never given an index or a work tree), or skip."""
+    if not CLIM_REPO.is_dir():
+        pytest.skip(f"no mirror of wusize/CLIM at {CLIM_REPO} (set OVDENSE_CLIM_REPO)")
+    git_dir = CLIM_REPO / ".git" if (CLIM_REPO / ".git").exists() else CLIM_REPO
+    result = subprocess.run(["git", f"--git-dir={git_dir}", "archive", "--format=tar", "HEAD", "--", *paths],
+                            capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"{CLIM_REPO} lacks {paths}: {result.stderr.decode(errors='replace').strip()}")
+    dest.mkdir(parents=True, exist_ok=True)
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python ≥ 3.10.12 / 3.11.4
+    with tarfile.open(fileobj=io.BytesIO(result.stdout)) as archive:
+        archive.extractall(dest, **safe)
+    return dest
