@@ -61,6 +61,10 @@ def _command_detect(args: argparse.Namespace) -> int:
     entry = get_head(args.method, "detection")
     options = {name: getattr(args, name) for name in entry.options}
     detector = create_head(entry.name, backbone, classes, **options)
+    stored = list(getattr(detector, "text_sources", ())).count("stored")
+    if stored:  # a converted published head (tools/model_converters/fvit2ovdense.py) brings its own text
+        print(f"ovdense: {stored} of {len(classes)} classes take the text embeddings stored in the head file "
+              "(the ones it was trained with); the backbone encodes the others")
     failed: list[Path] = []
     for path, rgb in _readable_images(todo, "detect", failed, args.max_pixels):
         result = detector.predict(rgb)

@@ -53,6 +53,11 @@ and their departures) and F-ViT's own parts (``ovdense.heads.fvit_parts``: the f
 pyramid, the open-vocabulary box head and the ensemble). On the same head and image it gives
 mmdet's boxes, scores, labels and masks (``tests/test_detector_plain.py``; equal to float32
 rounding on CPU). ``Detector`` is the user API on top.
+
+A head file may also bring the class text embeddings its head was trained against
+(``StoredText``: names and rows, e.g. the 80 COCO rows of CLIM's published OV-COCO model,
+``tools/model_converters/fvit2ovdense.py``). ``Detector`` takes a stored row for a requested class of
+the same name and encodes every other class with the backbone's text tower and templates.
 """
 
 from __future__ import annotations
@@ -80,19 +85,22 @@ from ovdense.heads.fvit_parts import (
     OpenVocabBBoxHead,
     OpenVocabClassifier,
     SimplePyramid,
+    StoredText,
     ensemble,
     frozen_features,
     fvit_out_indices,
     region_clip_embeddings,
     vlm_probabilities,
+    vocabulary_text,
 )
 
 # the head's public face: what it defines, and the parts (fvit_parts.py) its users and tests reach here
 __all__ = [
-    "HEAD_FORMAT", "TOY_HEAD_FILE", "DetectionResult", "Detector", "FrozenFeatures", "OpenVocabBBoxHead",
-    "OpenVocabClassifier", "PlainFViT", "SimplePyramid", "check_vocabulary", "default_head_checkpoint",
-    "ensemble", "frozen_features", "fvit_out_indices", "load_head", "read_classes", "region_clip_embeddings",
-    "save_head", "seen_mask", "vlm_probabilities",
+    "HEAD_FORMAT", "STORED_TEXT_KEY", "TOY_HEAD_FILE", "DetectionResult", "Detector", "FrozenFeatures",
+    "OpenVocabBBoxHead", "OpenVocabClassifier", "PlainFViT", "SimplePyramid", "StoredText",
+    "check_vocabulary", "default_head_checkpoint", "ensemble", "frozen_features", "fvit_out_indices",
+    "load_head", "load_stored_text", "read_classes", "region_clip_embeddings", "save_head", "seen_mask",
+    "vlm_probabilities", "vocabulary_text",
 ]
 
 HEAD_FORMAT = "ovdense-fvit-head/1"
@@ -113,12 +121,21 @@ def seen_mask(classes: Sequence[str], training_classes: Sequence[str]) -> torch.
 # Head checkpoints: safetensors, tied to the backbone they were trained on
 
 
+#: The tensor name of a head file's stored class embeddings (``StoredText``; its names and source are
+#: the ``stored_text`` metadata entry). Outside every model's state dict: ``load_head`` leaves it out.
+STORED_TEXT_KEY = "stored_text.embeddings"
+
+
 def save_head(path: str | os.PathLike, state: dict[str, torch.Tensor], backbone, config: dict,
-              dtype: torch.dtype | None = None) -> Path:
+              dtype: torch.dtype | None = None, stored_text: StoredText | None = None) -> Path:
     """Write a head's ``state`` (the detector's trained tensors, no backbone) as safetensors with
     ``{"format", "backbone", "config"}`` metadata, atomically (temporary name, then rename).
     ``dtype`` (e.g. ``torch.float16``: half the file, as the SAN head ships) stores the floating
-    tensors in that type; ``load_head`` gives them back as float32."""
+    tensors in that type; ``load_head`` gives them back as float32.
+
+    ``stored_text``: class embeddings the head was trained against (``StoredText``), written as the
+    tensor ``STORED_TEXT_KEY`` (always float32: they are the reference, and small) with their names
+    and source in the ``stored_text`` metadata entry; ``Detector`` uses them for those names."""
     from safetensors.torch import save
 
     from ovdense.io import write_bytes
@@ -127,15 +144,16 @@ def save_head(path: str | os.PathLike, state: dict[str, torch.Tensor], backbone,
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     metadata = {"format": HEAD_FORMAT, "backbone": backbone.identity, "config": json.dumps(config)}
+    if stored_text is not None:
+        if STORED_TEXT_KEY in tensors:
+            raise OvdenseError(f"the head's state already has a tensor {STORED_TEXT_KEY!r}")
+        tensors[STORED_TEXT_KEY] = stored_text.embeddings.contiguous()
+        metadata["stored_text"] = json.dumps({"names": stored_text.names, "source": stored_text.source})
     return write_bytes(path, save(tensors, metadata=metadata))
 
 
-def load_head(path: str | os.PathLike, backbone) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a head checkpoint written by ``save_head``: ``(state, config)``.
-
-    Raises ``OvdenseError`` for a missing file, a file that is not safetensors (a pickle is never
-    unpickled), a file without ovdense's F-ViT metadata, and a head trained on another backbone.
-    """
+def _read_head(path: str | os.PathLike, backbone, stored: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """A checked head file's tensors (the model's, or only the stored text's) and its metadata."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -144,7 +162,7 @@ def load_head(path: str | os.PathLike, backbone) -> tuple[dict[str, torch.Tensor
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys() if (k == STORED_TEXT_KEY) == stored}
     except Exception as e:  # noqa: BLE001 - a pickle or any unreadable file is the user's wrong file
         raise OvdenseError(
             f"{path} is not a safetensors head checkpoint ({type(e).__name__}); ovdense never unpickles "
@@ -157,9 +175,37 @@ def load_head(path: str | os.PathLike, backbone) -> tuple[dict[str, torch.Tensor
     if metadata.get("backbone") != expected:
         raise OvdenseError(f"{path} was trained on backbone {metadata.get('backbone')!r}, not this one "
                            f"({expected}); load the backbone it was trained on or retrain the head")
+    return state, metadata
+
+
+def load_head(path: str | os.PathLike, backbone) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a head checkpoint written by ``save_head``: ``(state, config)``; the state holds the
+    model's tensors only (stored text embeddings: ``load_stored_text``).
+
+    Raises ``OvdenseError`` for a missing file, a file that is not safetensors (a pickle is never
+    unpickled), a file without ovdense's F-ViT metadata, and a head trained on another backbone.
+    """
+    state, metadata = _read_head(path, backbone, stored=False)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # fp16 files: float32
     return state, json.loads(metadata.get("config", "{}"))
 
+
+def load_stored_text(path: str | os.PathLike, backbone) -> StoredText | None:
+    """The class embeddings a head file brings (``save_head(stored_text=...)``), or ``None`` (heads
+    that ovdense trains store none: their text is the backbone's). Checked as ``load_head``."""
+    state, metadata = _read_head(path, backbone, stored=True)
+    if STORED_TEXT_KEY not in state and "stored_text" not in metadata:
+        return None
+    try:
+        entry = json.loads(metadata["stored_text"])
+        stored = StoredText(entry["names"], state[STORED_TEXT_KEY], entry.get("source", ""))
+    except (KeyError, TypeError, ValueError, OvdenseError) as e:
+        raise OvdenseError(f"{path}: its stored text embeddings are damaged ({type(e).__name__}: {e}); "
+                           "convert the head again") from e
+    if stored.embeddings.shape[1] != backbone.embed_dim:
+        raise OvdenseError(f"{path}: its stored text embeddings have {stored.embeddings.shape[1]} "
+                           f"dimensions, the backbone's joint space {backbone.embed_dim}")
+    return stored
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,6 +432,12 @@ class Detector:
             default for the toy, else 640, F-ViT's OV-COCO size).
         ensemble: F-ViT's CLIP ensemble on (``False``: the detector's own scores).
 
+    A head file that stores its class embeddings (``StoredText``: a converted published head, e.g.
+    CLIM's 80 COCO classes) gives them to the classes of those names; every other class is encoded by
+    the backbone's text tower with the head's templates (``vocabulary_text``). ``text_sources`` says
+    which, per class (``"stored"`` or ``"encoded"``); ``stored_text`` is the file's ``StoredText`` or
+    ``None``.
+
     Preprocessing is what the mmdet path did: the long side resized to ``image_size`` (bilinear,
     ``cv2.INTER_LINEAR``), mmdet's ``DetDataPreprocessor`` (RGB, ``(x − 255·mean) / (255·std)``,
     zero padding bottom/right to a multiple of ``2p``); boxes and masks come back in pixels of
@@ -428,7 +480,9 @@ class Detector:
         self.ensemble = bool(ensemble)
         self.score_threshold = float(score_threshold)
         self.image_size = int(image_size or backbone.defaults.get("short_side", 640))
-        self.text = backbone.encode_text(classes, model.templates).float()  # C, D
+        self.stored_text = load_stored_text(head_checkpoint, backbone)
+        # C, D: the head's stored row for a class of that name, the backbone's text for any other
+        self.text, self.text_sources = vocabulary_text(backbone, classes, model.templates, self.stored_text)
         self.seen = seen_mask(classes, model.training_classes).to(self.text.device)  # C
         # mmdet's DetDataPreprocessor: mean/std in 0–255 units, as float32 tensors
         self.mean = torch.tensor([255 * m for m in backbone.mean]).view(-1, 1, 1)  # 3, 1, 1

@@ -1,5 +1,6 @@
 """F-ViT's own parts on the frozen shared backbone: the frozen pass, the simple pyramid, the
-open-vocabulary classifier and box head, CLIP's region scores and the ensemble.
+open-vocabulary classifier and box head, the vocabulary's text (encoded, or stored with a published
+head), CLIP's region scores and the ensemble.
 
 The papers, the official files followed and the departures are in ``ovdense.heads.fvit``'s
 docstring (the head's public face, which re-exports these names); the generic two-stage parts
@@ -204,6 +205,68 @@ class OpenVocabClassifier(nn.Module):
             keep = torch.cat([trainable.to(torch.bool), trainable.new_ones(1, dtype=torch.bool)])  # C+1
             logits = logits.masked_fill(~keep, float("-inf"))
         return logits
+
+
+# --------------------------------------------------------------------------------------------
+# The vocabulary's text: encoded by the backbone, or stored with a published head
+
+
+@dataclass
+class StoredText:
+    """Class text embeddings that a head file brings with it: the ones its head was trained against.
+
+    Why a head carries them: a published head's classifier (and its learned background column) was
+    trained on its authors' text embeddings, and ovdense cannot always recompute them. CLIM's
+    OV-COCO model (wusize/CLIM ``ovdet``) was trained on ``coco_openai_vitb16_hand_craft.npy``: 63
+    hand-crafted ViLD templates with an ``{article}`` (a/an, per name) and a "This is " prefix on the
+    prompts that start with "a" or "the" (``ovdet/tools/generate_text_embeddings.py``), which
+    ovdense's templates (one ``{}``, ``str.format``) cannot express; and it was probably encoded with
+    OpenAI's QuickGELU text tower (the script's default ``--pretrained openai``), while the detector's
+    image tower runs with exact GELU (CLIM's open_clip fork builds a CLIP loaded from a file with
+    ``nn.GELU``) — and an ovdense backbone has one activation for both towers, so the one built for
+    the detector (from a file: GELU) would not reproduce those rows. They are therefore kept as
+    published and used as they are (not renormalised, as CLIM's ``pred_cls_logits``).
+
+    Attributes:
+        names: ``V`` class names, one per row, each once.
+        embeddings: ``[V, D]`` float32 (CLIM's rows are L2-normalised).
+        source: one line saying where the rows come from and how they were made.
+    """
+
+    names: list[str]
+    embeddings: torch.Tensor
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.names = [str(n) for n in self.names]
+        if self.embeddings.dim() != 2 or self.embeddings.shape[0] != len(self.names):
+            raise OvdenseError(f"stored text embeddings must be [{len(self.names)}, D], one row per name, "
+                               f"not {tuple(self.embeddings.shape)}")
+        if len(set(self.names)) != len(self.names):
+            raise OvdenseError("stored text embeddings name a class twice")
+        self.embeddings = self.embeddings.detach().float().cpu()
+
+    def rows(self, classes: Sequence[str]) -> list[int | None]:
+        """For each class, its row, or ``None``: names match exactly (as ``seen_mask`` does, so a
+        stored class and a training class are told apart by the same rule)."""
+        index = {name: i for i, name in enumerate(self.names)}
+        return [index.get(c) for c in classes]
+
+
+def vocabulary_text(backbone, classes: Sequence[str], templates, stored: StoredText | None = None
+                    ) -> tuple[torch.Tensor, list[str]]:
+    """A vocabulary's text embeddings ``[C, D]`` (float32, on the backbone's device) and, per class,
+    where its row came from: ``"stored"`` (the head's ``StoredText`` row of that name) or
+    ``"encoded"`` (``backbone.encode_text(…, templates)``, as for every head without stored text).
+
+    Mixing the two is what a published head allows: its own names keep the rows it was trained
+    with, other words get the backbone's (another prompt recipe, and for CLIM another activation:
+    see ``StoredText``), so their scores are comparable only roughly."""
+    rows = stored.rows(classes) if stored is not None else [None] * len(classes)
+    others = [c for c, r in zip(classes, rows) if r is None]
+    encoded = iter(backbone.encode_text(others, templates).float()) if others else iter(())  # C', D
+    picked = [stored.embeddings[r].to(backbone.device) if r is not None else next(encoded) for r in rows]
+    return torch.stack(picked), ["encoded" if r is None else "stored" for r in rows]  # C, D
 
 
 # --------------------------------------------------------------------------------------------
