@@ -27,9 +27,11 @@ setup(
     ],
     extras_require={
         # transformers: the reference CLIPSeg (CLIPSegForImageSegmentation) tests/test_clipseg.py
-        # checks ovdense's against, pinned to the version that was checked
+        # checks ovdense's against, pinned to the version that was checked; setuptools < 81: its
+        # pkg_resources, which the official CLIM code (wusize/CLIM ovdet) imports, run as is by
+        # tests/test_fvit_official.py
         "dev": ["pytest>=8", "ruff>=0.5", "scipy>=1.10", "scikit-learn>=1.3", "pycocotools>=2.0.7",
-                "segment-anything==1.0", "playwright>=1.50", "transformers==5.25.0"],
+                "segment-anything==1.0", "playwright>=1.50", "transformers==5.25.0", "setuptools<81"],
         "sam": ["segment-anything==1.0", "pycocotools>=2.0.7"],
         "mm": ["mmengine>=0.10,<0.11", "mmsegmentation==1.2.2", "mmdet==3.3.0", "pycocotools>=2.0.7",
                "scipy>=1.10", "prettytable"],
