@@ -6,6 +6,7 @@ checkpoints without the backbone.
 Runs train a shrunk decoder (D = 16, FFN 64) on the toy backbone in the synthetic toy world.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,28 @@ def test_text_only_prob_sets_the_share_of_prompts_without_a_visual_prompt(built,
                 assert plan["support"] is None
         shares[prob] = without / with_others
     assert shares[0.0] == 0.0 and shares[1.0] == 1.0 and 0.05 <= shares[0.2] <= 0.4, shares
+
+
+def test_the_class_index_lists_the_scenes_of_each_class_and_is_kept_in_index_file(built, world, tmp_path):
+    """The class → scenes index equals one read from the label files here (label 255 left out);
+    with ``index_file`` it is written, and a second dataset reads it back instead of the label maps."""
+    from mmseg.registry import DATASETS
+
+    _, dataset, cfg = built
+    want: dict[int, list[int]] = {}
+    for i in range(len(dataset)):
+        for label in np.unique(label_file(world, dataset, i)).tolist():
+            if label != 255:
+                want.setdefault(int(label), []).append(i)
+    assert dataset.index == want
+    cache = tmp_path / "index.json"
+    first = DATASETS.build({**cfg.train_dataloader.dataset, "index_file": str(cache)})
+    assert first.index == want and cache.is_file()
+    data = json.loads(cache.read_text())
+    data["index"] = {"1": [0]}  # a second dataset must take the file's word for it
+    cache.write_text(json.dumps(data))
+    second = DATASETS.build({**cfg.train_dataloader.dataset, "index_file": str(cache)})
+    assert second.index == {1: [0]}
 
 
 def test_loss_is_the_binary_cross_entropy_of_the_planned_targets(built, batch):

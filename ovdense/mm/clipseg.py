@@ -142,16 +142,16 @@ class ClipSegPromptDataset:
     def _class_index(self, index_file: str | None) -> dict[int, list[int]]:
         if hasattr(self.dataset, "images_of_class"):
             return {int(c): list(v) for c, v in self.dataset.images_of_class().items()}
-        paths = [self.dataset.get_data_info(i)["seg_map_path"] for i in range(len(self.dataset))]
+        infos = [self.dataset.get_data_info(i) for i in range(len(self.dataset))]
+        paths = [info["seg_map_path"] for info in infos]
         if index_file is not None and os.path.isfile(index_file):
             with open(index_file) as f:
                 cached = json.load(f)
             if cached.get("seg_maps") == paths:
                 return {int(c): v for c, v in cached["index"].items()}
         index: dict[int, list[int]] = {}
-        for i, path in enumerate(tqdm(paths, desc="indexing label maps", disable=len(paths) < 1000)):
-            labels = np.unique(np.asarray(Image.open(path)))
-            info = self.dataset.get_data_info(i)
+        for i, info in enumerate(tqdm(infos, desc="indexing label maps", disable=len(infos) < 1000)):
+            labels = np.unique(np.asarray(Image.open(info["seg_map_path"])))
             if info.get("label_map"):  # a class subset: mmseg's LoadAnnotations maps old → new
                 labels = np.unique([info["label_map"].get(int(x), int(x)) for x in labels])
             if info.get("reduce_zero_label"):
