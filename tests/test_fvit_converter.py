@@ -47,6 +47,9 @@ CLIM_BASE_MASK = [1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0,
                   1, 0, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 0, 1, 0, 0, 1,
                   0, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 1]
 BOX = "roi_head.bbox_head."
+# OVR-CNN's 17 novel classes (the other 15 of COCO's 80 are in neither split)
+OV_COCO_NOVEL = ("airplane", "bus", "cat", "dog", "cow", "elephant", "umbrella", "tie", "snowboard",
+                 "skateboard", "cup", "knife", "cake", "couch", "keyboard", "sink", "scissors")
 
 
 def clim_layout() -> dict[str, tuple[int, ...]]:
@@ -94,6 +97,41 @@ def clim_layout() -> dict[str, tuple[int, ...]]:
         shapes[f"{BOX}{name}.weight"], shapes[f"{BOX}{name}.bias"] = shape, shape[:1]
     shapes.update({BOX + "cls_temp": (), BOX + "bg_embedding.weight": (D, 1), BOX + "bg_embedding.bias": (D,),
                    BOX + "cls_embeddings": (80, D)})
+    return shapes
+
+
+NAS_CELLS_WITH_CONV = ("gp_64_4", "sum_44_4", "sum_43_3", "sum_34_4", "sum_55_5", "sum_77_7", "gp_75_6")
+
+
+def lvis_layout(rows: int = 1203) -> dict[str, tuple[int, ...]]:
+    """CLIM's OV-LVIS FVLM (mmdet's NASFPN, 7 stages, and a class-agnostic FCNMaskHead with SyncBN; the
+    rest as the OV-COCO model) written out key by key: mmcv's merge cells hold a ReLU → 3×3 conv (with
+    bias) → BN ``out_conv``, except ``gp_43_5`` and ``gp_54_7``, which have none."""
+    W, D, C = 768, 512, 256
+    shapes = {k: v for k, v in clim_layout().items() if not k.startswith("neck.")}
+
+    def bn(prefix: str, n: int) -> None:
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{prefix}.{name}"] = (n,)
+        shapes[f"{prefix}.num_batches_tracked"] = ()
+
+    for i in range(4):
+        shapes[f"neck.lateral_convs.{i}.conv.weight"] = (C, W, 1, 1)
+        bn(f"neck.lateral_convs.{i}.bn", C)
+    shapes["neck.extra_downsamples.0.0.conv.weight"] = (C, C, 1, 1)
+    bn("neck.extra_downsamples.0.0.bn", C)
+    for stage in range(7):
+        for cell in NAS_CELLS_WITH_CONV:
+            prefix = f"neck.fpn_stages.{stage}.{cell}.out_conv"
+            shapes[prefix + ".conv.weight"], shapes[prefix + ".conv.bias"] = (C, C, 3, 3), (C,)
+            bn(prefix + ".bn", C)
+    for i in range(4):
+        shapes[f"roi_head.mask_head.convs.{i}.conv.weight"] = (C, C, 3, 3)
+        bn(f"roi_head.mask_head.convs.{i}.bn", C)
+    mask = "roi_head.mask_head."
+    shapes.update({mask + "upsample.weight": (C, C, 2, 2), mask + "upsample.bias": (C,),
+                   mask + "conv_logits.weight": (1, C, 1, 1), mask + "conv_logits.bias": (1,),
+                   BOX + "cls_embeddings": (rows, D)})
     return shapes
 
 
@@ -408,9 +446,20 @@ REFUSALS = {
                r"CLIM's box head has 1024"),
     "no cls_embeddings": (lambda s: {"state_dict": {k: v for k, v in s.items() if "cls_embeddings" not in k}},
                           r"no roi_head\.bbox_head\.cls_embeddings"),
-    "nasfpn": (lambda s: {"state_dict": {**{k: v for k, v in s.items() if not k.startswith("neck.")},
-                                         "neck.fpn_stages.0.gp_64_4.conv.weight": torch.zeros(1)}},
-               r"NASFPN .*OV-LVIS.*FPN only"),
+    "nasfpn without masks": (
+        lambda s: {"state_dict": {**s, "neck.fpn_stages.0.gp_64_4.out_conv.conv.weight": torch.zeros(1)}},
+        r"a NAS-FPN neck without a mask head: CLIM publishes an FPN box model \(OV-COCO\) and a NAS-FPN "
+        r"mask model \(OV-LVIS\)"),
+    "fpn with masks": (
+        lambda s: {"state_dict": {**s, "roi_head.mask_head.conv_logits.weight": torch.zeros(1)}},
+        r"an FPN neck with a mask head"),
+    "lvis without class files": (
+        lambda s: {"state_dict": {**{k: torch.zeros(1) for k in lvis_layout()},
+                                  **{k: v for k, v in s.items() if k.startswith(("backbone.visual.proj", BOX))
+                                     and not k.endswith("cls_embeddings")},
+                                  BOX + "cls_embeddings": torch.zeros(1203, 512)}},
+        r"CLIM's OV-LVIS model \(1203 class embeddings\): give the names of its rows and its training "
+        r"classes: --class-names .*lvis_v1_all_classes\.txt --training-classes .*lvis_v1_base_classes\.txt"),
     "resnet": (lambda s: {"state_dict": {**{k: v for k, v in s.items() if ".resblocks." not in k},
                                          "backbone.visual.layer1.0.conv1.weight": torch.zeros(1)}},
                r"not a CLIP ViT"),
@@ -429,3 +478,233 @@ def test_refusals_are_one_line(case, tmp_path, capsys):
     assert code == 1 and err.count("\n") == 1 and err.startswith("error: "), err
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+# --------------------------------------------------------------------------------------------
+# CLIM's OV-LVIS model (NAS-FPN, masks)
+
+
+def _lvis_base(rows: int) -> list[bool]:
+    return [i % 3 != 0 for i in range(rows)]  # any fixed split: the converter takes it from the files
+
+
+@pytest.fixture(scope="module")
+def converted_lvis(tmp_path_factory, converted):
+    """A synthetic OV-LVIS checkpoint (``lvis_layout``, random; the visual tower is the OV-COCO
+    fixture's, so ``--clip`` can be its CLIP file), and the two class files as lvis_v1_ovd.py writes
+    them: 1203 names and the base ones (here every third class is "rare"). The neck's BN statistics are
+    spread as the layout's others; the NAS-FPN's output is then large, which this test does not mind
+    (tests/test_fvit_official_lvis.py compares the detector with CLIM's on calibrated weights)."""
+    folder = tmp_path_factory.mktemp("clim-lvis")
+    state = random_state(lvis_layout(), seed=3)
+    state.update({k: v for k, v in converted["state"].items() if k.startswith("backbone.visual.")})
+    torch.save({"state_dict": state}, folder / "ovdet_openai_vitb16_ov_lvis_clim.pth")
+    names = [f"category {i}" for i in range(1203)]
+    base = [n for n, b in zip(names, _lvis_base(1203)) if b]
+    (folder / "lvis_v1_all_classes.txt").write_text("\n".join(names) + "\n")
+    (folder / "lvis_v1_base_classes.txt").write_text("\n".join(base) + "\n")
+    converter = load_tool("model_converters/fvit2ovdense")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = converter.main([str(folder / "ovdet_openai_vitb16_ov_lvis_clim.pth"), str(folder / "out"),
+                               "--clip", str(converted["out"].parent / "openai_vitb16_coco_clim.pt"),
+                               "--class-names", str(folder / "lvis_v1_all_classes.txt"),
+                               "--training-classes", str(folder / "lvis_v1_base_classes.txt")])
+    assert code == 0
+    return dict(state=state, names=names, base=base, folder=folder, printed=printed.getvalue(),
+                backbone_file=folder / "out" / "backbone.safetensors",
+                head=folder / "out" / "fvit-head.safetensors")
+
+
+def test_lvis_head_holds_the_checkpoints_tensors(converted_lvis, backbone):
+    """The OV-LVIS head: every CLIM tensor under its ovdense name (the NAS-FPN and the mask head by their
+    own names), CLIM's OV-LVIS settings, the 1203 stored rows under their names, the 802 training
+    classes of the class file; the backbone file equals the OV-COCO one (the same visual tower and CLIP
+    file) and so the same ``backbone`` loads the head."""
+    state = converted_lvis["state"]
+    head, config = det.load_head(converted_lvis["head"], backbone)
+    want = {ovdense_key(k): v for k, v in state.items() if ovdense_key(k) is not None}
+    want[BOX + "classifier.background"] = (state[BOX + "bg_embedding.weight"][:, 0]
+                                           + state[BOX + "bg_embedding.bias"])
+    assert set(head) == set(want)
+    assert sum(k.startswith("neck.fpn_stages.") for k in head) == 7 * 7 * 7  # 7 stages, 7 convs, 7 tensors
+    for key, value in want.items():
+        assert torch.equal(head[key], value.reshape(head[key].shape)), key
+    assert config["neck"] == dict(type="NASFPN", in_channels=[768] * 4, out_channels=256, num_outs=5,
+                                  stack_times=7, norm_cfg=dict(type="BN", requires_grad=True))
+    box, mask = config["roi_head"]["bbox_head"], config["roi_head"]["mask_head"]
+    assert (box["alpha"], box["beta"], box["vlm_temperature"]) == (0.35, 0.65, 50.0)
+    assert box["fc_out_channels"] == 1024
+    assert mask["class_agnostic"] and mask["norm_cfg"]["type"] == "BN" and mask["num_convs"] == 4
+    assert config["roi_head"]["mask_roi_extractor"]["roi_layer"]["output_size"] == 14
+    assert config["test_cfg"]["rpn"]["nms_pre"] == 2000
+    assert config["test_cfg"]["rcnn"] == dict(score_thr=0.0001, nms=dict(type="nms", iou_threshold=0.5),
+                                              max_per_img=300, mask_thr_binary=0.5)
+    assert config["classes"] == converted_lvis["base"] and len(config["classes"]) == 802
+    stored = det.load_stored_text(converted_lvis["head"], backbone)
+    assert stored.names == converted_lvis["names"]
+    assert torch.equal(stored.embeddings, state[BOX + "cls_embeddings"])
+    assert "OV-LVIS model (mask_rcnn_nasfpn_openai_vitb16_clim_bs64_ov_lvis_4x.py)" \
+        in converted_lvis["printed"]
+    assert "tools/test.py configs/ovdet/fvit_vitb16_ovlvis_clim.py" in converted_lvis["printed"]
+    detector = det.Detector(backbone, ["category 1", "category 3", "kettle"], converted_lvis["head"],
+                            score_threshold=0.0, image_size=288)
+    assert detector.text_sources == ["stored", "stored", "encoded"]
+    assert detector.seen.tolist() == [True, False, False]
+    result = detector.predict(image())
+    assert result.masks is not None and result.masks.shape == (len(result.scores), 180, 240)
+
+
+def test_lvis_layout_is_clims(clim_tree_lvis, converted_lvis):
+    """With the mirror: CLIM's OV-LVIS model, built from its own config, has exactly ``lvis_layout``'s
+    keys and shapes, and takes the synthetic checkpoint strictly."""
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    import_clim(clim_tree_lvis)
+    cfg = Config.fromfile(str(clim_tree_lvis / CLIM_LVIS_CONFIG))
+    cfg.model.backbone.pretrained = None
+    init_default_scope("mmdet")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(clim_tree_lvis / "ovdet")  # its text rows' and class weights' paths
+        clim = MODELS.build(cfg.model)
+    assert {k: tuple(v.shape) for k, v in clim.state_dict().items()} == lvis_layout()
+    clim.load_state_dict(converted_lvis["state"], strict=True)
+
+
+CLIM_LVIS_CONFIG = ("ovdet/configs/clip_based/openai_vitb16/"
+                    "mask_rcnn_nasfpn_openai_vitb16_clim_bs64_ov_lvis_4x.py")
+
+
+@pytest.fixture(scope="module")
+def clim_tree_lvis(tmp_path_factory) -> Path:
+    pytest.importorskip("mmcv.ops", reason="needs compiled mmcv ops: python tools/misc/build_mmcv.py")
+    pytest.importorskip("mmdet", reason="needs mmdet 3.3: pip install -e '.[mm]'")
+    for name in ("timm", "transformers"):
+        pytest.importorskip(name, reason=f"CLIM's open_clip fork imports {name}")
+    metadata = "ovdet/data/metadata/"
+    return clim_checkout(tmp_path_factory.mktemp("clim-tree-lvis"),
+                         ("src/open_clip", "ovdet/ovdet", "ovdet/configs",
+                          metadata + "lvis_openai_vitb16_hand_craft.npy",
+                          metadata + "lvis_v1_train_cat_norare_info.json"))
+
+
+# --------------------------------------------------------------------------------------------
+# tools/test.py on the converted files
+
+
+def test_tools_test_runs_the_converted_files_with_clims_protocol(converted, backbone, tmp_path):
+    """``tools/test.py configs/ovdet/fvit_vitb16_ovcoco_clim.py --cfg-options model.clip.pretrained=BACKBONE
+    model.head_checkpoint=HEAD`` (no .pth) on a COCO-layout val set of three 640 × 640 images: the mm
+    path loads the converted head and its 80 stored text rows, and its detections (the metric's dumped
+    json) are ``Detector``'s on the same files (the same 640 input: the config pads to 640 × 640, the
+    Detector to a multiple of 32). The ground truth is Detector's own top detections, so the reported
+    base and novel AP50 are high but not 1 and equal what pycocotools computes on Detector's detections
+    alone. (Ground truth: every other of Detector's best 24 per image, so the ones between are false
+    positives, and a 10 px "person" or "dog" that nothing finds.)"""
+    pytest.importorskip("mmdet", reason="needs mmdet 3.3 (pip install -e '.[mm]')")
+    pytest.importorskip("mmcv.ops", reason="needs compiled mmcv ops")
+    from PIL import Image
+    from pycocotools.coco import COCO as CocoApi
+    from pycocotools.cocoeval import COCOeval
+
+    from ovdense.data.synthetic import SceneConfig, render_scene
+
+    root = tmp_path / "coco"
+    (root / "val2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    detector = det.Detector(backbone, list(COCO), converted["head"], score_threshold=0.0, image_size=640)
+    base = {c for c, b in zip(COCO, CLIM_BASE_MASK) if b}
+    images, annotations, predicted = [], [], []
+    for image_id in (1, 2, 3):
+        rgb = render_scene(np.random.default_rng([7, image_id]), SceneConfig(size=(640, 640))).image
+        name = f"{image_id:012d}.jpg"
+        Image.fromarray(rgb).save(root / "val2017" / name, quality=95)
+        images.append(dict(id=image_id, file_name=name, height=640, width=640))
+        found = detector.predict(root / "val2017" / name)
+        for box, score, k in zip(found.boxes, found.scores, found.class_ids):
+            x1, y1, x2, y2 = (float(v) for v in box)
+            predicted.append(dict(image_id=image_id, category_id=int(k) + 1, bbox=[x1, y1, x2 - x1, y2 - y1],
+                                  score=float(score)))
+        objects = [(box, int(k) + 1) for box, k in zip(found.boxes[1:24:2], found.class_ids[1:24:2])]
+        objects.append(((600.0, 600.0, 610.0, 610.0), COCO.index("person" if image_id < 3 else "dog") + 1))
+        for box, category in objects:  # every other of the best 24 detections, and one object missed
+            x1, y1, x2, y2 = (float(v) for v in box)
+            annotations.append(dict(id=len(annotations) + 1, image_id=image_id, category_id=category,
+                                    bbox=[x1, y1, x2 - x1, y2 - y1], area=(x2 - x1) * (y2 - y1), iscrowd=0))
+    assert {COCO[a["category_id"] - 1] in base for a in annotations} == {True, False}
+    assert any(COCO[a["category_id"] - 1] in OV_COCO_NOVEL for a in annotations)
+    ann_file = root / "annotations" / "instances_val2017.json"
+    ann_file.write_text(json.dumps(dict(images=images, annotations=annotations,
+                                        categories=[dict(id=i + 1, name=n) for i, n in enumerate(COCO)])))
+    tool = load_tool("test")
+    metrics = tool.evaluate([str(ROOT / "configs" / "ovdet" / "fvit_vitb16_ovcoco_clim.py"),
+                             "--work-dir", str(tmp_path / "work"), "--cfg-options",
+                             f"model.clip.pretrained={converted['backbone_file']}",
+                             f"model.head_checkpoint={converted['head']}",
+                             f"model.clip.cache_dir={tmp_path / 'cache'}",
+                             f"test_dataloader.dataset.data_root={root}/",
+                             "test_dataloader.num_workers=0", "test_dataloader.persistent_workers=False",
+                             f"test_evaluator.ann_file={ann_file}",
+                             f"test_evaluator.outfile_prefix={tmp_path / 'dump' / 'pred'}"])
+    dumped = json.loads((tmp_path / "dump" / "pred.bbox.json").read_text())
+    assert len(dumped) == len(predicted) > 30
+    key = lambda d: (d["image_id"], d["category_id"], round(d["score"], 3))  # noqa: E731
+    for ours, theirs in zip(sorted(predicted, key=key), sorted(dumped, key=key)):
+        assert ours["image_id"] == theirs["image_id"] and ours["category_id"] == theirs["category_id"]
+        assert abs(ours["score"] - theirs["score"]) <= 1e-4
+        np.testing.assert_allclose(ours["bbox"], theirs["bbox"], atol=2e-2)
+    gt = CocoApi(str(ann_file))
+    expected, present = {}, {a["category_id"] for a in annotations}
+    for split, names in (("base", base), ("novel", set(OV_COCO_NOVEL))):
+        ids = [i + 1 for i, n in enumerate(COCO) if n in names and i + 1 in present]
+        run = COCOeval(gt, gt.loadRes(predicted), "bbox")
+        run.params.catIds = ids
+        run.evaluate(), run.accumulate()
+        precision = run.eval["precision"][0, :, :, 0, -1]  # IoU 0.5, all areas, 100 detections
+        expected[split] = float(np.mean(precision[precision > -1]))
+    print(f"tools/test.py on the converted files: base AP50 {metrics['coco/base_ap50']:.4f}, novel AP50 "
+          f"{metrics['coco/novel_ap50']:.4f}; pycocotools on Detector's: {expected['base']:.4f}, "
+          f"{expected['novel']:.4f}")
+    assert 0.2 < expected["base"] < 0.99 and 0.2 < expected["novel"] < 0.99
+    assert metrics["coco/base_ap50"] == pytest.approx(expected["base"], abs=1e-3)
+    assert metrics["coco/novel_ap50"] == pytest.approx(expected["novel"], abs=1e-3)
+
+
+def test_the_mm_model_takes_converted_heads_and_refuses_the_wrong_one(converted, converted_lvis, tmp_path):
+    """``OvdenseFViT(head_checkpoint=...)`` built from CLIM's OV-LVIS config takes its converted head strictly
+    (mmdet's NASFPN and mask head under the converter's keys) with the stored rows, keeps them after
+    ``init_weights`` (a training run's start), and refuses the other model's head in one error."""
+    pytest.importorskip("mmdet", reason="needs mmdet 3.3 (pip install -e '.[mm]')")
+    pytest.importorskip("mmcv.ops", reason="needs compiled mmcv ops")
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from safetensors.torch import load_file
+
+    import ovdense.mm.detection  # noqa: F401 - registers OvdenseFViT
+
+    init_default_scope("mmdet")
+    cfg = Config.fromfile(str(ROOT / "configs" / "ovdet" / "fvit_vitb16_ovlvis_clim.py"),
+                          import_custom_modules=False)
+    cfg.model.clip = dict(name="ViT-B-16", pretrained=str(converted_lvis["backbone_file"]),
+                          cache_dir=str(tmp_path / "cache"))
+    cfg.model.classes, cfg.model.test_classes = converted_lvis["base"], converted_lvis["names"]
+    box = cfg.model.roi_head.bbox_head
+    box.num_classes = len(converted_lvis["base"])  # the synthetic split's 802
+    box.loss_cls.class_weight = [1.0] * box.num_classes + [0.9]
+    cfg.model.head_checkpoint = str(converted_lvis["head"])
+    model = MODELS.build(cfg.model)
+    head = {k: v for k, v in load_file(str(converted_lvis["head"])).items() if k != det.STORED_TEXT_KEY}
+    state = model.state_dict()
+    assert set(head) == set(state)
+    model.init_weights()  # mmdet's init would redraw the NAS-FPN and heads: the file's weights come back
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in head.items())
+    assert model.stored_text.names == converted_lvis["names"]
+    model._use_vocabulary(converted_lvis["names"][:4])
+    stored = converted_lvis["state"][BOX + "cls_embeddings"][:4]
+    assert torch.equal(model.roi_head.bbox_head.text, stored)
+    cfg.model.head_checkpoint = str(converted["head"])  # the OV-COCO head: other classes and neck
+    with pytest.raises(OvdenseError, match=r"trained on 48 classes"):
+        MODELS.build(cfg.model)

@@ -179,6 +179,7 @@ RECIPES = {  # config: (layers, patch, image side, beta, T_vlm, background weigh
     "fvit_vitb16_ovcoco_clim.py": (12, 16, 640, 0.8, 75.0, 0.6, 1024, "ViT-B-16"),
     "fvit_vitl14_ovcoco.py": (24, 14, 896, 0.8, 75.0, 0.6, 768, "ViT-L-14-336"),
     "fvit_vitb16_ovlvis.py": (12, 16, 1024, 0.6, 50.0, 0.9, 512, "ViT-B-16"),
+    "fvit_vitb16_ovlvis_clim.py": (12, 16, 1024, 0.65, 50.0, 0.9, 1024, "ViT-B-16"),
     "fvit_vitl14_ovlvis.py": (24, 14, 896, 0.4, 50.0, 0.9, 768, "ViT-L-14-336"),
 }
 
@@ -203,14 +204,17 @@ def test_every_ovdet_config_builds_and_its_strides_match_the_feature_maps(name, 
     model = cfg.model
     clim = name.endswith("_clim.py")  # CLIM's shape: its weights file (GELU), the 80 COCO test classes
     assert model.clip.name == clip_name
-    assert model.clip.pretrained == ("checkpoints/openai_vitb16_coco_clim.pt" if clim else "openai")
+    clim_file = "checkpoints/openai_vitb16_" + ("cc3m" if "lvis" in name else "coco") + "_clim.pt"
+    assert model.clip.pretrained == (clim_file if clim else "openai")
     assert tuple(model.indices) == ((3, 5, 7, 11) if layers == 12 else (6, 10, 14, 23))
     head = model.roi_head.bbox_head
-    assert (head.alpha, head.beta, head.vlm_temperature) == (0.1, beta, vlm_temperature)
+    alpha = 0.35 if name == "fvit_vitb16_ovlvis_clim.py" else 0.1  # CLIM's OV-LVIS model
+    assert (head.alpha, head.beta, head.vlm_temperature) == (alpha, beta, vlm_temperature)
     assert head.temperature == 50.0
     assert head.loss_cls.class_weight[-1] == background and head.fc_out_channels == fc
     assert cfg.train_dataloader.dataset.dataset.pipeline[2].scale == (side, side)
-    assert cfg.test_dataloader.dataset.pipeline[-2].size == (side, side)
+    test_side = 640 if name == "fvit_vitb16_ovlvis_clim.py" else side  # CLIM's lsj_640 test input
+    assert cfg.test_dataloader.dataset.pipeline[-2].size == (test_side, test_side)
     assert cfg.optim_wrapper.optimizer.lr == 1e-4 and cfg.optim_wrapper.optimizer.weight_decay == 0.1
     assert cfg.optim_wrapper.clip_grad.max_norm == 1.0 and cfg.train_dataloader.batch_size * 8 == 64
     assert cfg.train_cfg.type == "SeededIterBasedTrainLoop"

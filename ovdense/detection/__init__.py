@@ -5,7 +5,7 @@ options the configs use, with mmdet's parameter names, so a head file written by
 ``ovdense.mm.detection.export_head`` loads strictly; options not reproduced are refused with an
 ``OvdenseError`` rather than approximated. Only torch and torchvision.ops; no mmcv, mmdet or mmengine.
 
-* ``necks``: ``ConvModule``, ``FPN`` and ``make_norm``.
+* ``necks``: ``ConvModule``, ``FPN``, ``NASFPN`` (with mmcv's merge cells), ``build_neck`` and ``make_norm``.
 * ``task_modules``: ``AnchorGenerator`` and ``DeltaXYWHBBoxCoder``.
 * ``ops``: mmcv's ``nms`` / ``batched_nms``, mmdet's ``multiclass_nms``, ``bbox2roi``, mask pasting.
 * ``rpn``: ``RPNHead`` (anchors, deltas, per-level NMS).

@@ -48,7 +48,7 @@ as a submodule: it never enters a head's ``state_dict`` or an optimizer.
 Inference needs no OpenMMLab package: ``PlainFViT`` rebuilds, from the head file that
 ``ovdense.mm.detection.export_head`` writes (state dict + config), exactly what mmdet 3.3's
 ``TwoStageDetector.predict`` runs for ``OvdenseFViT``, from the plain-torch two-stage parts of
-``ovdense.detection`` (FPN, RPN, RoI extractor, box and mask heads, NMS; its docstring lists them
+``ovdense.detection`` (FPN or NAS-FPN, RPN, RoI extractor, box and mask heads, NMS; its docstring lists them
 and their departures) and F-ViT's own parts (``ovdense.heads.fvit_parts``: the frozen pass, the
 pyramid, the open-vocabulary box head and the ensemble). On the same head and image it gives
 mmdet's boxes, scores, labels and masks (``tests/test_detector_plain.py``; equal to float32
@@ -75,7 +75,7 @@ from torch import nn
 
 from ovdense.backbone.prompts import check_vocabulary, read_classes
 from ovdense.detection.config import check_keys, pop_type, unsupported
-from ovdense.detection.necks import FPN
+from ovdense.detection.necks import build_neck
 from ovdense.detection.ops import bbox2roi, multiclass_nms
 from ovdense.detection.roi_heads import FCNMaskHead, SingleRoIExtractor
 from ovdense.detection.rpn import RPNHead
@@ -235,7 +235,7 @@ class PlainFViT(nn.Module):
         self.backbone = nn.Module()
         pyramid = pop_type(config.get("pyramid") or {}, "OvdenseFViTPyramid", "pyramid")
         self.backbone.pyramid = SimplePyramid(backbone.width, **pyramid)
-        self.neck = FPN(**pop_type(config["neck"], "FPN", "neck"))
+        self.neck = build_neck(config["neck"])
         self.rpn_head = RPNHead(**pop_type(config["rpn_head"], "RPNHead", "rpn_head"))
         roi = pop_type(config["roi_head"], "OvdenseFViTRoIHead", "roi_head")
         self.roi_head = nn.Module()

@@ -17,9 +17,12 @@ official files followed); this module only fits them into mmdet's two-stage dete
   returns probabilities (F-ViT's ensemble, or the detector's own softmax when the ensemble is
   off), so ``_predict_by_feat_single`` does not softmax them again.
 
-Use a class-agnostic ``FCNMaskHead`` for instance masks (Mask R-CNN). Configs load this module with
-``custom_imports = dict(imports=["ovdense.mm.detection"], allow_failed_imports=False)``; it needs
-full mmcv (``mmcv.ops`` for mmdet's RoIAlign and NMS).
+A head file (``export_head``, or a published CLIM detector converted by
+``tools/model_converters/fvit2ovdense.py``) loads through ``OvdenseFViT(head_checkpoint=...)``, with the
+class embeddings it stores. Use a class-agnostic ``FCNMaskHead`` for instance masks (Mask R-CNN).
+Configs load this module with
+``custom_imports = dict(imports=["ovdense.mm.detection"], allow_failed_imports=False)``; it needs full
+mmcv (``mmcv.ops`` for mmdet's RoIAlign and NMS).
 """
 
 from __future__ import annotations
@@ -228,13 +231,22 @@ class OvdenseFViT(TwoStageDetector):
         pyramid: ``OvdenseFViTPyramid`` options (``norm``, ``num_groups``).
         data_preprocessor: default: mmdet's ``DetDataPreprocessor`` with the backbone's mean/std,
             BGR → RGB, padding to a multiple of ``2p``.
+        head_checkpoint: an F-ViT head file (``export_head``, or a published detector converted by
+            ``tools/model_converters/fvit2ovdense.py``) whose weights this model takes at build and
+            again after ``init_weights``; checked against the backbone (it must be the one the head was
+            trained on) and against this model (the same keys and shapes, the same training vocabulary).
+            Where the file stores class embeddings (``StoredText``: CLIM's 80 COCO rows), the classes of
+            those names get those rows in training and testing, as in ``Detector``; every other class is
+            encoded by the backbone. This is how ``tools/test.py`` runs a converted published model
+            without a ``.pth``: ``--cfg-options model.head_checkpoint=HEAD model.clip.pretrained=BACKBONE``.
         neck, rpn_head, roi_head, train_cfg, test_cfg, init_cfg: as ``TwoStageDetector``.
     """
 
     def __init__(self, clip: Mapping, classes, neck: Mapping, rpn_head: Mapping, roi_head: Mapping,
                  train_cfg=None, test_cfg=None, test_classes=None, templates=None, method: str = "maskclip",
                  indices: Sequence[int] | None = None, pyramid: Mapping | None = None,
-                 data_preprocessor: Mapping | None = None, init_cfg=None):
+                 data_preprocessor: Mapping | None = None, head_checkpoint: str | Path | None = None,
+                 init_cfg=None):
         # everything but the backbone, to rebuild this model from a head checkpoint (export_head)
         self_config = dict(classes=read_classes(classes),  # names, not a class file's path
                            neck=neck, rpn_head=rpn_head, roi_head=roi_head, test_cfg=test_cfg,
@@ -266,7 +278,10 @@ class OvdenseFViT(TwoStageDetector):
             raise OvdenseError(f"bbox_head.num_classes is {bbox_head.num_classes}, the training vocabulary "
                                f"has {len(self.classes)} classes; make them equal")
         self._vocabulary: tuple[str, ...] | None = None
+        self.stored_text: fvit.StoredText | None = None
+        self.head_checkpoint = str(head_checkpoint) if head_checkpoint is not None else None
         self._init_background()
+        self._load_head_file()
 
     @property
     def clip(self):
@@ -282,6 +297,31 @@ class OvdenseFViT(TwoStageDetector):
     def init_weights(self) -> None:
         super().init_weights()
         self._init_background()
+        self._load_head_file()
+
+    def _load_head_file(self) -> None:
+        """Take the weights (and stored text) of ``head_checkpoint``, if one was given."""
+        if self.head_checkpoint is None:
+            return
+        path = self.head_checkpoint
+        state, config = fvit.load_head(path, self.clip)  # checks the file and its backbone
+        trained = read_classes(config.get("classes") or [])
+        if trained != self.classes:
+            raise OvdenseError(f"{path} was trained on {len(trained)} classes ({trained[:3]}…), this model's "
+                               f"training vocabulary has {len(self.classes)} ({self.classes[:3]}…): set "
+                               "model.classes to the head's")
+        expected = self.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        wrong = [f"{k} {list(state[k].shape)} (model {list(expected[k].shape)})" for k in expected
+                 if k in state and state[k].shape != expected[k].shape]
+        if missing or unexpected or wrong:
+            raise OvdenseError(f"{path} does not fit this config's model: missing {missing[:3]}, unexpected "
+                               f"{unexpected[:3]}, wrong shape {wrong[:3]} (a head converted from CLIM's "
+                               "OV-COCO model runs with configs/ovdet/fvit_vitb16_ovcoco_clim.py, its "
+                               "OV-LVIS model with fvit_vitb16_ovlvis_clim.py)")
+        self.load_state_dict(state, strict=True)
+        self.stored_text = fvit.load_stored_text(path, self.clip)
+        self._vocabulary = None
 
     def set_test_classes(self, classes) -> None:
         """Swap the test vocabulary (any words); classes outside the training vocabulary get β."""
@@ -291,7 +331,8 @@ class OvdenseFViT(TwoStageDetector):
     def _use_vocabulary(self, classes: Sequence[str]) -> None:
         if self._vocabulary == tuple(classes):
             return
-        text = self.clip.encode_text(list(classes), self.templates)  # C, D
+        # C, D: the head file's stored row for a class of that name, the backbone's text for any other
+        text, _ = fvit.vocabulary_text(self.clip, list(classes), self.templates, self.stored_text)
         self.roi_head.bbox_head.set_vocabulary(text, fvit.seen_mask(classes, self.classes))
         if self.roi_head.with_mask:
             self.roi_head.mask_head.num_classes = len(classes)

@@ -2,32 +2,47 @@
 into ovdense files: an open_clip backbone file and an F-ViT head file with the class embeddings it was
 trained against.
 
-    python tools/model_converters/fvit2ovdense.py ovdet_openai_vitb16_ov_coco_clim.pth weights/clim-ovcoco \\
+    # OV-COCO (Faster R-CNN, FPN; README: novel AP50 29.7)
+    python tools/model_converters/fvit2ovdense.py ovdet_openai_vitb16_ov_coco_clim.pth weights/clim-ovcoco \
         --clip openai_vitb16_coco_clim.pt
-    ovdense detect photo.jpg --model ViT-B-16 --pretrained weights/clim-ovcoco/backbone.safetensors \\
+    # OV-LVIS (Mask R-CNN, NAS-FPN; README: mask APr 24.3); the two class files come from
+    # tools/data/dataset_converters/lvis_v1_ovd.py
+    python tools/model_converters/fvit2ovdense.py ovdet_openai_vitb16_ov_lvis_clim.pth weights/clim-ovlvis \
+        --clip openai_vitb16_cc3m_clim.pt --class-names data/lvis_v1/annotations/lvis_v1_all_classes.txt \
+        --training-classes data/lvis_v1/annotations/lvis_v1_base_classes.txt
+    ovdense detect photo.jpg --model ViT-B-16 --pretrained weights/clim-ovcoco/backbone.safetensors \
         --head-checkpoint weights/clim-ovcoco/fvit-head.safetensors --classes "person,dog,frisbee,kettle"
 
 The checkpoint is CLIM's ``FVLM`` state dict (``{'state_dict': ...}`` or bare; ``.safetensors``, or a
 ``.pth`` read with ``torch.load(weights_only=True)``: nothing is unpickled). Its layout is checked
-first: a ViT ``backbone.visual.*``, the simple pyramid (``backbone.interpolate1/2``), an FPN neck,
-BatchNorm (CLIM's SyncBN) in the pyramid, FPN and box convs, box-head FCs of 1024 and the buffer
-``roi_head.bbox_head.cls_embeddings``. CLIM's OV-LVIS ViT model (NASFPN neck) and its RN50x64 models
-(ResNet) are refused: ovdense's F-ViT has neither.
+first, and names the model (``check_layout``): a ViT ``backbone.visual.*``, the simple pyramid
+(``backbone.interpolate1/2``), BatchNorm (CLIM's SyncBN) in the pyramid, neck and box convs, box-head
+FCs of 1024 and the buffer ``roi_head.bbox_head.cls_embeddings``; then either an FPN and no mask head
+(CLIM's OV-COCO model, ``faster_rcnn_fpn_openai_vitb16_clim_bs64_ov_coco_3e.py``) or a NAS-FPN and a
+class-agnostic mask head (its OV-LVIS model, ``mask_rcnn_nasfpn_openai_vitb16_clim_bs64_ov_lvis_4x.py``).
+CLIM's RN50x64 models (ResNet) are refused: ovdense's F-ViT runs on ViTs.
 
 Written into OUT:
 
 * ``backbone.safetensors``: an open_clip ``ViT-B-16`` state dict, the checkpoint's visual tower (what
   the detector was trained with; CLIM-refined) and the text tower of ``--clip`` (a CLIP file: OpenAI's
-  ViT-B/16 as open_clip stores it, or CLIM's ``openai_vitb16_coco_clim.pt``; or an open_clip tag such
-  as ``openai``). Loaded from a file, ovdense builds it with exact GELU, which is what CLIM's detector
-  runs (its open_clip fork gives QuickGELU only to the ``openai`` tag).
+  ViT-B/16 as open_clip stores it, or CLIM's ``openai_vitb16_{coco,cc3m}_clim.pt``; or an open_clip tag
+  such as ``openai``). Loaded from a file, ovdense builds it with exact GELU, which is what CLIM's
+  detector runs (its open_clip fork gives QuickGELU only to the ``openai`` tag).
 * ``fvit-head.safetensors``: the head (``backbone.interpolate1.*`` → ``backbone.pyramid.up4.*``,
   ``backbone.interpolate2.0.*`` → ``backbone.pyramid.up2.*``, ``cls_temp`` →
   ``classifier.temperature``, background = ``bg_embedding.weight[:, 0] + bg_embedding.bias``, the rest
-  by name) with CLIM's OV-COCO test settings (BN, FC 1024, RPN ``nms_pre`` 1000, α 0.1, β 0.8,
-  T_vlm 75, score 0.01, NMS 0.4, 100 per image), the 48 OV-COCO base classes as its training
-  vocabulary, and ``cls_embeddings`` stored with their 80 COCO names (``ovdense.heads.fvit.StoredText``):
-  ``Detector`` uses those rows for those names and encodes any other word with the backbone.
+  — NAS-FPN and mask head included — by name) with the model's own test settings (``PRESETS``), its
+  training vocabulary (OV-COCO: the 48 base classes; OV-LVIS: the 866 frequent and common ones), and
+  ``cls_embeddings`` stored with their names (``ovdense.heads.fvit.StoredText``: COCO's 80, or LVIS's
+  1203 as ``lvis_v1_ovd.py`` writes them): ``Detector`` and ``OvdenseFViT(head_checkpoint=...)`` use
+  those rows for those names and encode any other word with the backbone.
+
+``tools/test.py`` evaluates the converted files with CLIM's protocol, no ``.pth`` needed::
+
+    python tools/test.py configs/ovdet/fvit_vitb16_ovcoco_clim.py --cfg-options \
+        model.clip.pretrained=weights/clim-ovcoco/backbone.safetensors \
+        model.head_checkpoint=weights/clim-ovcoco/fvit-head.safetensors
 """
 
 from __future__ import annotations
@@ -67,6 +82,28 @@ FC_WIDTH = 1024
 #: the checkpoint's keys renamed for ovdense (prefix → prefix); the rest keep their names
 RENAMES = (("backbone.interpolate1.", "backbone.pyramid.up4."),
            ("backbone.interpolate2.0.", "backbone.pyramid.up2."))
+
+
+#: what each published model is: its layout's neck and mask head, the config it comes from, its test
+#: settings (CLIM's merged config: the model file on mmdet's faster-/mask-rcnn_r50_fpn.py base) and the
+#: ovdense config that evaluates it
+PRESETS = {
+    "ov-coco": dict(neck="FPN", masks=False, rows=80,
+                    clim_config="faster_rcnn_fpn_openai_vitb16_clim_bs64_ov_coco_3e.py",
+                    ovdense_config="configs/ovdet/fvit_vitb16_ovcoco_clim.py",
+                    alpha=0.1, beta=0.8, vlm_temperature=75.0, rpn_nms_pre=1000,
+                    rcnn=dict(score_thr=0.01, nms=dict(type="nms", iou_threshold=0.4), max_per_img=100)),
+    "ov-lvis": dict(neck="NASFPN", masks=True, rows=1203,
+                    clim_config="mask_rcnn_nasfpn_openai_vitb16_clim_bs64_ov_lvis_4x.py",
+                    ovdense_config="configs/ovdet/fvit_vitb16_ovlvis_clim.py",
+                    alpha=0.35, beta=0.65, vlm_temperature=50.0, rpn_nms_pre=2000,
+                    rcnn=dict(score_thr=0.0001, nms=dict(type="nms", iou_threshold=0.5), max_per_img=300,
+                              mask_thr_binary=0.5)),
+}
+LVIS_CLASS_FILES = ("give the names of its rows and its training classes: --class-names "
+                    "data/lvis_v1/annotations/lvis_v1_all_classes.txt --training-classes "
+                    "data/lvis_v1/annotations/lvis_v1_base_classes.txt (both written by "
+                    "tools/data/dataset_converters/lvis_v1_ovd.py from lvis_v1_train.json)")
 
 
 class ConversionError(Exception):
@@ -121,9 +158,10 @@ def _shape(state: dict, key: str) -> list[int]:
     return list(state[key].shape)
 
 
-def check_layout(state: dict[str, torch.Tensor]) -> None:
-    """Refuse, with one line naming the mismatch, anything but the layout of CLIM's ViT FVLM
-    (OV-COCO: ``faster_rcnn_fpn_openai_vitb16_clim_bs64_ov_coco_3e.py``).
+def check_layout(state: dict[str, torch.Tensor]) -> str:
+    """Refuse, with one line naming the mismatch, anything but the layout of CLIM's ViT FVLM; return
+    which of its published models it is (a ``PRESETS`` key): an FPN and no mask head is the OV-COCO
+    model, a NAS-FPN (``neck.fpn_stages.*``) and a mask head the OV-LVIS model.
 
     Raises:
         ConversionError: the first mismatch found.
@@ -134,11 +172,12 @@ def check_layout(state: dict[str, torch.Tensor]) -> None:
     if "backbone.visual.transformer.resblocks.0.attn.in_proj_weight" not in state:
         raise ConversionError("the backbone is not a CLIP ViT (no backbone.visual.transformer.resblocks.*; "
                               "CLIM's RN50x64 models are ResNets): ovdense's F-ViT runs on ViTs only")
-    if any(k.startswith("neck.fpn_stages.") for k in state):
-        raise ConversionError("the neck is a NASFPN (neck.fpn_stages.*: CLIM's OV-LVIS ViT-B/16 model); "
-                              "ovdense's F-ViT has an FPN only, so it cannot run this checkpoint")
+    nas = any(k.startswith("neck.fpn_stages.") for k in state)
     if "neck.lateral_convs.0.conv.weight" not in state:
-        raise ConversionError("no FPN neck (neck.lateral_convs.0.conv.weight)")
+        raise ConversionError("no FPN or NAS-FPN neck (neck.lateral_convs.0.conv.weight)")
+    if not nas and "neck.fpn_convs.0.conv.weight" not in state:
+        raise ConversionError("the neck is neither mmdet's FPN (neck.fpn_convs.*) nor its NASFPN "
+                              "(neck.fpn_stages.*)")
     if "backbone.interpolate1.0.weight" not in state or "backbone.interpolate2.0.weight" not in state:
         raise ConversionError("no simple pyramid (backbone.interpolate1.*, backbone.interpolate2.0.*): not "
                               "CLIM's CLIPViT backbone")
@@ -162,14 +201,24 @@ def check_layout(state: dict[str, torch.Tensor]) -> None:
     if BOX + "bg_embedding.weight" not in state:
         raise ConversionError(f"no {BOX}bg_embedding.weight: only CLIM's learned background "
                               "(bg_embedding='learn') converts")
-    masks = sorted(k for k in state if k.startswith("roi_head.mask_head."))
-    if masks:
-        raise ConversionError(f"a mask head ({masks[0]}): CLIM's mask models are OV-LVIS (NASFPN or ResNet); "
-                              "this converter reads the OV-COCO box model")
+    masks = any(k.startswith("roi_head.mask_head.") for k in state)
+    if masks != nas:
+        found = ("a NAS-FPN neck without a mask head" if nas else "an FPN neck with a mask head")
+        raise ConversionError(f"{found}: CLIM publishes an FPN box model (OV-COCO) and a NAS-FPN mask "
+                              "model (OV-LVIS), and this converter reads those two")
+    if masks and "roi_head.mask_head.convs.0.bn.running_var" not in state:
+        raise ConversionError("no roi_head.mask_head.convs.0.bn.running_var: the mask head's norm is not "
+                              "CLIM's SyncBN/BatchNorm")
     dim = state["backbone.visual.proj"].shape[1]
     if state[CLS_EMBEDDINGS].dim() != 2 or state[CLS_EMBEDDINGS].shape[1] != dim:
         raise ConversionError(f"{CLS_EMBEDDINGS} is {_shape(state, CLS_EMBEDDINGS)}, not [C, {dim}] "
                               "(the visual tower's joint space)")
+    return "ov-lvis" if nas else "ov-coco"
+
+
+def stack_times(state: dict[str, torch.Tensor]) -> int:
+    """The NAS-FPN's number of stages (``neck.fpn_stages.<i>.*``; CLIM's OV-LVIS model: 7)."""
+    return 1 + max(int(k.split(".")[2]) for k in state if k.startswith("neck.fpn_stages."))
 
 
 def convert_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -192,35 +241,50 @@ def convert_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return head
 
 
-def head_config(training_classes) -> dict:
-    """The head file's config (``PlainFViT``; what ``OvdenseFViT.head_config`` holds) for CLIM's OV-COCO
-    ViT-B/16 model: ``faster_rcnn_fpn_openai_vitb16_clim_bs64_ov_coco_3e.py`` merged with mmdet's
-    ``faster-rcnn_r50_fpn.py`` base, with BN for CLIM's SyncBN (identical in eval)."""
+def head_config(training_classes, preset: str = "ov-coco", stages: int = 7) -> dict:
+    """The head file's config (``PlainFViT``; what ``OvdenseFViT.head_config`` holds) for one of CLIM's
+    published ViT-B/16 models (``PRESETS``): its model config merged with mmdet's
+    ``faster-rcnn_r50_fpn.py`` (OV-COCO) or ``mask-rcnn_r50_fpn.py`` (OV-LVIS) base, with BN for CLIM's
+    SyncBN (identical in eval). ``stages``: the NAS-FPN's (OV-LVIS)."""
+    settings = PRESETS[preset]
     bn = dict(type="BN", requires_grad=True)
     coder = dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4)
+    if settings["neck"] == "NASFPN":
+        neck = dict(type="NASFPN", in_channels=[768] * 4, out_channels=256, num_outs=5, stack_times=stages,
+                    norm_cfg=bn)
+    else:
+        neck = dict(type="FPN", in_channels=[768] * 4, out_channels=256, num_outs=5, norm_cfg=bn)
+    roi_head = dict(
+        type="OvdenseFViTRoIHead",
+        bbox_roi_extractor=dict(type="SingleRoIExtractor",
+                                roi_layer=dict(type="RoIAlign", output_size=7, sampling_ratio=0),
+                                out_channels=256, featmap_strides=[4, 8, 16, 32]),
+        bbox_head=dict(type="OvdenseFViTBBoxHead", in_channels=256, conv_out_channels=256,
+                       fc_out_channels=FC_WIDTH, roi_feat_size=7, num_classes=len(training_classes),
+                       num_shared_convs=4, num_shared_fcs=2, num_cls_fcs=1, num_reg_fcs=1, norm_cfg=bn,
+                       reg_class_agnostic=True, bbox_coder=dict(coder, target_stds=[0.1, 0.1, 0.2, 0.2]),
+                       alpha=settings["alpha"], beta=settings["beta"],
+                       vlm_temperature=settings["vlm_temperature"], temperature=50.0))
+    if settings["masks"]:
+        roi_head["mask_roi_extractor"] = dict(
+            type="SingleRoIExtractor", roi_layer=dict(type="RoIAlign", output_size=14, sampling_ratio=0),
+            out_channels=256, featmap_strides=[4, 8, 16, 32])
+        roi_head["mask_head"] = dict(type="FCNMaskHead", num_convs=4, in_channels=256, conv_out_channels=256,
+                                     num_classes=len(training_classes), class_agnostic=True, norm_cfg=bn)
     return dict(
         classes=list(training_classes),
-        templates="imagenet80",  # for words outside the stored 80 (ovdense's OV-COCO choice)
+        templates="imagenet80",  # for words outside the stored rows (ovdense's choice)
         method="maskclip", indices=[3, 5, 7, 11], pyramid=dict(norm="batch"),
-        neck=dict(type="FPN", in_channels=[768] * 4, out_channels=256, num_outs=5, norm_cfg=bn),
+        neck=neck,
         rpn_head=dict(type="RPNHead", in_channels=256, feat_channels=256, num_convs=2,
                       anchor_generator=dict(type="AnchorGenerator", scales=[8], ratios=[0.5, 1.0, 2.0],
                                             strides=[4, 8, 16, 32, 64]),
                       bbox_coder=dict(coder, target_stds=[1.0] * 4),
                       loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0)),
-        roi_head=dict(
-            type="OvdenseFViTRoIHead",
-            bbox_roi_extractor=dict(type="SingleRoIExtractor",
-                                    roi_layer=dict(type="RoIAlign", output_size=7, sampling_ratio=0),
-                                    out_channels=256, featmap_strides=[4, 8, 16, 32]),
-            bbox_head=dict(type="OvdenseFViTBBoxHead", in_channels=256, conv_out_channels=256,
-                           fc_out_channels=FC_WIDTH, roi_feat_size=7, num_classes=len(training_classes),
-                           num_shared_convs=4, num_shared_fcs=2, num_cls_fcs=1, num_reg_fcs=1, norm_cfg=bn,
-                           reg_class_agnostic=True, bbox_coder=dict(coder, target_stds=[0.1, 0.1, 0.2, 0.2]),
-                           alpha=0.1, beta=0.8, vlm_temperature=75.0, temperature=50.0)),
-        test_cfg=dict(rpn=dict(nms_pre=1000, max_per_img=1000, nms=dict(type="nms", iou_threshold=0.7),
-                               min_bbox_size=0),
-                      rcnn=dict(score_thr=0.01, nms=dict(type="nms", iou_threshold=0.4), max_per_img=100)),
+        roi_head=roi_head,
+        test_cfg=dict(rpn=dict(nms_pre=settings["rpn_nms_pre"], max_per_img=1000,
+                               nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0),
+                      rcnn=dict(settings["rcnn"])),
     )
 
 
@@ -287,8 +351,10 @@ def convert(checkpoint: str | Path, out_dir: str | Path, clip: str, model: str =
     ``OUT/fvit-head.safetensors``. Returns both paths and the notes to print.
 
     Args:
-        class_names: the names of the ``cls_embeddings`` rows (default: COCO's 80, in id order).
-        training_classes: the head's training vocabulary (default: the 48 OV-COCO base classes).
+        class_names: the names of the ``cls_embeddings`` rows (OV-COCO default: COCO's 80, in id order;
+            OV-LVIS: needed, the 1203 names in category-id order).
+        training_classes: the head's training vocabulary (OV-COCO default: the 48 base classes;
+            OV-LVIS: needed, the 866 frequent and common classes).
     Raises:
         ConversionError, OvdenseError: with one line saying what is wrong.
     """
@@ -301,10 +367,13 @@ def convert(checkpoint: str | Path, out_dir: str | Path, clip: str, model: str =
     checkpoint = Path(checkpoint)
     state = load_state(checkpoint)
     try:
-        check_layout(state)
+        preset = check_layout(state)
     except ConversionError as e:
         raise ConversionError(f"{checkpoint}: {e}") from None
     rows = state[CLS_EMBEDDINGS].shape[0]
+    if preset == "ov-lvis" and (class_names is None or training_classes is None):
+        raise ConversionError(f"{checkpoint} is CLIM's OV-LVIS model ({rows} class embeddings): "
+                              f"{LVIS_CLASS_FILES}")
     names = list(class_names) if class_names is not None else list(COCO_CLASSES)
     if len(names) != rows:
         raise ConversionError(f"{checkpoint}: {CLS_EMBEDDINGS} has {rows} rows, the class names "
@@ -320,21 +389,25 @@ def convert(checkpoint: str | Path, out_dir: str | Path, clip: str, model: str =
     backbone_path = write_bytes(out / "backbone.safetensors", save(backbone_state))
     del backbone_state
     backbone = create_backbone(model, pretrained=str(backbone_path))  # strict; GELU (a file)
-    config = head_config(training)
+    config = head_config(training, preset, stack_times(state) if PRESETS[preset]["neck"] == "NASFPN" else 7)
     detector = PlainFViT(backbone, config)
     head, expected = convert_head(state), detector.state_dict()
     missing, unexpected = sorted(set(expected) - set(head)), sorted(set(head) - set(expected))
     wrong = [f"{k} {list(v.shape)}" for k, v in head.items()
              if k in expected and v.shape != expected[k].shape]
     if missing or unexpected or wrong:
-        raise ConversionError(f"{checkpoint} does not fit CLIM's OV-COCO F-ViT (ovdense's names): missing "
-                              f"{missing[:4]}, unexpected {unexpected[:4]}, wrong shape {wrong[:4]}")
+        raise ConversionError(f"{checkpoint} does not fit CLIM's {preset.upper()} F-ViT (ovdense's names): "
+                              f"missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shape {wrong[:4]}")
     detector.load_state_dict(head, strict=True)
     stored = StoredText(names, state[CLS_EMBEDDINGS],
                         source=f"{CLS_EMBEDDINGS} of {checkpoint.name} (CLIM: ovdet/tools/"
                                "generate_text_embeddings.py, 63 hand-crafted templates)")
     head_path = save_head(out / "fvit-head.safetensors", detector.state_dict(), backbone, config, dtype=dtype,
                           stored_text=stored)
+    notes.append(f"CLIM's {preset.upper()} model ({PRESETS[preset]['clim_config']}): {len(training)} "
+                 f"training classes, {rows} stored class embeddings; evaluate it: python tools/test.py "
+                 f"{PRESETS[preset]['ovdense_config']} --cfg-options model.clip.pretrained={backbone_path} "
+                 f"model.head_checkpoint={head_path}")
     return backbone_path, head_path, notes
 
 
@@ -353,9 +426,11 @@ def main(argv: list[str] | None = None) -> int:
                              "CLIM's openai_vitb16_coco_clim.pt) or an open_clip tag of --model (openai)")
     parser.add_argument("--model", default="ViT-B-16", help="the open_clip model (default ViT-B-16)")
     parser.add_argument("--class-names", default=None,
-                        help="a file naming the cls_embeddings rows, one per line (default: COCO's 80)")
+                        help="a file naming the cls_embeddings rows, one per line (OV-COCO default: COCO's "
+                             "80; OV-LVIS: lvis_v1_all_classes.txt of lvis_v1_ovd.py)")
     parser.add_argument("--training-classes", default=None,
-                        help="a file of the head's training classes (default: the 48 OV-COCO base classes)")
+                        help="a file of the head's training classes (OV-COCO default: the 48 base classes; "
+                             "OV-LVIS: lvis_v1_base_classes.txt of lvis_v1_ovd.py)")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                         help="the head file's floating tensors (the stored embeddings stay float32)")
     args = parser.parse_args(argv)
@@ -376,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {head_path}")
     print(f"run: ovdense detect IMAGE --model {args.model} --pretrained {backbone_path} "
           f"--head-checkpoint {head_path} --classes \"person,dog,…\"")
+
     return 0
 
 
