@@ -436,3 +436,55 @@ def draw_detections(rgb: np.ndarray, result, alpha: float = 0.45) -> np.ndarray:
         ink = (0, 0, 0) if luma > 110 else (255, 255, 255)
         cv2.putText(canvas, text, (left + 1, top + th + 1), font, scale, ink, 1, cv2.LINE_AA)
     return canvas
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints written by training code (mmengine): read without running their objects' code
+
+#: What an mmengine training checkpoint (``Runner.save_checkpoint``: ``meta``, ``state_dict``,
+#: ``message_hub``, ``optimizer``, ``param_schedulers``) holds besides tensors and plain values, by the
+#: name its pickle records: the message hub's ``HistoryBuffer``s and their NumPy arrays and scalars.
+MMENGINE_EXTRAS = (
+    "mmengine.logging.history_buffer.HistoryBuffer",
+    "numpy.ndarray", "numpy.dtype", "builtins.getattr",
+    "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar",
+)
+
+
+class Placeholder:
+    """An inert stand-in for an object of a checkpoint that ovdense does not read (``read_checkpoint``):
+    built from anything, it keeps nothing and runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return "Placeholder()"
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """A ``torch.save`` file read with ``torch.load(weights_only=True)`` only: tensors and plain values.
+
+    A whole mmengine training checkpoint (what ``Runner`` writes, and what research code publishes)
+    also holds its message hub's ``HistoryBuffer`` objects with NumPy arrays, which ``weights_only``
+    refuses. For exactly those names (``MMENGINE_EXTRAS``) a second try gives torch's restricted
+    unpickler ``Placeholder`` in their place: the file's tensors load as usual, those entries come
+    back as empty ``Placeholder``s, and no code of mmengine, NumPy or the file runs. Any other object
+    is still refused (``pickle.UnpicklingError`` naming it).
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):
+            raise
+    stand_ins = [(Placeholder, name) for name in MMENGINE_EXTRAS]
+    with torch.serialization.safe_globals(stand_ins):
+        return torch.load(path, map_location="cpu", weights_only=True)

@@ -708,3 +708,43 @@ def test_the_mm_model_takes_converted_heads_and_refuses_the_wrong_one(converted,
     cfg.model.head_checkpoint = str(converted["head"])  # the OV-COCO head: other classes and neck
     with pytest.raises(OvdenseError, match=r"trained on 48 classes"):
         MODELS.build(cfg.model)
+
+
+def test_a_whole_mmengine_training_checkpoint_converts(converted, tmp_path):
+    """The synthetic state inside a checkpoint laid out as mmengine's ``Runner.save_checkpoint`` writes one
+    (CLIM trains with mmengine): ``meta``, ``state_dict`` (an ``OrderedDict``), ``message_hub`` (a real
+    ``MessageHub``'s state: ``HistoryBuffer``s of NumPy arrays, which ``weights_only`` alone refuses),
+    ``optimizer`` and ``param_schedulers``, saved by mmengine's ``save_checkpoint``. It converts, with no
+    re-save, into the same head file; the refused-object case is ``test_refusals_are_one_line``'s
+    "pickle"."""
+    import collections
+
+    from mmengine.logging import MessageHub
+    from mmengine.runner.checkpoint import save_checkpoint
+    from safetensors.torch import load_file
+
+    hub = MessageHub.get_instance("clim-training")
+    for step in range(3):
+        hub.update_scalar("train/loss", float(np.float32(1.0 / (step + 1))))
+        hub.update_scalar("train/lr", np.float64(1e-4))
+    hub.update_info("iter", 3)
+    parameter = torch.nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.AdamW([parameter])
+    parameter.sum().backward()
+    optimizer.step()
+    meta = dict(epoch=3, iter=3, seed=0, experiment_name="clim", mmengine_version="0.10",
+                dataset_meta=dict(classes=COCO), cfg="model = dict(type='FVLM')")
+    checkpoint = dict(meta=meta, state_dict=collections.OrderedDict(converted["state"]),
+                      message_hub=hub.state_dict(), optimizer=optimizer.state_dict(),
+                      param_schedulers=[dict(start_factor=0.001, last_epoch=3, base_lrs=[1e-4])])
+    path = tmp_path / "epoch_3.pth"
+    save_checkpoint(checkpoint, str(path))
+    with pytest.raises(Exception, match="Unsupported global: GLOBAL mmengine.logging.history_buffer"):
+        torch.load(path, map_location="cpu", weights_only=True)  # what a plain weights_only load says
+    converter = load_tool("model_converters/fvit2ovdense")
+    clip = converted["out"].parent / "openai_vitb16_coco_clim.pt"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert converter.main([str(path), str(tmp_path / "out"), "--clip", str(clip)]) == 0
+    again = load_file(str(tmp_path / "out" / "fvit-head.safetensors"))
+    before = load_file(str(converted["head"]))
+    assert set(again) == set(before) and all(torch.equal(again[k], before[k]) for k in before)

@@ -194,3 +194,39 @@ def test_written_files_get_the_permissions_open_gives(tmp_path):
             assert stat.S_IMODE(atomic.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode), oct(mask)
     finally:
         os.umask(old)
+
+
+class _RunsCode:
+    """A pickle that would run a shell command when unpickled by plain pickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_read_checkpoint_never_runs_a_files_code(tmp_path):
+    """``read_checkpoint``: mmengine's HistoryBuffers become inert placeholders, tensors load; an object
+    outside that list (here ``os.system``) is refused and does not run, on the first or second try."""
+    import pickle
+
+    import torch
+
+    from ovdense.io import Placeholder, read_checkpoint
+
+    HistoryBuffer = pytest.importorskip("mmengine.logging", reason="needs mmengine").HistoryBuffer
+
+    buffer = HistoryBuffer()
+    buffer.update(1.5)
+    torch.save({"state_dict": {"w": torch.ones(2)}, "message_hub": {"loss": buffer}}, tmp_path / "ok.pth")
+    loaded = read_checkpoint(tmp_path / "ok.pth")
+    assert torch.equal(loaded["state_dict"]["w"], torch.ones(2))
+    assert isinstance(loaded["message_hub"]["loss"], Placeholder)
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "x": _RunsCode(marker)}, tmp_path / "bad.pth")
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
+        read_checkpoint(tmp_path / "bad.pth")
+    assert not marker.exists()

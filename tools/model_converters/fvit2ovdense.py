@@ -13,8 +13,11 @@ trained against.
     ovdense detect photo.jpg --model ViT-B-16 --pretrained weights/clim-ovcoco/backbone.safetensors \
         --head-checkpoint weights/clim-ovcoco/fvit-head.safetensors --classes "person,dog,frisbee,kettle"
 
-The checkpoint is CLIM's ``FVLM`` state dict (``{'state_dict': ...}`` or bare; ``.safetensors``, or a
-``.pth`` read with ``torch.load(weights_only=True)``: nothing is unpickled). Its layout is checked
+The checkpoint is CLIM's ``FVLM`` state dict: a whole mmengine training checkpoint (``meta``,
+``state_dict``, ``message_hub``, ``optimizer``, …, as CLIM's training writes it), ``{'state_dict': ...}``
+or bare; ``.safetensors``, or a ``.pth`` read with ``torch.load(weights_only=True)`` only
+(``ovdense.io.read_checkpoint``: the message hub's ``HistoryBuffer``s come back as inert placeholders,
+and no code of the file runs). Its layout is checked
 first, and names the model (``check_layout``): a ViT ``backbone.visual.*``, the simple pyramid
 (``backbone.interpolate1/2``), BatchNorm (CLIM's SyncBN) in the pyramid, neck and box convs, box-head
 FCs of 1024 and the buffer ``roi_head.bbox_head.cls_embeddings``; then either an FPN and no mask head
@@ -119,7 +122,8 @@ def _resave_hint(path: Path) -> str:
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a ``.safetensors`` file or of a ``torch.load(weights_only=True)`` file
-    (``{'state_dict': ...}``, as mmengine saves, or bare; a ``module.`` prefix is dropped).
+    (a whole mmengine checkpoint or ``{'state_dict': ...}``, or bare; a ``module.`` prefix is dropped;
+    ``ovdense.io.read_checkpoint``).
 
     Raises:
         ConversionError: the file does not load so, or holds more than tensors.
@@ -135,8 +139,10 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # noqa: BLE001 - any unreadable file is the user's wrong file
             raise ConversionError(f"{path} is not a safetensors file ({type(e).__name__})") from e
     else:
+        from ovdense.io import read_checkpoint
+
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = read_checkpoint(path)  # weights_only; mmengine's message hub as placeholders
         except (pickle.UnpicklingError, RuntimeError, AttributeError, ValueError, EOFError) as e:
             found = re.search(r"Unsupported global: GLOBAL [\w.]+", str(e))  # the object that stops it
             reason = found.group(0) if found else type(e).__name__
