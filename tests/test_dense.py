@@ -117,7 +117,10 @@ def test_method_matches_its_equation(tiny_backbone, method, size):
         got = tiny_backbone.encode_dense(images, method)
         want = ref_dense(tiny_backbone.model.visual, images, method)
     assert got.shape == (2, 16, size[0] // 8, size[1] // 8)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # the reference runs the unchanged blocks through open_clip's nn.MultiheadAttention, ovdense through
+    # SDPA (dense.run_block): equal per block within ~5e-7 (tests/test_runner.py), and after the tiny
+    # model's twelve blocks with spread weights within ~2e-5 on a unit vector (ViT-B/16: 1.2e-7)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=3e-5)
     torch.testing.assert_close(got.norm(dim=1), torch.ones(2, size[0] // 8, size[1] // 8))
 
 

@@ -374,3 +374,25 @@ def test_toy_clip_term_names_novel_boxes_by_colour_and_shape(toy):
     assert accuracy[True] > 0.15 and accuracy[False] > 0.15, accuracy
     colour_right = probabilities.argmax(axis=1) // 5 == labels // 5
     assert colour_right[is_novel].mean() > 0.9 and colour_right[~is_novel].mean() > 0.9
+
+
+def test_threaded_roi_align_is_one_calls_bit_for_bit(monkeypatch):
+    """``ops.roi_align`` splits the RoIs between threads on a CPU: the same tensor as one
+    ``torchvision.ops.roi_align`` call, bit for bit (each RoI is pooled on its own), at 1 and 2 threads
+    and below the split threshold."""
+    from torchvision.ops import roi_align as torchvision_roi_align
+
+    from ovdense.detection import ops
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, 8, 40, 48, generator=g)
+    boxes = torch.rand(300, 4, generator=g) * 300
+    boxes[:, 2:] = boxes[:, :2] + torch.rand(300, 2, generator=g) * 80 + 1
+    rois = torch.cat([torch.randint(0, 2, (300, 1), generator=g).float(), boxes], dim=1)
+    want = torchvision_roi_align(feats, rois, (7, 7), spatial_scale=0.125, sampling_ratio=0, aligned=True)
+    for threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        got = ops.roi_align(feats, rois, (7, 7), spatial_scale=0.125, sampling_ratio=0, aligned=True)
+        assert torch.equal(got, want)
+        few = ops.roi_align(feats, rois[:10], (7, 7), spatial_scale=0.125, sampling_ratio=0, aligned=True)
+        assert torch.equal(few, want[:10])

@@ -290,3 +290,49 @@ def test_unknown_kernel():
 
     with pytest.raises(OvdenseError, match="unknown kernel"):
         kernels.resolve_kernel("cuda-magic", torch.device("cpu"))
+
+
+def test_decide_taps_equals_the_torch_decision():
+    """The C loop with T taps per row against the same decision in torch (taps combined in order,
+    scaled, first maximum, 1 / Σ exp): rows of 1 to 3 taps, zero-weight padding, a tie."""
+    if not native.available():
+        pytest.skip(f"the fused kernel cannot be built here: {native.failure()}")
+    g = torch.Generator().manual_seed(7)
+    wide = torch.randn(1, 6, 5, 9, generator=g)  # B, Q, K, W
+    wide[0, 4] = wide[0, 2]  # prompts 2 and 4 tie everywhere: the first wins
+    index = torch.tensor([[0, 1, 2], [3, 0, 0], [1, 4, 0], [2, 3, 4]])
+    weight = torch.tensor([[0.2, 0.5, 0.3], [1.0, 0.0, 0.0], [0.75, 0.25, 0.0], [0.1, 0.6, 0.3]])
+    prompt = torch.empty(1, 4, 9, dtype=torch.int64)
+    score = torch.empty(1, 4, 9)
+    native.decide_taps(wide, (index, weight), 30.0, prompt, score)
+    rows = (wide[0][:, index] * weight[None, :, :, None]).sum(dim=2) * 30.0  # Q, r, W
+    want = torch.softmax(rows, dim=0)
+    torch.testing.assert_close(score[0], want.max(dim=0).values, rtol=0, atol=1e-6)
+    assert torch.equal(prompt[0], rows.argmax(dim=0))
+    assert not (prompt == 4).any()
+
+
+@pytest.mark.parametrize("canvas, crop, stride, out", [
+    ((448, 597), 448, 224, (512, 683)),  # ClearCLIP's protocol on a 512 × 683 image: one band, 2 windows
+    ((70, 90), 48, 20, (60, 80)),  # 3 × 4 windows, canvas larger than the output
+    ((40, 56), 24, 16, (40, 56)),  # windows that need padding (offset inside the padded window)
+])
+def test_grid_windows_compose_both_resizes_exactly(canvas, crop, stride, out):
+    """On windows laid out by ``window_boxes`` (a grid), the fused path composes each axis's two resizes
+    (``cpu._slide_composite``): labels equal the full canvas's (``kernel="reference"``: the canvas
+    built, resized and classified as the official code does), scores within 1e-5; a layout that is
+    not a grid (one window removed where another still covers it) takes the canvas path."""
+    if not native.available():
+        pytest.skip(f"the fused kernel cannot be built here: {native.failure()}")
+    Q = 40 if canvas[0] > 100 else 7
+    windows = random_windows(Q, canvas, crop, stride, p=16 if canvas[0] > 100 else 8, seed=3)
+    cop = torch.arange(Q)
+    assert kernels.cpu._slide_composite(windows, canvas, out, 30.0) is not None
+    want = kernels.slide_classify(windows, canvas, out, cop, 30.0, None, kernel="reference")
+    got = kernels.cpu.slide_classify(windows, canvas, out, cop, 30.0)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-5)
+    if len(windows) > 2:
+        fewer = windows[:1] + windows[2:]
+        if len({w.box[:2] for w in fewer}) * len({w.box[2:] for w in fewer}) != len(fewer):
+            assert kernels.cpu._slide_composite(fewer, canvas, out, 30.0) is None

@@ -92,3 +92,52 @@ def test_bad_ranges_raise(tiny_backbone):
         runner.run_blocks(visual, x, 3, 6, taps=(1,))
     with pytest.raises(ValueError):
         runner.embed(visual, torch.zeros(1, 3, 30, 32))
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "shared", "per sequence and head"])
+def test_run_block_equals_open_clips_block(mask_kind):
+    """``dense.run_block`` (attention through ``F.scaled_dot_product_attention``) against open_clip's
+    ``ResidualAttentionBlock`` (``nn.MultiheadAttention``) on the same tokens: outputs within float32
+    rounding and the same gradients for the input and every weight, with a LayerScale, without a mask,
+    with one ``[N, N]`` mask and with a different mask per sequence and head (``[B·heads, N, N]``, so a
+    batch/head mix-up in the reshape would show)."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(64, 4, ls_init_value=0.5)
+    with torch.no_grad():
+        block.ls_1.gamma.uniform_(0.5, 1.5)
+        block.ls_2.gamma.uniform_(0.5, 1.5)
+    B, N, heads = 3, 11, 4
+    x = torch.randn(B, N, 64, requires_grad=True)
+    mask = None
+    if mask_kind == "shared":
+        mask = torch.randn(N, N) * 3
+    elif mask_kind == "per sequence and head":
+        mask = torch.where(torch.rand(B * heads, N, N) < 0.3, -1e4, 0.0) + torch.randn(B * heads, N, N)
+    outs, grads = [], []
+    for forward in (lambda: block(x, attn_mask=mask), lambda: dense.run_block(block, x, attn_mask=mask)):
+        block.zero_grad()
+        x.grad = None
+        out = forward()
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in block.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=2e-6)
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # and in inference, where nn.MultiheadAttention takes its fused path
+        torch.testing.assert_close(dense.run_block(block.eval(), x, attn_mask=mask),
+                                   block.eval()(x, attn_mask=mask), rtol=0, atol=2e-6)
+
+
+def test_run_block_leaves_other_blocks_to_themselves():
+    """A block it does not reproduce (here: keys/values with their own bias, ``add_bias_kv``) runs as
+    it is."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    block = ResidualAttentionBlock(32, 2)
+    block.attn = torch.nn.MultiheadAttention(32, 2, batch_first=True, add_bias_kv=True)
+    x = torch.randn(2, 5, 32)
+    assert not dense._plain_block(block)
+    torch.testing.assert_close(dense.run_block(block, x), block(x), rtol=0, atol=0)

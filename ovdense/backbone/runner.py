@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ovdense.backbone.dense import interpolate_pos_embed
+from ovdense.backbone.dense import interpolate_pos_embed, run_block
 
 POS_RESIZE = ("dino", "size")
 
@@ -111,7 +111,7 @@ def run_blocks(
     for index in range(start, stop):
         block = blocks[index]
         if getattr(block.attn, "batch_first", True):
-            x = block(x, attn_mask=mask)
+            x = run_block(block, x, attn_mask=mask)  # open_clip's block, attention through SDPA
         else:  # an old-style sequence-first tower: N, B, W inside the block
             x = block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
         if index in wanted:

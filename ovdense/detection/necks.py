@@ -72,8 +72,8 @@ class ConvModule(nn.Module):
                 x = self.conv(x)
             elif layer == "norm" and self.norm_name is not None:
                 x = getattr(self, self.norm_name)(x)
-            elif layer == "act" and self.relu:
-                x = F.relu(x)
+            elif layer == "act" and self.relu:  # in place at inference: x is this module's own result
+                x = F.relu(x, inplace=not torch.is_grad_enabled() and layer != self.order[0])
         return x
 
 

@@ -3,7 +3,9 @@ mask pasting."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -130,3 +132,29 @@ def bbox2roi(boxes: Sequence[torch.Tensor]) -> torch.Tensor:
     """mmdet ``structures/bbox/transforms.py`` ``bbox2roi``: boxes ``[n_i, 4]`` per image → ``[N, 5]``
     rows (image index, x1, y1, x2, y2), the RoI format of ``roi_align``."""
     return torch.cat([torch.cat([b.new_full((b.size(0), 1), i), b], dim=-1) for i, b in enumerate(boxes)])
+
+
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+#: below this many RoIs one call is cheaper than splitting them between threads
+PARALLEL_ROIS = 64
+
+
+def roi_align(feats: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, int], spatial_scale: float,
+              sampling_ratio: int, aligned: bool) -> torch.Tensor:
+    """``torchvision.ops.roi_align`` with the RoIs split between ``torch.get_num_threads()`` threads on
+    a CPU: torchvision's CPU kernel runs on one core, and every RoI is pooled on its own, so the
+    result is the single call's bit for bit (``tests/test_detection.py``)."""
+    from torchvision.ops import roi_align as torchvision_roi_align
+
+    def pool(part: torch.Tensor) -> torch.Tensor:
+        return torchvision_roi_align(feats, part, output_size, spatial_scale=spatial_scale,
+                                     sampling_ratio=sampling_ratio, aligned=aligned)
+
+    threads = torch.get_num_threads()
+    if feats.device.type != "cpu" or threads < 2 or len(rois) < PARALLEL_ROIS:
+        return pool(rois)
+    key = (os.getpid(), threads)  # a forked child must not wait on its parent's threads
+    if key not in _pools:
+        _pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="ovdense-roi")
+    return torch.cat(list(_pools[key].map(pool, rois.chunk(threads))))

@@ -11,9 +11,15 @@ from torch import nn
 
 from ovdense.detection.config import check_keys, unsupported
 from ovdense.detection.necks import ConvModule
-from ovdense.detection.ops import paste_masks
+from ovdense.detection.ops import paste_masks, roi_align
 from ovdense.detection.task_modules import DeltaXYWHBBoxCoder
 from ovdense.errors import OvdenseError
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A 4-D CPU tensor in channels-last memory (oneDNN's 3×3 convolutions run ~15 % faster on it
+    there; the values and their shape are unchanged); other tensors as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and x.device.type == "cpu" else x
 
 
 class SingleRoIExtractor(nn.Module):
@@ -47,7 +53,7 @@ class SingleRoIExtractor(nn.Module):
 
     def forward(self, feats: Sequence[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
         """``rois [R, 5]`` (batch index, x1, y1, x2, y2) → ``[R, C, s, s]``."""
-        from torchvision.ops import box_area, roi_align
+        from torchvision.ops import box_area
 
         rois = rois.type_as(feats[0])
         out = feats[0].new_zeros(rois.size(0), self.out_channels, *self.output_size)  # R, C, s, s
@@ -141,12 +147,13 @@ class ConvFCBBoxHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [R, C, s, s]`` → ``fc_cls``'s output ``[R, cls_out_channels]`` and deltas ``[R, 4]``."""
+        x = channels_last(x) if len(self.shared_convs) else x
         for conv in self.shared_convs:
             x = conv(x)
         if self.num_shared_fcs > 0:
             x = x.flatten(1)  # R, C·s·s
             for fc in self.shared_fcs:
-                x = F.relu(fc(x))
+                x = F.relu(fc(x), inplace=not torch.is_grad_enabled())
         x_cls = x_reg = x
         for conv in self.cls_convs:
             x_cls = conv(x_cls)
@@ -203,6 +210,7 @@ class FCNMaskHead(nn.Module):
         self.conv_logits = nn.Conv2d(logits_in, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = channels_last(x)
         for conv in self.convs:
             x = conv(x)
         if self.upsample_method == "deconv":

@@ -301,6 +301,11 @@ def slide_classify(
     """
     if not windows:
         raise ValueError("no windows")
+    if _fused(windows[0].logits):
+        composite = _slide_composite(windows, canvas_size, out_size, logit_scale)
+        if composite is not None:
+            prompt, scores = composite
+            return _finish(prompt, scores, class_of_prompt.to(prompt.device), bg_threshold), scores
     device = windows[0].logits.device
     Q = windows[0].logits.shape[0]
     Hc, Wc = canvas_size
@@ -346,3 +351,86 @@ def slide_classify(
     if fused:
         labels = _finish(labels, scores, class_of_prompt, bg_threshold)
     return labels, scores
+
+
+# --------------------------------------------------------------------------------------------
+# Sliding windows on a grid: both resizes composed per axis
+
+
+def _tap_matrix(taps: Taps, size: int) -> torch.Tensor:
+    """``[n, size]`` float64: the linear map of 1-D bilinear taps (``w0`` at ``i0``, ``w1`` at ``i1``)."""
+    i0, i1, w0, w1 = taps
+    out = torch.zeros(len(i0), size, dtype=torch.float64)
+    rows = torch.arange(len(i0))
+    out.index_put_((rows, i0.cpu()), w0.cpu().double(), accumulate=True)
+    out.index_put_((rows, i1.cpu()), w1.cpu().double(), accumulate=True)
+    return out
+
+
+def _placed(low: int, padded: int, offset: int, start: int, stop: int, canvas: int) -> torch.Tensor:
+    """``[canvas, low]``: one window's 1-D upsampling (``low`` → ``padded``), cropped at ``offset`` and
+    placed at ``start:stop`` of the canvas, zero elsewhere."""
+    out = torch.zeros(canvas, low, dtype=torch.float64)
+    out[start:stop] = _tap_matrix(_slice_taps(bilinear_taps(low, padded), offset, offset + stop - start), low)
+    return out
+
+
+def _slide_composite(windows: Sequence[Window], canvas_size: tuple[int, int], out_size: tuple[int, int],
+                     logit_scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``slide_classify`` on the fused kernel with the two resizes of each axis composed into one
+    linear map, for windows on a grid (mmseg's ``slide_inference``: every row band × every column
+    span, so the canvas count is ``count(y, x) = c_y(y) · c_x(x)``); ``None`` for other layouts.
+
+    Each axis's chain — a window's bilinear upsampling to its padded size, the crop, the placement
+    on the canvas, the division by the count, the canvas's bilinear resize to the output — is one
+    matrix (float64, then float32), built once per call. Per row band, the windows' low-resolution
+    logits go through the column maps (one matrix product per window: ``[Q·h, w] @ [w, W]``) and are
+    summed: ``[Q, h, W]``, never the ``[Q, H', W']`` canvas. The row maps, stacked over the bands,
+    give each output row a few taps (2–3 per band) into those rows, which the C loop
+    (``native.decide_taps``) combines, scales and decides, row by row. Equal to the canvas path up to
+    float32 rounding (the sums are associated differently): a label can differ only where two
+    prompts are within rounding of each other. Returns the winning prompts and scores ``[H, W]``.
+    """
+    Hc, Wc = canvas_size
+    H, W = out_size
+    rows_of = sorted({(w.box[0], w.box[1]) for w in windows})
+    cols_of = sorted({(w.box[2], w.box[3]) for w in windows})
+    if len(windows) != len(rows_of) * len(cols_of):
+        return None
+    c_y, c_x = torch.zeros(Hc, dtype=torch.float64), torch.zeros(Wc, dtype=torch.float64)
+    for y1, y2 in rows_of:
+        c_y[y1:y2] += 1
+    for x1, x2 in cols_of:
+        c_x[x1:x2] += 1
+    if (c_y == 0).any() or (c_x == 0).any():
+        raise ValueError("the windows do not cover the canvas")
+    bands: dict[tuple, list[Window]] = {}
+    for win in windows:
+        key = (win.box[0], win.box[1], win.padded[0], win.offset[0], win.logits.shape[-2])
+        bands.setdefault(key, []).append(win)
+    if len(bands) != len(rows_of) or any(len(b) != len(cols_of) for b in bands.values()):
+        return None
+    final_rows = _tap_matrix(bilinear_taps(Hc, H), Hc)  # H, Hc
+    final_cols = _tap_matrix(bilinear_taps(Wc, W), Wc)  # W, Wc
+    low_rows, row_maps = [], []
+    for (y1, y2, padded_h, top, h), members in bands.items():
+        row_maps.append(final_rows @ (_placed(h, padded_h, top, y1, y2, Hc) / c_y[:, None]))  # H, h
+        band = None
+        for win in members:
+            x1, x2 = win.box[2], win.box[3]
+            w = win.logits.shape[-1]
+            col_map = final_cols @ (_placed(w, win.padded[1], win.offset[1], x1, x2, Wc) / c_x[:, None])
+            low = win.logits.float()  # Q, h, w
+            part = (low.reshape(-1, w) @ col_map.T.float().to(low.device)).view(low.shape[0], h, W)
+            band = part if band is None else band.add_(part)
+        low_rows.append(band)
+    wide = torch.cat(low_rows, dim=1)[None]  # 1, Q, K, W
+    row_map = torch.cat(row_maps, dim=1)  # H, K
+    nonzero = row_map != 0
+    taps = max(1, int(nonzero.sum(dim=1).max()))
+    index = torch.sort((~nonzero).to(torch.int8), dim=1, stable=True).indices[:, :taps]  # H, T
+    weight = row_map.gather(1, index).float()  # zero where a row has fewer taps
+    prompt = torch.empty(1, H, W, dtype=torch.int64)
+    scores = torch.empty(1, H, W, dtype=torch.float32)
+    native.decide_taps(wide, (index, weight), logit_scale, prompt, scores)
+    return prompt[0], scores[0]

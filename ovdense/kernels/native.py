@@ -113,6 +113,66 @@ int ovdense_decide_rows(const float *wide, int64_t B, int64_t Q, int64_t K, int6
     free(arg);
     return 0;
 }
+
+/* The same decision with T taps per output row: rows idx[j*T + t] of K (the same for every
+   prompt) with weights wt[j*T + t], x = (sum_t x_t wt_t, added in t order) s. */
+int ovdense_decide_taps(const float *wide, int64_t B, int64_t Q, int64_t K, int64_t W,
+                        const int64_t *idx, const float *wt, int64_t T,
+                        int64_t j0, int64_t j1, float scale, int64_t out_stride,
+                        int64_t *prompt, float *score) {
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(Q * W + 2 * W));
+    int32_t *arg = (int32_t *)malloc(sizeof(int32_t) * (size_t)W);
+    if (buf == NULL || arg == NULL) {
+        free(buf);
+        free(arg);
+        return 1;
+    }
+    float *best = buf + Q * W, *total = best + W;
+    for (int64_t b = 0; b < B; ++b) {
+        const float *base = wide + b * Q * K * W;
+        for (int64_t j = j0; j < j1; ++j) {
+            const int64_t *rows = idx + j * T;
+            const float *weights = wt + j * T;
+            for (int64_t w = 0; w < W; ++w) {
+                best[w] = -__builtin_inff();
+                arg[w] = 0;
+                total[w] = 0.0f;
+            }
+            for (int64_t q = 0; q < Q; ++q) {
+                float *x = buf + q * W;
+                const float *x0 = base + (q * K + rows[0]) * W;
+                const float c0 = weights[0];
+                for (int64_t w = 0; w < W; ++w) x[w] = x0[w] * c0;
+                for (int64_t t = 1; t < T; ++t) {
+                    const float *xt = base + (q * K + rows[t]) * W;
+                    const float ct = weights[t];
+                    for (int64_t w = 0; w < W; ++w) x[w] = x[w] + xt[w] * ct;
+                }
+                const int32_t qi = (int32_t)q;
+                for (int64_t w = 0; w < W; ++w) {
+                    const float v = x[w] * scale;
+                    x[w] = v;
+                    const int up = v > best[w];
+                    best[w] = up ? v : best[w];
+                    arg[w] = up ? qi : arg[w];
+                }
+            }
+            for (int64_t q = 0; q < Q; ++q) {
+                const float *x = buf + q * W;
+                for (int64_t w = 0; w < W; ++w) total[w] += exp_nonpositive(x[w] - best[w]);
+            }
+            int64_t *p_out = prompt + b * out_stride + j * W;
+            float *s_out = score + b * out_stride + j * W;
+            for (int64_t w = 0; w < W; ++w) {
+                p_out[w] = arg[w];
+                s_out[w] = 1.0f / total[w];
+            }
+        }
+    }
+    free(buf);
+    free(arg);
+    return 0;
+}
 """
 
 # -fno-trapping-math lets the compiler vectorise the branch-free selects; no flag reorders arithmetic
@@ -160,6 +220,9 @@ def _build() -> ctypes.CDLL:
     fn = library.ovdense_decide_rows
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, i64, ptr, ptr]
+    fn.restype = ctypes.c_int
+    fn = library.ovdense_decide_taps
+    fn.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ctypes.c_float, i64, ptr, ptr]
     fn.restype = ctypes.c_int
     return library
 
@@ -229,6 +292,46 @@ def decide_rows(
         codes = [run(0)]
     else:
         codes = list(_pool(threads).map(run, range(threads)))
+    if any(codes):
+        raise MemoryError("the fused kernel could not allocate its row buffer")
+
+
+def decide_taps(
+    wide: torch.Tensor,
+    taps: tuple[torch.Tensor, torch.Tensor],
+    logit_scale: float,
+    prompt: torch.Tensor,
+    score: torch.Tensor,
+) -> None:
+    """``decide_rows`` with any number of row taps: ``taps = (index [r, T] int64, weight [r, T])``,
+    output row ``j`` being ``Σ_t wide[..., index[j, t], :] · weight[j, t]`` (added in ``t`` order;
+    a zero weight pads a row with fewer taps)."""
+    if not available():
+        raise RuntimeError(f"the fused kernel is not available: {_failure}")
+    wide = wide.contiguous()
+    B, Q, K, W = wide.shape
+    index = taps[0].to(torch.int64).contiguous()
+    weight = taps[1].to(torch.float32).contiguous()
+    r, T = index.shape
+    if weight.shape != (r, T) or T < 1:
+        raise ValueError("taps must be index and weight tensors of one shape [r, T], T ≥ 1")
+    if r and (int(index.min()) < 0 or int(index.max()) >= K):
+        raise ValueError(f"tap indices must lie in [0, {K})")
+    for out in (prompt, score):
+        if out.shape != (B, r, W) or out.stride(2) != 1 or out.stride(1) != W:
+            raise ValueError("outputs must be [B, r, W] with contiguous rows")
+    if prompt.stride(0) != score.stride(0):
+        raise ValueError("prompt and score must have the same batch stride")
+    fn = _library.ovdense_decide_taps
+    args = (wide.data_ptr(), B, Q, K, W, index.data_ptr(), weight.data_ptr(), T)
+    threads = max(1, min(torch.get_num_threads(), r))
+    bounds = [r * t // threads for t in range(threads + 1)]
+
+    def run(t: int) -> int:
+        return fn(*args, bounds[t], bounds[t + 1], float(logit_scale), prompt.stride(0),
+                  prompt.data_ptr(), score.data_ptr())
+
+    codes = [run(0)] if threads == 1 else list(_pool(threads).map(run, range(threads)))
     if any(codes):
         raise MemoryError("the fused kernel could not allocate its row buffer")
 

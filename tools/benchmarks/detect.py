@@ -6,9 +6,10 @@ and training steps at toy size.
 
 * Inference: ``--config`` (default the OV-COCO B/16 config, weights random unless
   ``--pretrained``: the time does not depend on them, and no download is needed), one
-  ``--size`` × ``--size`` image per call; the backbone share is ``frozen_features`` (the frozen
-  tower, taps and dense CLIP map), the head share the rest of ``predict`` (pyramid, FPN, RPN,
-  RoI heads, ensemble, NMS). Median over ``--images`` calls after one warm-up.
+  ``--size`` × ``--size`` image per round: the backbone is ``frozen_features`` (the frozen
+  tower, taps and dense CLIP map), each head the rest of its ``predict`` (pyramid, FPN, RPN,
+  RoI heads, ensemble, NMS) on those same features — the mm model's (mmdet) and ``PlainFViT``'s
+  (``Detector``'s). Medians over ``--images`` rounds after one warm-up.
 * Training: ``--train-config`` (default the toy config) on rendered synthetic scenes (base pairs
   labelled), batch ``--batch``; median time of ``loss + backward + AdamW step`` over
   ``--train-steps`` after two warm-ups, and the process's peak resident memory (CPU) or peak
@@ -90,37 +91,77 @@ def sync(device: str) -> None:
 
 
 def bench_inference(args) -> dict:
+    """Per image: the frozen backbone (``frozen_features`` with the dense CLIP map), then on those very
+    features the rest of the mm model's ``predict`` (mmdet: pyramid, FPN, RPN, RoI heads, ensemble,
+    NMS) and of ``PlainFViT.predict`` (what ``Detector`` runs), alternately; medians."""
+    import copy
+
     from mmdet.structures import DetDataSample
 
-    from ovdense.heads.fvit import frozen_features
+    from ovdense.heads import fvit
 
     clip = dict(name=args.model, pretrained=args.pretrained)
     model, _ = build(args.config, args.device, clip=clip)
     model.eval()
+    plain = fvit.PlainFViT(model.clip, copy.deepcopy(model.head_config)).to(args.device).eval()
+    plain.load_state_dict(model.state_dict())
+    model._use_vocabulary(model.test_classes)
+    text, seen = model.roi_head.bbox_head.text, model.roi_head.bbox_head.seen
     rng = np.random.default_rng(0)
     image = torch.from_numpy(rng.integers(0, 256, (3, args.size, args.size), dtype=np.uint8))
     shape = (args.size, args.size)
-    sample = DetDataSample(metainfo=dict(img_shape=shape, ori_shape=shape, scale_factor=(1.0, 1.0)))
-    data = model.data_preprocessor(dict(inputs=[image], data_samples=[sample]), training=False)
-    totals, backbone, cpu = [], [], []
+    meta = dict(img_shape=shape, ori_shape=shape, scale_factor=(1.0, 1.0))
+    sample = DetDataSample(metainfo=meta)
+    inputs = model.data_preprocessor(dict(inputs=[image], data_samples=[sample]), training=False)["inputs"]
+    real = fvit.frozen_features
+    times: dict[str, list[float]] = {"backbone": [], "mm_head": [], "plain_head": []}
+    cpu = []
     with torch.no_grad():
-        for i in range(args.images + 1):
+        for i in range(args.images + 1):  # the first round warms up
             sync(args.device)
-            start = time.perf_counter()
-            frozen_features(model.clip, data["inputs"], model.indices, model.method)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            frozen = real(model.clip, inputs, model.indices, model.method, with_clip_map=True)
             sync(args.device)
-            middle, cpu_start = time.perf_counter(), time.process_time()
-            model.predict(data["inputs"], [sample.clone()])
-            sync(args.device)
-            end = time.perf_counter()
-            if i:  # the first call warms up
-                backbone.append(middle - start)
-                totals.append(end - middle)
+            marks = [time.perf_counter()]
+            fvit.frozen_features = lambda *a, **k: frozen  # noqa: B023 - the heads reuse this round's
+            try:
+                model.predict(inputs, [sample.clone()])
+                sync(args.device)
+                marks.append(time.perf_counter())
+                plain.predict(inputs, [meta], text, seen)
+                sync(args.device)
+                marks.append(time.perf_counter())
+            finally:
+                fvit.frozen_features = real
+            if i:
+                times["backbone"].append(marks[0] - start)
+                times["mm_head"].append(marks[1] - marks[0])
+                times["plain_head"].append(marks[2] - marks[1])
                 cpu.append(time.process_time() - cpu_start)
-    total, share = statistics.median(totals), statistics.median(backbone)
-    return dict(model=args.model, size=args.size, images=args.images, seconds_per_image=total,
-                backbone_seconds=share, head_seconds=total - share,
-                cpu_seconds_per_image=statistics.median(cpu))
+    out = {k + "_seconds": statistics.median(v) for k, v in times.items()}
+    # the arithmetic of each part (torch's FLOP counter: matmuls, convolutions, attention), and the
+    # rate each part reaches: a head with more FLOPs than the tower is slower at equal efficiency
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            frozen = real(model.clip, inputs, model.indices, model.method, with_clip_map=True)
+        out["backbone_gflop"] = counter.get_total_flops() / 1e9
+        fvit.frozen_features = lambda *a, **k: frozen
+        try:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                plain.predict(inputs, [meta], text, seen)
+            out["plain_head_gflop"] = counter.get_total_flops() / 1e9
+        finally:
+            fvit.frozen_features = real
+    out["backbone_gflop_per_s"] = out["backbone_gflop"] / out["backbone_seconds"]
+    out["plain_head_gflop_per_s"] = out["plain_head_gflop"] / out["plain_head_seconds"]
+    return dict(model=args.model, size=args.size, images=args.images, **out,
+                plain_head_over_backbone=out["plain_head_seconds"] / out["backbone_seconds"],
+                mm_head_over_backbone=out["mm_head_seconds"] / out["backbone_seconds"],
+                cpu_seconds_per_round=statistics.median(cpu))
 
 
 def bench_training(args) -> dict:

@@ -5,17 +5,18 @@
 ViT-B/16 (random weights unless ``--pretrained``), ClearCLIP's protocol (short side 448,
 windows 448/224), ``--images`` generated images of 512×683, C ∈ {21, 150, 847} classes with
 the single template. The baseline is the official repos' loop, written here the
-straightforward way: one window at a time through the backbone, its logits upsampled to the
-window and added to a full-resolution ``[C, H', W']`` canvas, the canvas resized to the image,
-softmax, argmax. The Segmenter batches the windows and classifies through the kernels.
-Both are timed in the same run, alternately, best of ``--repeats`` each (text encoding
-excluded, after a warm-up of both); labels must be identical, and where
-they are not, the gap between the two best classes at those pixels is printed.
+straightforward way: one window at a time through the backbone (its blocks as open_clip runs
+them), its logits upsampled to the window and added to a full-resolution ``[C, H', W']``
+canvas, the canvas resized to the image, softmax, argmax. The Segmenter batches the windows and
+classifies through the kernels. Both are timed in the same run, alternately, best of
+``--repeats`` each (text encoding excluded, after a warm-up of both); labels must be identical,
+and where they are not, the gap between the two best classes at those pixels is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import sys
 from functools import partial
@@ -26,14 +27,28 @@ import torch
 import torch.nn.functional as F
 
 from ovdense import Segmenter, create_backbone
+from ovdense.backbone import dense
 from ovdense.heads.training_free import rescale_size, window_boxes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measuring import measure  # noqa: E402  (tools/benchmarks/measuring.py)
 
 
+@contextlib.contextmanager
+def open_clip_blocks():
+    """The tower's unchanged blocks run as open_clip runs them (``nn.MultiheadAttention``), as in the
+    official code, instead of ovdense's ``dense.run_block`` (the same function through SDPA)."""
+    fast = dense.run_block
+    dense.run_block = lambda block, x, attn_mask=None: block(x, attn_mask=attn_mask)
+    try:
+        yield
+    finally:
+        dense.run_block = fast
+
+
 def official_logits(segmenter: Segmenter, rgb: np.ndarray) -> torch.Tensor:
-    """The official ``slide_inference``, one window at a time: scaled logits ``[1, C, H, W]``."""
+    """The official ``slide_inference``, one window at a time, the tower's blocks as open_clip runs
+    them: scaled logits ``[1, C, H, W]``."""
     import cv2
 
     backbone = segmenter.backbone
@@ -45,7 +60,8 @@ def official_logits(segmenter: Segmenter, rgb: np.ndarray) -> torch.Tensor:
     count = torch.zeros(1, 1, h, w, device=x.device)
     for y1, y2, x1, x2 in window_boxes(h, w, crop, stride):
         window = x[:, :, y1:y2, x1:x2]
-        feats = backbone.encode_dense(window, segmenter.method)
+        with open_clip_blocks():
+            feats = backbone.encode_dense(window, segmenter.method)
         logits = torch.einsum("bdhw,qd->bqhw", feats.float(), segmenter.text.float())
         canvas[:, :, y1:y2, x1:x2] += F.interpolate(logits, size=window.shape[-2:], mode="bilinear")
         count[:, :, y1:y2, x1:x2] += 1
