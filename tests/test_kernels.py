@@ -316,6 +316,7 @@ def test_decide_taps_equals_the_torch_decision():
     ((448, 597), 448, 224, (512, 683)),  # ClearCLIP's protocol on a 512 × 683 image: one band, 2 windows
     ((70, 90), 48, 20, (60, 80)),  # 3 × 4 windows, canvas larger than the output
     ((40, 56), 24, 16, (40, 56)),  # windows that need padding (offset inside the padded window)
+    ((300, 120), 64, 40, (280, 130)),  # 7 × 3 windows, 3 spans of output rows (COMPOSITE_ROWS = 128)
 ])
 def test_grid_windows_compose_both_resizes_exactly(canvas, crop, stride, out):
     """On windows laid out by ``window_boxes`` (a grid), the fused path composes each axis's two resizes

@@ -31,6 +31,7 @@ from ovdense.kernels import native
 from ovdense.kernels.reference import class_max
 
 CHUNK_ELEMENTS = 1 << 22  # floats per chunk of upsampled logits (16 MB in fp32)
+COMPOSITE_ROWS = 128  # output rows per span of the composed sliding path (a few low-resolution rows each)
 
 
 def bilinear_taps(in_size: int, out_size: int, device=None
@@ -385,11 +386,13 @@ def _slide_composite(windows: Sequence[Window], canvas_size: tuple[int, int], ou
     on the canvas, the division by the count, the canvas's bilinear resize to the output — is one
     matrix (float64, then float32), built once per call. Per row band, the windows' low-resolution
     logits go through the column maps (one matrix product per window: ``[Q·h, w] @ [w, W]``) and are
-    summed: ``[Q, h, W]``, never the ``[Q, H', W']`` canvas. The row maps, stacked over the bands,
-    give each output row a few taps (2–3 per band) into those rows, which the C loop
-    (``native.decide_taps``) combines, scales and decides, row by row. Equal to the canvas path up to
-    float32 rounding (the sums are associated differently): a label can differ only where two
-    prompts are within rounding of each other. Returns the winning prompts and scores ``[H, W]``.
+    summed, for the few low-resolution rows that a span of ``COMPOSITE_ROWS`` output rows reads
+    (``[Q, n, W]``, never the ``[Q, H', W']`` canvas: memory stays ~``Q · 6 · W`` floats). The row
+    maps, stacked over the bands, give each output row a few taps (2–3 per band) into those rows,
+    which the C loop (``native.decide_taps``) combines, scales and decides, row by row. Equal to the
+    canvas path up to float32 rounding (the sums are associated differently): a label can differ
+    only where two prompts are within rounding of each other. Returns the winning prompts and
+    scores ``[H, W]``.
     """
     Hc, Wc = canvas_size
     H, W = out_size
@@ -412,25 +415,40 @@ def _slide_composite(windows: Sequence[Window], canvas_size: tuple[int, int], ou
         return None
     final_rows = _tap_matrix(bilinear_taps(Hc, H), Hc)  # H, Hc
     final_cols = _tap_matrix(bilinear_taps(Wc, W), Wc)  # W, Wc
-    low_rows, row_maps = [], []
+    row_maps, plans, first = [], [], 0  # plans: (first K row of the band, h, [(logits, column map)])
     for (y1, y2, padded_h, top, h), members in bands.items():
         row_maps.append(final_rows @ (_placed(h, padded_h, top, y1, y2, Hc) / c_y[:, None]))  # H, h
-        band = None
+        columns = []
         for win in members:
-            x1, x2 = win.box[2], win.box[3]
-            w = win.logits.shape[-1]
+            x1, x2, w = win.box[2], win.box[3], win.logits.shape[-1]
             col_map = final_cols @ (_placed(w, win.padded[1], win.offset[1], x1, x2, Wc) / c_x[:, None])
-            low = win.logits.float()  # Q, h, w
-            part = (low.reshape(-1, w) @ col_map.T.float().to(low.device)).view(low.shape[0], h, W)
-            band = part if band is None else band.add_(part)
-        low_rows.append(band)
-    wide = torch.cat(low_rows, dim=1)[None]  # 1, Q, K, W
+            columns.append((win.logits.float(), col_map.T.float().to(win.logits.device)))  # w, W
+        plans.append((first, h, columns))
+        first += h
     row_map = torch.cat(row_maps, dim=1)  # H, K
     nonzero = row_map != 0
     taps = max(1, int(nonzero.sum(dim=1).max()))
     index = torch.sort((~nonzero).to(torch.int8), dim=1, stable=True).indices[:, :taps]  # H, T
     weight = row_map.gather(1, index).float()  # zero where a row has fewer taps
+    Q = windows[0].logits.shape[0]
     prompt = torch.empty(1, H, W, dtype=torch.int64)
     scores = torch.empty(1, H, W, dtype=torch.float32)
-    native.decide_taps(wide, (index, weight), logit_scale, prompt, scores)
+    position = torch.full((first,), -1, dtype=torch.int64)
+    for r0 in range(0, H, COMPOSITE_ROWS):  # memory: the few low rows a span of output rows reads
+        r1 = min(H, r0 + COMPOSITE_ROWS)
+        used = torch.unique(index[r0:r1][weight[r0:r1] != 0])
+        if used.numel() == 0:
+            used = index[r0:r1, :1].unique()
+        wide = torch.zeros(1, Q, len(used), W)
+        position[used] = torch.arange(len(used))
+        for start, h, columns in plans:
+            a, b = int(torch.searchsorted(used, start)), int(torch.searchsorted(used, start + h))
+            if a == b:
+                continue
+            rows = used[a:b] - start  # used is sorted: the band's rows are positions a:b
+            for low, col_map in columns:  # [Q·n, w] @ [w, W]
+                part = low[:, rows].reshape(-1, low.shape[-1]) @ col_map
+                wide[0, :, a:b] += part.view(Q, b - a, W)
+        local = position[index[r0:r1]].masked_fill_(weight[r0:r1] == 0, 0)  # padding taps: any row
+        native.decide_taps(wide, (local, weight[r0:r1]), logit_scale, prompt[:, r0:r1], scores[:, r0:r1])
     return prompt[0], scores[0]
