@@ -16,12 +16,6 @@ from ovdense.detection.task_modules import DeltaXYWHBBoxCoder
 from ovdense.errors import OvdenseError
 
 
-def channels_last(x: torch.Tensor) -> torch.Tensor:
-    """A 4-D CPU tensor in channels-last memory (oneDNN's 3×3 convolutions run ~15 % faster on it
-    there; the values and their shape are unchanged); other tensors as they are."""
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and x.device.type == "cpu" else x
-
-
 class SingleRoIExtractor(nn.Module):
     """mmdet ``models/roi_heads/roi_extractors/single_level_roi_extractor.py``: each RoI goes to level
     ``clamp(⌊log2(√(w·h) / finest_scale + 1e-6)⌋, 0, L−1)`` and is pooled there by RoIAlign with
@@ -147,7 +141,6 @@ class ConvFCBBoxHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [R, C, s, s]`` → ``fc_cls``'s output ``[R, cls_out_channels]`` and deltas ``[R, 4]``."""
-        x = channels_last(x) if len(self.shared_convs) else x
         for conv in self.shared_convs:
             x = conv(x)
         if self.num_shared_fcs > 0:
@@ -210,7 +203,6 @@ class FCNMaskHead(nn.Module):
         self.conv_logits = nn.Conv2d(logits_in, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = channels_last(x)
         for conv in self.convs:
             x = conv(x)
         if self.upsample_method == "deconv":

@@ -77,7 +77,7 @@ from ovdense.backbone.prompts import check_vocabulary, read_classes
 from ovdense.detection.config import check_keys, pop_type, unsupported
 from ovdense.detection.necks import build_neck
 from ovdense.detection.ops import bbox2roi, multiclass_nms
-from ovdense.detection.roi_heads import FCNMaskHead, SingleRoIExtractor, channels_last
+from ovdense.detection.roi_heads import FCNMaskHead, SingleRoIExtractor
 from ovdense.detection.rpn import RPNHead
 from ovdense.errors import OvdenseError
 from ovdense.heads.fvit_parts import (
@@ -263,9 +263,6 @@ class PlainFViT(nn.Module):
         if absent:
             raise OvdenseError(f"the head's config lacks {', '.join(absent)}; export it from a model built "
                                "with a full test_cfg (configs/ovdet/)")
-        for module in self.modules():  # channels-last convolutions (faster on CPU; same values)
-            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
 
     @property
     def clip(self):
@@ -275,8 +272,7 @@ class PlainFViT(nn.Module):
                  ) -> tuple[tuple[torch.Tensor, ...], FrozenFeatures]:
         """``OvdenseFViT.extract_feat``: the frozen pass, the pyramid, the FPN."""
         frozen = frozen_features(self.clip, inputs, self.indices, self.method, with_clip_map=with_clip_map)
-        levels = [channels_last(level) for level in frozen.levels]
-        return self.neck(self.backbone.pyramid(levels)), frozen
+        return self.neck(self.backbone.pyramid(frozen.levels)), frozen
 
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor, metas: Sequence[dict], text: torch.Tensor, seen: torch.Tensor,
