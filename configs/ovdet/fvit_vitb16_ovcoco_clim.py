@@ -38,17 +38,8 @@
 
 _base_ = "fvit_vitb16_ovcoco.py"
 
-base_classes = (
-    "person", "bicycle", "car", "motorcycle", "train", "truck", "boat", "bench", "bird", "horse", "sheep",
-    "bear", "zebra", "giraffe", "backpack", "handbag", "suitcase", "frisbee", "skis", "kite", "surfboard",
-    "bottle", "fork", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "pizza",
-    "donut", "chair", "bed", "toilet", "tv", "laptop", "mouse", "remote", "microwave", "oven", "toaster",
-    "refrigerator", "book", "clock", "vase", "toothbrush",
-)  # CLIM's class_weight == 1 positions, COCO order
-novel_classes = (
-    "airplane", "bus", "cat", "dog", "cow", "elephant", "umbrella", "tie", "snowboard", "skateboard", "cup",
-    "knife", "cake", "couch", "keyboard", "sink", "scissors",
-)
+# base_classes and novel_classes (the 48 / 17 of OVR-CNN's split, COCO order: CLIM's class_weight == 1
+# positions are the 48), the training vocabulary, num_classes and the class weights come from the base
 coco_classes = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
     "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
@@ -60,18 +51,15 @@ coco_classes = (
     "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
     "teddy bear", "hair drier", "toothbrush",
 )  # mmdet CocoDataset.METAINFO["classes"]: COCO's category order
-num_base = len(base_classes)
 norm_cfg = dict(_delete_=True, type="SyncBN", requires_grad=True)  # replaces the base GroupNorm entirely
 
 model = dict(
     clip=dict(name="ViT-B-16", pretrained="checkpoints/openai_vitb16_coco_clim.pt"),  # CLIM README's file
-    classes=list(base_classes),
     test_classes=list(coco_classes),
     pyramid=dict(_delete_=True, norm="sync_batch"),
     neck=dict(norm_cfg=norm_cfg),
     roi_head=dict(bbox_head=dict(
-        num_classes=num_base, fc_out_channels=1024, norm_cfg=norm_cfg,
-        loss_cls=dict(class_weight=[1.0] * num_base + [0.6]),
+        fc_out_channels=1024, norm_cfg=norm_cfg,
         alpha=0.1, beta=0.8, vlm_temperature=75.0, temperature=50.0)),
     test_cfg=dict(rpn=dict(nms_pre=1000, max_per_img=1000, nms=dict(type="nms", iou_threshold=0.7),
                            min_bbox_size=0),
@@ -81,7 +69,7 @@ model = dict(
 data_root = "data/coco/"
 val_dataloader = dict(dataset=dict(
     ann_file="annotations/instances_val2017.json",
-    metainfo=dict(classes=coco_classes, base_classes=base_classes, novel_classes=novel_classes)))
+    metainfo=dict(classes=coco_classes)))  # base_classes and novel_classes: the base config's
 test_dataloader = val_dataloader
 val_evaluator = dict(type="OVCocoMetric", ann_file=data_root + "annotations/instances_val2017.json")
 test_evaluator = val_evaluator
