@@ -156,6 +156,47 @@ def spread_weights(clim, seed: int = 1) -> None:
         clim.roi_head.bbox_head.fc_reg.weight.mul_(4.0)
 
 
+def padded_input() -> torch.Tensor:
+    """The seeded batch ``INPUT``: each image of ``METAS`` inside, 0 outside it (ovdense's pad)."""
+    x = torch.randn(INPUT, generator=torch.Generator().manual_seed(2))
+    for image, meta in zip(x, METAS):
+        h, w = meta["img_shape"]
+        image[:, h:] = 0
+        image[:, :, w:] = 0
+    return x
+
+
+def samples() -> list:
+    """Fresh mmdet data samples of ``METAS`` (a prediction writes into them)."""
+    from mmdet.structures import DetDataSample
+
+    return [DetDataSample(metainfo=dict(meta, pad_shape=INPUT[-2:], batch_input_shape=INPUT[-2:]))
+            for meta in METAS]
+
+
+def on_clims_weights(clim, ovd, names: list[str], text: torch.Tensor, patch: pytest.MonkeyPatch):
+    """ovdense's mm model ``ovd`` given CLIM's weights (``clim_to_ovdense``) and, for the vocabulary
+    ``names``, CLIM's text rows ``text`` through its backbone's ``encode_text``; and the plain model on the
+    same head. Returns ``(plain, seen)``, ``seen`` by ovdense's own names rule."""
+    from ovdense.heads import fvit
+
+    backbone = ovd.clip
+    encode_text = backbone.encode_text
+
+    def clim_text(classes, templates="imagenet80", **kwargs):
+        if list(classes) == list(names):
+            return text.clone()
+        return encode_text(classes, templates, **kwargs)
+
+    patch.setattr(backbone, "encode_text", clim_text)
+    visual, head = clim_to_ovdense(clim.state_dict())
+    backbone.model.visual.load_state_dict(visual, strict=True)
+    ovd.load_state_dict(head, strict=True)
+    plain = fvit.PlainFViT(backbone, copy.deepcopy(ovd.head_config)).eval()
+    plain.load_state_dict(ovd.state_dict(), strict=True)
+    return plain, fvit.seen_mask(names, plain.training_classes)
+
+
 class Models:
     """CLIM's detector, ovdense's mm and plain detectors on CLIM's weights, the vocabulary and the input."""
 
@@ -165,7 +206,6 @@ class Models:
         from mmengine.config import Config
         from mmengine.registry import init_default_scope
 
-        from ovdense.heads import fvit
 
         import_clim(tree)
         init_default_scope("mmdet")
@@ -184,36 +224,10 @@ class Models:
         ours.model.clip = dict(name="ViT-B-16", pretrained=None, cache_dir=str(cache))
         ours.model.templates = "single"
         self.ovd = MODELS.build(ours.model).eval()
-        backbone = self.ovd.clip
-        encode_text = backbone.encode_text
+        self.plain, self.seen = on_clims_weights(self.clim, self.ovd, list(self.coco), self.text, patch)
+        self.x = padded_input()
 
-        def clim_text(classes, templates="imagenet80", **kwargs):
-            if tuple(classes) == self.coco:
-                return self.text.clone()
-            return encode_text(classes, templates, **kwargs)
-
-        patch.setattr(backbone, "encode_text", clim_text)
-        visual, head = clim_to_ovdense(self.clim.state_dict())
-        backbone.model.visual.load_state_dict(visual, strict=True)
-        self.ovd.load_state_dict(head, strict=True)
-        self.plain = fvit.PlainFViT(backbone, copy.deepcopy(self.ovd.head_config)).eval()
-        self.plain.load_state_dict(self.ovd.state_dict(), strict=True)
-        self.seen = fvit.seen_mask(self.coco, self.plain.training_classes)
-
-        generator = torch.Generator().manual_seed(2)
-        self.x = torch.randn(INPUT, generator=generator)
-        for image, meta in zip(self.x, METAS):  # the pad outside each image: 0 (ovdense's pad)
-            h, w = meta["img_shape"]
-            image[:, h:] = 0
-            image[:, :, w:] = 0
-
-    @staticmethod
-    def samples() -> list:
-        """Fresh mmdet data samples of ``METAS`` (a prediction writes into them)."""
-        from mmdet.structures import DetDataSample
-
-        return [DetDataSample(metainfo=dict(meta, pad_shape=INPUT[-2:], batch_input_shape=INPUT[-2:]))
-                for meta in METAS]
+    samples = staticmethod(samples)
 
 
 @pytest.fixture(scope="module")
@@ -527,14 +541,16 @@ def _fields(detections) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return detections.bboxes, detections.scores, detections.labels
 
 
-def _assert_same_detections(tag: str, clim_dets, ours, seen: torch.Tensor | None, tolerance_px: float
-                            ) -> None:
-    """Per image: 100 detections each, paired one to one (same label, nearest box and score), scores
-    within 1e-4, boxes within ``tolerance_px``; the order may differ only between detections whose
-    scores tie to float rounding (1e-5). ``seen``: the detections reach seen and unseen classes both."""
+def _assert_same_detections(tag: str, clim_dets, ours, seen: torch.Tensor | None, tolerance_px: float,
+                            count: int = 100) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image: ``count`` detections each, paired one to one (same label, nearest box and score),
+    scores within 1e-4, boxes within ``tolerance_px``; the order may differ only between detections whose
+    scores tie to float rounding (1e-5). ``seen``: the detections reach seen and unseen classes both.
+    Returns, per image, the pairs' indices into CLIM's and into ours."""
+    paired = []
     for k, (a, b) in enumerate(zip(clim_dets, ours)):
         (boxes_a, scores_a, labels_a), (boxes_b, scores_b, labels_b) = _fields(a), _fields(b)
-        assert len(scores_a) == len(scores_b) == 100, (len(scores_a), len(scores_b))
+        assert len(scores_a) == len(scores_b) == count, (len(scores_a), len(scores_b))
         if seen is not None:  # the ensemble's α and β columns both reached
             assert {bool(seen[c]) for c in labels_a.tolist()} == {True, False}
         distance = (boxes_a[:, None] - boxes_b[None]).abs().amax(-1) \
@@ -551,6 +567,8 @@ def _assert_same_detections(tag: str, clim_dets, ours, seen: torch.Tensor | None
         report(f"{tag}, image {k}: detections out of order (ties)", int((i != j).sum()))
         assert report(f"{tag}, image {k}: scores", max_diff(scores_a[i], scores_b[j])) <= 1e-4
         assert report(f"{tag}, image {k}: boxes, px", max_diff(boxes_a[i], boxes_b[j])) <= tolerance_px
+        paired.append((i, j))
+    return paired
 
 
 # Whole paths run their own RPN. A proposal is decoded with the RPN's stds of 1 (the width is the anchor's

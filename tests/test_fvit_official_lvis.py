@@ -20,7 +20,6 @@ labels and instance masks — with the CLIP term and without it. The measured di
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -29,13 +28,16 @@ import pytest
 import torch
 from official_clim import clim_checkout
 from test_fvit_official import (
-    INPUT,
     METAS,
+    Taps,
+    _assert_same_detections,
     _plain_value,
-    clim_to_ovdense,
     import_clim,
     max_diff,
+    on_clims_weights,
+    padded_input,
     report,
+    samples,
     spread_weights,
 )
 from tool_runs import load_tool
@@ -85,7 +87,6 @@ class LvisModels:
         from mmengine.config import Config
         from mmengine.registry import init_default_scope
 
-        from ovdense.heads import fvit
 
         import_clim(tree)
         init_default_scope("mmdet")
@@ -98,12 +99,7 @@ class LvisModels:
         self.clim_cfg = cfg
         spread_weights(self.clim)
 
-        generator = torch.Generator().manual_seed(2)
-        self.x = torch.randn(INPUT, generator=generator)
-        for image, meta in zip(self.x, METAS):  # the pad outside each image: 0 (ovdense's pad)
-            h, w = meta["img_shape"]
-            image[:, h:] = 0
-            image[:, :, w:] = 0
+        self.x = padded_input()
         calibrate_neck(self.clim, self.x)
 
         self.names, self.base = lvis_names(tree)
@@ -113,28 +109,9 @@ class LvisModels:
         ours.model.templates = "single"
         ours.model.classes, ours.model.test_classes = list(self.base), list(self.names)
         self.ovd = MODELS.build(ours.model).eval()
-        backbone = self.ovd.clip
-        encode_text = backbone.encode_text
+        self.plain, self.seen = on_clims_weights(self.clim, self.ovd, self.names, self.text, patch)
 
-        def clim_text(classes, templates="imagenet80", **kwargs):
-            if list(classes) == self.names:
-                return self.text.clone()
-            return encode_text(classes, templates, **kwargs)
-
-        patch.setattr(backbone, "encode_text", clim_text)
-        visual, head = clim_to_ovdense(self.clim.state_dict())
-        backbone.model.visual.load_state_dict(visual, strict=True)
-        self.ovd.load_state_dict(head, strict=True)
-        self.plain = fvit.PlainFViT(backbone, copy.deepcopy(self.ovd.head_config)).eval()
-        self.plain.load_state_dict(self.ovd.state_dict(), strict=True)
-        self.seen = fvit.seen_mask(self.names, self.plain.training_classes)
-
-    @staticmethod
-    def samples() -> list:
-        from mmdet.structures import DetDataSample
-
-        return [DetDataSample(metainfo=dict(meta, pad_shape=INPUT[-2:], batch_input_shape=INPUT[-2:]))
-                for meta in METAS]
+    samples = staticmethod(samples)
 
 
 @pytest.fixture(scope="module")
@@ -142,37 +119,6 @@ def models(tmp_path_factory):
     tree = clim_checkout(tmp_path_factory.mktemp("clim-lvis"), CLIM_PATHS)
     with pytest.MonkeyPatch.context() as patch:
         yield LvisModels(tree, tmp_path_factory.mktemp("cache"), patch)
-
-
-class _Returned:
-    """What a method or module returned during one call of the model (a wrapper or a forward hook,
-    undone by ``close``)."""
-
-    def __init__(self):
-        self.got: dict = {}
-        self._patch = pytest.MonkeyPatch()
-        self._hooks = []
-
-    def output(self, name: str, module) -> None:
-        def hook(module, args, output):
-            self.got[name] = output
-
-        self._hooks.append(module.register_forward_hook(hook))
-
-    def tap(self, name: str, owner, attribute: str) -> None:
-        original = getattr(owner, attribute)
-
-        def wrapper(*args, **kwargs):
-            self.got[name] = out = original(*args, **kwargs)
-            return out
-
-        self._patch.setattr(owner, attribute, wrapper)
-
-    def close(self) -> dict:
-        for hook in self._hooks:
-            hook.remove()
-        self._patch.undo()
-        return self.got
 
 
 def _replace_output(module, value):
@@ -199,24 +145,24 @@ def passes(models):
                 patch.setattr(models.clim.roi_head.bbox_head, "alpha", 0.0)
                 patch.setattr(models.clim.roi_head.bbox_head, "beta", 0.0)
                 patch.setattr(models.ovd.roi_head.bbox_head, "ensemble", False)
-            taps = _Returned()
+            taps = Taps()
             taps.output("fpn", models.clim.neck)
             taps.output("backbone", models.clim.backbone)
-            taps.tap("proposals", models.clim.rpn_head, "predict")
+            taps.returned("proposals", models.clim.rpn_head, "predict")
             clim = [s.pred_instances for s in models.clim.predict(models.x, models.samples())]
             clim_taps = taps.close()
             levels = tuple(clim_taps["backbone"][:4])
             hooks = [_replace_output(models.ovd.backbone, levels),
                      _replace_output(models.plain.backbone.pyramid, levels)]
             try:
-                taps = _Returned()
-                taps.tap("proposals", models.ovd.rpn_head, "predict")
+                taps = Taps()
+                taps.returned("proposals", models.ovd.rpn_head, "predict")
                 taps.output("fpn", models.ovd.neck)
                 mm = [s.pred_instances for s in models.ovd.predict(models.x, models.samples())]
                 mm_taps = taps.close()
-                taps = _Returned()
-                taps.tap("features", models.plain, "features")
-                taps.tap("proposals", models.plain.rpn_head, "predict")
+                taps = Taps()
+                taps.returned("features", models.plain, "features")
+                taps.returned("proposals", models.plain.rpn_head, "predict")
                 plain = models.plain.predict(models.x, METAS, models.text, models.seen, ensemble=ensemble)
                 plain_taps = taps.close()
             finally:
@@ -300,39 +246,20 @@ def test_nasfpn_and_proposals_equal_clims(models, passes):
         assert report(f"LVIS plain RPN boxes, image {k}, px", max_diff(ref, plain)) <= 5e-3
 
 
-def _fields(detections):
-    if isinstance(detections, dict):
-        return detections["bboxes"], detections["scores"], detections["labels"], detections["masks"]
-    return detections.bboxes, detections.scores, detections.labels, detections.masks
+def _masks(detections) -> torch.Tensor:
+    return detections["masks"] if isinstance(detections, dict) else detections.masks
 
 
-def _assert_same_detections(tag: str, clim_dets, ours, seen: torch.Tensor | None) -> None:
-    """Per image: ``DETECTIONS`` each, paired one to one (same label, nearest box and score), scores
-    within 1e-4, boxes within 5e-3 original px (test_fvit_official.py's ``FINAL_BOX_PX``, measured there),
-    and the same instance masks but for pixels on a mask's edge that the ~1e-3 px box difference moves
-    across the 0.5 threshold (at most 0.1 % of all mask pixels, and no mask with more than 2 % of its
-    pixels changed)."""
-    for k, (a, b) in enumerate(zip(clim_dets, ours)):
-        boxes_a, scores_a, labels_a, masks_a = _fields(a)
-        boxes_b, scores_b, labels_b, masks_b = _fields(b)
-        assert len(scores_a) == len(scores_b) == DETECTIONS, (len(scores_a), len(scores_b))
+def _assert_same_detections_and_masks(tag: str, clim_dets, ours, seen: torch.Tensor | None) -> None:
+    """Per image: ``DETECTIONS`` each, paired one to one as test_fvit_official.py pairs them (same label,
+    nearest box and score; scores within 1e-4, boxes within 5e-3 original px, its ``FINAL_BOX_PX``), and
+    on each pair the same instance mask but for pixels on a mask's edge that the ~1e-3 px box difference
+    moves across the 0.5 threshold (at most 0.1 % of all mask pixels, and no mask with more than 2 % of
+    its pixels changed)."""
+    pairs = _assert_same_detections(tag, clim_dets, ours, seen, 5e-3, count=DETECTIONS)
+    for k, ((i, j), a, b) in enumerate(zip(pairs, clim_dets, ours)):
+        masks_a, masks_b = _masks(a), _masks(b)
         assert masks_a.shape == masks_b.shape and masks_a.shape[-2:] == METAS[k]["ori_shape"]
-        if seen is not None:  # the ensemble's α and β columns both reached
-            assert {bool(seen[c]) for c in labels_a.tolist()} == {True, False}
-        distance = (boxes_a[:, None] - boxes_b[None]).abs().amax(-1) \
-            + 1e3 * (scores_a[:, None] - scores_b[None]).abs()  # N, N
-        distance[labels_a[:, None] != labels_b[None]] = float("inf")
-        pairs, used = [], set()
-        for i in range(len(scores_a)):
-            order = [j for j in distance[i].argsort().tolist() if j not in used]
-            assert order and torch.isfinite(distance[i, order[0]]), f"{tag}: detection {i} has no partner"
-            pairs.append((i, order[0]))
-            used.add(order[0])
-        i, j = (torch.tensor(x) for x in zip(*pairs))
-        assert float((scores_a[i] - scores_a[j]).abs().max()) <= 1e-5  # reordered only within ties
-        report(f"{tag}, image {k}: detections out of order (ties)", int((i != j).sum()))
-        assert report(f"{tag}, image {k}: scores", max_diff(scores_a[i], scores_b[j])) <= 1e-4
-        assert report(f"{tag}, image {k}: boxes, px", max_diff(boxes_a[i], boxes_b[j])) <= 5e-3
         ma, mb = masks_a[i].bool(), masks_b[j].bool()
         assert int(ma.sum()) > 0.05 * ma.numel() / DETECTIONS  # the masks are not empty
         changed = (ma ^ mb).flatten(1).sum(1).float()  # per mask
@@ -352,8 +279,8 @@ def test_whole_paths_equal_clims_predict(models, passes, ensemble):
     clim_base = models.clim.roi_head.bbox_head.class_weight[:-1] > 0  # CLIM's by position
     assert torch.equal(models.seen, clim_base)  # ovdense's by name
     for path in ("mm", "plain"):
-        _assert_same_detections(f"LVIS {path} whole path {tag} (original px)", got["clim"], got[path],
-                                models.seen if ensemble else None)
+        _assert_same_detections_and_masks(f"LVIS {path} whole path {tag} (original px)", got["clim"],
+                                          got[path], models.seen if ensemble else None)
     if not ensemble:
         assert not torch.equal(got["clim"][0].scores, passes[True]["clim"][0].scores)  # the CLIP term counts
     np.testing.assert_array_less(0, [len(r.scores) for r in got["clim"]])
