@@ -8,7 +8,8 @@ PyTorch's own (``cpu._columns``); the row interpolation and the scaling are writ
 same roundings as the torch path (``x1·w1 + x0·w0`` rounded after each product and the sum,
 then ``· s``; built with ``-ffp-contract=off`` so the compiler fuses nothing), so the labels
 are the torch path's bit for bit and the scores agree to 1e-6 (the exponential is a Cephes
-polynomial, 2 ulp).
+polynomial, 2 ulp). ``decide_taps`` is the same decision (the same row helpers in C, the same
+Python runner) with any number of row taps, for the composed sliding path (``cpu._slide_composite``).
 
 The library is compiled with the system's C compiler (``$CC``, else ``cc``/``gcc``) into
 ``$OVDENSE_CACHE/kernels`` (default ``~/.cache/ovdense/kernels``), keyed by the source, the
@@ -58,6 +59,36 @@ static inline float exp_nonpositive(float x) {
     return p * two_n.f;
 }
 
+/* One output row's decision around the prompts' logits x [Q][W] (scaled, in buf), which the
+   caller writes while tracking the first maximum: the row's state before, its end after. */
+static inline void begin_row(int64_t W, float *best, int32_t *arg, float *total) {
+    for (int64_t w = 0; w < W; ++w) {
+        best[w] = -__builtin_inff();
+        arg[w] = 0;
+        total[w] = 0.0f;
+    }
+}
+
+static inline void track_max(int64_t W, const float *x, int32_t q, float *best, int32_t *arg) {
+    for (int64_t w = 0; w < W; ++w) {
+        const int up = x[w] > best[w];
+        best[w] = up ? x[w] : best[w];
+        arg[w] = up ? q : arg[w];
+    }
+}
+
+static inline void end_row(int64_t Q, int64_t W, const float *buf, const float *best, const int32_t *arg,
+                           float *total, int64_t *p_out, float *s_out) {
+    for (int64_t q = 0; q < Q; ++q) {
+        const float *x = buf + q * W;
+        for (int64_t w = 0; w < W; ++w) total[w] += exp_nonpositive(x[w] - best[w]);
+    }
+    for (int64_t w = 0; w < W; ++w) {
+        p_out[w] = arg[w];
+        s_out[w] = 1.0f / total[w];
+    }
+}
+
 /* wide [B][Q][K][W]: the column-resized low-resolution rows; output rows j in [j0, j1) read
    rows i0[j], i1[j] of K with weights a0[j], a1[j]. Writes the first maximising prompt and
    1 / sum_q exp(x_q - x_max) of x = (x1 a1 + x0 a0) s to prompt/score + b*out_stride + j*W. */
@@ -77,36 +108,20 @@ int ovdense_decide_rows(const float *wide, int64_t B, int64_t Q, int64_t K, int6
         const float *base = wide + b * Q * K * W;
         for (int64_t j = j0; j < j1; ++j) {
             const float w0 = a0[j], w1 = a1[j];
-            for (int64_t w = 0; w < W; ++w) {
-                best[w] = -__builtin_inff();
-                arg[w] = 0;
-                total[w] = 0.0f;
-            }
+            begin_row(W, best, arg, total);
             for (int64_t q = 0; q < Q; ++q) {
                 const float *x0 = base + (q * K + i0[j]) * W;
                 const float *x1 = base + (q * K + i1[j]) * W;
                 float *x = buf + q * W;
-                const int32_t qi = (int32_t)q;
                 for (int64_t w = 0; w < W; ++w) {
                     float v = x1[w] * w1;
                     float u = x0[w] * w0;
-                    v = (v + u) * scale;
-                    x[w] = v;
-                    const int up = v > best[w];
-                    best[w] = up ? v : best[w];
-                    arg[w] = up ? qi : arg[w];
+                    x[w] = (v + u) * scale;
                 }
+                track_max(W, x, (int32_t)q, best, arg);
             }
-            for (int64_t q = 0; q < Q; ++q) {
-                const float *x = buf + q * W;
-                for (int64_t w = 0; w < W; ++w) total[w] += exp_nonpositive(x[w] - best[w]);
-            }
-            int64_t *p_out = prompt + b * out_stride + j * W;
-            float *s_out = score + b * out_stride + j * W;
-            for (int64_t w = 0; w < W; ++w) {
-                p_out[w] = arg[w];
-                s_out[w] = 1.0f / total[w];
-            }
+            end_row(Q, W, buf, best, arg, total, prompt + b * out_stride + j * W,
+                    score + b * out_stride + j * W);
         }
     }
     free(buf);
@@ -133,11 +148,7 @@ int ovdense_decide_taps(const float *wide, int64_t B, int64_t Q, int64_t K, int6
         for (int64_t j = j0; j < j1; ++j) {
             const int64_t *rows = idx + j * T;
             const float *weights = wt + j * T;
-            for (int64_t w = 0; w < W; ++w) {
-                best[w] = -__builtin_inff();
-                arg[w] = 0;
-                total[w] = 0.0f;
-            }
+            begin_row(W, best, arg, total);
             for (int64_t q = 0; q < Q; ++q) {
                 float *x = buf + q * W;
                 const float *x0 = base + (q * K + rows[0]) * W;
@@ -148,25 +159,11 @@ int ovdense_decide_taps(const float *wide, int64_t B, int64_t Q, int64_t K, int6
                     const float ct = weights[t];
                     for (int64_t w = 0; w < W; ++w) x[w] = x[w] + xt[w] * ct;
                 }
-                const int32_t qi = (int32_t)q;
-                for (int64_t w = 0; w < W; ++w) {
-                    const float v = x[w] * scale;
-                    x[w] = v;
-                    const int up = v > best[w];
-                    best[w] = up ? v : best[w];
-                    arg[w] = up ? qi : arg[w];
-                }
+                for (int64_t w = 0; w < W; ++w) x[w] = x[w] * scale;
+                track_max(W, x, (int32_t)q, best, arg);
             }
-            for (int64_t q = 0; q < Q; ++q) {
-                const float *x = buf + q * W;
-                for (int64_t w = 0; w < W; ++w) total[w] += exp_nonpositive(x[w] - best[w]);
-            }
-            int64_t *p_out = prompt + b * out_stride + j * W;
-            float *s_out = score + b * out_stride + j * W;
-            for (int64_t w = 0; w < W; ++w) {
-                p_out[w] = arg[w];
-                s_out[w] = 1.0f / total[w];
-            }
+            end_row(Q, W, buf, best, arg, total, prompt + b * out_stride + j * W,
+                    score + b * out_stride + j * W);
         }
     }
     free(buf);
@@ -267,33 +264,10 @@ def decide_rows(
     """``wide [B, Q, K, W]`` (float32, CPU) and row taps ``(i0, i1, a0, a1) [r]`` (indices into
     ``K``) → writes the winning prompt (int64) and its probability into ``prompt`` and
     ``score``, ``[B, r, W]`` views whose rows are contiguous (e.g. ``labels[:, r0:r1]``)."""
-    if not available():
-        raise RuntimeError(f"the fused kernel is not available: {_failure}")
-    wide = wide.contiguous()
-    B, Q, K, W = wide.shape
     i0, i1 = (t.to(torch.int64).contiguous() for t in rows[:2])
     a0, a1 = (t.to(torch.float32).contiguous() for t in rows[2:])
-    r = len(i0)
-    for out in (prompt, score):
-        if out.shape != (B, r, W) or out.stride(2) != 1 or out.stride(1) != W:
-            raise ValueError("outputs must be [B, r, W] with contiguous rows")
-    if prompt.stride(0) != score.stride(0):
-        raise ValueError("prompt and score must have the same batch stride")
-    fn = _library.ovdense_decide_rows
-    args = (wide.data_ptr(), B, Q, K, W, i0.data_ptr(), i1.data_ptr(), a0.data_ptr(), a1.data_ptr())
-    threads = max(1, min(torch.get_num_threads(), r))
-    bounds = [r * t // threads for t in range(threads + 1)]
-
-    def run(t: int) -> int:
-        return fn(*args, bounds[t], bounds[t + 1], float(logit_scale), prompt.stride(0),
-                  prompt.data_ptr(), score.data_ptr())
-
-    if threads == 1:
-        codes = [run(0)]
-    else:
-        codes = list(_pool(threads).map(run, range(threads)))
-    if any(codes):
-        raise MemoryError("the fused kernel could not allocate its row buffer")
+    _run("ovdense_decide_rows", wide, (i0.data_ptr(), i1.data_ptr(), a0.data_ptr(), a1.data_ptr()),
+         len(i0), logit_scale, prompt, score)
 
 
 def decide_taps(
@@ -306,24 +280,31 @@ def decide_taps(
     """``decide_rows`` with any number of row taps: ``taps = (index [r, T] int64, weight [r, T])``,
     output row ``j`` being ``Σ_t wide[..., index[j, t], :] · weight[j, t]`` (added in ``t`` order;
     a zero weight pads a row with fewer taps)."""
-    if not available():
-        raise RuntimeError(f"the fused kernel is not available: {_failure}")
-    wide = wide.contiguous()
-    B, Q, K, W = wide.shape
     index = taps[0].to(torch.int64).contiguous()
     weight = taps[1].to(torch.float32).contiguous()
     r, T = index.shape
     if weight.shape != (r, T) or T < 1:
         raise ValueError("taps must be index and weight tensors of one shape [r, T], T ≥ 1")
-    if r and (int(index.min()) < 0 or int(index.max()) >= K):
-        raise ValueError(f"tap indices must lie in [0, {K})")
+    if r and (int(index.min()) < 0 or int(index.max()) >= wide.shape[2]):
+        raise ValueError(f"tap indices must lie in [0, {wide.shape[2]})")
+    _run("ovdense_decide_taps", wide, (index.data_ptr(), weight.data_ptr(), T), r, logit_scale, prompt, score)
+
+
+def _run(name: str, wide: torch.Tensor, taps: tuple, r: int, logit_scale: float, prompt: torch.Tensor,
+         score: torch.Tensor) -> None:
+    """Call the C decision ``name`` on output rows ``[0, r)``, split between
+    ``torch.get_num_threads()`` threads; ``taps``: its arguments after ``wide, B, Q, K, W``."""
+    if not available():
+        raise RuntimeError(f"the fused kernel is not available: {_failure}")
+    wide = wide.contiguous()
+    B, Q, K, W = wide.shape
     for out in (prompt, score):
         if out.shape != (B, r, W) or out.stride(2) != 1 or out.stride(1) != W:
             raise ValueError("outputs must be [B, r, W] with contiguous rows")
     if prompt.stride(0) != score.stride(0):
         raise ValueError("prompt and score must have the same batch stride")
-    fn = _library.ovdense_decide_taps
-    args = (wide.data_ptr(), B, Q, K, W, index.data_ptr(), weight.data_ptr(), T)
+    fn = getattr(_library, name)
+    args = (wide.data_ptr(), B, Q, K, W, *taps)
     threads = max(1, min(torch.get_num_threads(), r))
     bounds = [r * t // threads for t in range(threads + 1)]
 
