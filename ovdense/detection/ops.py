@@ -3,9 +3,7 @@ mask pasting."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -134,8 +132,6 @@ def bbox2roi(boxes: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([torch.cat([b.new_full((b.size(0), 1), i), b], dim=-1) for i, b in enumerate(boxes)])
 
 
-_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
-
 #: below this many RoIs one call is cheaper than splitting them between threads
 PARALLEL_ROIS = 64
 
@@ -154,7 +150,6 @@ def roi_align(feats: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, i
     threads = torch.get_num_threads()
     if feats.device.type != "cpu" or threads < 2 or len(rois) < PARALLEL_ROIS:
         return pool(rois)
-    key = (os.getpid(), threads)  # a forked child must not wait on its parent's threads
-    if key not in _pools:
-        _pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="ovdense-roi")
-    return torch.cat(list(_pools[key].map(pool, rois.chunk(threads))))
+    from ovdense.kernels.native import thread_pool
+
+    return torch.cat(list(thread_pool(threads).map(pool, rois.chunk(threads))))

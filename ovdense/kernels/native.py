@@ -312,7 +312,7 @@ def _run(name: str, wide: torch.Tensor, taps: tuple, r: int, logit_scale: float,
         return fn(*args, bounds[t], bounds[t + 1], float(logit_scale), prompt.stride(0),
                   prompt.data_ptr(), score.data_ptr())
 
-    codes = [run(0)] if threads == 1 else list(_pool(threads).map(run, range(threads)))
+    codes = [run(0)] if threads == 1 else list(thread_pool(threads).map(run, range(threads)))
     if any(codes):
         raise MemoryError("the fused kernel could not allocate its row buffer")
 
@@ -320,9 +320,10 @@ def _run(name: str, wide: torch.Tensor, taps: tuple, r: int, logit_scale: float,
 _pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
+def thread_pool(threads: int) -> ThreadPoolExecutor:
     """A pool of ``threads`` workers for this process (keyed by pid: a forked child, such as a
-    data-loader worker, must not wait on its parent's threads, which it does not have)."""
+    data-loader worker, must not wait on its parent's threads, which it does not have); shared by
+    the C decisions here and ``detection.ops.roi_align``."""
     key = (os.getpid(), threads)
     with _lock:
         if key not in _pools:
