@@ -91,51 +91,6 @@ def embed(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# One unchanged block, through scaled_dot_product_attention
-
-
-def _plain_block(block: nn.Module) -> bool:
-    """An open_clip ``ResidualAttentionBlock`` (pre-norm, ``nn.MultiheadAttention`` batch first with
-    packed in-projection, no key/value biases or zero attention, no cross attention, no extra norm
-    inside the attention): what ``run_block`` reproduces. Anything else runs as it is."""
-    attn = getattr(block, "attn", None)
-    return (isinstance(attn, nn.MultiheadAttention) and attn.batch_first and attn._qkv_same_embed_dim
-            and attn.in_proj_bias is not None and attn.bias_k is None and not attn.add_zero_attn
-            and all(hasattr(block, name) for name in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2"))
-            and not hasattr(block, "ln_1_kv") and not hasattr(block, "ln_attn")
-            and (attn.dropout == 0.0 or not attn.training))
-
-
-def run_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``block(x, attn_mask=attn_mask)`` for an unchanged open_clip block on batch-first tokens
-    ``x [B, N, W]``, with the attention through ``F.scaled_dot_product_attention`` instead of
-    ``nn.MultiheadAttention``: the same function (``ln_1`` → packed q/k/v projection → softmax
-    attention with ``head_dim ** -0.5`` → ``out_proj`` → residual with ``ls_1``; ``ln_2`` → MLP →
-    residual with ``ls_2``), equal to float32 rounding (``tests/test_runner.py``). On CPU, torch's
-    fused path of ``nn.MultiheadAttention`` (``_native_multi_head_attention``) takes as long as the
-    block's MLP although it has fewer FLOPs; SDPA runs the same attention in less
-    (``tools/benchmarks/attention.py`` measures it per block). Gradients flow as through the block.
-
-    ``attn_mask``: additive float ``[N, N]`` or ``[B·heads, N, N]`` (``nn.MultiheadAttention``'s
-    layouts). A block of another kind runs as it is (``block(x, attn_mask=...)``)."""
-    if not _plain_block(block):
-        return block(x, attn_mask=attn_mask) if attn_mask is not None else block(x)
-    attn: nn.MultiheadAttention = block.attn
-    B, N, W = x.shape
-    heads = attn.num_heads
-    y = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # B, N, 3W
-    q, k, v = y.view(B, N, 3, heads, W // heads).permute(2, 0, 3, 1, 4).unbind(0)  # B, heads, N, hd
-    mask = None
-    if attn_mask is not None:
-        mask = attn_mask.to(q.dtype)
-        mask = mask.view(B, heads, N, N) if mask.dim() == 3 else mask  # [N, N] broadcasts
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # B, heads, N, hd
-    out = F.linear(out.transpose(1, 2).reshape(B, N, W), attn.out_proj.weight, attn.out_proj.bias)
-    x = x + block.ls_1(out)
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
-
-
-# --------------------------------------------------------------------------------------------
 # Attention pieces shared by the variants
 
 
@@ -166,6 +121,46 @@ def residual_ffn(block: nn.Module, x: torch.Tensor, attn_out: torch.Tensor) -> t
     """The block's own residual and feed-forward around a replaced attention output."""
     x = x + block.ls_1(attn_out)
     return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+# --------------------------------------------------------------------------------------------
+# One unchanged block, through scaled_dot_product_attention
+
+
+def _plain_block(block: nn.Module) -> bool:
+    """An open_clip ``ResidualAttentionBlock`` (pre-norm, ``nn.MultiheadAttention`` batch first with
+    packed in-projection, no key/value biases or zero attention, no cross attention, no extra norm
+    inside the attention): what ``run_block`` reproduces. Anything else runs as it is."""
+    attn = getattr(block, "attn", None)
+    return (isinstance(attn, nn.MultiheadAttention) and attn.batch_first and attn._qkv_same_embed_dim
+            and attn.in_proj_bias is not None and attn.bias_k is None and not attn.add_zero_attn
+            and all(hasattr(block, name) for name in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2"))
+            and not hasattr(block, "ln_1_kv") and not hasattr(block, "ln_attn")
+            and (attn.dropout == 0.0 or not attn.training))
+
+
+def run_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``block(x, attn_mask=attn_mask)`` for an unchanged open_clip block on batch-first tokens
+    ``x [B, N, W]``, with the attention through ``F.scaled_dot_product_attention`` instead of
+    ``nn.MultiheadAttention``: the same function (``ln_1`` → packed q/k/v projection → softmax
+    attention with ``head_dim ** -0.5`` → ``out_proj`` → residual with ``ls_1``; ``ln_2`` → MLP →
+    residual with ``ls_2``), equal to float32 rounding (``tests/test_runner.py``). On CPU, torch's
+    fused path of ``nn.MultiheadAttention`` (``_native_multi_head_attention``) takes as long as the
+    block's MLP although it has fewer FLOPs; SDPA runs the same attention in less
+    (``tools/benchmarks/attention.py`` measures it per block). Gradients flow as through the block.
+
+    ``attn_mask``: additive float ``[N, N]`` or ``[B·heads, N, N]`` (``nn.MultiheadAttention``'s
+    layouts). A block of another kind runs as it is (``block(x, attn_mask=...)``)."""
+    if not _plain_block(block):
+        return block(x, attn_mask=attn_mask) if attn_mask is not None else block(x)
+    B, N, W = x.shape
+    q, k, v = qkv(block, x)  # B, heads, N, hd
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.to(q.dtype)
+        mask = mask.view(B, q.shape[1], N, N) if mask.dim() == 3 else mask  # [N, N] broadcasts
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # B, heads, N, hd
+    return residual_ffn(block, x, block.attn.out_proj(out.transpose(1, 2).reshape(B, N, W)))
 
 
 # --------------------------------------------------------------------------------------------
