@@ -14,14 +14,13 @@ import contextlib
 import io
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from official_clim import CLIM_CONFIG, clim_checkout
+from official_clim import CLIM_CONFIG, clim_checkout, import_clim
 from tool_runs import load_tool, run_cli
 
 from ovdense.errors import OvdenseError
@@ -340,32 +339,6 @@ def clim_tree(tmp_path_factory) -> Path:
         pytest.importorskip(name, reason=f"CLIM's open_clip fork imports {name}")
     return clim_checkout(tmp_path_factory.mktemp("clim-tree"),
                          ("src/open_clip", "ovdet/ovdet", "ovdet/configs", CLIM_TEXT))
-
-
-def import_clim(tree: Path):
-    """``import ovdet`` with CLIM's open_clip fork bound under its name only inside ovdet (the note's
-    Appendix A): pip's open_clip stays ``open_clip`` for ovdense. A module already imported (another
-    test's) is reused."""
-    import open_clip as pip_open_clip
-
-    import ovdense.mm.detection  # noqa: F401 - ovdense binds pip's open_clip first
-
-    if "ovdet" not in sys.modules:
-        names = [k for k in sys.modules if k == "open_clip" or k.startswith("open_clip.")]
-        saved = {k: sys.modules.pop(k) for k in names}
-        paths = [str(tree / "src"), str(tree / "ovdet")]
-        sys.path[:0] = paths
-        try:
-            import ovdet  # noqa: F401 - registers FVLM, CLIPViT, FVLMStandardRoIHead, FVLMConvFCBBoxHead
-        finally:
-            for k in [k for k in sys.modules if k == "open_clip" or k.startswith("open_clip.")]:
-                sys.modules.pop(k)
-            sys.path[:] = [p for p in sys.path if p not in paths]
-            sys.modules.update(saved)
-    import ovdet
-
-    assert ovdet.models.backbones.clip_vit.open_clip is not pip_open_clip
-    return ovdet
 
 
 def test_detections_equal_clims_own_predict(clim_tree, converted, backbone):

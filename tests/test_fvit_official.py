@@ -38,13 +38,12 @@ from __future__ import annotations
 
 import copy
 import inspect
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from official_clim import CLIM_CONFIG, clim_checkout
+from official_clim import CLIM_CONFIG, clim_checkout, import_clim
 
 pytest.importorskip("mmcv.ops", reason="needs full mmcv with compiled ops (python tools/misc/build_mmcv.py)")
 pytest.importorskip("mmdet", reason="needs mmdet 3.3 (pip install -e '.[mm]')")
@@ -76,36 +75,6 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --------------------------------------------------------------------------------------------
 # CLIM's code, and its weights in ovdense's models
-
-
-def _is_open_clip(name: str) -> bool:
-    return name == "open_clip" or name.startswith("open_clip.")
-
-
-def import_clim(tree: Path):
-    """``import ovdet`` from ``tree`` with CLIM's open_clip fork as ``open_clip`` during the import only."""
-    import ovdense.mm.detection  # noqa: F401 - ovdense binds pip's open_clip first
-
-    if "ovdet" in sys.modules:
-        return sys.modules["ovdet"]
-    import open_clip as pip_open_clip
-
-    own = {name: sys.modules.pop(name) for name in list(sys.modules) if _is_open_clip(name)}
-    folders = [str(tree / "src"), str(tree / "ovdet")]
-    sys.path[:0] = folders
-    try:
-        import open_clip as fork
-        import ovdet
-    finally:
-        for name in [name for name in sys.modules if _is_open_clip(name)]:
-            sys.modules.pop(name)
-        sys.path[:] = [p for p in sys.path if p not in folders]
-        sys.modules.update(own)
-    import open_clip
-
-    assert open_clip is pip_open_clip and fork is not pip_open_clip
-    assert ovdet.models.backbones.clip_vit.open_clip is fork
-    return ovdet
 
 
 def clim_to_ovdense(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:

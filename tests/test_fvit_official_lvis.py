@@ -26,13 +26,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from official_clim import clim_checkout
+from official_clim import clim_checkout, import_clim
 from test_fvit_official import (
     METAS,
     Taps,
     _assert_same_detections,
     _plain_value,
-    import_clim,
     max_diff,
     on_clims_weights,
     padded_input,
