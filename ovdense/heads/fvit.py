@@ -99,8 +99,8 @@ __all__ = [
     "HEAD_FORMAT", "STORED_TEXT_KEY", "TOY_HEAD_FILE", "DetectionResult", "Detector", "FrozenFeatures",
     "OpenVocabBBoxHead", "OpenVocabClassifier", "PlainFViT", "SimplePyramid", "StoredText",
     "check_vocabulary", "default_head_checkpoint", "ensemble", "frozen_features", "fvit_out_indices",
-    "load_head", "load_stored_text", "read_classes", "region_clip_embeddings", "save_head", "seen_mask",
-    "vlm_probabilities", "vocabulary_text",
+    "key_mismatch", "load_head", "load_stored_text", "read_classes", "region_clip_embeddings", "save_head",
+    "seen_mask", "vlm_probabilities", "vocabulary_text",
 ]
 
 HEAD_FORMAT = "ovdense-fvit-head/1"
@@ -176,6 +176,15 @@ def _read_head(path: str | os.PathLike, backbone, stored: bool) -> tuple[dict[st
         raise OvdenseError(f"{path} was trained on backbone {metadata.get('backbone')!r}, not this one "
                            f"({expected}); load the backbone it was trained on or retrain the head")
     return state, metadata
+
+
+def key_mismatch(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+                 ) -> tuple[list[str], list[str], list[str]]:
+    """How ``state`` fails to fit a model whose state dict is ``expected``: the keys it lacks, the keys
+    it has in excess, and the shared keys of another shape (each sorted; all empty when it fits)."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = sorted(k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape))
+    return missing, unexpected, wrong
 
 
 def load_head(path: str | os.PathLike, backbone) -> tuple[dict[str, torch.Tensor], dict]:
@@ -467,8 +476,7 @@ class Detector:
             raise OvdenseError(f"{head_checkpoint}: its config does not build an F-ViT ({type(e).__name__}: "
                                f"{e}); write heads with ovdense.mm.detection.export_head") from e
         expected = model.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+        missing, unexpected, wrong = key_mismatch(state, expected)
         if missing or unexpected or wrong:
             raise OvdenseError(f"{head_checkpoint} does not fit its own configuration: missing "
                                f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}; "

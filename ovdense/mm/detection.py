@@ -311,9 +311,8 @@ class OvdenseFViT(TwoStageDetector):
                                f"training vocabulary has {len(self.classes)} ({self.classes[:3]}…): set "
                                "model.classes to the head's")
         expected = self.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        wrong = [f"{k} {list(state[k].shape)} (model {list(expected[k].shape)})" for k in expected
-                 if k in state and state[k].shape != expected[k].shape]
+        missing, unexpected, wrong = fvit.key_mismatch(state, expected)
+        wrong = [f"{k} {list(state[k].shape)} (model {list(expected[k].shape)})" for k in wrong]
         if missing or unexpected or wrong:
             raise OvdenseError(f"{path} does not fit this config's model: missing {missing[:3]}, unexpected "
                                f"{unexpected[:3]}, wrong shape {wrong[:3]} (a head converted from CLIM's "

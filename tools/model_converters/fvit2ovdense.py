@@ -367,7 +367,7 @@ def convert(checkpoint: str | Path, out_dir: str | Path, clip: str, model: str =
     from safetensors.torch import save
 
     from ovdense import create_backbone
-    from ovdense.heads.fvit import PlainFViT, StoredText, save_head
+    from ovdense.heads.fvit import PlainFViT, StoredText, key_mismatch, save_head
     from ovdense.io import write_bytes
 
     checkpoint = Path(checkpoint)
@@ -398,9 +398,8 @@ def convert(checkpoint: str | Path, out_dir: str | Path, clip: str, model: str =
     config = head_config(training, preset, stack_times(state) if PRESETS[preset]["neck"] == "NASFPN" else 7)
     detector = PlainFViT(backbone, config)
     head, expected = convert_head(state), detector.state_dict()
-    missing, unexpected = sorted(set(expected) - set(head)), sorted(set(head) - set(expected))
-    wrong = [f"{k} {list(v.shape)}" for k, v in head.items()
-             if k in expected and v.shape != expected[k].shape]
+    missing, unexpected, wrong = key_mismatch(head, expected)
+    wrong = [f"{k} {list(head[k].shape)}" for k in wrong]
     if missing or unexpected or wrong:
         raise ConversionError(f"{checkpoint} does not fit CLIM's {preset.upper()} F-ViT (ovdense's names): "
                               f"missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shape {wrong[:4]}")
