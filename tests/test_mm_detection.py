@@ -192,6 +192,38 @@ def test_mmcv_roi_align_equals_torchvision_path():
     torch.testing.assert_close(det.region_clip_embeddings(clip_map, rois, 8), want, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+def test_threaded_roi_layers_are_mmcvs_bit_for_bit(model, monkeypatch, aligned):
+    """The model's RoI extractors run mmcv's RoIAlign through ``ThreadedRoIAlign`` at inference: the
+    same tensor as mmcv's own CPU kernel, bit for bit, with the RoIs split between two threads (and
+    at one), on every level's scale and both RoI sizes; with a gradient, mmcv's op runs."""
+    from mmcv.ops import RoIAlign
+
+    from ovdense.detection import ops
+    from ovdense.mm.detection import ThreadedRoIAlign
+
+    for name in ("bbox_roi_extractor", "mask_roi_extractor"):
+        layers = getattr(model.roi_head, name).roi_layers
+        assert layers and all(isinstance(layer, ThreadedRoIAlign) for layer in layers), name
+    torch.manual_seed(0)
+    feats = torch.randn(2, 8, 37, 45)
+    corners = torch.rand(300, 2) * 400
+    rois = torch.cat([torch.randint(0, 2, (300, 1)).float(), corners, corners + torch.rand(300, 2) * 200], 1)
+    rois[:5, 3:] = rois[:5, 1:3]  # empty boxes too
+    for size, scale in ((7, 1 / 4), (14, 1 / 16), (1, 1 / 32)):
+        mmcv_op = RoIAlign(size, scale, 0, aligned=aligned, use_torchvision=False)
+        threaded = ThreadedRoIAlign(mmcv_op)
+        want = mmcv_op(feats, rois)
+        for threads in (2, 1):
+            monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+            monkeypatch.setattr(ops, "PARALLEL_ROIS", 8)
+            with torch.no_grad():
+                got = threaded(feats, rois)
+            assert torch.equal(got, want), (size, scale, threads)
+    grad = threaded(feats.clone().requires_grad_(), rois)
+    assert type(grad.grad_fn).__name__ == "RoIAlignFunctionBackward"
+
+
 def test_head_checkpoint_round_trip_and_refusals(model, tmp_path, tiny_backbone):
     path = det.save_head(tmp_path / "fvit.safetensors", model.state_dict(), model.clip, {"classes": BASE})
     state, config = det.load_head(path, model.clip)

@@ -12,6 +12,9 @@ official files followed); this module only fits them into mmdet's two-stage dete
   classes outside the training vocabulary get β).
 * ``OvdenseFViTRoIHead`` (``StandardRoIHead``): at test time also pools each box's CLIP
   embedding from the dense map (1×1 RoIAlign, torchvision) and hands it to the box head.
+* ``ThreadedRoIAlign``: the RoI extractors' mmcv ``RoIAlign`` layers, at inference on a CPU, run
+  through ``ovdense.detection.ops.roi_align`` (RoIs split between threads; mmcv's CPU kernel runs on
+  one core) — the same tensor bit for bit; with gradients, mmcv's own op.
 * ``OvdenseFViTBBoxHead`` (``ConvFCBBoxHead``, class-agnostic regression): ``fc_cls`` maps to the
   joint space ``D``; the classifier is ``OpenVocabClassifier``; in eval mode ``forward``
   returns probabilities (F-ViT's ensemble, or the detector's own softmax when the ensemble is
@@ -215,6 +218,48 @@ class OvdenseFViTRoIHead(StandardRoIHead):
         return dict(cls_score=cls_score, bbox_pred=bbox_pred, bbox_feats=bbox_feats)
 
 
+class ThreadedRoIAlign(nn.Module):
+    """An mmcv ``RoIAlign`` (``pool_mode="avg"``) whose forward, where no gradient is wanted, is
+    ``ovdense.detection.ops.roi_align``: torchvision's kernel, which computes mmcv's CPU kernel's values
+    bit for bit (the same detectron2 sampling; ``tests/test_mm_detection.py`` checks both ``aligned``
+    settings), with the RoIs split between ``torch.get_num_threads()`` threads. Where a gradient flows
+    (training), the wrapped mmcv layer runs as before, so training is unchanged."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.output_size = tuple(layer.output_size)
+        self.spatial_scale = float(layer.spatial_scale)
+        self.sampling_ratio = int(layer.sampling_ratio)
+        self.aligned = bool(layer.aligned)
+
+    @staticmethod
+    def wraps(layer: nn.Module) -> bool:
+        from mmcv.ops import RoIAlign
+
+        return isinstance(layer, RoIAlign) and layer.pool_mode == "avg"
+
+    def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        from ovdense.detection.ops import roi_align
+
+        if torch.is_grad_enabled() and (input.requires_grad or rois.requires_grad):
+            return self.layer(input, rois)
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+
+def _thread_roi_layers(roi_head: nn.Module) -> None:
+    """Wrap every mmcv ``RoIAlign`` of the RoI head's extractors in ``ThreadedRoIAlign`` (no state:
+    checkpoints and ``state_dict`` keys are unchanged)."""
+    for name in ("bbox_roi_extractor", "mask_roi_extractor"):
+        extractor = getattr(roi_head, name, None)
+        layers = getattr(extractor, "roi_layers", None)
+        if layers is None:
+            continue
+        for i, layer in enumerate(layers):
+            if ThreadedRoIAlign.wraps(layer):
+                layers[i] = ThreadedRoIAlign(layer)
+
+
 @MODELS.register_module()
 class OvdenseFViT(TwoStageDetector):
     """F-ViT on the shared frozen backbone.
@@ -265,6 +310,7 @@ class OvdenseFViT(TwoStageDetector):
                          neck=neck, rpn_head=rpn_head, roi_head=roi_head, train_cfg=train_cfg,
                          test_cfg=test_cfg, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self._frozen = (backbone,)  # a tuple: not a registered submodule, never in state_dict
+        _thread_roi_layers(self.roi_head)
         self.head_config = _plain(self_config)
         self.method = method
         self.indices = tuple(indices) if indices is not None else fvit.fvit_out_indices(backbone.num_layers)
