@@ -9,7 +9,9 @@ and training steps at toy size.
   ``--size`` × ``--size`` image per round: the backbone is ``frozen_features`` (the frozen
   tower, taps and dense CLIP map), each head the rest of its ``predict`` (pyramid, FPN, RPN,
   RoI heads, ensemble, NMS) on those same features — the mm model's (mmdet) and ``PlainFViT``'s
-  (``Detector``'s). Medians over ``--images`` rounds after one warm-up.
+  (``Detector``'s). Medians over ``--images`` rounds after one warm-up. Also the FLOPs of each part,
+  the machine's peak rate (``peak_rate``), the head's floor (its FLOPs at that rate) and, with
+  ``--profile``, the head's time outside convolutions and matmuls (NMS, norms, RoIAlign, copies).
 * Training: ``--train-config`` (default the toy config) on rendered synthetic scenes (base pairs
   labelled), batch ``--batch``; median time of ``loss + backward + AdamW step`` over
   ``--train-steps`` after two warm-ups, and the process's peak resident memory (CPU) or peak
@@ -162,6 +164,23 @@ def bench_inference(args) -> dict:
     # rewrite of the same computation goes under
     out["peak_gflop_per_s"] = peak_rate(args.device)
     out["plain_head_floor_seconds"] = out["plain_head_gflop"] / out["peak_gflop_per_s"]
+    if args.profile:  # the head's time outside its arithmetic: what the floor leaves out
+        from torch.profiler import profile
+
+        fvit.frozen_features = lambda *a, **k: frozen
+        try:
+            with torch.no_grad(), profile() as prof:
+                plain.predict(inputs, [meta], text, seen)
+        finally:
+            fvit.frozen_features = real
+        events = prof.key_averages()
+        arithmetic = {"mkldnn_convolution", "_convolution", "convolution", "addmm", "mm", "bmm", "linear"}
+        other = sum(e.self_cpu_time_total for e in events if e.key.split("::")[-1] not in arithmetic) / 1e6
+        out["plain_head_profiled_seconds"] = sum(e.self_cpu_time_total for e in events) / 1e6
+        out["plain_head_other_seconds"] = other
+        rest = sorted((e for e in events if e.key.split("::")[-1] not in arithmetic),
+                      key=lambda e: -e.self_cpu_time_total)
+        out["plain_head_other_top"] = {e.key: round(e.self_cpu_time_total / 1e6, 4) for e in rest[:6]}
     return dict(model=args.model, size=args.size, images=args.images, **out,
                 plain_head_over_backbone=out["plain_head_seconds"] / out["backbone_seconds"],
                 mm_head_over_backbone=out["mm_head_seconds"] / out["backbone_seconds"],
@@ -234,6 +253,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train-size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-inference", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one plain-head round: its time outside convolutions and matmuls")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     if args.images < 1 or args.train_steps < 0 or args.batch < 1:
