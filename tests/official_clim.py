@@ -20,21 +20,26 @@ CLIM_REPO = Path(os.environ.get("OVDENSE_CLIM_REPO", "/work/.mirror/wusize+CLIM/
 CLIM_CONFIG = "ovdet/configs/clip_based/openai_vitb16/faster_rcnn_fpn_openai_vitb16_clim_bs64_ov_coco_3e.py"
 
 
-def clim_checkout(dest: Path, paths: tuple[str, ...]) -> Path:
-    """``paths`` of the mirror's HEAD written under ``dest`` (``git archive``: the mirror is only
-    read, never given an index or a work tree), or skip."""
-    if not CLIM_REPO.is_dir():
-        pytest.skip(f"no mirror of wusize/CLIM at {CLIM_REPO} (set OVDENSE_CLIM_REPO)")
-    git_dir = CLIM_REPO / ".git" if (CLIM_REPO / ".git").exists() else CLIM_REPO
+def mirror_checkout(repo: Path, dest: Path, paths: tuple[str, ...], variable: str) -> Path:
+    """``paths`` of the HEAD of the mirror ``repo`` written under ``dest`` (``git archive``: the mirror
+    is only read, never given an index or a work tree), or skip, naming ``variable``."""
+    if not repo.is_dir():
+        pytest.skip(f"no mirror at {repo} (set {variable})")
+    git_dir = repo / ".git" if (repo / ".git").exists() else repo
     result = subprocess.run(["git", f"--git-dir={git_dir}", "archive", "--format=tar", "HEAD", "--", *paths],
                             capture_output=True)
     if result.returncode != 0:
-        pytest.skip(f"{CLIM_REPO} lacks {paths}: {result.stderr.decode(errors='replace').strip()}")
+        pytest.skip(f"{repo} lacks {paths}: {result.stderr.decode(errors='replace').strip()}")
     dest.mkdir(parents=True, exist_ok=True)
     safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python ≥ 3.10.12 / 3.11.4
     with tarfile.open(fileobj=io.BytesIO(result.stdout)) as archive:
         archive.extractall(dest, **safe)
     return dest
+
+
+def clim_checkout(dest: Path, paths: tuple[str, ...]) -> Path:
+    """``paths`` of wusize/CLIM's mirror written under ``dest``, or skip."""
+    return mirror_checkout(CLIM_REPO, dest, paths, "OVDENSE_CLIM_REPO")
 
 
 def _is_open_clip(name: str) -> bool:
