@@ -77,11 +77,20 @@ def build_config(args: argparse.Namespace):
         sampler["batch_size"] = cfg.train_dataloader.batch_size
     max_iters = (cfg.get("train_cfg") or {}).get("max_iters")
     schedulers = cfg.get("param_scheduler") or []
-    for scheduler in [schedulers] if isinstance(schedulers, dict) else schedulers:
-        # a schedule ends with training (--cfg-options train_cfg.max_iters=N shortens both)
+    schedulers = [schedulers] if isinstance(schedulers, dict) else list(schedulers)
+    kept = []
+    for scheduler in schedulers:
+        # a schedule ends with training (--cfg-options train_cfg.max_iters=N shortens both); a
+        # scheduler that would begin after the last iteration (a cosine after a warm-up) is left out
         by_iteration = not scheduler.get("by_epoch", True)
-        if max_iters is not None and by_iteration and scheduler.get("end", 0) > max_iters:
-            scheduler["end"] = max_iters
+        if max_iters is not None and by_iteration:
+            if scheduler.get("begin", 0) >= max_iters:
+                continue
+            if scheduler.get("end", 0) > max_iters:
+                scheduler["end"] = max_iters
+        kept.append(scheduler)
+    if schedulers:
+        cfg.param_scheduler = kept
     if args.amp:
         if not torch.cuda.is_available():
             raise OvdenseError("--amp needs a CUDA GPU; leave it out to train in float32 on the CPU")

@@ -6,6 +6,8 @@ Importing ``ovdense.mm`` registers, in mmsegmentation 1.x's registries (``defaul
   shared backbone) and ``OvdenseDataPreprocessor`` (BGR → RGB only; the ``Segmenter``
   resizes and normalises itself); ``OvdenseSAN`` (the trained SAN head, ``ovdense/mm/san.py``)
   and ``SanDataPreprocessor``; ``OvdenseCLIPSeg`` (CLIPSeg's decoder, ``ovdense/mm/clipseg.py``);
+  mmengine's ``MODELS`` / ``DATASETS`` / ``HOOKS``: ``OvdenseCLIPSelf``, ``ClipSelfDataset`` and
+  ``ExportClipSelfHook`` (CLIPSelf's refinement of the backbone, ``ovdense/mm/clipself.py``);
 * ``DATASETS``: ``PascalVOC20Dataset``, ``COCOObjectDataset``, ``PascalContext459Dataset`` and
   ``ADE20K847Dataset``, the benchmarks mmseg 1.2.2 lacks; ``ClassFileDataset`` (any dataset in
   the images/annotations layout with a class file); ``ClipSegPromptDataset`` (CLIPSeg's
@@ -24,6 +26,7 @@ Configs load it with ``custom_imports = dict(imports=["ovdense.mm"])``. It needs
 """
 
 from ovdense.mm.clipseg import ClipSegPromptDataset, OvdenseCLIPSeg
+from ovdense.mm.clipself import ClipSelfDataset, ExportClipSelfHook, OvdenseCLIPSelf
 from ovdense.mm.custom import ClassFileDataset
 from ovdense.mm.datasets import (
     ADE20K847Dataset,
@@ -50,8 +53,11 @@ __all__ = [
     "AtomicCheckpointHook",
     "ClassFileDataset",
     "ClipSegPromptDataset",
+    "ClipSelfDataset",
+    "ExportClipSelfHook",
     "LossCurveHook",
     "OvdenseCLIPSeg",
+    "OvdenseCLIPSelf",
     "OvdenseSAN",
     "ProgressBarHook",
     "SanDataPreprocessor",

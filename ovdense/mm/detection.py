@@ -52,7 +52,7 @@ from ovdense.backbone.clip import ClipBackbone, create_backbone
 from ovdense.backbone.prompts import read_classes
 from ovdense.errors import OvdenseError
 from ovdense.heads import fvit
-from ovdense.mm.training import derive_seed, seeded_global_rng
+from ovdense.mm.training import derive_seed, global_share, seeded_global_rng
 
 
 @MODELS.register_module()
@@ -164,21 +164,6 @@ class SeededRandomSampler(RandomSampler):
             return super().sample(assign_result, pred_instances, gt_instances, **kwargs)
 
 
-def _global_share(count: int, device) -> float:
-    """``count / mean(count over processes)``: a loss that mmdet averages over this process's
-    ``count`` items, times this, is averaged over the items of the whole global batch once DDP
-    averages the processes' gradients, as one process with the global batch averages (mmdet
-    averages each process's RoI losses over its own RoIs, so an image would weigh by its process's
-    RoI count). 1 on one process; every process must call it (an all-reduce)."""
-    from mmengine.dist import all_reduce, get_world_size
-
-    if get_world_size() == 1:
-        return 1.0
-    total = torch.tensor(float(count), device=device)
-    all_reduce(total, op="mean")
-    return float(count) / float(total) if float(total) > 0 else 1.0
-
-
 @MODELS.register_module()
 class OvdenseFViTRoIHead(StandardRoIHead):
     """``StandardRoIHead`` that, at test time, gives the box head each box's CLIP embedding
@@ -191,7 +176,7 @@ class OvdenseFViTRoIHead(StandardRoIHead):
         """``StandardRoIHead``'s, with the classification and box losses averaged over the sampled
         RoIs of the whole global batch instead of this process's (``_global_share``)."""
         results = super().bbox_loss(x, sampling_results)
-        share = _global_share(sum(len(r.priors) for r in sampling_results), x[0].device)
+        share = global_share(sum(len(r.priors) for r in sampling_results), x[0].device)
         losses = results["loss_bbox"]
         for key in ("loss_cls", "loss_bbox"):
             if key in losses:
@@ -202,7 +187,7 @@ class OvdenseFViTRoIHead(StandardRoIHead):
         """``StandardRoIHead``'s, with the mask loss averaged over the positive RoIs of the whole
         global batch instead of this process's (``_global_share``)."""
         results = super().mask_loss(x, sampling_results, bbox_feats, batch_gt_instances)
-        share = _global_share(sum(len(r.pos_priors) for r in sampling_results), x[0].device)
+        share = global_share(sum(len(r.pos_priors) for r in sampling_results), x[0].device)
         results["loss_mask"]["loss_mask"] = results["loss_mask"]["loss_mask"] * share
         return results
 

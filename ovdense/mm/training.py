@@ -80,6 +80,21 @@ def seeded_global_rng(seed: int) -> Iterator[None]:
 # Sampler and dataset
 
 
+def global_share(count: int, device) -> float:
+    """``count / mean(count over processes)``: a loss averaged over this process's ``count`` items,
+    times this, is averaged over the items of the whole global batch once DDP averages the processes'
+    gradients, as one process with the global batch averages (mmdet averages each process's RoI losses
+    over its own RoIs, CLIPSelf its regions, so an item would weigh by its process's count). 1 on one
+    process; every process must call it (an all-reduce). F-ViT's RoI head and CLIPSelf use it."""
+    from mmengine.dist import all_reduce, get_world_size
+
+    if get_world_size() == 1:
+        return 1.0
+    total = torch.tensor(float(count), device=device)
+    all_reduce(total, op="mean")
+    return float(count) / float(total) if float(total) > 0 else 1.0
+
+
 @DATA_SAMPLERS.register_module()
 class SeededInfiniteSampler(Sampler):
     """An endless sampler of ``(index, draw, seed)`` keys for ``SeededDataset``.
