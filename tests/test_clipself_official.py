@@ -205,3 +205,99 @@ def test_proposal_regions_equal_the_official_dataset(official, tmp_path):
             regions = cs.proposal_regions(image, proposals, random.Random(seed), MEAN, STD, size=128,
                                           crop_size=32)
             _assert_same_sample(sample, regions, seed)
+
+
+# --------------------------------------------------------------------------------------------
+# The region-recognition benchmark (ovdense/eval/regions.py) against COCOPanopticDataset and zero_shot
+
+
+@pytest.fixture(scope="module")
+def panoptic(tmp_path_factory):
+    from ovdense.data.layouts import write_dataset
+
+    return write_dataset("coco-panoptic", tmp_path_factory.mktemp("panoptic"), num=3, seed=4, size=96)
+
+
+class _WritableNumpy:
+    """NumPy, but ``asarray`` copies: ``COCOPanopticDataset`` writes into ``np.asarray(PIL image)``, which
+    the Pillow of its time returned writable and today's returns read-only (its masked crops, unused
+    here, fail otherwise)."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def asarray(a, *args, **kwargs):
+        return np.array(a, *args, **kwargs)
+
+
+def test_panoptic_regions_equal_the_official_dataset(official, panoptic, tmp_path, monkeypatch):
+    """``COCOPanopticDataset.__getitem__`` on the synthetic panoptic layout (things and stuff) and
+    ``regions.prepare``: the same image, boxes, labels, thing flags, crops and token-grid masks."""
+    from ovdense.data.layouts import panoptic_categories
+    from ovdense.eval import regions as rr
+
+    monkeypatch.setattr(official.data, "np", _WritableNumpy())
+    embeddings = tmp_path / "text.npy"
+    rng = np.random.default_rng(0)
+    np.save(embeddings, rng.normal(size=(len(panoptic_categories()), 32)).astype(np.float32))
+    ds = official.data.COCOPanopticDataset(
+        str(panoptic / "annotations" / "panoptic_val2017.json"), _transforms(official, 128, 32),
+        str(panoptic / "val2017"), str(embeddings), str(panoptic / "annotations" / "panoptic_val2017"),
+        crop_size=32, downsample_factor=16)
+    annotations = panoptic / "annotations"
+    categories, samples = rr.read_panoptic(annotations / "panoptic_val2017.json", panoptic / "val2017",
+                                           annotations / "panoptic_val2017")
+    seen_stuff = seen_thing = 0
+    for index, sample in enumerate(samples):
+        image, boxes, crops, masks, _ = ds[index]
+        ours = rr.prepare(sample, categories, MEAN, STD, patch=16, image_size=128, crop_size=32)
+        valid = boxes[:, 5] > 0.5
+        assert int(valid.sum()) == len(ours.labels) > 0
+        torch.testing.assert_close(ours.image, image, atol=1e-6, rtol=0)
+        torch.testing.assert_close(ours.boxes, boxes[valid, :4], atol=1e-7, rtol=0)
+        assert torch.equal(ours.labels, boxes[valid, 4].long())
+        assert torch.equal(ours.is_thing, boxes[valid, 7] > 0)
+        torch.testing.assert_close(ours.crops, crops[valid], atol=1e-6, rtol=0)
+        assert torch.equal(ours.masks, masks[valid] > 0)
+        seen_thing += int(ours.is_thing.sum())
+        seen_stuff += int((~ours.is_thing).sum())
+    assert seen_thing and seen_stuff
+
+
+def test_region_features_equal_the_officials(models, panoptic):
+    """Box, mask and crop features of ``regions.region_features`` against the fork's
+    ``encode_pseudo_boxes`` (v2), ``encode_masks`` (mask pooling) and ``encode_image``, normalised."""
+    from ovdense.eval import regions as rr
+
+    fork, ours = models
+    annotations = panoptic / "annotations"
+    categories, samples = rr.read_panoptic(annotations / "panoptic_val2017.json", panoptic / "val2017",
+                                           annotations / "panoptic_val2017")
+    sample = rr.prepare(next(samples), categories, MEAN, STD, patch=16, image_size=128, crop_size=64)
+    with torch.no_grad():
+        got = rr.region_features(ours.visual, sample)
+        images = sample.image[None]
+        want = dict(boxes=fork.encode_pseudo_boxes(images, [sample.boxes.clone()], normalize=True,
+                                                   extract_type="v2"),
+                    masks=fork.encode_masks(images, [sample.masks], normalize=True),
+                    crops=fork.encode_image(sample.crops, normalize=True))
+    for kind in rr.KINDS:
+        torch.testing.assert_close(got[kind], want[kind], atol=1e-5, rtol=0,
+                                   msg=lambda message, k=kind: f"{k}: {message}")
+
+
+def test_mean_class_accuracy_equals_the_officials(official):
+    from ovdense.eval import regions as rr
+
+    rng = np.random.default_rng(3)
+    labels = torch.from_numpy(rng.integers(0, 12, 400))
+    labels[labels == 5] = 6  # a class without regions is skipped
+    is_thing = labels < 7
+    rank = torch.from_numpy(rng.integers(0, 8, 400))  # where the label sits among the top 5, if at all
+    correct = torch.nn.functional.one_hot(rank.clamp(max=5), 6)[:, :5].bool()
+    want = official.zero_shot.macc_with_is_thing(correct.float(), is_thing.float(), labels, "x")
+    got = rr.mean_class_accuracy(correct, labels, is_thing)
+    for part in ("thing", "stuff"):
+        assert got[part]["top1"] == pytest.approx(want[f"x.{part}.macc1"], abs=1e-12)
+        assert got[part]["top5"] == pytest.approx(want[f"x.{part}.macc5"], abs=1e-12)

@@ -30,7 +30,7 @@ from torch import nn
 
 from ovdense.backbone import dense
 from ovdense.backbone.model_config import ASSETS, TOY_NAME, read_defaults, toy_files  # noqa: F401 (ASSETS: public here too)
-from ovdense.backbone.prompts import Templates, TextCache, default_cache_dir, resolve_templates
+from ovdense.backbone.prompts import Templates, TextCache, default_cache_dir, fill, resolve_templates
 from ovdense.backbone.text import causal_text_tower, encode_prompts  # noqa: F401 (causal_text_tower: public here too)
 from ovdense.errors import OvdenseError, checkpoint_error_text
 
@@ -231,7 +231,7 @@ class ClipBackbone(nn.Module):
         cache = TextCache(self.cache_dir, self.fingerprint, resolved) if use_cache else None
         found = {n: cache.get(n) for n in names} if cache is not None else {}
         missing = [n for n in dict.fromkeys(names) if found.get(n) is None]
-        prompts = [t.format(n) for n in missing for t in resolved]  # M*T
+        prompts = [fill(t, n) for n in missing for t in resolved]  # M*T
         if missing:
             encoded = encode_prompts(self.model, self.tokenizer, prompts, batch_size, self.device)
             per_template = encoded.view(len(missing), len(resolved), -1)  # M, T, D

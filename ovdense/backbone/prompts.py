@@ -2,7 +2,10 @@
 
 * Template sets: ``"imagenet80"`` is CLIP's 80 ImageNet prompt templates (Radford et al. 2021,
   the zero-shot notebook; taken from open_clip's copy so there is one source), ``"single"`` is
-  ``"a photo of a {}."``, or any list of strings with one ``{}``.
+  ``"a photo of a {}."``, ``"vild"`` ViLD's 63 hand-crafted detection templates (Gu et al., ICLR
+  2022; as CLIPSelf's ``tools/generate_text_embeddings.py`` writes them: ``{article}`` is "a" or
+  "an" by the name's first letter, "This is " before each that starts with "a" or "the"), or any
+  list of strings with one ``{}``.
 * A vocabulary is a list of classes; a class is one name or several synonyms. A string entry
   with commas is split into synonyms (``"person, man, woman"``), the convention of the
   ``cls_*.txt`` files of SCLIP / ClearCLIP / NACLIP. The first synonym names the class.
@@ -34,6 +37,39 @@ ClassSpec = str | Sequence[str]
 
 SINGLE_TEMPLATE = ("a photo of a {}.",)
 
+_VILD = (
+    "There is {article} {} in the scene.", "There is the {} in the scene.",
+    "a photo of {article} {} in the scene.", "a photo of the {} in the scene.",
+    "a photo of one {} in the scene.", "itap of {article} {}.", "itap of my {}.", "itap of the {}.",
+    "a photo of {article} {}.", "a photo of my {}.", "a photo of the {}.", "a photo of one {}.",
+    "a photo of many {}.", "a good photo of {article} {}.", "a good photo of the {}.",
+    "a bad photo of {article} {}.", "a bad photo of the {}.", "a photo of a nice {}.",
+    "a photo of the nice {}.", "a photo of a cool {}.", "a photo of the cool {}.", "a photo of a weird {}.",
+    "a photo of the weird {}.", "a photo of a small {}.", "a photo of the small {}.",
+    "a photo of a large {}.", "a photo of the large {}.", "a photo of a clean {}.",
+    "a photo of the clean {}.", "a photo of a dirty {}.", "a photo of the dirty {}.",
+    "a bright photo of {article} {}.", "a bright photo of the {}.", "a dark photo of {article} {}.",
+    "a dark photo of the {}.", "a photo of a hard to see {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of {article} {}.", "a low resolution photo of the {}.",
+    "a cropped photo of {article} {}.", "a cropped photo of the {}.", "a close-up photo of {article} {}.",
+    "a close-up photo of the {}.", "a jpeg corrupted photo of {article} {}.",
+    "a jpeg corrupted photo of the {}.", "a blurry photo of {article} {}.", "a blurry photo of the {}.",
+    "a pixelated photo of {article} {}.", "a pixelated photo of the {}.",
+    "a black and white photo of the {}.", "a black and white photo of {article} {}.", "a plastic {}.",
+    "the plastic {}.", "a toy {}.", "the toy {}.", "a plushie {}.", "the plushie {}.", "a cartoon {}.",
+    "the cartoon {}.", "an embroidered {}.", "the embroidered {}.", "a painting of the {}.",
+    "a painting of a {}.",
+)
+VILD_TEMPLATES = tuple("This is " + t if t.startswith(("a", "the")) else t for t in _VILD)
+
+
+def fill(template: str, name: str) -> str:
+    """``template`` with ``name`` in its ``{}`` and, where it has one, ``{article}`` as ViLD's rule
+    writes it ("an" before a vowel, else "a")."""
+    if "{article}" in template:
+        return template.format(name, article="an" if name[:1] in "aeiou" else "a")
+    return template.format(name)
+
 
 def imagenet80_templates() -> tuple[str, ...]:
     """CLIP's 80 ImageNet templates as format strings (from ``open_clip.zero_shot_metadata``)."""
@@ -49,10 +85,12 @@ def resolve_templates(templates: Templates) -> tuple[str, ...]:
             return imagenet80_templates()
         if templates == "single":
             return SINGLE_TEMPLATE
+        if templates == "vild":
+            return VILD_TEMPLATES
         if "{}" in templates:
             return (templates,)
         raise OvdenseError(
-            f"unknown template set {templates!r}: use 'imagenet80', 'single' or a list of "
+            f"unknown template set {templates!r}: use 'imagenet80', 'single', 'vild' or a list of "
             "strings with '{}' where the class name goes"
         )
     resolved = tuple(templates)

@@ -12,6 +12,10 @@ so every loader in the project meets here the layout it will meet in the wild:
   ``images/{train2017,val2017}/%012d.jpg``, ``annotations/.../%012d_labelTrainIds.png``.
 * ``coco-instances`` — ``{train2017,val2017}/%012d.jpg`` and
   ``annotations/instances_{split}.json`` with compressed-RLE segmentations.
+* ``coco-panoptic`` — ``{train2017,val2017}/%012d.jpg``, ``annotations/panoptic_{split}.json``
+  (``segments_info`` per image) and ``annotations/panoptic_{split}/%012d.png`` (RGB segment ids,
+  ``id = R + 256·G + 256²·B``): the 30 colour–shape pairs are things, the backgrounds
+  (``"<texture> background"``) stuff.
 * ``cityscapes`` — ``leftImg8bit/{train,val}/<city>/<city>_%06d_%06d_leftImg8bit.png`` and
   ``gtFine/.../*_gtFine_{labelTrainIds,instanceIds,color}.png`` (255 = ignore; instance ids
   are ``class · 1000 + index``).
@@ -41,6 +45,7 @@ from ovdense.data import rle
 from ovdense.data.synthetic import (
     DEFECTS,
     SHAPES,
+    TEXTURES,
     Scene,
     SceneConfig,
     colour_shape_classes,
@@ -48,7 +53,7 @@ from ovdense.data.synthetic import (
 )
 from ovdense.io import palette, write_bytes, write_image, write_json
 
-LAYOUTS = ("ade20k", "voc", "coco-stuff", "coco-instances", "cityscapes", "mvtec", "visa")
+LAYOUTS = ("ade20k", "voc", "coco-stuff", "coco-instances", "coco-panoptic", "cityscapes", "mvtec", "visa")
 IGNORE = 255
 ANOMALY_COLOUR = dict(zip(SHAPES, ["red", "blue", "green", "orange", "purple"]))
 
@@ -168,6 +173,51 @@ def _write_coco_instances(root: Path, num: int, seed: int, size: int) -> Path:
                 })
                 annotation_id += 1
         write_json(top / "annotations" / f"instances_{split}.json", {
+            "info": {"description": "ovdense synthetic world", "version": "1.0"},
+            "licenses": [], "images": images, "annotations": annotations, "categories": categories,
+        })
+    return top
+
+
+def panoptic_categories() -> list[dict]:
+    """The synthetic world's panoptic categories: the 30 colour–shape pairs (things, ids 1–30), then
+    one background per texture (stuff, ids 31–35)."""
+    things = [{"id": i, "name": n, "supercategory": n.split()[1], "isthing": 1}
+              for i, n in enumerate(colour_shape_classes()[1:], 1)]
+    stuff = [{"id": len(things) + i, "name": f"{t} background", "supercategory": "background", "isthing": 0}
+             for i, t in enumerate(TEXTURES, 1)]
+    return things + stuff
+
+
+def _write_coco_panoptic(root: Path, num: int, seed: int, size: int) -> Path:
+    top = root / "coco"
+    config = SceneConfig(size=(size, size))
+    categories = panoptic_categories()
+    category_id = {c["name"]: c["id"] for c in categories}
+    for split in ("train2017", "val2017"):
+        images, annotations = [], []
+        for index, scene in enumerate(_scenes(num, seed, split, config), start=1):
+            image_id = index + (0 if split == "train2017" else 500000)
+            file_name = f"{image_id:012d}.jpg"
+            write_image(top / split / file_name, scene.image)
+            images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
+            ids = np.zeros(scene.instance.shape, np.int64)
+            segments = []
+            for obj_index in range(len(scene.objects) + 1):  # 0: the background
+                mask = scene.instance == obj_index
+                if not mask.any():
+                    continue
+                segment_id = 1 + 4099 * obj_index  # spread over the three channels
+                ids[mask] = segment_id
+                name = (f"{scene.texture} background" if obj_index == 0 else
+                        f"{scene.objects[obj_index - 1].colour} {scene.objects[obj_index - 1].shape}")
+                segments.append({"id": segment_id, "category_id": category_id[name], "iscrowd": 0,
+                                 "bbox": rle.bbox(mask), "area": int(mask.sum())})
+            rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
+            png = f"{image_id:012d}.png"
+            write_bytes(top / "annotations" / f"panoptic_{split}" / png, _png(rgb, "RGB"))
+            annotations.append({"image_id": image_id, "file_name": png, "segments_info": segments})
+        write_json(top / "annotations" / f"panoptic_{split}.json", {
             "info": {"description": "ovdense synthetic world", "version": "1.0"},
             "licenses": [], "images": images, "annotations": annotations, "categories": categories,
         })

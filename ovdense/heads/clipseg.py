@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ovdense.backbone.clip import ASSETS, TOY_NAME, ClipBackbone
-from ovdense.backbone.prompts import ClassSpec, Templates, Vocabulary, resolve_templates
+from ovdense.backbone.prompts import ClassSpec, Templates, Vocabulary, fill, resolve_templates
 from ovdense.backbone.runner import embed, run_blocks
 from ovdense.errors import OvdenseError
 from ovdense.heads.head_files import read_head, write_head
@@ -427,7 +427,7 @@ class ClipSegSegmenter:
         """Prompt vectors ``[W, D_joint]`` of words: each word in every template, the unnormalised
         embeddings averaged over the templates (one template: its embedding as it is)."""
         T = len(self.templates)
-        vectors = text_prompt_vectors(self.backbone, [t.format(w) for w in words for t in self.templates])
+        vectors = text_prompt_vectors(self.backbone, [fill(t, w) for w in words for t in self.templates])
         return vectors.view(len(words), T, -1).mean(dim=1)  # W, D_joint
 
     @torch.inference_mode()
