@@ -301,3 +301,26 @@ def test_mean_class_accuracy_equals_the_officials(official):
     for part in ("thing", "stuff"):
         assert got[part]["top1"] == pytest.approx(want[f"x.{part}.macc1"], abs=1e-12)
         assert got[part]["top5"] == pytest.approx(want[f"x.{part}.macc5"], abs=1e-12)
+
+
+def test_an_official_checkpoint_loads_through_create_backbone(official, tmp_path):
+    """A checkpoint as the official ``main.py`` saves it (``epoch``, ``name``, ``state_dict`` of the whole
+    CLIP, ``optimizer``) from an OpenAI-style tower (QuickGELU) loads with ``create_backbone(CONFIG,
+    pretrained=FILE)`` (``weights_only``) and gives the fork's dense features."""
+    from ovdense import create_backbone
+
+    torch.manual_seed(5)
+    fork = official.model.CLIP(32, VISION, TEXT, quick_gelu=True).eval()
+    optimizer = torch.optim.AdamW([p for p in fork.visual.parameters()], lr=1e-5)
+    fork.visual.ln_post.weight.sum().backward()
+    optimizer.step()
+    torch.save({"epoch": 6, "name": "clipself_openai_vitb16", "state_dict": fork.state_dict(),
+                "optimizer": optimizer.state_dict()}, tmp_path / "epoch_6.pt")
+    config = tmp_path / "tiny-quickgelu.json"
+    config.write_text(json.dumps(dict(embed_dim=32, quick_gelu=True, vision_cfg=VISION, text_cfg=TEXT)))
+    backbone = create_backbone(str(config), pretrained=str(tmp_path / "epoch_6.pt"),
+                               cache_dir=tmp_path / "cache")
+    images = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(cs.student_dense(backbone.model.visual, images),
+                                   fork.visual.encode_dense(images, keep_shape=True), atol=1e-5, rtol=0)
