@@ -217,7 +217,8 @@ def evaluate(visual: nn.Module, text: torch.Tensor, samples: Sequence[Regions] |
                 continue
             features = region_features(visual, regions)
             for kind in KINDS:
-                correct[kind].append(top5_correct(features[kind], text.to(features[kind]), regions.labels).cpu())
+                hits = top5_correct(features[kind], text.to(features[kind]), regions.labels)
+                correct[kind].append(hits.cpu())
             labels.append(regions.labels)
             things.append(regions.is_thing)
     if not labels:
