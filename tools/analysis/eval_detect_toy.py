@@ -84,6 +84,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("synthetic/detection"))
     parser.add_argument("--head", help="head file (default: the shipped toy head)")
+    parser.add_argument("--pretrained", help="toy backbone weights the head was trained on (a CLIPSelf-"
+                        "refined toy: WORK_DIR/clipself_backbone.safetensors; default: the shipped toy)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--beta", type=float, nargs="+", metavar="B",
                         help="also sweep F-ViT's beta over these values (box AP50 with the CLIP term)")
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
     names = [c["name"] for c in categories]
     _, novel = open_vocabulary_split()
     novel_ids = {c["id"] for c in categories if c["name"] in novel}
-    backbone = ovdense.create_backbone("toy")
+    backbone = ovdense.create_backbone("toy", pretrained=args.pretrained)
     report = {}
 
     def detections(detector, desc: str) -> tuple[list[dict], list[dict]]:
