@@ -57,6 +57,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("synthetic/detection"))
     parser.add_argument("--head", help="head file (default: the shipped toy head)")
+    parser.add_argument("--pretrained", help="toy backbone weights the head was trained on (a CLIPSelf-"
+                        "refined toy; default: the shipped toy)")
     parser.add_argument("--methods", nargs="+", help="dense methods (default: all the toy tower runs)")
     args = parser.parse_args(argv)
 
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
         return 2
     index = {c["id"]: k for k, c in enumerate(categories)}
     _, novel_names = open_vocabulary_split()
-    backbone = ovdense.create_backbone("toy")
+    backbone = ovdense.create_backbone("toy", pretrained=args.pretrained)
     depth = backbone.num_layers
     methods = args.methods or [m for m, spec in dense.METHODS.items()
                                if all(c < depth - 1 for c in spec.capture)]  # those the toy's 6 blocks run
