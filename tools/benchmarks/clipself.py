@@ -58,7 +58,7 @@ def step_fn(case: dict, device: torch.device):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return loss.item()
 
     return step
 
