@@ -174,7 +174,7 @@ class OvdenseFViTRoIHead(StandardRoIHead):
 
     def bbox_loss(self, x, sampling_results) -> dict:
         """``StandardRoIHead``'s, with the classification and box losses averaged over the sampled
-        RoIs of the whole global batch instead of this process's (``_global_share``)."""
+        RoIs of the whole global batch instead of this process's (``mm.training.global_share``)."""
         results = super().bbox_loss(x, sampling_results)
         share = global_share(sum(len(r.priors) for r in sampling_results), x[0].device)
         losses = results["loss_bbox"]
@@ -185,7 +185,7 @@ class OvdenseFViTRoIHead(StandardRoIHead):
 
     def mask_loss(self, x, sampling_results, bbox_feats, batch_gt_instances) -> dict:
         """``StandardRoIHead``'s, with the mask loss averaged over the positive RoIs of the whole
-        global batch instead of this process's (``_global_share``)."""
+        global batch instead of this process's (``mm.training.global_share``)."""
         results = super().mask_loss(x, sampling_results, bbox_feats, batch_gt_instances)
         share = global_share(sum(len(r.pos_priors) for r in sampling_results), x[0].device)
         results["loss_mask"]["loss_mask"] = results["loss_mask"]["loss_mask"] * share

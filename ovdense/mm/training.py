@@ -76,10 +76,6 @@ def seeded_global_rng(seed: int) -> Iterator[None]:
         torch.set_rng_state(torch_state)
 
 
-# --------------------------------------------------------------------------------------------
-# Sampler and dataset
-
-
 def global_share(count: int, device) -> float:
     """``count / mean(count over processes)``: a loss averaged over this process's ``count`` items,
     times this, is averaged over the items of the whole global batch once DDP averages the processes'
@@ -93,6 +89,10 @@ def global_share(count: int, device) -> float:
     total = torch.tensor(float(count), device=device)
     all_reduce(total, op="mean")
     return float(count) / float(total) if float(total) > 0 else 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Sampler and dataset
 
 
 @DATA_SAMPLERS.register_module()
