@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -149,12 +150,11 @@ def _write_coco_stuff(root: Path, num: int, seed: int, size: int) -> Path:
     return top
 
 
-def _write_coco_instances(root: Path, num: int, seed: int, size: int) -> Path:
-    top = root / "coco"
+def _write_coco(top: Path, kind: str, num: int, seed: int, size: int, categories: list[dict],
+                annotate: Callable[[Scene, int, str], list[dict]]) -> Path:
+    """COCO's common layout: ``{train2017,val2017}/%012d.jpg`` and ``annotations/{kind}_{split}.json``
+    with the images, the categories and what ``annotate(scene, image_id, split)`` returns per image."""
     config = SceneConfig(size=(size, size))
-    names = colour_shape_classes()[1:]
-    categories = [{"id": i, "name": n, "supercategory": n.split()[1]} for i, n in enumerate(names, 1)]
-    annotation_id = 1
     for split in ("train2017", "val2017"):
         images, annotations = [], []
         for index, scene in enumerate(_scenes(num, seed, split, config), start=1):
@@ -162,21 +162,33 @@ def _write_coco_instances(root: Path, num: int, seed: int, size: int) -> Path:
             file_name = f"{image_id:012d}.jpg"
             write_image(top / split / file_name, scene.image)
             images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
-            for obj_index, obj in enumerate(scene.objects, start=1):
-                mask = scene.instance == obj_index
-                encoded = rle.encode(mask)
-                annotations.append({
-                    "id": annotation_id, "image_id": image_id,
-                    "category_id": names.index(f"{obj.colour} {obj.shape}") + 1,
-                    "segmentation": encoded, "area": rle.area(encoded), "bbox": rle.bbox(mask),
-                    "iscrowd": 0,
-                })
-                annotation_id += 1
-        write_json(top / "annotations" / f"instances_{split}.json", {
+            annotations += annotate(scene, image_id, split)
+        write_json(top / "annotations" / f"{kind}_{split}.json", {
             "info": {"description": "ovdense synthetic world", "version": "1.0"},
             "licenses": [], "images": images, "annotations": annotations, "categories": categories,
         })
     return top
+
+
+def _write_coco_instances(root: Path, num: int, seed: int, size: int) -> Path:
+    names = colour_shape_classes()[1:]
+    categories = [{"id": i, "name": n, "supercategory": n.split()[1]} for i, n in enumerate(names, 1)]
+    annotation_ids = itertools.count(1)  # numbered across both splits
+
+    def annotate(scene: Scene, image_id: int, split: str) -> list[dict]:
+        out = []
+        for obj_index, obj in enumerate(scene.objects, start=1):
+            mask = scene.instance == obj_index
+            encoded = rle.encode(mask)
+            out.append({
+                "id": next(annotation_ids), "image_id": image_id,
+                "category_id": names.index(f"{obj.colour} {obj.shape}") + 1,
+                "segmentation": encoded, "area": rle.area(encoded), "bbox": rle.bbox(mask),
+                "iscrowd": 0,
+            })
+        return out
+
+    return _write_coco(root / "coco", "instances", num, seed, size, categories, annotate)
 
 
 def panoptic_categories() -> list[dict]:
@@ -191,37 +203,28 @@ def panoptic_categories() -> list[dict]:
 
 def _write_coco_panoptic(root: Path, num: int, seed: int, size: int) -> Path:
     top = root / "coco"
-    config = SceneConfig(size=(size, size))
     categories = panoptic_categories()
     category_id = {c["name"]: c["id"] for c in categories}
-    for split in ("train2017", "val2017"):
-        images, annotations = [], []
-        for index, scene in enumerate(_scenes(num, seed, split, config), start=1):
-            image_id = index + (0 if split == "train2017" else 500000)
-            file_name = f"{image_id:012d}.jpg"
-            write_image(top / split / file_name, scene.image)
-            images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
-            ids = np.zeros(scene.instance.shape, np.int64)
-            segments = []
-            for obj_index in range(len(scene.objects) + 1):  # 0: the background
-                mask = scene.instance == obj_index
-                if not mask.any():
-                    continue
-                segment_id = 1 + 4099 * obj_index  # spread over the three channels
-                ids[mask] = segment_id
-                name = (f"{scene.texture} background" if obj_index == 0 else
-                        f"{scene.objects[obj_index - 1].colour} {scene.objects[obj_index - 1].shape}")
-                segments.append({"id": segment_id, "category_id": category_id[name], "iscrowd": 0,
-                                 "bbox": rle.bbox(mask), "area": int(mask.sum())})
-            rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
-            png = f"{image_id:012d}.png"
-            write_bytes(top / "annotations" / f"panoptic_{split}" / png, _png(rgb, "RGB"))
-            annotations.append({"image_id": image_id, "file_name": png, "segments_info": segments})
-        write_json(top / "annotations" / f"panoptic_{split}.json", {
-            "info": {"description": "ovdense synthetic world", "version": "1.0"},
-            "licenses": [], "images": images, "annotations": annotations, "categories": categories,
-        })
-    return top
+
+    def annotate(scene: Scene, image_id: int, split: str) -> list[dict]:
+        ids = np.zeros(scene.instance.shape, np.int64)
+        segments = []
+        for obj_index in range(len(scene.objects) + 1):  # 0: the background
+            mask = scene.instance == obj_index
+            if not mask.any():
+                continue
+            segment_id = 1 + 4099 * obj_index  # spread over the three channels
+            ids[mask] = segment_id
+            name = (f"{scene.texture} background" if obj_index == 0 else
+                    f"{scene.objects[obj_index - 1].colour} {scene.objects[obj_index - 1].shape}")
+            segments.append({"id": segment_id, "category_id": category_id[name], "iscrowd": 0,
+                             "bbox": rle.bbox(mask), "area": int(mask.sum())})
+        rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
+        png = f"{image_id:012d}.png"
+        write_bytes(top / "annotations" / f"panoptic_{split}" / png, _png(rgb, "RGB"))
+        return [{"image_id": image_id, "file_name": png, "segments_info": segments}]
+
+    return _write_coco(top, "panoptic", num, seed, size, categories, annotate)
 
 
 def _write_cityscapes(root: Path, num: int, seed: int, size: int) -> Path:
