@@ -167,13 +167,9 @@ def prepare(sample: PanopticImage, categories: Sequence[dict], mean: Sequence[fl
 
 def region_features(visual: nn.Module, regions: Regions) -> dict[str, torch.Tensor]:
     """The three features of each region, L2-normalised, ``[K, D]`` each (``KINDS``)."""
-    from torchvision.ops import roi_align
-
     images = regions.image[None].to(visual.proj.device)  # 1, 3, S, S
     dense = cs.student_dense(visual, images)  # 1, D, h, w (normalised per token)
-    h, w = dense.shape[-2:]
-    rois = regions.boxes.to(dense) * dense.new_tensor([w, h, w, h])
-    boxes = roi_align(dense, [rois], (1, 1), 1.0, -1, True)[..., 0, 0]  # K, D
+    boxes = cs.box_features(dense, [regions.boxes])  # K, D
     masks = regions.masks.to(dense).flatten(1)  # K, hw
     pooled = masks @ dense[0].flatten(1).T / (masks.sum(1, keepdim=True) + 1e-12)  # K, D
     crops = cs.teacher_features(visual, regions.crops.to(dense))  # K, D

@@ -198,17 +198,21 @@ def student_dense(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return tokens.reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2)  # B, D, h, w
 
 
-def student_region_features(visual: nn.Module, images: torch.Tensor,
-                            boxes: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One feature a box ``[R, D]`` (not re-normalised): a 1×1 RoIAlign (aligned, adaptive sampling)
-    of ``student_dense`` at each image's normalised boxes ``[K_i, 4]`` scaled to the token grid."""
+def box_features(feature_map: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A 1×1 RoIAlign (aligned, adaptive sampling) of ``feature_map [B, D, h, w]`` at each image's
+    normalised boxes ``[K_i, 4]`` scaled to its grid: ``[R, D]``, ``R = Σ K_i``."""
     from torchvision.ops import roi_align
 
-    feature_map = student_dense(visual, images)  # B, D, h, w
     h, w = feature_map.shape[-2:]
     scale = feature_map.new_tensor([w, h, w, h])
     rois = [b.to(feature_map) * scale for b in boxes]
     return roi_align(feature_map, rois, (1, 1), 1.0, -1, True)[..., 0, 0]  # R, D
+
+
+def student_region_features(visual: nn.Module, images: torch.Tensor,
+                            boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One feature a box ``[R, D]`` (not re-normalised): ``box_features`` of ``student_dense``."""
+    return box_features(student_dense(visual, images), boxes)
 
 
 def teacher_features(teacher: nn.Module, crops: torch.Tensor) -> torch.Tensor:

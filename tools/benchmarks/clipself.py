@@ -16,7 +16,6 @@ batch) at 1024 px. Print the load average with the figures: ``uptime`` before an
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -24,16 +23,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _sibling(name: str):
-    path = ROOT / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location("ovdense_tool_" + path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measuring import measure  # noqa: E402  (tools/benchmarks/measuring.py)
 
 CASES = {"toy": dict(model="toy", pretrained=None, size=128, batch=8),
          "b16": dict(model="ViT-B-16", pretrained=None, size=1024, batch=2)}
@@ -71,7 +62,6 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    measure = _sibling("benchmarks/measuring").measure
     device = torch.device(args.device)
     report = dict(device=args.device, threads=torch.get_num_threads(), load_average=os.getloadavg(), cases={})
     for name in args.cases:
