@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tool_runs import ROOT, kill_after_checkpoint, load_tool, run, torchrun, train_command
+from tool_runs import ROOT, kill_after_checkpoint, load_tool, run, short_run_options, torchrun, train_command
 
 pytest.importorskip("mmcv.ops",
                     reason="needs full mmcv with its compiled ops: python tools/misc/build_mmcv.py")
@@ -35,19 +35,13 @@ def world(tmp_path_factory):
 
 
 def options(world, cache: Path, **overrides) -> list[str]:
-    values = {
+    return short_run_options(ITERS, {
         "train_dataloader.dataset.dataset.data_root": str(world["train"]),
         "test_dataloader.dataset.data_root": str(world["eval"]),
         "model.backbone.cache_dir": str(cache),
         **{f"model.head.{k}": v for k, v in SMALL_HEAD.items()},
         "train_dataloader.batch_size": "4",
-        "train_cfg.max_iters": str(ITERS),
-        "default_hooks.checkpoint.interval": "2",
-        "default_hooks.checkpoint.max_keep_ckpts": "10",
-        "default_hooks.logger.interval": "1",
-    }
-    values.update({k: str(v) for k, v in overrides.items()})
-    return [f"{k}={v}" for k, v in values.items()]
+    }, overrides)
 
 
 def _parse(items) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tool_runs import ROOT, kill_after_checkpoint, run, torchrun, train_command
+from tool_runs import ROOT, kill_after_checkpoint, run, short_run_options, torchrun, train_command
 
 from ovdense.errors import OvdenseError
 from ovdense.train import clipself as cs
@@ -48,18 +48,12 @@ def world(tmp_path_factory):
 
 
 def options(world, cache: Path, **overrides) -> list[str]:
-    values = {
+    return short_run_options(ITERS, {
         "train_dataloader.dataset.data_root": str(world),
         "train_dataloader.dataset.ann_file": "annotations/instances.json",
         "model.clip.cache_dir": str(cache),
         "train_dataloader.batch_size": "2",
-        "train_cfg.max_iters": str(ITERS),
-        "default_hooks.checkpoint.interval": "2",
-        "default_hooks.checkpoint.max_keep_ckpts": "10",
-        "default_hooks.logger.interval": "1",
-    }
-    values.update({k: str(v) for k, v in overrides.items()})
-    return [f"{k}={v}" for k, v in values.items()]
+    }, overrides)
 
 
 def build(world, tmp_path, **dataset):

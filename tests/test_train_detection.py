@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tool_runs import ROOT, kill_after_checkpoint, load_tool, run, torchrun, train_command
+from tool_runs import ROOT, kill_after_checkpoint, load_tool, run, short_run_options, torchrun, train_command
 
 OVDET = ROOT / "configs" / "ovdet"
 TOY = OVDET / "fvlm_toy_synthetic.py"
@@ -289,11 +289,7 @@ def options(world: Path, cache: Path, **overrides) -> list[str]:
         "test_evaluator.ann_file": val,
         "model.clip.cache_dir": str(cache),
         "train_dataloader.batch_size": "2",
-        "train_cfg.max_iters": str(ITERS),
         "train_cfg.val_begin": str(ITERS + 1),  # no evaluation inside training
-        "default_hooks.checkpoint.interval": "2",
-        "default_hooks.checkpoint.max_keep_ckpts": "10",
-        "default_hooks.logger.interval": "1",
         "optim_wrapper.optimizer._delete_": "True",
         "optim_wrapper.optimizer.type": "SGD",
         "optim_wrapper.optimizer.lr": "0.02",
@@ -302,8 +298,7 @@ def options(world: Path, cache: Path, **overrides) -> list[str]:
         "model_wrapper_cfg.type": "MMDistributedDataParallel",
         "model_wrapper_cfg.find_unused_parameters": "False",
     }
-    values.update({k: str(v) for k, v in overrides.items()})
-    return [f"{k}={v}" for k, v in values.items()]
+    return short_run_options(ITERS, values, overrides)
 
 
 def checkpoint(path: Path) -> dict:

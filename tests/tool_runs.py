@@ -1,7 +1,7 @@
 """What several test modules share: scripts of tools/ loaded as modules; tools/train.py and
 tools/test.py run in fresh processes (one, or two under torchrun with gloo) that import this
-checkout's ovdense, whatever is installed; the command line run in-process (``run_cli``); a tiny
-random SAM (``tiny_sam``)."""
+checkout's ovdense, whatever is installed, with the cfg-options of a short run (``short_run_options``);
+the command line run in-process (``run_cli``); a tiny random SAM (``tiny_sam``)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,15 @@ def train_command(config: Path, work_dir: Path, opts: list[str], *extra: str) ->
     """``tools/train.py CONFIG --work-dir WORK_DIR [extra] --cfg-options OPTS``, one process."""
     return [sys.executable, str(ROOT / "tools" / "train.py"), str(config), "--work-dir", str(work_dir),
             *extra, "--cfg-options", *opts]
+
+
+def short_run_options(iters: int, values: dict, overrides: dict) -> list[str]:
+    """``--cfg-options`` items for a short training run in a test: ``values``, then ``iters`` iterations with
+    a checkpoint every 2 (all kept) and a log line every iteration, then ``overrides`` (each as a string)."""
+    settings = {**values, "train_cfg.max_iters": str(iters), "default_hooks.checkpoint.interval": "2",
+                "default_hooks.checkpoint.max_keep_ckpts": "10", "default_hooks.logger.interval": "1"}
+    settings.update({k: str(v) for k, v in overrides.items()})
+    return [f"{k}={v}" for k, v in settings.items()]
 
 
 def torchrun(*arguments: str) -> list[str]:
