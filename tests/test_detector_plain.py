@@ -237,9 +237,10 @@ def test_float16_head_is_half_the_file_and_loads_as_float32(toy, plain_head, tmp
 
 def test_default_head_checkpoint(toy, tiny_backbone, monkeypatch):
     assert det.default_head_checkpoint(tiny_backbone) is None
-    monkeypatch.setattr(det, "TOY_HEAD_FILE", "toy-clip.json")  # a file that is in ovdense/assets
+    # a file that is in ovdense/assets
+    monkeypatch.setitem(det.TOY_HEAD_FILES, "toy", "toy-clip.json")
     assert det.default_head_checkpoint(toy) == ROOT / "ovdense" / "assets" / "toy-clip.json"
-    monkeypatch.setattr(det, "TOY_HEAD_FILE", "no-such-head.safetensors")
+    monkeypatch.setitem(det.TOY_HEAD_FILES, "toy", "no-such-head.safetensors")
     assert det.default_head_checkpoint(toy) is None
     with pytest.raises(OvdenseError, match="tools/train.py configs/ovdet/fvlm_toy_synthetic.py.*head_check"):
         det.Detector(toy, ["red circle"])
@@ -279,26 +280,31 @@ def test_shipped_toy_head_finds_held_out_objects(toy, tmp_path):
     assert figures["ap50"] > 0.85 and figures["base_ap50"] > 0.85 and figures["novel_ap50"] > 0.8, figures
 
 
-def test_eval_detect_toy_beta_sweep(toy, tmp_path, capsys):
-    """``tools/analysis/eval_detect_toy.py --beta``: at the head's own β (0.8) the sweep scores what
-    the ensemble run scores; at β = 0 the novel pairs' scores change (and the base pairs' do not), so
-    the sweep reads its β."""
+def test_eval_detect_toy_beta_and_temperature_sweep(toy, tmp_path, capsys):
+    """``tools/analysis/eval_detect_toy.py --beta … --temperature …``: at the head's own β (0.8) and
+    temperature (the toy's logit scale) the sweep scores what the ensemble run scores; β = 0 changes
+    the novel pairs' scores (and not the base pairs'), and so does another temperature (the base pairs'
+    too, through α), so the sweep reads both."""
     import json
 
     from tool_runs import load_tool
 
     load_tool("data/make_synthetic_detection").write_detection_world(tmp_path, num_train=1, num_val=8, seed=0)
     out = tmp_path / "report.json"
+    own = f"{toy.logit_scale:g}"
     assert load_tool("analysis/eval_detect_toy").main(["--data", str(tmp_path), "--beta", "0.8", "0",
+                                                       "--temperature", repr(toy.logit_scale), "5",
                                                        "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    sweep = report["beta sweep (box)"]
-    assert sweep["0.8"] == report["with CLIP term"]["bbox"]
+    sweep = report["sweep (box)"]
+    assert sorted(sweep) == sorted(f"beta={b} T={t}" for b in ("0.8", "0") for t in (own, "5"))
+    assert sweep[f"beta=0.8 T={own}"] == report["with CLIP term"]["bbox"]
     # β moves only the novel pairs' scores; on these 8 scenes the shipped head's novel AP50 is 1.0 at
     # both β, so the change shows in AP over the IoU thresholds (0.683 at β = 0.8, 0.703 at 0)
-    assert sweep["0"]["base_ap50"] == sweep["0.8"]["base_ap50"]
-    assert sweep["0"]["ap"] != sweep["0.8"]["ap"]
-    assert "beta = 0.8" in capsys.readouterr().out
+    assert sweep[f"beta=0 T={own}"]["base_ap50"] == sweep[f"beta=0.8 T={own}"]["base_ap50"]
+    assert sweep[f"beta=0 T={own}"]["ap"] != sweep[f"beta=0.8 T={own}"]["ap"]
+    assert sweep["beta=0.8 T=5"]["ap"] != sweep[f"beta=0.8 T={own}"]["ap"]
+    assert f"beta=0.8 T={own}" in capsys.readouterr().out
 
 
 def one_line_error(call, match: str) -> None:

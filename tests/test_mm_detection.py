@@ -299,3 +299,42 @@ def test_detector_api_equals_the_model(model, tmp_path, tiny_backbone):
     assert result.masks.shape == (len(result.boxes), 128, 128) and result.masks.dtype == bool
     with pytest.raises(OvdenseError, match="no F-ViT head ships.*tools/train.py.*head_checkpoint"):
         Detector(tiny_backbone, ["red circle"])  # no head ships for it
+
+
+def test_novel_shape_split_config_data_and_model_agree(tmp_path):
+    """``configs/ovdet/fvlm_toy_synthetic_novel_star.py`` and ``make_synthetic_detection.py
+    --novel-shape star`` name the same split (``open_vocabulary_split("star")``: the 6 star pairs novel,
+    24 base): the training json holds no star, the held-out json every pair; the config's head has 24
+    base columns (25 class weights, the background's 0.6) and builds."""
+    import json
+
+    from mmdet.registry import MODELS
+
+    import ovdense.mm.detection  # noqa: F401 - registers the modules
+
+    base, novel = open_vocabulary_split("star")
+    assert len(base) == 24 and novel == [f"{c} star" for c in ("red", "green", "blue", "yellow", "purple",
+                                                                 "orange")]
+    assert open_vocabulary_split() == (BASE, NOVEL)
+    with pytest.raises(ValueError, match="unknown shape 'hexagon'"):
+        open_vocabulary_split("hexagon")
+    writer = load_tool("data/make_synthetic_detection")
+    top = writer.write_detection_world(tmp_path, 12, 6, novel_shape="star")
+    train = json.loads((top / "annotations" / "instances_train2017.json").read_text())
+    val = json.loads((top / "annotations" / "instances_val2017.json").read_text())
+    names = {c["id"]: c["name"] for c in val["categories"]}
+    assert sorted(c["name"] for c in train["categories"]) == sorted(base) and len(names) == 30
+    assert train["annotations"] and all("star" not in names[a["category_id"]] for a in train["annotations"])
+    assert any("star" in names[a["category_id"]] for a in val["annotations"])
+
+    star = CONFIG.with_name("fvlm_toy_synthetic_novel_star.py")
+    cfg = Config.fromfile(str(star), import_custom_modules=False)
+    head = cfg.model.roi_head.bbox_head
+    assert cfg.model.classes == base and head.num_classes == 24 == cfg.model.roi_head.mask_head.num_classes
+    assert head.loss_cls.class_weight == [1.0] * 24 + [0.6]
+    assert list(cfg.train_dataloader.dataset.dataset.metainfo.classes) == base
+    assert list(cfg.val_dataloader.dataset.metainfo.novel_classes) == novel
+    assert sorted(cfg.model.test_classes) == sorted(base + novel)
+    init_default_scope("mmdet")
+    model = MODELS.build(cfg.model)
+    assert model.roi_head.bbox_head.num_classes == 24 and model.classes == base

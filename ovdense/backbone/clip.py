@@ -29,7 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ovdense.backbone import dense
-from ovdense.backbone.model_config import ASSETS, TOY_NAME, read_defaults, toy_files  # noqa: F401 (ASSETS: public here too)
+from ovdense.backbone.model_config import (  # noqa: F401 (ASSETS, TOY_NAMES: public here too)
+    ASSETS,
+    TOY_CLIPSELF_NAME,
+    TOY_NAME,
+    TOY_NAMES,
+    read_defaults,
+    toy_clipself_visual,
+    toy_files,
+)
 from ovdense.backbone.prompts import Templates, TextCache, default_cache_dir, fill, resolve_templates
 from ovdense.backbone.text import causal_text_tower, encode_prompts  # noqa: F401 (causal_text_tower: public here too)
 from ovdense.errors import OvdenseError, checkpoint_error_text
@@ -260,9 +268,11 @@ def create_backbone(
 
     Args:
         name: open_clip model name, ``hf-hub:…``, ``local-dir:…``, a JSON model config path, or
-            ``"toy"``, the embedded toy CLIP of the synthetic world (no network needed).
+            ``"toy"``, the embedded toy CLIP of the synthetic world (no network needed), or
+            ``"toy-clipself"``, the same CLIP with its image tower refined by CLIPSelf
+            (``docs/clipself.md``: better patch tokens, a weaker class token).
         pretrained: open_clip tag, local checkpoint path, or ``None`` for random weights (for
-            ``"toy"``: ``None`` = its embedded weights).
+            the toy models: ``None`` = their embedded weights; a path: a whole toy CLIP's weights).
         device: ``"cpu"``, ``"cuda"``, …
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (the latter two for GPUs).
         cache_dir: ovdense's cache folder (text embeddings); default ``default_cache_dir()``.
@@ -281,11 +291,13 @@ def create_backbone(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OvdenseError("device 'cuda' asked for, but torch sees no CUDA GPU; use --device cpu")
 
-    if name == TOY_NAME:
+    if name in TOY_NAMES:
         config, weights = toy_files()
         model, tokenizer, source, mean, std, defaults = _from_config_file(
             str(config), pretrained or str(weights)
         )
+        if name == TOY_CLIPSELF_NAME and pretrained is None:
+            source = _load_visual_tower(model, toy_clipself_visual())
     elif name.endswith(".json"):
         model, tokenizer, source, mean, std, defaults = _from_config_file(name, pretrained)
     else:
@@ -363,6 +375,31 @@ def _load_checkpoint_file(model: nn.Module, path: str) -> None:
             f"expects {tuple(expected[k].shape)} ({len(wrong)} tensors differ); check the model config"
         )
     model.load_state_dict(state, strict=True)
+
+
+def _load_visual_tower(model: nn.Module, path: Path) -> WeightsSource:
+    """Put a ``visual.*``-only safetensors file (any float dtype) on ``model``'s image tower, every
+    key of the tower present and no other; the result's source is that file (a head trained on
+    it records the file's hash under the model's name)."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - an unreadable file is a broken install
+        raise OvdenseError(f"{path} is not a readable safetensors file ({checkpoint_error_text(e)})") from e
+    expected = {f"visual.{k}": v for k, v in model.visual.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise OvdenseError(_key_mismatch_message(path, missing, unexpected))
+    wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise OvdenseError(f"{path} does not fit this model: {k} has shape {tuple(state[k].shape)}, "
+                           f"the model expects {tuple(expected[k].shape)}")
+    dtype = model.visual.conv1.weight.dtype
+    model.visual.load_state_dict({k[len("visual."):]: v.to(dtype) for k, v in state.items()}, strict=True)
+    return WeightsSource("file", str(path))
 
 
 def _key_mismatch_message(file, missing: Sequence[str], unexpected: Sequence[str]) -> str:

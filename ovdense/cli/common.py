@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ovdense.backbone.model_config import TOY_NAMES
 from ovdense.errors import OvdenseError
 
 
@@ -206,7 +207,7 @@ def _pretrained(model: str, value: str | None) -> str | None:
     """The CLI's weights rule: 'none' is random; no value means the model's usual weights."""
     if value is not None:
         return None if value.lower() == "none" else value
-    if model == "toy" or model.endswith(".json"):
+    if model in TOY_NAMES or model.endswith(".json"):
         return None
     return "laion400m_e31" if model == "ViT-B-16-plus-240" else "openai"
 

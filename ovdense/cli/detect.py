@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ovdense.backbone.model_config import TOY_NAMES
 from ovdense.cli.common import (
     _check_device,
     _check_no_overwrite,
@@ -39,12 +40,13 @@ def _command_detect(args: argparse.Namespace) -> int:
     if args.head_checkpoint is not None and not args.head_checkpoint.is_file():
         raise OvdenseError(f"--head-checkpoint {args.head_checkpoint}: no such file (an F-ViT head written "
                            "by tools/train.py configs/ovdet/...: work_dirs/<config>/fvit_head.safetensors)")
-    if args.head_checkpoint is None and args.model != "toy":
-        # only the toy model ships a head (ovdense.heads.fvit.default_head_checkpoint): say so
+    if args.head_checkpoint is None and args.model not in TOY_NAMES:
+        # only the toy models ship a head (ovdense.heads.fvit.default_head_checkpoint): say so
         # before a backbone is downloaded and built
         raise OvdenseError(f"no F-ViT head ships for --model {args.model}: pass --head-checkpoint PATH, a "
                            "head trained with python tools/train.py configs/ovdet/<config>.py "
-                           "(work_dirs/<config>/fvit_head.safetensors); only --model toy ships one")
+                           "(work_dirs/<config>/fvit_head.safetensors); only --model toy and toy-clipself "
+                           "ship one")
     classes = _read_detect_classes(args)
     images = _list_inputs(args.inputs)
     _check_out(args.out)

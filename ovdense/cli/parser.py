@@ -51,12 +51,13 @@ def _build_parser() -> argparse.ArgumentParser:
                      f"from its config's 'ovdense' entry, e.g. the toy model's; else "
                      f"{DEFAULT_HEADS['segmentation']}); see `ovdense methods`")
     seg.add_argument(
-        "--model", default="ViT-B-16", help="open_clip model name, 'toy', or a JSON model config"
+        "--model", default="ViT-B-16",
+        help="open_clip model name, 'toy', 'toy-clipself', or a JSON model config"
     )
     seg.add_argument(
         "--pretrained",
         help="open_clip tag or checkpoint file; 'none' = random weights (default: 'openai' for "
-        "open_clip models, the embedded weights for 'toy', random for a JSON config)",
+        "open_clip models, the embedded weights for the toy models, random for a JSON config)",
     )
     seg.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
     seg.add_argument(
@@ -146,15 +147,16 @@ def _add_detect_parser(sub) -> None:
     vocab.add_argument("--classes", help="comma-separated class names, e.g. 'red circle,blue star'")
     vocab.add_argument("--classes-file", type=Path, help="one class name per line")
     det.add_argument("--model", default="ViT-B-16",
-                     help="open_clip model name, 'toy', or a JSON model config (the head's backbone)")
+                     help="open_clip model name, 'toy', 'toy-clipself', or a JSON model config "
+                     "(the head's backbone)")
     det.add_argument(
         "--pretrained",
         help="open_clip tag or checkpoint file; 'none' = random weights (default: 'openai' for "
-        "open_clip models, the embedded weights for 'toy', random for a JSON config)",
+        "open_clip models, the embedded weights for the toy models, random for a JSON config)",
     )
     det.add_argument("--head-checkpoint", type=Path,
                      help="an F-ViT head (fvit_head.safetensors from tools/train.py configs/ovdet/...; "
-                     "default for --model toy: the shipped one)")
+                     "default for --model toy and toy-clipself: the shipped one)")
     det.add_argument("--score-threshold", type=float, default=0.3,
                      help="keep detections scoring at least this (default 0.3)")
     det.add_argument("--image-size", type=int,

@@ -132,15 +132,22 @@ def is_novel(colour: str, shape: str) -> bool:
     return (list(COLOURS).index(colour) + SHAPES.index(shape)) % 3 == 0
 
 
-def open_vocabulary_split() -> tuple[list[str], list[str]]:
+def open_vocabulary_split(novel_shape: str | None = None) -> tuple[list[str], list[str]]:
     """The world's open-vocabulary split: ``(base, novel)`` colour–shape names, each in
     ``colour_shape_classes`` order — 20 base pairs a head may train on, 10 novel pairs it
     must recognise from their names alone. Every colour and every shape occurs in both
-    parts, so a novel pair is a new combination of seen words."""
+    parts, so a novel pair is a new combination of seen words.
+
+    ``novel_shape`` gives the harder split instead: every pair of that shape novel (6), the other
+    24 base, so a head trained on base labels has never been told of that shape at all — only
+    the CLIP it sits on has (F-VLM's premise: the detector cannot name what it never saw)."""
+    if novel_shape is not None and novel_shape not in SHAPES:
+        raise ValueError(f"unknown shape {novel_shape!r}; known: {', '.join(SHAPES)}")
     base, novel = [], []
     for colour in COLOURS:
         for shape in SHAPES:
-            (novel if is_novel(colour, shape) else base).append(f"{colour} {shape}")
+            held_out = shape == novel_shape if novel_shape is not None else is_novel(colour, shape)
+            (novel if held_out else base).append(f"{colour} {shape}")
     return base, novel
 
 

@@ -96,7 +96,8 @@ from ovdense.heads.fvit_parts import (
 
 # the head's public face: what it defines, and the parts (fvit_parts.py) its users and tests reach here
 __all__ = [
-    "HEAD_FORMAT", "STORED_TEXT_KEY", "TOY_HEAD_FILE", "DetectionResult", "Detector", "FrozenFeatures",
+    "HEAD_FORMAT", "STORED_TEXT_KEY", "TOY_HEAD_FILE", "TOY_HEAD_FILES", "DetectionResult", "Detector",
+    "FrozenFeatures",
     "OpenVocabBBoxHead", "OpenVocabClassifier", "PlainFViT", "SimplePyramid", "StoredText",
     "check_vocabulary", "default_head_checkpoint", "ensemble", "frozen_features", "fvit_out_indices",
     "key_mismatch", "load_head", "load_stored_text", "read_classes", "region_clip_embeddings", "save_head",
@@ -354,20 +355,22 @@ class PlainFViT(nn.Module):
 # --------------------------------------------------------------------------------------------
 # The Python API
 
-#: The toy backbone's trained head, shipped in ``ovdense/assets`` (trained by
-#: ``configs/ovdet/fvlm_toy_synthetic.py`` on the toy world's base classes).
+#: The trained heads shipped in ``ovdense/assets`` for the embedded toy backbones, each trained by
+#: ``configs/ovdet/fvlm_toy_synthetic.py`` on the toy world's base classes (``toy-clipself``'s with
+#: ``--cfg-options model.clip.name=toy-clipself``).
 TOY_HEAD_FILE = "fvit-toy-head.safetensors"
+TOY_HEAD_FILES = {"toy": TOY_HEAD_FILE, "toy-clipself": "fvit-toy-clipself-head.safetensors"}
 
 
 def default_head_checkpoint(backbone) -> Path | None:
     """The F-ViT head that ships with ovdense for ``backbone``: ``ovdense/assets/fvit-toy-head.safetensors``
-    for the toy CLIP when the file is installed; ``None`` otherwise (no other backbone ships one)."""
-    from ovdense.backbone.clip import ASSETS, TOY_NAME
+    for the toy CLIP, ``fvit-toy-clipself-head.safetensors`` for ``toy-clipself``, when the file is
+    installed; ``None`` otherwise (no other backbone ships one)."""
+    from ovdense.backbone.clip import ASSETS
 
-    if backbone.name == TOY_NAME:
-        path = ASSETS / TOY_HEAD_FILE
-        if path.is_file():
-            return path
+    name = TOY_HEAD_FILES.get(backbone.name)
+    if name is not None and (ASSETS / name).is_file():
+        return ASSETS / name
     return None
 
 

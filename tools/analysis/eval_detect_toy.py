@@ -18,6 +18,12 @@ mmdet from a training checkpoint; this tool checks the head file users get. ``--
 in training; the head file's own is 0.8): box AP50 over all, base and novel pairs at each β, by
 the same scoring (``tools/test.py … --cfg-options model.roi_head.bbox_head.beta=β`` reports mmdet's
 ``coco/novel_ap50``, which mmdet 3.3 overwrites with the mask pass's when both are evaluated).
+``--temperature 25 50 100`` sweeps the CLIP term's softmax temperature (``vlm_temperature``; the toy
+head's own is the toy CLIP's logit scale) the same way, crossed with ``--beta`` when both are given.
+Choose such settings on scenes other than those reported (``make_synthetic_detection.py --seed 1``
+writes a validation world), as ``docs/clipself.md`` does.
+
+``--model toy-clipself`` scores the heads of the CLIPSelf-refined toy (its shipped head by default).
 """
 
 from __future__ import annotations
@@ -83,12 +89,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("synthetic/detection"))
-    parser.add_argument("--head", help="head file (default: the shipped toy head)")
+    parser.add_argument("--model", default="toy", choices=["toy", "toy-clipself"],
+                        help="the toy backbone the head was trained on")
+    parser.add_argument("--head", help="head file (default: the model's shipped head)")
     parser.add_argument("--pretrained", help="toy backbone weights the head was trained on (a CLIPSelf-"
                         "refined toy: WORK_DIR/clipself_backbone.safetensors; default: the shipped toy)")
+    parser.add_argument("--novel-shape", help="the world was written by make_synthetic_detection.py "
+                        "--novel-shape SHAPE: that shape's pairs are the novel ones")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--beta", type=float, nargs="+", metavar="B",
                         help="also sweep F-ViT's beta over these values (box AP50 with the CLIP term)")
+    parser.add_argument("--temperature", type=float, nargs="+", metavar="T",
+                        help="also sweep the CLIP term's softmax temperature over these values")
     args = parser.parse_args(argv)
 
     from tqdm import tqdm
@@ -104,9 +116,9 @@ def main(argv=None) -> int:
         return 2
     truth, categories = held_out
     names = [c["name"] for c in categories]
-    _, novel = open_vocabulary_split()
+    _, novel = open_vocabulary_split(args.novel_shape)
     novel_ids = {c["id"] for c in categories if c["name"] in novel}
-    backbone = ovdense.create_backbone("toy", pretrained=args.pretrained)
+    backbone = ovdense.create_backbone(args.model, pretrained=args.pretrained)
     report = {}
 
     def detections(detector, desc: str) -> tuple[list[dict], list[dict]]:
@@ -141,16 +153,18 @@ def main(argv=None) -> int:
         print(f"{name:20s} {b['ap50']:9.3f} {b['base_ap50']:10.3f} {b['novel_ap50']:11.3f} {b['ap']:6.3f} "
               f"{s['ap']:8.3f} {s['ap50']:10.3f}")
     sweep = {}
-    if args.beta:
-        detector = detectors[True]  # the ensemble run's, its β set in turn
-        for beta in args.beta:
-            detector.model.roi_head.bbox_head.beta = beta
-            boxes, _ = detections(detector, f"beta={beta:g}")
-            sweep[f"{beta:g}"] = evaluate(truth, boxes, "bbox", novel_ids)
-        report["beta sweep (box)"] = sweep
-    for beta, b in sweep.items():
-        print(f"{'beta = ' + beta:20s} {b['ap50']:9.3f} {b['base_ap50']:10.3f} {b['novel_ap50']:11.3f} "
-              f"{b['ap']:6.3f}")
+    if args.beta or args.temperature:
+        detector = detectors[True]  # the ensemble run's, its β and temperature set in turn
+        head = detector.model.roi_head.bbox_head
+        for beta in args.beta or [head.beta]:
+            for temperature in args.temperature or [head.vlm_temperature]:
+                head.beta, head.vlm_temperature = beta, temperature
+                key = f"beta={beta:g} T={temperature:g}"
+                boxes, _ = detections(detector, key)
+                sweep[key] = evaluate(truth, boxes, "bbox", novel_ids)
+        report["sweep (box)"] = sweep
+    for key, b in sweep.items():
+        print(f"{key:20s} {b['ap50']:9.3f} {b['base_ap50']:10.3f} {b['novel_ap50']:11.3f} {b['ap']:6.3f}")
     if args.out:
         from ovdense.io import write_json
 

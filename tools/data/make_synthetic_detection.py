@@ -27,20 +27,27 @@ from tqdm import tqdm
 
 from ovdense.data import rle
 from ovdense.data.layouts import hash_split
-from ovdense.data.synthetic import SceneConfig, colour_shape_classes, open_vocabulary_split, render_scene
+from ovdense.data.synthetic import (
+    SHAPES,
+    SceneConfig,
+    colour_shape_classes,
+    open_vocabulary_split,
+    render_scene,
+)
 from ovdense.io import write_image, write_json
 
 SEED_OFFSET = 20  # scenes differ from every other synthetic set of the project
 
 
 def write_detection_world(out: str | Path, num_train: int, num_val: int, seed: int = 0,
-                          size: int = 128) -> Path:
-    """Write both splits under ``out/coco``; return that folder."""
+                          size: int = 128, novel_shape: str | None = None) -> Path:
+    """Write both splits under ``out/coco``; return that folder. ``novel_shape``: every pair of that
+    shape is novel (``synthetic.open_vocabulary_split``), unlabelled in the training json."""
     if num_train <= 0 or num_val <= 0:
         raise ValueError("num_train and num_val must be positive")
     top = Path(out) / "coco"
     names = colour_shape_classes()[1:]
-    base, _ = open_vocabulary_split()
+    base, _ = open_vocabulary_split(novel_shape)
     categories = [{"id": i, "name": n, "supercategory": n.split()[1]} for i, n in enumerate(names, 1)]
     config = SceneConfig(size=(size, size))
     annotation_id = 1
@@ -81,10 +88,12 @@ def main(argv=None) -> int:
     parser.add_argument("--num", type=int, default=100, help="held-out evaluation scenes (all pairs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--novel-shape", choices=list(SHAPES),
+                        help="every pair of this shape novel (6 novel, 24 base), not the 10 novel pairs")
     args = parser.parse_args(argv)
     if args.num <= 0 or args.num_train <= 0 or args.size < 32:
         parser.error("--num and --num-train must be positive and --size at least 32")
-    print(write_detection_world(args.out, args.num_train, args.num, args.seed, args.size))
+    print(write_detection_world(args.out, args.num_train, args.num, args.seed, args.size, args.novel_shape))
     return 0
 
 
