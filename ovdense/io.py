@@ -488,3 +488,14 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     stand_ins = [(Placeholder, name) for name in MMENGINE_EXTRAS]
     with torch.serialization.safe_globals(stand_ins):
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_weights(path: str | os.PathLike) -> Any:
+    """A weights file read without running any of its code: ``.safetensors`` by safetensors, anything
+    else by ``read_checkpoint`` (``torch.load(weights_only=True)``). Errors are the readers' own;
+    callers name the file and what they expected."""
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return read_checkpoint(path)

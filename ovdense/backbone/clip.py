@@ -41,6 +41,7 @@ from ovdense.backbone.model_config import (  # noqa: F401 (ASSETS, TOY_NAMES: pu
 from ovdense.backbone.prompts import Templates, TextCache, default_cache_dir, fill, resolve_templates
 from ovdense.backbone.text import causal_text_tower, encode_prompts  # noqa: F401 (causal_text_tower: public here too)
 from ovdense.errors import OvdenseError, checkpoint_error_text
+from ovdense.io import read_weights
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -341,12 +342,7 @@ def _load_checkpoint_file(model: nn.Module, path: str) -> None:
     if not file.is_file():
         raise OvdenseError(f"checkpoint not found: {file}")
     try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(file))
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True)
+        state = read_weights(file)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's wrong checkpoint
         raise OvdenseError(
             f"{file} is not a readable weights file ({checkpoint_error_text(e)}); ovdense reads only "

@@ -41,6 +41,7 @@ from torch import nn
 
 from ovdense.backbone.dense import interpolate_pos_embed
 from ovdense.errors import OvdenseError, checkpoint_error_text
+from ovdense.io import read_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -164,12 +165,7 @@ def _build(spec: VfmSpec) -> nn.Module:
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_weights(path)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's wrong weights
         raise OvdenseError(f"{path} is not a readable weights file ({checkpoint_error_text(e)}); ovdense "
                            "reads tensors only (the official .pth, or .safetensors)") from e

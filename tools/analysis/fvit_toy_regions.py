@@ -56,9 +56,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("synthetic/detection"))
-    parser.add_argument("--head", help="head file (default: the shipped toy head)")
+    parser.add_argument("--model", default="toy", choices=["toy", "toy-clipself"],
+                        help="the toy backbone the head was trained on")
+    parser.add_argument("--head", help="head file (default: the model's shipped head)")
     parser.add_argument("--pretrained", help="toy backbone weights the head was trained on (a CLIPSelf-"
                         "refined toy; default: the shipped toy)")
+    parser.add_argument("--novel-shape", help="the world was written by make_synthetic_detection.py "
+                        "--novel-shape SHAPE: that shape's pairs are the novel ones")
     parser.add_argument("--methods", nargs="+", help="dense methods (default: all the toy tower runs)")
     args = parser.parse_args(argv)
 
@@ -89,8 +93,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     index = {c["id"]: k for k, c in enumerate(categories)}
-    _, novel_names = open_vocabulary_split()
-    backbone = ovdense.create_backbone("toy", pretrained=args.pretrained)
+    _, novel_names = open_vocabulary_split(args.novel_shape)
+    backbone = ovdense.create_backbone(args.model, pretrained=args.pretrained)
     depth = backbone.num_layers
     methods = args.methods or [m for m, spec in dense.METHODS.items()
                                if all(c < depth - 1 for c in spec.capture)]  # those the toy's 6 blocks run

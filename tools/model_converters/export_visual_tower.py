@@ -34,15 +34,10 @@ def read_state(path: Path) -> dict:
     import torch
 
     from ovdense.errors import OvdenseError, checkpoint_error_text
-    from ovdense.io import read_checkpoint
+    from ovdense.io import read_weights
 
     try:
-        if Path(path).suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = read_checkpoint(path)
+        state = read_weights(path)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's wrong input
         raise OvdenseError(f"{path} is not a readable weights file ({checkpoint_error_text(e)})") from e
     if isinstance(state, dict) and "state_dict" in state:
