@@ -86,6 +86,8 @@ def load_held_out(data: Path):
 
 
 def main(argv=None) -> int:
+    from ovdense.data.synthetic import SHAPES
+
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("synthetic/detection"))
@@ -94,8 +96,9 @@ def main(argv=None) -> int:
     parser.add_argument("--head", help="head file (default: the model's shipped head)")
     parser.add_argument("--pretrained", help="toy backbone weights the head was trained on (a CLIPSelf-"
                         "refined toy: WORK_DIR/clipself_backbone.safetensors; default: the shipped toy)")
-    parser.add_argument("--novel-shape", help="the world was written by make_synthetic_detection.py "
-                        "--novel-shape SHAPE: that shape's pairs are the novel ones")
+    parser.add_argument("--novel-shape", choices=list(SHAPES),
+                        help="the world was written by make_synthetic_detection.py --novel-shape SHAPE: "
+                        "that shape's pairs are the novel ones")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--beta", type=float, nargs="+", metavar="B",
                         help="also sweep F-ViT's beta over these values (box AP50 with the CLIP term)")

@@ -53,6 +53,8 @@ def windowed_clip_map(backbone, x, indices, method: str, crop: int, stride: int)
 
 
 def main(argv=None) -> int:
+    from ovdense.data.synthetic import SHAPES  # the choices of --novel-shape
+
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("synthetic/detection"))
@@ -61,8 +63,9 @@ def main(argv=None) -> int:
     parser.add_argument("--head", help="head file (default: the model's shipped head)")
     parser.add_argument("--pretrained", help="toy backbone weights the head was trained on (a CLIPSelf-"
                         "refined toy; default: the shipped toy)")
-    parser.add_argument("--novel-shape", help="the world was written by make_synthetic_detection.py "
-                        "--novel-shape SHAPE: that shape's pairs are the novel ones")
+    parser.add_argument("--novel-shape", choices=list(SHAPES),
+                        help="the world was written by make_synthetic_detection.py --novel-shape SHAPE: "
+                        "that shape's pairs are the novel ones")
     parser.add_argument("--methods", nargs="+", help="dense methods (default: all the toy tower runs)")
     args = parser.parse_args(argv)
 
@@ -71,7 +74,7 @@ def main(argv=None) -> int:
 
     import ovdense
     from ovdense.backbone import dense
-    from ovdense.data.synthetic import SHAPES, colour_shape_classes, open_vocabulary_split
+    from ovdense.data.synthetic import colour_shape_classes, open_vocabulary_split
     from ovdense.errors import OvdenseError
     from ovdense.heads.fvit import (
         Detector,
