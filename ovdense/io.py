@@ -499,3 +499,14 @@ def read_weights(path: str | os.PathLike) -> Any:
 
         return load_file(str(path))
     return read_checkpoint(path)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's content (hex), read in 4 MiB chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -41,7 +41,7 @@ from ovdense.backbone.model_config import (  # noqa: F401 (ASSETS, TOY_NAMES: pu
 from ovdense.backbone.prompts import Templates, TextCache, default_cache_dir, fill, resolve_templates
 from ovdense.backbone.text import causal_text_tower, encode_prompts  # noqa: F401 (causal_text_tower: public here too)
 from ovdense.errors import OvdenseError, checkpoint_error_text
-from ovdense.io import read_weights
+from ovdense.io import read_weights, sha256_file
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -198,11 +198,7 @@ class ClipBackbone(nn.Module):
         precision the backbone runs in."""
         if self._identity is None:
             if self.weights.kind == "file":
-                digest = hashlib.sha256()
-                with open(self.weights.value, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 22), b""):
-                        digest.update(chunk)
-                self._identity = f"{self.name}|sha256:{digest.hexdigest()[:32]}"
+                self._identity = f"{self.name}|sha256:{sha256_file(self.weights.value)[:32]}"
             elif self.weights.kind == "tag":
                 self._identity = self.fingerprint
             else:
@@ -353,7 +349,13 @@ def _load_checkpoint_file(model: nn.Module, path: str) -> None:
     if not isinstance(state, dict):
         raise OvdenseError(f"{file} holds no state dict")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    expected = model.state_dict()
+    _check_fits(file, state, model.state_dict())
+    model.load_state_dict(state, strict=True)
+
+
+def _check_fits(file, state: dict, expected: dict[str, torch.Tensor]) -> None:
+    """Refuse ``file``'s ``state`` unless it has exactly ``expected``'s keys, all tensors of
+    ``expected``'s shapes (one message each: the keys, a non-tensor, the first wrong shape)."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -370,29 +372,17 @@ def _load_checkpoint_file(model: nn.Module, path: str) -> None:
             f"{file} does not fit this model: {k} has shape {tuple(state[k].shape)}, the model "
             f"expects {tuple(expected[k].shape)} ({len(wrong)} tensors differ); check the model config"
         )
-    model.load_state_dict(state, strict=True)
 
 
 def _load_visual_tower(model: nn.Module, path: Path) -> WeightsSource:
     """Put a ``visual.*``-only safetensors file (any float dtype) on ``model``'s image tower, every
     key of the tower present and no other; the result's source is that file (a head trained on
     it records the file's hash under the model's name)."""
-    from safetensors.torch import load_file
-
     try:
-        state = load_file(str(path))
+        state = read_weights(path)
     except Exception as e:  # noqa: BLE001 - an unreadable file is a broken install
         raise OvdenseError(f"{path} is not a readable safetensors file ({checkpoint_error_text(e)})") from e
-    expected = {f"visual.{k}": v for k, v in model.visual.state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise OvdenseError(_key_mismatch_message(path, missing, unexpected))
-    wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
-    if wrong:
-        k = wrong[0]
-        raise OvdenseError(f"{path} does not fit this model: {k} has shape {tuple(state[k].shape)}, "
-                           f"the model expects {tuple(expected[k].shape)}")
+    _check_fits(path, state, {f"visual.{k}": v for k, v in model.visual.state_dict().items()})
     dtype = model.visual.conv1.weight.dtype
     model.visual.load_state_dict({k[len("visual."):]: v.to(dtype) for k, v in state.items()}, strict=True)
     return WeightsSource("file", str(path))

@@ -85,11 +85,11 @@ def load_held_out(data: Path):
     return truth, sorted(truth.loadCats(truth.getCatIds()), key=lambda c: c["id"])
 
 
-def main(argv=None) -> int:
+def add_world_and_head_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments this tool shares with ``fvit_toy_regions.py``: the toy detection world (and its
+    split) and the head with the toy backbone it was trained on."""
     from ovdense.data.synthetic import SHAPES
 
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("synthetic/detection"))
     parser.add_argument("--model", default="toy", choices=["toy", "toy-clipself"],
                         help="the toy backbone the head was trained on")
@@ -99,6 +99,12 @@ def main(argv=None) -> int:
     parser.add_argument("--novel-shape", choices=list(SHAPES),
                         help="the world was written by make_synthetic_detection.py --novel-shape SHAPE: "
                         "that shape's pairs are the novel ones")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_world_and_head_arguments(parser)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--beta", type=float, nargs="+", metavar="B",
                         help="also sweep F-ViT's beta over these values (box AP50 with the CLIP term)")

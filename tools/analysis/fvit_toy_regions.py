@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_detect_toy import load_held_out  # noqa: E402  (a sibling tool)
+from eval_detect_toy import add_world_and_head_arguments, load_held_out  # noqa: E402  (a sibling tool)
 
 
 def windowed_clip_map(backbone, x, indices, method: str, crop: int, stride: int):
@@ -53,19 +53,9 @@ def windowed_clip_map(backbone, x, indices, method: str, crop: int, stride: int)
 
 
 def main(argv=None) -> int:
-    from ovdense.data.synthetic import SHAPES  # the choices of --novel-shape
-
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path("synthetic/detection"))
-    parser.add_argument("--model", default="toy", choices=["toy", "toy-clipself"],
-                        help="the toy backbone the head was trained on")
-    parser.add_argument("--head", help="head file (default: the model's shipped head)")
-    parser.add_argument("--pretrained", help="toy backbone weights the head was trained on (a CLIPSelf-"
-                        "refined toy; default: the shipped toy)")
-    parser.add_argument("--novel-shape", choices=list(SHAPES),
-                        help="the world was written by make_synthetic_detection.py --novel-shape SHAPE: "
-                        "that shape's pairs are the novel ones")
+    add_world_and_head_arguments(parser)
     parser.add_argument("--methods", nargs="+", help="dense methods (default: all the toy tower runs)")
     args = parser.parse_args(argv)
 
@@ -74,7 +64,7 @@ def main(argv=None) -> int:
 
     import ovdense
     from ovdense.backbone import dense
-    from ovdense.data.synthetic import colour_shape_classes, open_vocabulary_split
+    from ovdense.data.synthetic import SHAPES, colour_shape_classes, open_vocabulary_split
     from ovdense.errors import OvdenseError
     from ovdense.heads.fvit import (
         Detector,

@@ -16,17 +16,8 @@ was not trained beside.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state(path: Path) -> dict:
@@ -54,7 +45,7 @@ def export(source: Path, out: Path, dtype: str = "float16", reference: Path | No
     from safetensors.torch import save
 
     from ovdense.errors import OvdenseError
-    from ovdense.io import write_bytes
+    from ovdense.io import sha256_file, write_bytes
 
     if Path(out).resolve() == Path(source).resolve():
         raise OvdenseError(f"{out} is the input; write the tower to another file")
@@ -73,7 +64,7 @@ def export(source: Path, out: Path, dtype: str = "float16", reference: Path | No
         if changed:
             raise OvdenseError(f"{source}'s text tower is not {reference}'s ({changed[0]} and "
                                f"{len(changed) - 1} more differ): the tower belongs with another text tower")
-    metadata = {"format": "ovdense-visual-tower", "source_sha256": sha256(Path(source)), "dtype": dtype}
+    metadata = {"format": "ovdense-visual-tower", "source_sha256": sha256_file(source), "dtype": dtype}
     return write_bytes(out, save(visual, metadata=metadata))
 
 
