@@ -11,7 +11,8 @@ import inspect
 import pytest
 
 from ovdense import Segmenter
-from ovdense.backbone.dense import METHODS, naclip_block
+from ovdense.backbone.dense import METHODS, naclip_block, proxy_attention, proxyclip_block
+from ovdense.backbone.vfm import create_vfm
 
 FIELDS = ("short_side", "window", "logit_scale", "pamr", "image_engineering", "close_labels", "cluster")
 
@@ -57,6 +58,11 @@ OFFICIAL = {
         "cfg_context60.py, cfg_coco_object.py: slide_stride=28, pamr_steps=10, img_engineering=True, "
         "Resize(scale=(2048, 336))",
     ),
+    "proxyclip": (
+        (336, (336, 112), 40.0, False, False, False, False),
+        "mc-lan/ProxyCLIP@e7b767f proxyclip_segmentor.py ProxyCLIPSegmentation(logit_scale=40, "
+        "slide_stride=112, slide_crop=336), no PAMR; configs/cfg_voc21.py Resize(scale=(2048, 336))",
+    ),
 }
 
 
@@ -68,7 +74,8 @@ def test_the_table_covers_every_method():
 def test_segmenter_defaults_are_the_official_ones(tiny_backbone, method):
     assert tiny_backbone.defaults == {}  # else the backbone's own defaults would come first
     values, source = OFFICIAL[method]
-    seg = Segmenter(tiny_backbone, method, ["a", "b"], templates="single")
+    vfm = create_vfm("dino_vitb16", "random") if "vfm" in METHODS[method].needs else None
+    seg = Segmenter(tiny_backbone, method, ["a", "b"], templates="single", vfm=vfm)
     got = tuple(getattr(seg, name) for name in FIELDS)
     assert got == values, f"{method}: {dict(zip(FIELDS, got))} but the official {source}"
 
@@ -80,3 +87,10 @@ def test_option_defaults_are_the_official_ones(tiny_backbone):
     assert (seg.image_engineering_weight, seg.definition_weight) == (0.75, 0.2)
     # NACLIP(gaussian_std=5.) in naclip.py
     assert inspect.signature(naclip_block).parameters["std"].default == 5.0
+    # ProxyCLIPSegmentation(beta=1.2, gamma=3.0) and forward_slide's compute_padsize(H, W, 56)
+    for function in (proxyclip_block, proxy_attention):
+        parameters = inspect.signature(function).parameters
+        assert (parameters["beta"].default, parameters["gamma"].default) == (1.2, 3.0)
+    vfm = create_vfm("dino_vitb16", "random")
+    assert Segmenter(tiny_backbone, "proxyclip", ["a"], templates="single", vfm=vfm).pad_multiple == 56
+    assert Segmenter(tiny_backbone, "naclip", ["a"], templates="single").pad_multiple == 8  # the patch

@@ -61,7 +61,13 @@ def build(name, toy, sam, fvit_head, rgb, tiny_backbone):
 
         blocks = len(toy.model.visual.transformer.resblocks)
         backbone = tiny_backbone if any(i >= blocks - 1 for i in METHOD_INFO[name].capture) else toy
-        return create_head(name, backbone, SEGMENT_CLASSES), Segmenter(backbone, name, SEGMENT_CLASSES)
+        extra = {}
+        if "vfm" in METHOD_INFO[name].needs:
+            from ovdense.backbone.vfm import create_vfm
+
+            extra["vfm"] = create_vfm("dino_vitb16", "random")
+        return (create_head(name, backbone, SEGMENT_CLASSES, **extra),
+                Segmenter(backbone, name, SEGMENT_CLASSES, **extra))
     if name == "san":
         return create_head(name, toy, SEGMENT_CLASSES), SanSegmenter(toy, SEGMENT_CLASSES)
     if name == "clipseg":

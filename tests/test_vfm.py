@@ -3,62 +3,28 @@ mirrors of facebookresearch/dino and facebookresearch/dinov2, on the same random
 through ovdense's own loader from the official state-dict layout; and the loader's errors.
 """
 
-import os
-import sys
-
 import pytest
 import torch
-from official_clim import mirror_checkout
+from official_vfm import (
+    imagenet,
+    import_official_dino,
+    import_official_dinov2,
+    official_dinov2_vitb14_reg,
+    spread,
+)
 
-from ovdense.backbone.vfm import IMAGENET_MEAN, IMAGENET_STD, VFMS, create_vfm
+from ovdense.backbone.vfm import VFMS, create_vfm
 from ovdense.errors import OvdenseError
-
-DINO_REPO = os.environ.get("OVDENSE_DINO_REPO", "/work/.mirror/facebookresearch+dino/repo")
-DINOV2_REPO = os.environ.get("OVDENSE_DINOV2_REPO", "/work/.mirror/facebookresearch+dinov2/repo")
-
-
-def _imagenet(rgb: torch.Tensor) -> torch.Tensor:
-    """The official pipelines' input: torchvision's Normalize with ImageNet statistics."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (rgb - mean) / std
-
-
-def _spread(model: torch.nn.Module, seed: int) -> None:
-    """Random values in every parameter (the official inits leave tokens, positions and LayerScale at
-    constants that would hide a wrong key or a wrong position rule)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.5 if ("norm" in name and name.endswith("weight")) else 0.05
-            base = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
-            p.copy_(base + scale * torch.randn(p.shape, generator=generator))
 
 
 @pytest.fixture(scope="module")
 def official_dino(tmp_path_factory):
-    tree = mirror_checkout(__import__("pathlib").Path(DINO_REPO), tmp_path_factory.mktemp("dino"),
-                           ("vision_transformer.py", "utils.py"), "OVDENSE_DINO_REPO")
-    sys.path.insert(0, str(tree))
-    try:
-        import vision_transformer as vits
-    finally:
-        sys.path.remove(str(tree))
-        sys.modules.pop("utils", None)
-    return vits
+    return import_official_dino(tmp_path_factory.mktemp("dino"))
 
 
 @pytest.fixture(scope="module")
 def official_dinov2(tmp_path_factory):
-    tree = mirror_checkout(__import__("pathlib").Path(DINOV2_REPO), tmp_path_factory.mktemp("dinov2"),
-                           ("dinov2/__init__.py", "dinov2/layers", "dinov2/models"), "OVDENSE_DINOV2_REPO")
-    os.environ.setdefault("XFORMERS_DISABLED", "1")
-    sys.path.insert(0, str(tree))
-    try:
-        from dinov2.models import vision_transformer as vits
-    finally:
-        sys.path.remove(str(tree))
-    return vits
+    return import_official_dinov2(tmp_path_factory.mktemp("dinov2"))
 
 
 @pytest.mark.parametrize("name,patch", [("dino_vitb8", 8), ("dino_vitb16", 16)])
@@ -68,14 +34,14 @@ def test_dino_features_are_the_official_get_intermediate_layers(official_dino, n
     native size (no resampling), a larger square and a non-square size that is not a patch multiple
     (DINO's ``+ 0.1`` bicubic rule; the conv drops the partial patch)."""
     official = official_dino.vit_base(patch_size=patch, num_classes=0).eval()
-    _spread(official, seed=patch)
+    spread(official, seed=patch)
     torch.save(official.state_dict(), tmp_path / VFMS[name].weights_file)
     ours = create_vfm(name, tmp_path / VFMS[name].weights_file)
     generator = torch.Generator().manual_seed(0)
     for size in [(224, 224), (12 * patch, 20 * patch + 5)]:
         rgb = torch.rand(1, 3, *size, generator=generator)
         with torch.no_grad():
-            expected = official.get_intermediate_layers(_imagenet(rgb))[0][:, 1:]  # 1, hw, C
+            expected = official.get_intermediate_layers(imagenet(rgb))[0][:, 1:]  # 1, hw, C
         got = ours.features(rgb)
         h, w = size[0] // patch, size[1] // patch
         assert got.shape == (1, 768, h, w) and ours.grid(*size) == (h, w)
@@ -87,11 +53,11 @@ def test_a_wrong_position_rule_shows(official_dino, tmp_path):
     import timm
 
     official = official_dino.vit_base(patch_size=16, num_classes=0).eval()
-    _spread(official, seed=3)
+    spread(official, seed=3)
     timm_vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0,
                                  dynamic_img_size=True).eval()
     timm_vit.load_state_dict(official.state_dict())
-    rgb = _imagenet(torch.rand(1, 3, 192, 320, generator=torch.Generator().manual_seed(1)))
+    rgb = imagenet(torch.rand(1, 3, 192, 320, generator=torch.Generator().manual_seed(1)))
     with torch.no_grad():
         expected = official.get_intermediate_layers(rgb)[0][:, 1:]
         timm_tokens = timm_vit.forward_features(rgb)[:, 1:]
@@ -103,10 +69,8 @@ def test_dinov2_features_are_the_official_get_intermediate_layers(official_dinov
     num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0, block_chunks=0)``),
     its state dict in the official layout (``register_tokens``, ``mask_token``, the class position in
     ``pos_embed``) through ovdense's loader: ``get_intermediate_layers(x, reshape=True)[0]``."""
-    official = official_dinov2.vit_base(
-        patch_size=14, img_size=518, init_values=1.0, ffn_layer="mlp", block_chunks=0, num_register_tokens=4,
-        interpolate_antialias=True, interpolate_offset=0.0).eval()
-    _spread(official, seed=14)
+    official = official_dinov2_vitb14_reg(official_dinov2)
+    spread(official, seed=14)
     path = tmp_path / VFMS["dinov2_vitb14_reg"].weights_file
     torch.save(official.state_dict(), path)
     assert "register_tokens" in official.state_dict() and "mask_token" in official.state_dict()
@@ -114,7 +78,7 @@ def test_dinov2_features_are_the_official_get_intermediate_layers(official_dinov
     generator = torch.Generator().manual_seed(2)
     for size in [(224, 224), (14 * 9, 14 * 13 + 6)]:
         rgb = torch.rand(1, 3, *size, generator=generator)
-        x = _imagenet(rgb)[..., : size[0] // 14 * 14, : size[1] // 14 * 14]  # official asserts multiples
+        x = imagenet(rgb)[..., : size[0] // 14 * 14, : size[1] // 14 * 14]  # official asserts multiples
         with torch.no_grad():
             expected = official.get_intermediate_layers(x, n=1, reshape=True)[0]
         got = ours.features(rgb)
@@ -142,7 +106,7 @@ def test_sam_encoder_sees_proxyclips_input():
     vfm.model = Encoder()
     rgb = torch.rand(2, 3, 90, 130, generator=torch.Generator().manual_seed(4))
     out = vfm.features(rgb)
-    expected = F.interpolate(_imagenet(rgb), size=(1024, 1024), mode="bilinear", align_corners=False)
+    expected = F.interpolate(imagenet(rgb), size=(1024, 1024), mode="bilinear", align_corners=False)
     assert out.shape == (2, 256, 64, 64) and vfm.grid(90, 130) == (64, 64)
     assert torch.allclose(seen["x"], expected, atol=1e-6)
 

@@ -150,11 +150,9 @@ class ClipBackbone(nn.Module):
             method: a training-free last-block variant (``dense.METHODS``).
             options: the method's options (see its function in ``ovdense.backbone.dense``).
         Returns:
-            ``[B, D, H/p, W/p]``, L2-normalised along ``D``.
+            ``[B, D, H/p, W/p]``, L2-normalised along ``D`` (ProxyCLIP: on its VFM's grid).
         """
-        tokens = dense.encode_tokens(self.model.visual, images, method, **options)  # B, 1+hw, D
-        h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
-        patches = tokens[:, 1:].reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2)  # B, D, h, w
+        patches = dense.encode_patches(self.model.visual, images, method, **options)  # B, D, h, w
         return F.normalize(patches, dim=1)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -299,6 +299,82 @@ def itaclip_block(
     return x + attend(block, weights, v)
 
 
+@dataclass(frozen=True)
+class OwnGrid:
+    """What a last block returns when its tokens lie on a grid of their own rather than CLIP's
+    patch grid (ProxyCLIP: the VFM's): patch tokens only, ``[B, h·w, W]``, and ``(h, w)``."""
+
+    tokens: torch.Tensor
+    grid: tuple[int, int]
+
+
+def proxy_attention(features: torch.Tensor, beta: float = 1.2, gamma: float = 3.0) -> torch.Tensor:
+    """ProxyCLIP's proxy attention (Lan et al., ECCV 2024, Eq. 3–5) from VFM features
+    ``[B, C, h, w]``: ``[B, h·w, h·w]``, one map shared by all heads.
+
+    As in mc-lan/ProxyCLIP ``open_clip/transformer.py`` ``custom_attn``: cosine similarity of the
+    L2-normalised features, ``S' = (S − β·mean(S))·γ`` with one scalar mean per image, entries
+    below 0 set to −∞, softmax over each row.
+
+    Departures: the official mean is over the whole batch it is given; its segmentor gives one
+    window at a time, so the mean here is per image, which equals it for any batch of windows. Each
+    patch's own similarity is 1, so when a window's mean similarity exceeds 1/β (0.83: features
+    almost all alike) every entry falls below 0; the official map is then all −∞ and the window's
+    output NaN. Here each patch then attends to its most similar patches (itself and exact copies).
+    """
+    f = F.normalize(features.flatten(2).float(), dim=1)  # B, C, hw
+    similarity = f.transpose(1, 2) @ f  # B, hw, hw
+    mean = similarity.mean(dim=(1, 2), keepdim=True)  # B, 1, 1
+    similarity = (similarity - mean * beta) * gamma
+    dropped = similarity < 0.0
+    empty = dropped.all(dim=-1, keepdim=True)  # rows the official code would turn to NaN
+    if bool(empty.any()):
+        dropped = dropped & ~(empty & (similarity == similarity.amax(dim=-1, keepdim=True)))
+    similarity = similarity.masked_fill(dropped, float("-inf"))
+    return torch.softmax(similarity, dim=-1)
+
+
+def proxyclip_block(
+    block: nn.Module,
+    x: torch.Tensor,
+    grid: tuple[int, int],
+    vfm_features: torch.Tensor | None = None,
+    beta: float = 1.2,
+    gamma: float = 3.0,
+) -> OwnGrid:
+    """ProxyCLIP — Lan et al., "ProxyCLIP: Proxy Attention Improves CLIP for Open-Vocabulary
+    Segmentation", ECCV 2024, §3.2, as in mc-lan/ProxyCLIP ``open_clip/transformer.py``
+    (``VisionTransformer.forward`` with ``ex_feats``, ``custom_attn``):
+
+        v = W_v ln_1(x) + b_v        (patch tokens only, per head, on CLIP's grid)
+        v' = bilinear(v → the VFM's grid h' × w')
+        x ← out_proj(merge_heads(proxy_attention(F_vfm) @ v'))     on the VFM's grid
+
+    No residual, no FFN, no class token; ``ln_post`` and ``proj`` follow (``encode_patches``).
+    ``vfm_features`` ``[B, C, h', w']`` are the VFM's features of the same window (the
+    ``Segmenter`` computes them); ``beta``, ``gamma``: the official 1.2 and 3.
+
+    Departure: for a window that is not square, the official code reshapes the values with height
+    and width swapped (``B, nc, w, h = x.shape``) and its DINO branch reshapes with the height
+    twice, so it fails or scrambles the values; its protocol (short side ≥ crop) only makes square
+    windows. Here both axes keep their own sizes.
+    """
+    if vfm_features is None:
+        raise OvdenseError("proxyclip needs the VFM's features of the window (vfm_features=...); "
+                           "Segmenter(..., vfm=create_vfm(...)) computes them")
+    if vfm_features.shape[0] != x.shape[0]:
+        raise OvdenseError(f"proxyclip: {vfm_features.shape[0]} VFM feature maps for {x.shape[0]} images")
+    _, _, v = qkv(block, x)  # B, heads, N, hd
+    B, heads, N, hd = v.shape
+    h, w = grid
+    out_h, out_w = vfm_features.shape[-2:]
+    v = v[:, :, 1:].reshape(B * heads, h, w, hd).permute(0, 3, 1, 2)  # B·heads, hd, h, w
+    v = F.interpolate(v, size=(out_h, out_w), mode="bilinear", align_corners=False)
+    v = v.reshape(B, heads, hd, out_h * out_w).transpose(-2, -1)  # B, heads, h'w', hd
+    weights = proxy_attention(vfm_features, beta, gamma).to(v.dtype).unsqueeze(1)  # B, 1, h'w', h'w'
+    return OwnGrid(attend(block, weights, v), (out_h, out_w))
+
+
 def self_self_map(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``softmax(q qᵀ s) + softmax(k kᵀ s)`` of a block from its input: ``[B, heads, N, N]``."""
     q, k, _ = qkv(block, x)
@@ -323,6 +399,7 @@ class MethodSpec:
     change: str
     protocol: Protocol = field(default_factory=Protocol)
     capture: tuple[int, ...] = ()
+    needs: tuple[str, ...] = ()
 
 
 _BLOCKS: dict[str, Callable[..., torch.Tensor]] = {
@@ -333,20 +410,18 @@ _BLOCKS: dict[str, Callable[..., torch.Tensor]] = {
     "naclip": naclip_block,
     "cliptrase": cliptrase_block,
     "itaclip": itaclip_block,
+    "proxyclip": proxyclip_block,
 }
 
 METHODS: dict[str, MethodSpec] = {
-    name: MethodSpec(_BLOCKS[name], info.paper, info.change, info.protocol, info.capture)
+    name: MethodSpec(_BLOCKS[name], info.paper, info.change, info.protocol, info.capture, info.needs)
     for name, info in METHOD_INFO.items()
 }
 
 
-def encode_tokens(visual: nn.Module, images: torch.Tensor, method: str, **options) -> torch.Tensor:
-    """All tokens of the last layer in the joint space: ``[B, 1 + h·w, D]`` (not normalised).
-
-    Runs every block but the last unchanged (``run_block``), the method's last block, then
-    ``ln_post`` and ``proj``. For ITACLIP, the self-self maps of ``spec.capture`` are taken on the way.
-    """
+def _last_block_output(visual: nn.Module, images: torch.Tensor, method: str, **options):
+    """Every block but the last unchanged, then the method's last block: ``[B, 1 + h·w, W]``, or an
+    ``OwnGrid`` for a method whose tokens lie on a grid of their own."""
     if method not in METHODS:
         raise OvdenseError(f"unknown method {method!r}; choose from: {', '.join(METHODS)}")
     spec = METHODS[method]
@@ -365,8 +440,33 @@ def encode_tokens(visual: nn.Module, images: torch.Tensor, method: str, **option
         x = run_block(block, x)
     if spec.capture:
         options = {**options, "intermediate_maps": maps}
-    x = spec.block(blocks[-1], x, grid, **options)  # B, 1+hw, W
+    return spec.block(blocks[-1], x, grid, **options)
+
+
+def encode_tokens(visual: nn.Module, images: torch.Tensor, method: str, **options) -> torch.Tensor:
+    """All tokens of the last layer in the joint space: ``[B, 1 + h·w, D]`` (not normalised).
+
+    Runs every block but the last unchanged (``run_block``), the method's last block, then
+    ``ln_post`` and ``proj``. For ITACLIP, the self-self maps of ``spec.capture`` are taken on the way.
+    A method whose last block leaves CLIP's grid (ProxyCLIP) has no class token: use ``encode_patches``.
+    """
+    x = _last_block_output(visual, images, method, **options)
+    if isinstance(x, OwnGrid):
+        raise OvdenseError(f"{method} keeps no class token; its patch tokens come from encode_patches")
     return visual.ln_post(x) @ visual.proj  # B, 1+hw, D
+
+
+def encode_patches(visual: nn.Module, images: torch.Tensor, method: str, **options) -> torch.Tensor:
+    """The patch tokens of the last layer in the joint space on their grid: ``[B, D, h, w]`` (not
+    normalised): CLIP's patch grid, or the grid the method's last block returns (``OwnGrid``)."""
+    x = _last_block_output(visual, images, method, **options)
+    if isinstance(x, OwnGrid):
+        tokens, (h, w) = x.tokens, x.grid
+    else:
+        tokens = x[:, 1:]
+        h, w = images.shape[-2] // visual.patch_size[0], images.shape[-1] // visual.patch_size[1]
+    tokens = visual.ln_post(tokens) @ visual.proj  # B, hw, D
+    return tokens.reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2)  # B, D, h, w
 
 
 def block_input_affinity(visual: nn.Module, images: torch.Tensor, block_index: int) -> torch.Tensor:

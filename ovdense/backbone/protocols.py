@@ -27,6 +27,9 @@ class Protocol:
         image_engineering: ITACLIP's test-time image variants.
         close_labels: ITACLIP's 3×3 morphological closing of the label map.
         cluster: CLIPtrase's DBSCAN patch clustering.
+        pad_multiple: windows are zero-padded (centred) to multiples of this; ``0`` = the CLIP
+            patch size. ProxyCLIP pads to 56, a multiple of the 8 and 14 px patches of its
+            VFMs; CLIP's patch embedding then drops a partial last patch, as its convolution does.
     """
 
     short_side: int = 336
@@ -36,18 +39,21 @@ class Protocol:
     image_engineering: bool = False
     close_labels: bool = False
     cluster: bool = False
+    pad_multiple: int = 0
 
 
 @dataclass(frozen=True)
 class MethodInfo:
     """A training-free method without its code: the paper, the last block's change in a few
-    words, the official defaults, and the earlier blocks (0-indexed) whose self-self attention
-    maps the last block needs (``capture``, ITACLIP)."""
+    words, the official defaults, the earlier blocks (0-indexed) whose self-self attention
+    maps the last block needs (``capture``, ITACLIP), and what it needs beside the backbone
+    (``needs``: ``"vfm"``, a second vision model, ``ovdense.backbone.vfm``)."""
 
     paper: str
     change: str
     protocol: Protocol = field(default_factory=Protocol)
     capture: tuple[int, ...] = ()
+    needs: tuple[str, ...] = ()
 
 
 METHOD_INFO: dict[str, MethodInfo] = {
@@ -77,5 +83,11 @@ METHOD_INFO: dict[str, MethodInfo] = {
         "½ SCLIP map + ½ mean of blocks 7, 8, 10; residual kept, FFN removed",
         Protocol(window=(224, 28), pamr=True, image_engineering=True, close_labels=True),
         capture=(6, 7, 9),
+    ),
+    "proxyclip": MethodInfo(
+        "Lan et al., ECCV 2024 (ProxyCLIP)",
+        "attention from a VFM's patch similarity on the VFM's grid; residual, FFN and class token removed",
+        Protocol(short_side=336, window=(336, 112), pad_multiple=56),
+        needs=("vfm",),
     ),
 }

@@ -174,6 +174,10 @@ class Segmenter:
         kernel: the last step's path (``ovdense.kernels``): ``"auto"``, ``"torch"``,
             ``"triton"``, or ``"reference"`` (full-resolution logits, for comparison).
         batch_windows: windows sent through the backbone at once.
+        vfm: the second vision model of a method that needs one (ProxyCLIP:
+            ``ovdense.backbone.vfm.create_vfm("dino_vitb8", weights)``); it sees each window as
+            CLIP does (the padding is CLIP's mean colour, as in the official code, which pads the
+            CLIP-normalised window with zeros and un-normalises it for the VFM).
     """
 
     def __init__(
@@ -198,6 +202,7 @@ class Segmenter:
         method_options: dict | None = None,
         kernel: str = "auto",
         batch_windows: int = 16,
+        vfm=None,
     ):
         if method not in METHODS:
             raise OvdenseError(f"unknown method {method!r}; choose from: {', '.join(METHODS)}")
@@ -228,11 +233,22 @@ class Segmenter:
         self.method_options = dict(method_options or {})
         self.kernel = kernel
         self.batch_windows = int(batch_windows)
+        self.vfm = vfm
+        self.pad_multiple = defaults.pad_multiple or backbone.patch_size
         self._validate()
         self.text = self._text_features()  # Q, D
         self.class_of_prompt = torch.tensor(self.vocabulary.class_of_prompt, device=backbone.device)
 
     def _validate(self) -> None:
+        if "vfm" in self.spec.needs and self.vfm is None:
+            raise OvdenseError(f"{self.method} needs a second vision model: vfm=create_vfm(NAME, WEIGHTS) "
+                               "(ovdense.backbone.vfm; CLI --vfm NAME --vfm-weights PATH)")
+        if self.vfm is not None and "vfm" not in self.spec.needs:
+            raise OvdenseError(f"{self.method} uses no second vision model; vfm= is for "
+                               f"{', '.join(m for m, s in METHODS.items() if 'vfm' in s.needs)}")
+        if self.vfm is not None and not callable(getattr(self.vfm, "features", None)):
+            raise OvdenseError(f"vfm must be a vision model (ovdense.backbone.vfm.create_vfm), got "
+                               f"{type(self.vfm).__name__}")
         if self.kernel not in kernels.KERNELS:
             raise OvdenseError(f"unknown kernel {self.kernel!r}; choose from: {', '.join(kernels.KERNELS)}")
         if self.batch_windows < 1:
@@ -305,6 +321,7 @@ class Segmenter:
             "definition_weight": self.definition_weight,
             "method_options": self.method_options,
             "kernel": self.kernel,
+            "vfm": None if self.vfm is None else {"name": self.vfm.name, "weights": str(self.vfm.weights)},
         }
 
     # ----------------------------------------------------------------------------------------
@@ -405,7 +422,7 @@ class Segmenter:
         boxes = window_boxes(height, width, crop, stride) if crop else [(0, height, 0, width)]
         padded, offsets = [], []
         for y1, y2, x1, x2 in boxes:
-            tensor, offset = _pad_to_multiple(x[:, :, y1:y2, x1:x2], self.backbone.patch_size)
+            tensor, offset = _pad_to_multiple(x[:, :, y1:y2, x1:x2], self.pad_multiple)
             padded.append(tensor)
             offsets.append(offset)
         low: list[torch.Tensor | None] = [None] * len(boxes)
@@ -424,8 +441,16 @@ class Segmenter:
         ]
 
     def _patch_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch–prompt cosine logits ``[n, Q, h/p, w/p]`` of patch-multiple images."""
-        feats = self.backbone.encode_dense(x, self.method, **self.method_options)  # n, D, h, w
+        """Patch–prompt cosine logits ``[n, Q, h/p, w/p]`` of padded windows (ProxyCLIP: on its VFM's
+        grid, the VFM fed the un-normalised window as ``proxyclip_segmentor.py`` feeds it)."""
+        options = self.method_options
+        if self.vfm is not None:
+            mean = x.new_tensor(self.backbone.mean).view(1, 3, 1, 1)
+            std = x.new_tensor(self.backbone.std).view(1, 3, 1, 1)
+            options = {**options, "vfm_features": self.vfm.features(x.float() * std + mean)}
+            p = self.backbone.patch_size  # CLIP's patch embedding drops a partial last patch
+            x = x[..., : x.shape[-2] // p * p, : x.shape[-1] // p * p]
+        feats = self.backbone.encode_dense(x, self.method, **options)  # n, D, h, w
         return torch.einsum("bdhw,qd->bqhw", feats.float(), self.text.float())
 
     def _low_logits(self, x: torch.Tensor) -> torch.Tensor:
