@@ -141,3 +141,33 @@ def test_run_block_leaves_other_blocks_to_themselves():
     x = torch.randn(2, 5, 32)
     assert not dense._plain_block(block)
     torch.testing.assert_close(dense.run_block(block, x), block(x), rtol=0, atol=0)
+
+
+def test_named_taps_are_the_blocks_own_intermediates(tiny_backbone):
+    """``run_blocks`` named captures against open_clip's own block run piece by piece through its
+    ``nn.MultiheadAttention`` (``need_weights`` gives the head-averaged probabilities): the input, the
+    ``ln_1`` and ``ln_2`` outputs, the attention per head, the output; the tokens that leave a captured
+    block equal those of an uncaptured run."""
+    from ovdense.backbone.runner import embed, run_blocks
+
+    visual = tiny_backbone.model.visual
+    images = torch.randn(2, 3, 40, 56, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        x0 = embed(visual, images)
+        plain, _ = run_blocks(visual, x0, 0, 6)
+        taps = [(3, kind) for kind in ("input", "ln_1", "attn", "ln_2", "output")] + [3, (5, "ln_2")]
+        got, out = run_blocks(visual, x0, 0, 6, taps=taps)
+        x, _ = run_blocks(visual, x0, 0, 3)
+        block = visual.transformer.resblocks[3]
+        y = block.ln_1(x)
+        attended, weights = block.attn(y, y, y, need_weights=True, average_attn_weights=True)
+        mid = x + attended
+        expected = {"input": x, "ln_1": y, "ln_2": block.ln_2(mid), "output": block(x)}
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+    for kind, tensor in expected.items():
+        torch.testing.assert_close(out[(3, kind)], tensor, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[(3, "attn")].mean(dim=1), weights, rtol=1e-5, atol=1e-6)
+    assert out[(3, "attn")].shape == (2, block.attn.num_heads, 36, 36)
+    assert torch.equal(out[3], out[(3, "output")]) and out[(5, "ln_2")].shape == x.shape
+    with pytest.raises(ValueError, match="tap kind must be one of"):
+        run_blocks(visual, x0, 0, 6, taps=[(2, "qkv")])
