@@ -132,6 +132,7 @@ class HeadEntry:
 
 _SEGMENT_OUTPUTS = ("_labels.png", "_overlay.jpg", ".json")
 _TRAINING_FREE_OPTIONS = ("window", "logit_scale", "bg_threshold", "area_threshold", "pamr", "kernel")
+_VFM_OPTIONS = ("vfm", "vfm_weights")
 _SAM_OPTIONS = ("sam_checkpoint", "sam_model", "clip_method", "logit_scale", "points_per_side",
                 "pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "min_mask_region_area",
                 "unknown_threshold", "crop_area", "crop_weight")
@@ -141,10 +142,13 @@ def _training_free(name: str) -> HeadEntry:
     info = METHOD_INFO[name]
     p = info.protocol
     title = re.search(r"\(([^)]*)\)\s*$", info.paper)
+    vfm = "vfm" in info.needs
+    options = _TRAINING_FREE_OPTIONS + (_VFM_OPTIONS if vfm else ())
     return HeadEntry(
         name, "segmentation", "ovdense.heads.training_free:Segmenter",
         title=title.group(1) if title else name, summary=f"training-free: {info.change}", paper=info.paper,
-        fixed=MappingProxyType({"method": name}), options=_TRAINING_FREE_OPTIONS, outputs=_SEGMENT_OUTPUTS,
+        fixed=MappingProxyType({"method": name}), options=options,
+        needs=info.needs, hint="--vfm NAME --vfm-weights PATH" if vfm else "", outputs=_SEGMENT_OUTPUTS,
         table=(str(p.short_side), f"{p.window[0]}/{p.window[1]}", f"{p.logit_scale:g}",
                "on" if p.pamr else "off"),
     )

@@ -129,6 +129,7 @@ def no_model(monkeypatch):
 
     monkeypatch.setattr(ovdense, "create_backbone", built)
     monkeypatch.setattr(sam_clip, "load_sam", built)
+    monkeypatch.setattr("ovdense.backbone.vfm._build", built)
 
 
 def run_cli(argv, capsys):
@@ -192,6 +193,12 @@ SEGMENT_CASES = [
     (["--method", "san", "--sam-checkpoint", "x.pth"], "--sam-checkpoint: not an option of --method san"),
     (["--method", "clearclip", "--head-checkpoint", "{tmp}/a_file.txt"], "--head-checkpoint: not an option"),
     (["--method", "san", "--head-checkpoint", "{tmp}/missing.safetensors"], "no such file"),
+    (["--method", "clearclip", "--vfm", "dino_vitb8"], "--vfm: not an option of --method clearclip"),
+    (["--method", "proxyclip", "--vfm", "dino_vitb32"], "invalid choice"),
+    (["--method", "proxyclip", "--vfm-weights", "{tmp}/missing.pth"],
+     "--vfm-weights {tmp}/missing.pth: no such file (the official weights of --vfm dino_vitb8"),
+    (["--method", "proxyclip", "--vfm", "dino_vitb16"],
+     "dino_vitb16 needs its weights: download dino_vitbase16_pretrain.pth (https://dl.fbaipublicfiles.com"),
 ]
 
 
@@ -204,7 +211,7 @@ def test_every_bad_option_is_one_line_before_any_model(scene, tmp_path, capsys, 
     code, err = run_cli(argv, capsys)
     assert code == 2, err
     assert err.startswith("ovdense: error: ") and len(err.strip().splitlines()) == 1, err
-    assert message in err and "Traceback" not in err
+    assert message.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")

@@ -34,7 +34,8 @@ from ovdense.eval.segmentation import ConfusionMatrix  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-METHODS = ("vanilla", "maskclip", "sclip", "clearclip", "naclip", "cliptrase", "itaclip")
+METHODS = ("vanilla", "maskclip", "sclip", "clearclip", "naclip", "cliptrase", "itaclip", "proxyclip")
+NEEDS_VFM = ("proxyclip",)
 SIZE = 64  # synthetic image side (Cityscapes: SIZE × 2·SIZE)
 
 
@@ -70,6 +71,14 @@ def tiny(tiny_backbone, tiny_config_path, tmp_path_factory):
         "test_dataloader.num_workers=0",
         "test_dataloader.persistent_workers=False",
     ]
+
+
+#: cfg-options for a method that needs a VFM (ProxyCLIP): random weights, the smaller DINO (faster here)
+RANDOM_VFM = ["model.vfm.name=dino_vitb16", "model.vfm.weights=random"]
+
+
+def vfm_options(method: str) -> list[str]:
+    return RANDOM_VFM if method in NEEDS_VFM else []
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +179,9 @@ def test_every_config_parses_and_builds(tiny, monkeypatch):
         dataset_cls = DATASETS.get(cfg.test_dataloader.dataset.type)
         classes = dataset_cls.METAINFO["classes"]
         assert len(Vocabulary.from_file(cfg.model.classnames)) == len(classes), path
+        if cfg.model.method in NEEDS_VFM:
+            assert cfg.model.vfm.name == "dino_vitb8", path  # ProxyCLIP's tables
+            cfg.merge_from_dict(parse_options(RANDOM_VFM))
         cfg.merge_from_dict(overrides)
         model = MODELS.build(cfg.model)
         assert model.num_classes == len(classes) and model.segmenter.method == cfg.model.method
@@ -192,6 +204,13 @@ def test_configs_follow_the_official_settings():
     assert model("sclip_vit-b16_cityscapes")["short_side"] == 560
     assert model("itaclip_vit-b16_voc21")["area_threshold"] == 0.1
     assert model("naclip_vit-b16_ade150").get("short_side") is None  # the method's default
+    # mc-lan/ProxyCLIP configs/cfg_*.py: prob_thd, Resize(scale=(2048, 448)), slide_crop/slide_stride
+    assert model("proxyclip_vit-b16_voc21")["bg_threshold"] == 0.2
+    assert model("proxyclip_vit-b16_context60")["bg_threshold"] == 0.15
+    assert model("proxyclip_vit-b16_coco_object")["bg_threshold"] == 0.25
+    assert model("proxyclip_vit-b16_ade150")["short_side"] == 448
+    assert model("proxyclip_vit-b16_cityscapes")["window"] == (224, 112)
+    assert model("proxyclip_vit-b16_voc20").get("bg_threshold") is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,13 +253,15 @@ def test_predictions_equal_the_segmenter(method, tiny, photo):
     labels for the same image and settings; the windows slide (short side 96, 64/32)."""
     from mmseg.datasets.transforms import LoadAnnotations  # noqa: F401  (registers mmseg transforms)
 
-    extra = ["model.short_side=96", "model.window=(64,32)"]
+    extra = ["model.short_side=96", "model.window=(64,32)", *vfm_options(method)]
     cfg, model = _build(CONFIGS / "training_free" / f"{method}_vit-b16_voc21.py", tiny, extra)
     [sample] = model.test_step(_sample(photo))
     labels = sample.pred_sem_seg.data[0].numpy()
 
     settings = {k: v for k, v in cfg.model.items()
-                if k not in ("type", "backbone", "classnames", "data_preprocessor", "method")}
+                if k not in ("type", "backbone", "classnames", "data_preprocessor", "method", "vfm")}
+    if model.vfm is not None:  # the same VFM (its random weights), built by the segmentor
+        settings["vfm"] = model.vfm
     args = cfg.model.backbone
     backbone = create_backbone(args.name, args.pretrained, cache_dir=args.cache_dir)
     segmenter = Segmenter(backbone, method, Vocabulary.from_file(cfg.model.classnames), **settings)
@@ -277,6 +298,7 @@ FAMILY_RUNS = [  # (dataset, method): every dataset and every method at least on
     ("coco_stuff", "cliptrase"),
     ("cityscapes", "itaclip"),
     ("ade150", "sclip"),
+    ("context59", "proxyclip"),
 ]
 
 
@@ -287,7 +309,7 @@ def test_tools_test_miou_equals_an_independent_computation(dataset, method, tiny
     metrics = test_tool.evaluate([
         str(config), "--work-dir", str(tmp_path / "work"), "--out", str(out),
         "--cfg-options", *tiny, f"test_dataloader.dataset.data_root={data[dataset]}",
-        "model.short_side=96", "model.window=(64,32)",
+        "model.short_side=96", "model.window=(64,32)", *vfm_options(method),
     ])
     expected = independent_scores(dataset, data[dataset], out)
     assert {k: round(float(metrics[k]), 2) for k in expected} == expected

@@ -75,7 +75,8 @@ def proxyclip(tmp_path_factory):
         torch.save(model.state_dict(), files[name])
     names = root / "cls_test.txt"
     names.write_text("\n".join(CLASSES) + "\n")
-    return dict(module=module, clip=clip, backbone=backbone, hub=hub, files=files, names=names)
+    return dict(module=module, clip=clip, backbone=backbone, hub=hub, files=files, names=names, config=config,
+                weights=weights)
 
 
 def _structured(vfm: torch.nn.Module, seed: int) -> None:
@@ -196,3 +197,31 @@ def test_vfm_errors(proxyclip):
     with pytest.raises(OvdenseError, match="keeps no class token"):
         dense.encode_tokens(backbone.model.visual, torch.zeros(1, 3, 32, 32), "proxyclip",
                             vfm_features=torch.zeros(1, 4, 4, 4))
+
+
+def test_cli_proxyclip_is_the_segmenter(proxyclip, tmp_path, capsys, monkeypatch):
+    """``ovdense segment --method proxyclip --vfm NAME --vfm-weights FILE`` writes the labels of
+    ``Segmenter(..., vfm=create_vfm(NAME, FILE))`` and records the VFM in its JSON; a file of another
+    VFM is one clear error."""
+    from PIL import Image
+    from tool_runs import run_cli
+
+    monkeypatch.setenv("OVDENSE_CACHE", str(tmp_path / "cache"))
+    image = tmp_path / "scene.png"
+    Image.fromarray(_scene(120, 150, seed=5)).save(image)
+    weights = proxyclip["files"]["dino_vitb8"]
+    config, model_weights = proxyclip["config"], proxyclip["weights"]
+    argv = ["segment", image, "--model", config, "--pretrained", model_weights, "--method", "proxyclip",
+            "--classes", "sky|ground,red circle,blue square", "--templates", "single", "--short-side", "112",
+            "--window", "112", "56", "--vfm-weights", weights]
+    code, _, err = run_cli([*argv, "--vfm", "dino_vitb8", "--out", tmp_path / "out"], capsys)
+    assert code == 0, err
+    labels = np.asarray(Image.open(tmp_path / "out" / "scene_labels.png"))
+    report = json.loads((tmp_path / "out" / "scene.json").read_text())
+    assert report["settings"]["vfm"] == {"name": "dino_vitb8", "weights": str(weights)}
+    expected = Segmenter(proxyclip["backbone"], "proxyclip", ["sky, ground", "red circle", "blue square"],
+                         templates="single", short_side=112, window=(112, 56),
+                         vfm=create_vfm("dino_vitb8", weights)).predict(np.asarray(Image.open(image))).labels
+    assert np.array_equal(labels, expected) and len(np.unique(labels)) > 1
+    code, _, err = run_cli([*argv, "--vfm", "dinov2_vitb14_reg", "--out", tmp_path / "other"], capsys)
+    assert code == 2 and "is not dinov2_vitb14_reg's weights" in err and len(err.strip().splitlines()) == 1

@@ -228,7 +228,7 @@ def create_vfm(name: str, weights: str | os.PathLike | None = None, device: str 
     if weights is None:
         raise OvdenseError(f"{name} needs its weights: download {spec.weights_file} ({spec.url}) where there "
                            f"is a network and pass its path (CLI --vfm-weights PATH); nothing is downloaded "
-                           f"here ('random' builds random weights, for tests)")
+                           f"here ('random', CLI --vfm-weights none: random weights, for tests)")
     model = _build(spec)
     if str(weights).lower() != "random":
         load_vfm_weights(name, model, weights)

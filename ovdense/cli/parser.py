@@ -17,6 +17,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"ovdense: error: {message} (see `{self.prog} --help`)\n")
 
 
+#: the VFMs ``ovdense.backbone.vfm`` builds (torch-free copy of its keys; tests/test_cli_flags.py checks it)
+VFM_NAMES = ("dino_vitb8", "dino_vitb16", "dinov2_vitb14_reg", "sam_vit_b")
+
+
 def _group_title(option: str, what: str) -> str:
     """``"SAN (--method san)"``: the segmentation heads that take ``option``, for a flag group's title."""
     heads = [HEADS[name] for name in list_heads("segmentation") if option in HEADS[name].options]
@@ -99,6 +103,13 @@ def _build_parser() -> argparse.ArgumentParser:
     clipseg.add_argument("--image-prompt", action="append", metavar="NAME=IMAGE[:MASK]",
                          help="a class named by an example: IMAGE shows it, MASK (an image of the same size, "
                          "non-zero on the object) marks it, the whole image without one; repeatable")
+    vfm = seg.add_argument_group(_group_title("vfm", "a second vision model"),
+                                 "a vision foundation model beside CLIP tells which patches belong together")
+    vfm.add_argument("--vfm", choices=list(VFM_NAMES),
+                     help="the vision model (default dino_vitb8, ProxyCLIP's choice for its tables)")
+    vfm.add_argument("--vfm-weights", type=Path,
+                     help="its official weights file (dino_vitbase8_pretrain.pth, ...; 'none' = random "
+                     "weights, for tests): nothing is downloaded")
     _add_sam_clip_arguments(seg)
     _add_detect_parser(sub)
 

@@ -30,8 +30,12 @@ HEAD_OPTIONS = tuple(dict.fromkeys(option for name in list_heads("segmentation")
 FLAG_DEFAULTS = {"kernel": "auto"}
 #: flags that reach the head under another keyword
 KEYWORDS = {"clip_method": "method", "image_prompt": "image_prompts"}
-#: flags read here, not passed on: SAM's checkpoint and type become the ``sam`` model
+#: flags read here, not passed on: SAM's checkpoint and type become the ``sam`` model, the VFM's name
+#: and weights the ``vfm`` model
 SAM_FLAGS = ("sam_checkpoint", "sam_model")
+VFM_FLAGS = ("vfm", "vfm_weights")
+#: the VFM a method that needs one gets when ``--vfm`` is not given (ProxyCLIP's tables use DINO B/8)
+DEFAULT_VFM = "dino_vitb8"
 
 
 def _given(args: argparse.Namespace, name: str) -> bool:
@@ -78,7 +82,7 @@ def _command_methods() -> int:
     print(f"{'method':<10} {'short side':>10} {'window':>9} {'logit scale':>11} {'pamr':>5}  paper")
     segmentation = [HEADS[name] for name in list_heads("segmentation")]
     for entry in [e for e in segmentation if e.training_free]:
-        print(_table_row(entry, entry.paper))
+        print(_table_row(entry, entry.paper + (f"; needs {entry.hint}" if entry.hint else "")))
     print("\nheads beyond the training-free ones:")
     for entry in [e for e in segmentation if not e.training_free]:
         print(_table_row(entry, f"{entry.paper}: {entry.summary}; {entry.hint}"))
@@ -105,6 +109,7 @@ def _command_segment(args: argparse.Namespace) -> int:
     _check_segment_arguments(args)
     if args.clip_method is not None and args.clip_method not in METHODS:
         raise OvdenseError(f"unknown --clip-method {args.clip_method!r}; choose from: {', '.join(METHODS)}")
+    vfm_weights = _vfm_weights(args) if "vfm" in entry.needs else None
     if args.head_checkpoint is not None and not args.head_checkpoint.is_file():
         raise OvdenseError(f"--head-checkpoint {args.head_checkpoint}: no such file (a trained head: "
                            "tools/train.py writes one, tools/model_converters/ convert published ones)")
@@ -121,7 +126,7 @@ def _command_segment(args: argparse.Namespace) -> int:
     from ovdense import create_backbone, create_head
 
     options = {KEYWORDS.get(name, name): getattr(args, name) for name in entry.options
-               if name not in SAM_FLAGS and getattr(args, name) is not None}
+               if name not in SAM_FLAGS + VFM_FLAGS and getattr(args, name) is not None}
     if "image_prompts" in options:
         options["image_prompts"] = _read_image_prompts(options["image_prompts"], args.max_pixels)
     if "window" in options:
@@ -130,6 +135,10 @@ def _command_segment(args: argparse.Namespace) -> int:
         from ovdense.heads.sam_clip import load_sam
 
         options["sam"] = load_sam(args.sam_checkpoint, args.sam_model, device=args.device)  # fails fast
+    if "vfm" in entry.needs:
+        from ovdense.backbone.vfm import create_vfm
+
+        options["vfm"] = create_vfm(args.vfm or DEFAULT_VFM, vfm_weights, device=args.device)  # fails fast
     pretrained = _pretrained(args.model, args.pretrained)
     backbone = create_backbone(args.model, pretrained=pretrained, device=args.device)
     segmenter = create_head(args.method, backbone, vocabulary, templates=templates,
@@ -143,6 +152,20 @@ def _command_segment(args: argparse.Namespace) -> int:
                     pretrained=pretrained, seconds=round(seconds, 4))
     files = ", ".join(f"<name>{suffix}" for suffix in entry.outputs)
     return _report(args.out, len(images), failed, "result", f" ({files})", skipped)
+
+
+def _vfm_weights(args: argparse.Namespace) -> str | None:
+    """``--vfm-weights``: a file that exists, ``none`` (random weights, ``"random"``), or not given
+    (``None``: ``create_vfm`` names the file the VFM needs and where to get it)."""
+    path = args.vfm_weights
+    if path is None:
+        return None
+    if str(path).lower() == "none":
+        return "random"
+    if not path.is_file():
+        raise OvdenseError(f"--vfm-weights {path}: no such file (the official weights of --vfm "
+                           f"{args.vfm or DEFAULT_VFM}; nothing is downloaded)")
+    return str(path)
 
 
 def _read_image_prompts(values: list[str], max_pixels: int | None) -> dict:

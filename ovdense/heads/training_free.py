@@ -440,17 +440,23 @@ class Segmenter:
             for i, (box, logits) in enumerate(zip(boxes, low))
         ]
 
-    def _patch_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch–prompt cosine logits ``[n, Q, h/p, w/p]`` of padded windows (ProxyCLIP: on its VFM's
-        grid, the VFM fed the un-normalised window as ``proxyclip_segmentor.py`` feeds it)."""
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The method's dense features ``[n, D, h/p, w/p]`` (L2-normalised) of normalised windows whose
+        sides are patch multiples (ProxyCLIP: any size, on its VFM's grid, the VFM fed the
+        un-normalised window as ``proxyclip_segmentor.py`` feeds it; CLIP's patch embedding drops a
+        partial last patch, as its convolution does)."""
         options = self.method_options
         if self.vfm is not None:
             mean = x.new_tensor(self.backbone.mean).view(1, 3, 1, 1)
             std = x.new_tensor(self.backbone.std).view(1, 3, 1, 1)
             options = {**options, "vfm_features": self.vfm.features(x.float() * std + mean)}
-            p = self.backbone.patch_size  # CLIP's patch embedding drops a partial last patch
+            p = self.backbone.patch_size
             x = x[..., : x.shape[-2] // p * p, : x.shape[-1] // p * p]
-        feats = self.backbone.encode_dense(x, self.method, **options)  # n, D, h, w
+        return self.backbone.encode_dense(x, self.method, **options)  # n, D, h, w
+
+    def _patch_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch–prompt cosine logits ``[n, Q, h/p, w/p]`` of padded windows."""
+        feats = self.features(x)  # n, D, h, w
         return torch.einsum("bdhw,qd->bqhw", feats.float(), self.text.float())
 
     def _low_logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,9 @@ class OvdenseSegmentor(BaseSegmentor):
             ``configs/_base_/classnames/``) or a list of class entries. Its order must be the
             dataset's class order.
         data_preprocessor: defaults to ``OvdenseDataPreprocessor``.
+        vfm: for a method that needs a second vision model (ProxyCLIP), ``create_vfm`` arguments:
+            ``name`` (``dino_vitb8``, ...) and ``weights`` (the official file, or ``"random"``); it
+            is a submodule, so the runner moves it with the backbone.
         segmenter_options: any other keyword argument of ``ovdense.Segmenter`` (``short_side``,
             ``window``, ``logit_scale``, ``bg_threshold``, ``pamr``, ...); one left out takes
             the method's official default, so a config names only what its dataset changes.
@@ -77,6 +80,7 @@ class OvdenseSegmentor(BaseSegmentor):
         classnames: str | Sequence[str],
         data_preprocessor: Mapping | None = None,
         init_cfg: Mapping | None = None,
+        vfm: Mapping | None = None,
         **segmenter_options,
     ):
         if data_preprocessor is None:
@@ -86,6 +90,11 @@ class OvdenseSegmentor(BaseSegmentor):
         if not entry.training_free:
             raise OvdenseError(f"OvdenseSegmentor runs the training-free methods ({', '.join(METHOD_INFO)}); "
                                f"{method} is not one (SAN: OvdenseSAN in ovdense.mm.san)")
+        self.vfm = None
+        if vfm is not None:
+            from ovdense.backbone.vfm import create_vfm
+
+            self.vfm = create_vfm(**dict(vfm))  # before the backbone: a missing file fails fast
         self.backbone = create_backbone(**dict(backbone))
         self.method = method
         self.vocabulary = _vocabulary(classnames)
@@ -93,7 +102,7 @@ class OvdenseSegmentor(BaseSegmentor):
         self.segmenter = self._build_segmenter()
 
     def _build_segmenter(self) -> Segmenter:
-        return Segmenter(self.backbone, self.method, self.vocabulary, **self.segmenter_options)
+        return Segmenter(self.backbone, self.method, self.vocabulary, vfm=self.vfm, **self.segmenter_options)
 
     def _segmenter_on_device(self) -> Segmenter:
         """The ``Segmenter``, rebuilt when the runner has moved the backbone to another device
@@ -145,8 +154,7 @@ class OvdenseSegmentor(BaseSegmentor):
         for image in inputs:
             x = segmenter.prepare(_to_rgb(image))  # 1, 3, H', W'
             x = F.pad(x, (0, (-x.shape[-1]) % p, 0, (-x.shape[-2]) % p))
-            options = segmenter.method_options
-            features.append(self.backbone.encode_dense(x, self.method, **options))  # 1, D, h, w
+            features.append(segmenter.features(x))  # 1, D, h, w
         return features
 
     def loss(self, inputs, data_samples):
