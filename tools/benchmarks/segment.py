@@ -11,6 +11,14 @@ canvas, the canvas resized to the image, softmax, argmax. The Segmenter batches 
 classifies through the kernels. Both are timed in the same run, alternately, best of
 ``--repeats`` each (text encoding excluded, after a warm-up of both); labels must be identical,
 and where they are not, the gap between the two best classes at those pixels is printed.
+
+    python tools/benchmarks/segment.py --methods naclip proxyclip --out runs/bench_methods.csv
+
+``--methods``: each method on one generated 448×448 image with its official defaults and 21 classes (the
+single template): CPU time per image (best of ``--repeats``), peak extra memory, the share of the time
+spent in the VFM (ProxyCLIP: DINO ViT-B/8, random weights) and, where the official code's mirror is
+here (tests/official_vfm.py finds it), the official code's time on the same resized input and weights
+(mc-lan/ProxyCLIP's ``forward_slide`` + ``postprocess_result`` in fp32, one window at a time).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import argparse
 import contextlib
 import csv
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -95,6 +104,120 @@ def run_ovdense(segmenter: Segmenter, images: list[np.ndarray]) -> list:
     return [segmenter.predict(image) for image in images]
 
 
+VFM_FOR_BENCHMARK = "dino_vitb8"
+
+
+def _method_head(backbone, name: str, names: list[str]):
+    from ovdense import create_head
+    from ovdense.backbone.protocols import METHOD_INFO
+    from ovdense.backbone.vfm import create_vfm
+
+    options = {}
+    if name in METHOD_INFO and "vfm" in METHOD_INFO[name].needs:
+        options["vfm"] = create_vfm(VFM_FOR_BENCHMARK, "random", device=backbone.device)
+    return create_head(name, backbone, names, templates="single", **options)
+
+
+class _Timed:
+    """Adds up the seconds spent in ``obj.attr`` while active."""
+
+    def __init__(self, obj, attr: str):
+        self.obj, self.attr, self.seconds = obj, attr, 0.0
+
+    def __enter__(self):
+        inner = getattr(self.obj, self.attr)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        setattr(self.obj, self.attr, timed)
+        return self
+
+    def __exit__(self, *exc):
+        delattr(self.obj, self.attr)
+
+
+def _official_proxyclip(head, rgb: np.ndarray, repeats: int, device: torch.device):
+    """The official ProxyCLIP segmentor on the same weights and the same resized input: its seconds
+    per image, or ``None`` when its mirror is not here."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    try:
+        import pytest
+        from official_vfm import PROXYCLIP_REPO, import_official_dino, import_proxyclip
+    except ImportError:
+        return None
+    if not PROXYCLIP_REPO.is_dir():
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="bench_proxyclip_"))
+    try:
+        module, fork = import_proxyclip(folder / "repo")
+        dino = import_official_dino(folder / "dino").vit_base(patch_size=8, num_classes=0).eval()
+    except pytest.skip.Exception:
+        return None
+    dino.load_state_dict(head.vfm.model.state_dict())
+    clip = fork.create_model(head.backbone.name, pretrained=None, precision="fp32").eval()
+    clip.load_state_dict(head.backbone.model.state_dict(), strict=False)
+    names = folder / "names.txt"
+    names.write_text("\n".join(head.classes) + "\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "create_model", lambda *a, **k: clip)
+        patch.setattr(torch.hub, "load", lambda *a, **k: dino)
+        patch.setattr(torch.Tensor, "half", lambda self, *a, **k: self)
+        patch.setattr(torch.nn.Module, "half", lambda self: self)
+        crop, stride = head.window
+        official = module.ProxyCLIPSegmentation(
+            clip_type="openai", model_type=head.backbone.name, vfm_model="dino", name_path=str(names),
+            device=device, slide_stride=stride, slide_crop=crop)
+        x = head.prepare(rgb)
+        meta = [dict(ori_shape=rgb.shape[:2])]
+        seconds, _, _ = measure(lambda: official.postprocess_result(
+            official.forward_slide(x, meta, stride, crop), None), device, repeats)
+    return seconds
+
+
+def method_table(backbone, methods: list[str], repeats: int, device: torch.device) -> list[dict]:
+    """``--methods``: one row per method (see the module's docstring)."""
+    rgb = (np.random.default_rng(1).random((448, 448, 3)) * 255).astype(np.uint8)
+    names = [f"class {i}" for i in range(21)]
+    rows = []
+    for name in methods:
+        head = _method_head(backbone, name, names)
+        with torch.inference_mode():
+            seconds, peak, _ = measure(partial(head.predict, rgb), device, repeats)
+            vfm = getattr(head, "vfm", None)
+            vfm_share = None
+            if vfm is not None:
+                with _Timed(vfm, "features") as timed:
+                    start = time.perf_counter()
+                    head.predict(rgb)
+                    total = time.perf_counter() - start
+                vfm_share = timed.seconds / total
+            official = _official_proxyclip(head, rgb, repeats, device) if name == "proxyclip" else None
+        row = {"device": device.type, "method": name, "image": "448x448", "classes": 21,
+               "seconds_per_image": seconds, "peak_mb": peak / 1e6, "vfm_share": vfm_share,
+               "official_seconds_per_image": official}
+        rows.append(row)
+        extra = f", VFM {100 * vfm_share:.0f} % of it" if vfm_share is not None else ""
+        extra += f"; the official code {official:.2f} s" if official is not None else ""
+        print(f"{name:>12}: {seconds:.2f} s per image, peak {peak / 1e6:.0f} MB{extra}")
+    return rows
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,11 +229,16 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="best of this many timed runs")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_segment.csv"))
+    parser.add_argument("--methods", nargs="+",
+                        help="time these methods per 448² image instead (e.g. naclip proxyclip)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     torch.manual_seed(0)
     backbone = create_backbone(args.model, pretrained=args.pretrained, device=args.device)
+    if args.methods:
+        _write_rows(args.out, method_table(backbone, args.methods, args.repeats, device))
+        return 0
     rng = np.random.default_rng(0)
     images = [(rng.random((512, 683, 3)) * 255).astype(np.uint8) for _ in range(args.images)]
     rows = []
@@ -141,12 +269,7 @@ def main(argv=None) -> int:
         print(f"C={C:>4}: official {row['official_img_per_s']:.2f} img/s, ovdense "
               f"{row['ovdense_img_per_s']:.2f} img/s, {row['speedup']:.2f}×; peak "
               f"{row['official_peak_mb']:.0f} MB vs {row['ovdense_peak_mb']:.0f} MB; labels {agreement}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {args.out}")
+    _write_rows(args.out, rows)
     return 0
 
 
