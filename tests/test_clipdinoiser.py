@@ -31,7 +31,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from official_clim import mirror_checkout
-from official_vfm import spread
 from tool_runs import load_tool
 
 from ovdense.errors import OvdenseError
@@ -44,12 +43,17 @@ OC_TAG = "v2.24.0"  # clip_dinoiser requirements.txt: open_clip_torch==2.24
 
 #: ViT-B/16-shaped (patch 16, native 224, width 768, 12 heads), 4 blocks; a small text tower
 TOWER = {
-    "embed_dim": 512,
+    "embed_dim": 256,
     "vision_cfg": {"image_size": 224, "layers": 4, "width": 768, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 2},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 2},
 }
 CLASSES = ["background", "red circle", "blue square", "green triangle"]
 SIZES = [(448, 448), (300, 452)]  # one eval window; a non-square one the model pads to 304 × 464
+SMALL = (160, 240)  # off the native grid, quick: the mutations' input
+#: the official model's outputs the fixture keeps: (size, background rule); "mid": δ at the median best
+#: probability, so that both sides of ``max prob < δ`` occur (with 0.99 every patch is uncertain here)
+CASES = [(SIZES[0], False), (SIZES[0], True), (SIZES[1], False), (SIZES[1], True), (SIZES[1], "mid"),
+         (SMALL, False)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +190,24 @@ def _scene(height: int, width: int, seed: int) -> np.ndarray:
     return np.clip(rgb + rng.normal(0, 6, rgb.shape), 0, 255).astype(np.uint8)
 
 
+def _spread(clip: torch.nn.Module, seed: int) -> None:
+    """Random weights that keep the patches apart: LayerNorm weights near 1, position and class
+    embeddings of 0.5, the rest of 0.05, the residual branches' output projections 5× smaller (so the
+    tokens stay close to their patches). On these inputs the correlations straddle γ = 0.2 and the
+    background logits straddle 0."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in clip.named_parameters():
+            if name.split(".")[-2:-1] and name.split(".")[-2].startswith("ln_") and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=generator))
+            elif name.endswith(("positional_embedding", "class_embedding")):
+                p.copy_(0.5 * torch.randn(p.shape, generator=generator))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
+                if name.endswith(("out_proj.weight", "c_proj.weight")):
+                    p.mul_(0.2)
+
+
 def _tensor(rgb: np.ndarray) -> torch.Tensor:
     """``ImageToTensorV2``: ``[1, 3, H, W]`` RGB / 255."""
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255.0
@@ -206,7 +228,7 @@ def world(tmp_path_factory):
     off = import_clip_dinoiser(root / "src")
     torch.manual_seed(0)
     clip = off.open_clip.CLIP(**TOWER).eval()
-    spread(clip, seed=1)
+    _spread(clip, seed=1)
     weights, config = root / "clip.pt", root / "tower.json"
     torch.save(clip.state_dict(), weights)
     config.write_text(json.dumps(TOWER))
@@ -224,16 +246,19 @@ def world(tmp_path_factory):
     head_file = converter.convert(last, root / "converted", backbone)
     with pytest.MonkeyPatch.context() as patch:
         model = official_model(off, clip, CLASSES, head_state, patch)
-    inputs = {size: torch.rand((1, 3) + size, generator=generator) for size in SIZES}
-    outputs = {}
+    inputs = {size: torch.rand((1, 3) + size, generator=generator) for size in SIZES + [SMALL]}
+    outputs, delta = {}, {}
     with torch.no_grad():
-        for found in (False, True):
-            model.apply_found = found
-            for size, x in inputs.items():
-                outputs[size, found] = model(x.clone())
+        for size, found in CASES:
+            model.apply_found = bool(found)
+            if found == "mid":
+                delta[size] = float(outputs[size, False].max(dim=1).values.median())
+                model.delta = delta[size]
+            outputs[size, found] = model(inputs[size].clone())
+            model.delta = 0.99
     return SimpleNamespace(off=off, clip=clip, backbone=backbone, weights=weights, config=config,
                            head_state=head_state, last=last, head_file=head_file, model=model,
-                           inputs=inputs, outputs=outputs, converter=converter, root=root)
+                           inputs=inputs, outputs=outputs, delta=delta, converter=converter, root=root)
 
 
 def _segmenter(world, **kwargs) -> ClipDinoiserSegmenter:
@@ -261,25 +286,26 @@ def _borderline(seg: ClipDinoiserSegmenter, x: torch.Tensor, probs: torch.Tensor
 # Parity with the official model
 
 
-@pytest.mark.parametrize("found", [False, True], ids=["plain", "background-rule"])
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("size,found", CASES[:5], ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple)
+                         else {False: "plain", True: "background-rule", "mid": "background-rule-mid-delta"}[v])
 def test_dense_probabilities_are_the_official_models(world, size, found):
     """``ClipDinoiserSegmenter.dense`` against the official ``CLIP_DINOiser.forward`` (its padding,
     pos-embed rule, ln_2 tap, MaskCLIP value path, pooling, 100× softmax and the FOUND rule): within
-    1e-4 everywhere but patches a rounding difference could flip (none on these inputs)."""
-    seg = _segmenter(world, found_background=found)
+    1e-4 everywhere but patches a rounding difference could flip (Q9 of the note; none so far)."""
+    delta = world.delta.get(size) if found == "mid" else None
+    seg = _segmenter(world, found_background=bool(found), delta=delta)
     x = world.inputs[size]
     ours = seg.dense(x)
     official = world.outputs[size, found]
     assert ours.shape == official.shape == (1, len(CLASSES), -(-size[0] // 16), -(-size[1] // 16))
-    near = _borderline(seg, x, ours)
     diff = (ours - official).abs().amax(dim=1)[0]  # h, w
-    print(f"{size} found={found}: max |ours - official| = {diff.max():.2e}, borderline {int(near.sum())}")
-    assert near.float().mean() < 0.02
+    near = _borderline(seg, x, ours) if diff.max() >= 1e-4 else torch.zeros_like(diff, dtype=torch.bool)
+    print(f"{size} {found}: max |ours - official| = {diff.max():.2e}, borderline patches {int(near.sum())}")
+    assert near.float().mean() < 0.05
     assert diff[~near].max() < 1e-4
     if found:  # the rule fires on some patches and not on others
         fired = official[0, 0] == 1.0
-        assert 0 < fired.float().mean() < 1
+        assert 0.05 < fired.float().mean() < 0.95
         assert torch.equal((ours[0, 0] == 1.0)[~near], fired[~near])
 
 
@@ -302,12 +328,13 @@ def test_labels_are_the_official_eval(world):
     resized = cv2.resize(rgb, size[::-1], interpolation=cv2.INTER_LINEAR)
     world.model.apply_found = True
     average, probs = _official_slide(world.model, _tensor(resized), 448, 224, (260, 400))
-    x = seg.prepare(rgb)
-    assert tuple(x.shape[-2:]) == size == (448, 689)
-    canvas = seg.canvas(x)
-    print(f"slide canvas: max |ours - official| = {(canvas - average[0]).abs().max():.2e}")
-    assert (canvas - average[0]).abs().max() < 1e-4
+    assert tuple(seg.prepare(rgb).shape[-2:]) == size == (448, 689)
+    kept = []
+    canvas = seg.canvas
+    seg.canvas = lambda x: kept.append(canvas(x)) or kept[-1]  # what predict averages, kept
     result = seg.predict(rgb)
+    print(f"slide canvas: max |ours - official| = {(kept[0] - average[0]).abs().max():.2e}")
+    assert (kept[0] - average[0]).abs().max() < 1e-4
     assert result.labels.shape == (260, 400)
     top2 = probs[0].topk(2, dim=0).values
     clear = (top2[0] - top2[1] > 1e-5).numpy()
@@ -344,13 +371,13 @@ def test_zero_norms_give_nan_officially_and_finite_probabilities_here(world):
     world.model.apply_found = False
     try:
         with torch.no_grad():
-            official = world.model(world.inputs[SIZES[0]].clone())
+            official = world.model(world.inputs[SMALL].clone())
     finally:
         world.model.load_state_dict(world.head_state, strict=False)
     head = ClipDinoiserHead(world.backbone)
     head.load_state_dict(zero)
     seg = ClipDinoiserSegmenter(world.backbone, CLASSES, head=head, found_background=False)
-    ours = seg.dense(world.inputs[SIZES[0]])
+    ours = seg.dense(world.inputs[SMALL])
     assert torch.isnan(official).all()
     assert torch.allclose(ours, torch.full_like(ours, 1 / len(CLASSES)))
 
@@ -358,7 +385,7 @@ def test_zero_norms_give_nan_officially_and_finite_probabilities_here(world):
 @pytest.mark.parametrize("mutation", ["dino-pos-rule", "block-output-tap", "logit-scale-50", "no-gamma",
                                       "normalised-maskclip", "tap-block-2"])
 def test_a_wrong_reading_is_caught(world, monkeypatch, mutation):
-    """Each plausible misreading of the official code moves the 300×452 output by more than 1e-3."""
+    """Each plausible misreading of the official code moves the 160×240 output by more than 1e-3."""
     kwargs = {}
     if mutation == "dino-pos-rule":
         monkeypatch.setattr(cdn, "POS_RESIZE", "dino")  # ovdense's training-free (n + 0.1)/g rule
@@ -374,8 +401,13 @@ def test_a_wrong_reading_is_caught(world, monkeypatch, mutation):
     seg = _segmenter(world, found_background=False, **kwargs)
     if mutation == "tap-block-2":
         seg.head.tap_block = 2  # ln_2 of block 2 instead of block 1 (= −3 of 4)
-    ours = seg.dense(world.inputs[SIZES[1]])
-    assert (ours - world.outputs[SIZES[1], False]).abs().max() > 1e-3
+    assert (seg.dense(world.inputs[SMALL]) - world.outputs[SMALL, False]).abs().max() > 1e-3
+
+
+def test_the_mutation_test_input_is_itself_official(world):
+    """The unmutated head on the mutations' input is the official output (so their differences are theirs)."""
+    ours = _segmenter(world, found_background=False).dense(world.inputs[SMALL])
+    assert (ours - world.outputs[SMALL, False]).abs().max() < 1e-4
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,367 @@
+"""CLIPer (``ovdense.heads.cliper``) against the official linsun449/cliper.code run as is from its mirror:
+``CLIPer.forward`` (``modified_clip/model.py``) for the class maps, with and without its sliding windows,
+``CLIPer.preprocess`` and ``_resize`` for the input, ``CLIPer.classifier`` for the text, and
+``Pipeline.forward`` (``ovs/pipeline.py``, no refinement) with ``main_ovs.py:46-49`` and ``cam_to_label``
+(``util/miou.py``) for the labels. The official code imports OpenAI's ``clip`` package, read from its
+mirror too.
+
+Both sides share random weights: a small ViT-B/16-shaped CLIP with QuickGELU (OpenAI's activation),
+built by open_clip, saved, and read by ``create_backbone`` (ovdense) and by OpenAI's ``clip.model.CLIP``
+(the official side; the key names are the same). What is changed to run the official code here:
+``clip.load`` returns that model instead of reading ``/home/sunlin/.cache/clip/ViT-B-16.pt``, and the
+Stable Diffusion module (``diffusion_model.stable_diffusion``, only for the refinement, which is off)
+and ``texttable`` (the mIoU table) are empty stand-ins. Everything runs in fp32 on the CPU, where the
+official ``clip.load`` also gives fp32; the official fp16 rounding of the position embedding is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from official_clim import mirror_checkout
+from PIL import Image
+
+from ovdense import create_backbone
+from ovdense.backbone import runner
+from ovdense.backbone.prompts import Vocabulary, imagenet80_templates
+from ovdense.errors import OvdenseError
+from ovdense.heads import cliper
+from ovdense.heads.cliper import CliperSegmenter
+
+CLIPER_REPO = Path(os.environ.get("OVDENSE_CLIPER_REPO", "/work/.mirror/linsun449+cliper.code/repo"))
+OPENAI_CLIP_REPO = Path(os.environ.get("OVDENSE_OPENAI_CLIP_REPO", "/work/.mirror/openai+CLIP/repo"))
+
+#: a ViT-B/16-shaped CLIP, small: patch 16, native 224 (grid 14), twelve blocks, four heads, QuickGELU
+CONFIG = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 224, "layers": 12, "width": 64, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
+#: class 0 carries the background words; the rest is the foreground, one text per class
+CLASSES = ["background, ground, sky", "red circle", "blue square, blue box", "green triangle"]
+C = len(CLASSES) - 1
+#: the names the checkout imports (restored afterwards: no other test sees them)
+_OFFICIAL_MODULES = ("clip", "modified_clip", "ovs", "util", "diffusion_model", "texttable")
+
+
+def _is_official(name: str) -> bool:
+    return any(name == top or name.startswith(top + ".") for top in _OFFICIAL_MODULES)
+
+
+def _import_official(dest: Path) -> types.SimpleNamespace:
+    """``modified_clip.model``, ``ovs.pipeline`` and ``util.miou`` of the CLIPer mirror with OpenAI's ``clip``
+    package of its mirror, stand-ins for ``diffusion_model.stable_diffusion`` and ``texttable``."""
+    mirror_checkout(CLIPER_REPO, dest, ("modified_clip", "ovs", "util"), "OVDENSE_CLIPER_REPO")
+    mirror_checkout(OPENAI_CLIP_REPO, dest, ("clip",), "OVDENSE_OPENAI_CLIP_REPO")
+    own = {name: sys.modules.pop(name) for name in list(sys.modules) if _is_official(name)}
+    stable_diffusion = types.ModuleType("diffusion_model.stable_diffusion")
+    stable_diffusion.diffusion = None
+    sys.modules.update({"diffusion_model": types.ModuleType("diffusion_model"),
+                        "diffusion_model.stable_diffusion": stable_diffusion,
+                        "texttable": types.SimpleNamespace(Texttable=object)})
+    sys.path.insert(0, str(dest))
+    try:
+        import clip
+        import modified_clip.model as model
+        import ovs.pipeline as pipeline
+        import util.miou as miou
+    finally:
+        sys.path.remove(str(dest))
+        for name in [name for name in sys.modules if _is_official(name)]:
+            sys.modules.pop(name)
+        sys.modules.update(own)
+    assert model.clip is clip and pipeline.CLIPer is model.CLIPer
+    return types.SimpleNamespace(clip=clip, model=model, pipeline=pipeline, miou=miou)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The official modules, a random CLIP of ``CONFIG`` as OpenAI's ``clip.model.CLIP`` (the official
+    side) and the same weights in ovdense's backbone."""
+    import open_clip
+
+    root = tmp_path_factory.mktemp("cliper")
+    official = _import_official(root / "repo")
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**CONFIG).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # attention far from uniform; positions large enough that their rounding shows
+        for name, p in model.visual.named_parameters():
+            if name.endswith("in_proj_weight"):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.4)
+            elif name in ("positional_embedding", "class_embedding"):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    config, weights = root / "cliper-tiny.json", root / "cliper-tiny.pt"
+    config.write_text(json.dumps(CONFIG))
+    torch.save(model.state_dict(), weights)
+    backbone = create_backbone(str(config), pretrained=str(weights), cache_dir=root / "cache")
+    assert type(backbone.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+
+    vision, text = CONFIG["vision_cfg"], CONFIG["text_cfg"]
+    theirs = official.clip.model.CLIP(
+        CONFIG["embed_dim"], vision["image_size"], vision["layers"], vision["width"], vision["patch_size"],
+        text["context_length"], text["vocab_size"], text["width"], text["heads"], text["layers"])
+    theirs.load_state_dict(model.state_dict(), strict=True)
+    # OpenAI's CLIP gives its tower width // 64 heads; build the tower with this one's four
+    theirs.visual = official.clip.model.VisionTransformer(
+        input_resolution=vision["image_size"], patch_size=vision["patch_size"], width=vision["width"],
+        layers=vision["layers"], heads=vision["width"] // vision["head_width"],
+        output_dim=CONFIG["embed_dim"])
+    theirs.visual.load_state_dict(model.visual.state_dict(), strict=True)
+    return types.SimpleNamespace(official=official, clip_model=theirs.eval(), backbone=backbone)
+
+
+def _cfg(size: int, crop: int = 0, select_layer: int = -1, thr: float = 0.2, scale: int = 50, **more):
+    """An official config (``scripts/config/*.yaml`` with ``util/args.py``'s defaults), no refinement."""
+    return types.SimpleNamespace(model_name="ViT-B/16", attn_type="fused-attn", fuse_feature=True, size=size,
+                                 select_layer=select_layer, logit_scale=scale, sliding_crop_size=crop,
+                                 attention_thr=thr, **more)
+
+
+def _official(setup, monkeypatch, cfg, build=None):
+    """A fresh ``CLIPer`` (or ``build(cfg, "cpu")``, the ``Pipeline``) whose ``clip.load`` returns a copy of
+    the shared random CLIP (``CLIPer.modify()`` rebinds the model's forward: one model per instance) with
+    OpenAI's preprocessing."""
+    clip = setup.official.clip
+    monkeypatch.setattr(clip, "load", lambda name, device="cpu", jit=False, download_root=None: (
+        copy.deepcopy(setup.clip_model), clip.clip._transform(CONFIG["vision_cfg"]["image_size"])))
+    return (build or setup.official.model.CLIPer)(cfg, "cpu")
+
+
+def _ours(setup, cfg, **kwargs) -> CliperSegmenter:
+    window = (cfg.sliding_crop_size, cliper.SLIDE_STRIDE) if cfg.sliding_crop_size else (0, 0)
+    return CliperSegmenter(setup.backbone, CLASSES, templates="car", short_side=cfg.size, window=window,
+                           logit_scale=cfg.logit_scale, select_layer=cfg.select_layer,
+                           attention_threshold=cfg.attention_thr, **kwargs)
+
+
+def _text(head: CliperSegmenter) -> tuple[torch.Tensor, torch.Tensor]:
+    """The foreground and background rows the official ``forward`` takes."""
+    return head.text[:C], head.text[C:-1]
+
+
+def _scene(height: int, width: int, seed: int) -> np.ndarray:
+    """Flat coloured rectangles on a flat ground with a little noise."""
+    rng = np.random.default_rng(seed)
+    rgb = np.broadcast_to(rng.integers(0, 256, 3), (height, width, 3)).astype(np.float64)
+    for _ in range(6):
+        y, x = rng.integers(0, height - 30), rng.integers(0, width - 30)
+        rgb[y:y + rng.integers(30, 90), x:x + rng.integers(30, 110)] = rng.integers(0, 256, 3)
+    return np.clip(rgb + rng.normal(0, 6, rgb.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("image,cfg", [
+    ((200, 260), _cfg(224)),                                        # 224 x 288: 14 x 18 patches
+    ((200, 260), _cfg(224, crop=224)),                              # two 224² windows
+    ((300, 420), _cfg(336, select_layer=-2, thr=0.1, scale=100)),   # 336 x 464: 21 x 29 patches
+    ((300, 420), _cfg(336, crop=224)),                              # 2 x 4 windows of 224², stride 112
+], ids=["224", "224-slide", "336-layer-2", "336-slide"])
+def test_maps_are_the_official_forward(setup, monkeypatch, image, cfg):
+    """``CliperSegmenter.maps`` on the official preprocessing's tensor: the official ``forward``'s ``seg``."""
+    official = _official(setup, monkeypatch, cfg)
+    ours = _ours(setup, cfg)
+    x = official.preprocess(Image.fromarray(_scene(*image, seed=sum(image))))[None]  # 1, 3, H', W'
+    with torch.no_grad():
+        expected = official(x, *_text(ours))["seg"]  # C, h, w
+    got = ours.maps(x)
+    assert torch.isfinite(expected).all()
+    assert got.shape == expected.shape == (C, x.shape[2] // 16, x.shape[3] // 16)
+    assert (got - expected).abs().max() <= 1e-4
+    assert expected.amax() > 0.5 and (expected.amax(dim=(1, 2)) - expected.amin(dim=(1, 2))).min() > 1e-2
+
+
+def test_preprocessing_is_the_official_resize(setup, monkeypatch):
+    """``resize`` is ``CLIPer._resize`` pixel for pixel (PIL bicubic to the rounded size; B/16 and L/14
+    patch sizes, landscape, portrait, up and down), and ``prepare`` the official ``preprocess``."""
+    resize = setup.official.model.CLIPer._resize
+    cases = [((200, 260), 224, 16), ((375, 500), 336, 16), ((500, 333), 336, 16), ((281, 719), 336, 14),
+             ((1024, 1024), 448, 14), ((97, 130), 336, 16)]
+    for (height, width), size, patch in cases:
+        rgb = _scene(height, width, seed=height)
+        want = np.asarray(resize(types.SimpleNamespace(size=size, patch_size=patch), Image.fromarray(rgb)))
+        got = cliper.resize(rgb, size, patch)
+        assert got.shape == want.shape and np.array_equal(got, want)
+    cfg = _cfg(336)
+    official = _official(setup, monkeypatch, cfg)
+    rgb = _scene(300, 420, seed=1)
+    expected = official.preprocess(Image.fromarray(rgb))[None]
+    assert torch.allclose(_ours(setup, cfg).prepare(rgb), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [
+    _cfg(224, score_threshold=0.3, bkg_thre=0.3, is_normalize=False),           # ADE20K's (the defaults)
+    _cfg(224, crop=224, thr=0.1, score_threshold=0.5, bkg_thre=0.7, is_normalize=True),  # VOC21-like
+    _cfg(224, score_threshold=0.0, bkg_thre=0.0, is_normalize=False),           # the (1 − max)² branch
+], ids=["ade", "voc21-slide", "bg-map"])
+def test_labels_are_the_official_post_processing(setup, monkeypatch, cfg):
+    """``predict`` from the RGB image: the official ``Pipeline`` (no refinement), then
+    ``main_ovs.py:46-49`` as written there, ``cam_to_label`` included, at the image's size."""
+    pipe = _official(setup, monkeypatch, cfg, build=setup.official.pipeline.Pipeline)
+    ours = _ours(setup, cfg, score_threshold=cfg.score_threshold, bg_threshold=cfg.bkg_thre,
+                 normalize_maps=cfg.is_normalize)
+    rgb = _scene(200, 260, seed=7)
+    img = pipe.cliper.preprocess(Image.fromarray(rgb))[None]
+    ori_height, ori_width = rgb.shape[:2]
+    with torch.no_grad():
+        pred_mask, final_score = pipe(None, img, *_text(ours))
+    # main_ovs.py:46-49
+    pred_mask = F.interpolate(pred_mask[None], size=(ori_height, ori_width), mode='bilinear')[0]
+    pred_mask = pred_mask / (pred_mask.amax((-1, -2), keepdim=True) + 1e-5) * final_score[..., None, None]
+    _, arg_mask = setup.official.miou.cam_to_label(pred_mask[None].clone(), cls_label=final_score[None],
+                                                   bkg_thre=cfg.bkg_thre, cls_thre=cfg.score_threshold,
+                                                   is_normalize=cfg.is_normalize)
+    result = ours.predict(rgb)
+    assert result.labels.shape == (200, 260) and result.scores.shape == (200, 260)
+    assert np.array_equal(result.labels, arg_mask[0].numpy())
+    assert len(np.unique(result.labels)) > 2
+    assert result.classes == ("background", "red circle", "blue square", "green triangle")
+    assert result.settings["background_words"] == ["ground", "sky"] and result.settings["refinement"] is None
+
+
+def test_text_and_classes_are_the_officials(setup, monkeypatch, tmp_path):
+    """The text rows are ``CLIPer.classifier``'s (OpenAI's tokenizer and text tower); an official class
+    file read by ``Vocabulary.from_file`` gives the official background words and foreground texts
+    (``voc_datasets.py``: the first line split at spaces and commas, the others verbatim); the template
+    sets are the official files."""
+    official = _official(setup, monkeypatch, _cfg(224))
+    ours = _ours(setup, _cfg(224))
+    assert ours.foreground_names == ["red circle", "blue square, blue box", "green triangle"]
+    with torch.no_grad():
+        fg = official.classifier(ours.foreground_names, list(cliper.CAR_TEMPLATES))
+        bg = official.classifier(["ground", "sky"], list(cliper.CAR_TEMPLATES))
+    torch.testing.assert_close(ours.text, torch.cat([fg, bg, fg.mean(0, keepdim=True)]), rtol=0, atol=1e-5)
+
+    files = ("template", "data/voc/cls_voc21.txt", "data/ade/cls_ade20k.txt")
+    tree = mirror_checkout(CLIPER_REPO, tmp_path, files, "OVDENSE_CLIPER_REPO")
+    lines = {name: (tree / f"template/{name}_template.txt").read_text().splitlines()
+             for name in ("car", "openai")}
+    assert list(cliper.CAR_TEMPLATES) == [line.strip() for line in lines["car"]]
+    assert list(imagenet80_templates()) == [line.strip() for line in lines["openai"]]
+    heads = {}
+    for name in ("data/voc/cls_voc21.txt", "data/ade/cls_ade20k.txt"):
+        lines = (tree / name).read_text().splitlines()
+        heads[name] = CliperSegmenter(setup.backbone, Vocabulary.from_file(tree / name), templates=["{}"])
+        assert heads[name].background_words == re.split(r"[\s,]+", lines[0])
+        assert heads[name].foreground_names == lines[1:]
+    assert len(heads["data/voc/cls_voc21.txt"].background_words) == 25
+    assert "person with clothes, people, human" in heads["data/voc/cls_voc21.txt"].foreground_names
+    assert heads["data/ade/cls_ade20k.txt"].background_words == ["background"]
+
+
+def test_defaults_are_the_official_ade20k_config(setup, tmp_path):
+    """``DEFAULTS`` are the active lines of the official ViT-B/16 ADE20K config."""
+    import yaml
+
+    tree = mirror_checkout(CLIPER_REPO, tmp_path, ("scripts/config/vit-b-16",), "OVDENSE_CLIPER_REPO")
+    yaml_cfg = yaml.safe_load((tree / "scripts/config/vit-b-16/ovs_ade150.yaml").read_text())
+    d = cliper.DEFAULTS
+    assert yaml_cfg["semantic_templates"].endswith(f"{d.templates}_template.txt")
+    keys = ("size", "sliding_crop_size", "logit_scale", "select_layer", "attention_thr", "score_threshold",
+            "bkg_thre", "is_normalize")
+    assert tuple(yaml_cfg[key] for key in keys) == (d.short_side, d.window[0], d.logit_scale, d.select_layer,
+                                                    d.attention_threshold, d.score_threshold, d.bg_threshold,
+                                                    d.normalize_maps)
+    head = CliperSegmenter(setup.backbone, CLASSES)
+    assert head.settings() == {
+        "method": "cliper", "templates": "car", "short_side": 336, "window": [0, 0], "logit_scale": 100.0,
+        "select_layer": -1, "attention_threshold": 0.2, "score_threshold": 0.3, "bg_threshold": 0.3,
+        "normalize_maps": False, "background_words": ["ground", "sky"], "refinement": None,
+    }
+
+
+def test_mutations_are_caught(setup, monkeypatch):
+    """The parity test can fail: one Sinkhorn step for every feature (instead of the official cumulative
+    in-place steps), and the position embedding without its fp16 rounding (``runner.embed``'s bilinear
+    rule as it is), each move the maps far beyond 1e-4."""
+    cfg = _cfg(224)
+    official = _official(setup, monkeypatch, cfg)
+    ours = _ours(setup, cfg)
+    x = official.preprocess(Image.fromarray(_scene(200, 260, seed=3)))[None]
+    with torch.no_grad():
+        expected = official(x, *_text(ours))["seg"]
+    assert (ours.maps(x) - expected).abs().max() <= 1e-4
+
+    real_step = cliper.sinkhorn_step
+    first: list[torch.Tensor] = []
+
+    def single_step(attn):  # σ(S) for every feature, not σ^(k+1)(S)
+        if not first:
+            first.append(real_step(attn))
+        return first[0]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cliper, "sinkhorn_step", single_step)
+        assert (ours.maps(x) - expected).abs().max() > 1e-3
+    with monkeypatch.context() as patch:
+        patch.setattr(cliper, "embed", lambda visual, images: runner.embed(visual, images, resize="bilinear"))
+        assert (ours.maps(x) - expected).abs().max() > 1e-3
+
+
+def test_a_uniform_attention_row_is_not_nan(setup, monkeypatch):
+    """Departure 1: the official fused attention divides a row that is all at its column means (a uniform
+    row) by 0: NaN. ovdense takes the symmetrised row instead; every other row is the official's."""
+    official = _official(setup, monkeypatch, _cfg(224))
+    block = official.model.visual.transformer.resblocks[-1]
+    heads, N = block.attn.num_heads, 10
+    x = torch.randn(N, 1, CONFIG["vision_cfg"]["width"], generator=torch.Generator().manual_seed(0))  # LND
+    attn = torch.rand(1, heads, N, N, generator=torch.Generator().manual_seed(1))
+    attn[:, 0] = 1.0  # head 0: uniform attention
+    with torch.no_grad():
+        _, theirs = official.custom_attn(block.attn, block.ln_1(x), attn_mask=attn.clone())  # heads, N, N
+    ours = cliper.fuse_attention(cliper.sinkhorn_step(attn))[0]
+    assert torch.isnan(theirs[0]).all() and torch.isfinite(ours).all()
+    torch.testing.assert_close(ours[0], torch.full((N, N), 1.0 / N))
+    torch.testing.assert_close(ours[1:], theirs[1:], rtol=0, atol=1e-7)
+
+
+def test_a_window_with_gaps_is_refused(setup, monkeypatch):
+    """Departure 2: a crop smaller than the official 112-px stride leaves patches no window covers; the
+    official maps are then NaN, ovdense refuses the window."""
+    cfg = _cfg(224, crop=64)
+    official = _official(setup, monkeypatch, cfg)
+    x = official.preprocess(Image.fromarray(_scene(200, 260, seed=3)))[None]
+    with torch.no_grad():
+        assert torch.isnan(official(x, *_text(_ours(setup, _cfg(224))))["seg"]).all()
+    with pytest.raises(OvdenseError, match="stride is larger than the crop"):
+        CliperSegmenter(setup.backbone, CLASSES, window=(64, 112))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(classes=["background"]), "at least one class after it"),
+    (dict(window=(200, 112)), "multiples of the patch size 16"),
+    (dict(window=(224,)), "must be .crop, stride."),
+    (dict(select_layer=12), r"select_layer must be an integer in \[-12, 11\]"),
+    (dict(select_layer=1.5), "select_layer must be an integer"),
+    (dict(attention_threshold=1.5), r"attention_threshold must lie in \[0, 1\]"),
+    (dict(bg_threshold=-0.1), r"bg_threshold must lie in \[0, 1\]"),
+    (dict(score_threshold=2), r"score_threshold must lie in \[0, 1\]"),
+    (dict(logit_scale=0), "logit_scale must be positive"),
+    (dict(short_side=-1), "short_side must be ≥ 0"),
+    (dict(templates="nope"), "unknown template set"),
+    (dict(classes=[]), "the class list is empty"),
+])
+def test_bad_settings_are_one_clear_error(setup, kwargs, message):
+    kwargs = {"classes": CLASSES, **kwargs}
+    with pytest.raises(OvdenseError, match=message):
+        CliperSegmenter(setup.backbone, **kwargs)
+
+
+def test_bad_images_are_one_clear_error(setup):
+    head = CliperSegmenter(setup.backbone, CLASSES, templates=["{}"], short_side=0)
+    with pytest.raises(OvdenseError, match="smaller than one 16-pixel patch"):
+        head.predict(np.zeros((7, 300, 3), np.uint8))
+    with pytest.raises(OvdenseError, match="one prepared image"):
+        head.maps(torch.zeros(1, 3, 40, 48))
+    result = head.predict(_scene(40, 70, seed=0))  # short side kept: 48 x 64 (patch-rounded), labels 40 x 70
+    assert result.labels.shape == (40, 70) and result.scores.dtype == np.float32
