@@ -151,7 +151,8 @@ def official_model(off, clip, class_names, head_state, monkeypatch):
     monkeypatch.setattr(off.maskclip, "create_model_from_pretrained",
                         lambda name, pretrained=None, **kwargs: (copy.deepcopy(clip), None))
     monkeypatch.chdir(off.tree)  # configs/maskclip.yaml is read relative to the cwd (cd.py:39)
-    model = off.builder.build_model(OmegaConf.load("configs/clip_dinoiser.yaml").model, class_names=class_names)
+    config = OmegaConf.load("configs/clip_dinoiser.yaml").model
+    model = off.builder.build_model(config, class_names=class_names)
     result = model.load_state_dict(head_state, strict=False)
     assert not result.unexpected_keys and all(k.startswith("clip_backbone.") for k in result.missing_keys)
     return model.eval()
@@ -286,8 +287,11 @@ def _borderline(seg: ClipDinoiserSegmenter, x: torch.Tensor, probs: torch.Tensor
 # Parity with the official model
 
 
-@pytest.mark.parametrize("size,found", CASES[:5], ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple)
-                         else {False: "plain", True: "background-rule", "mid": "background-rule-mid-delta"}[v])
+RULES = {False: "plain", True: "background-rule", "mid": "background-rule-mid-delta"}
+
+
+@pytest.mark.parametrize("size,found", CASES[:5],
+                         ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple) else RULES[v])
 def test_dense_probabilities_are_the_official_models(world, size, found):
     """``ClipDinoiserSegmenter.dense`` against the official ``CLIP_DINOiser.forward`` (its padding,
     pos-embed rule, ln_2 tap, MaskCLIP value path, pooling, 100× softmax and the FOUND rule): within
@@ -366,7 +370,8 @@ def test_zero_norms_give_nan_officially_and_finite_probabilities_here(world):
     """Departure (NaN guard): with ``obj_proj`` all zero the official cosines divide 0 by 0
     (``cd.py:266``) and every output is NaN; here ``F.normalize`` gives zero correlations, zero pooled
     features and the uniform ``1/K``."""
-    zero = {**world.head_state, "obj_proj.weight": torch.zeros(256, 768, 3, 3), "obj_proj.bias": torch.zeros(256)}
+    zero = {**world.head_state, "obj_proj.weight": torch.zeros(256, 768, 3, 3),
+            "obj_proj.bias": torch.zeros(256)}
     world.model.load_state_dict(zero, strict=False)
     world.model.apply_found = False
     try:
@@ -426,7 +431,8 @@ def test_predict_result_and_settings(world):
         (448, [448, 224], 0.2, 0.99)
     assert defaults["found_background"] is True  # class 0 is "background"
     assert _segmenter(world, found_background=None).found_background
-    assert not ClipDinoiserSegmenter(world.backbone, CLASSES[1:], head_checkpoint=world.head_file).found_background
+    objects = ClipDinoiserSegmenter(world.backbone, CLASSES[1:], head_checkpoint=world.head_file)
+    assert not objects.found_background
 
 
 def test_synonyms_take_the_max_over_their_words(world):
@@ -487,7 +493,15 @@ def test_the_converter_keeps_the_official_tensors(world, tmp_path, capsys):
     rc = world.converter.main([str(world.last), str(tmp_path), "--backbone", str(world.config),
                                "--pretrained", str(world.weights)])
     assert rc == 0 and "wrote" in capsys.readouterr().out
-    assert (tmp_path / "clipdinoiser-head.safetensors").read_bytes() == Path(world.head_file).read_bytes()
+    assert _contents(tmp_path / "clipdinoiser-head.safetensors") == _contents(world.head_file)
+
+
+def _contents(path) -> tuple[dict, dict]:
+    """A head file's metadata and tensors (as lists: comparable with ``==``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k).tolist() for k in f.keys()}
 
 
 def _run(world, tmp_path, capsys, checkpoint) -> str:
@@ -516,7 +530,8 @@ def test_the_converter_refuses_a_wrong_file(world, tmp_path, capsys):
 
 def test_the_converter_refuses_wrong_shapes(world, tmp_path, capsys):
     odd = tmp_path / "odd.pt"
-    torch.save({"model_state_dict": {**world.head_state, "bkg_decoder.weight": torch.zeros(1, 768, 3, 3)}}, odd)
+    torch.save({"model_state_dict": {**world.head_state, "bkg_decoder.weight": torch.zeros(1, 768, 3, 3)}},
+               odd)
     assert "bkg_decoder.weight has shape (1, 768, 3, 3)" in _run(world, tmp_path, capsys, odd)
     narrow = tmp_path / "narrow.pt"
     torch.save({"model_state_dict": {"obj_proj.weight": torch.zeros(256, 512, 3, 3), "obj_proj.bias":
@@ -533,7 +548,8 @@ def test_the_converter_writes_atomically(world, tmp_path, monkeypatch):
     target = out / "clipdinoiser-head.safetensors"
     target.write_bytes(b"the old head")
     broken = tmp_path / "broken.pt"
-    torch.save({"model_state_dict": {k: v for k, v in world.head_state.items() if k != "obj_proj.bias"}}, broken)
+    partial = {k: v for k, v in world.head_state.items() if k != "obj_proj.bias"}
+    torch.save({"model_state_dict": partial}, broken)
     with pytest.raises(world.converter.ConversionError, match="missing keys"):
         world.converter.convert(broken, out, world.backbone)
     import ovdense.io
@@ -548,4 +564,4 @@ def test_the_converter_writes_atomically(world, tmp_path, monkeypatch):
     assert target.read_bytes() == b"the old head" and [p.name for p in out.iterdir()] == [target.name]
     world.converter.convert(world.last, out, world.backbone)
     assert [p.name for p in out.iterdir()] == [target.name]
-    assert target.read_bytes() == Path(world.head_file).read_bytes()
+    assert _contents(target) == _contents(world.head_file)

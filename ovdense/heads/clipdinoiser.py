@@ -81,8 +81,8 @@ class ClipDinoiserConfig:
 
     Attributes:
         tap: the block whose ``ln_2`` output feeds the convolutions (``feats_idx``, −3: block 9
-            of ViT-B/16's 12); negative counts from the end; must lie before the last two blocks'
-            end, i.e. in ``[0, L − 2]``.
+            of ViT-B/16's 12); negative counts from the end; one of blocks ``0 … L − 2`` (the last
+            block gives the MaskCLIP features).
         proj_dim: ``obj_proj``'s output channels (``in_dim``, 256).
         kernel: ``obj_proj``'s kernel size (``conv_kernel``, 3; padding ``kernel // 2``, replicate).
     """
@@ -222,10 +222,13 @@ class ClipDinoiserSegmenter:
         head_checkpoint: a file written by ``save_head`` (``tools/model_converters/
             clipdinoiser2ovdense.py`` converts the official ``checkpoints/last.pt``); or pass ``head``.
         head: a ``ClipDinoiserHead`` in memory.
-        templates: ``None`` = the backbone's own (the toy model's) or CLIP's 80 ImageNet templates
-            (``use_templates: True``, ``configs/maskclip.yaml``).
+        templates: ``None`` = CLIP's 80 ImageNet templates (``use_templates: True``,
+            ``configs/maskclip.yaml``).
         short_side: resize the short side to this; ``0`` keeps the size; ``None`` = 448.
         window: ``(crop, stride)``; ``(0, 0)`` = one pass over the whole image; ``None`` = (448, 224).
+
+        ``templates``, ``short_side`` and ``window`` first take the backbone's own defaults where its
+        config has them (the toy model; as ``Segmenter`` does), then the official ones.
         bg_threshold: pixels whose winning averaged probability is below it become class 0 (an
             ovdense option; the official has none). ``None``: plain argmax.
         found_background: the learned background filter (``apply_found``) on class 0; ``None`` =
@@ -263,10 +266,10 @@ class ClipDinoiserSegmenter:
         self.head.eval()
         self.head_checkpoint = str(head_checkpoint) if head_checkpoint is not None else None
         self.vocabulary = classes if isinstance(classes, Vocabulary) else Vocabulary.parse(classes)
-        own = backbone.defaults
+        own = backbone.defaults  # the model's own (only the toy model has them) before the official
         self.templates = templates if templates is not None else own.get("templates", "imagenet80")
-        self.short_side = int(SHORT_SIDE if short_side is None else short_side)
-        self.window = tuple(int(v) for v in (WINDOW if window is None else window))
+        self.short_side = int(own.get("short_side", SHORT_SIDE) if short_side is None else short_side)
+        self.window = tuple(int(v) for v in (own.get("window", WINDOW) if window is None else window))
         self.bg_threshold = bg_threshold
         if found_background is None:
             found_background = self.vocabulary.names[0] == BACKGROUND

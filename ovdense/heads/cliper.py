@@ -36,13 +36,14 @@ default ``--refinement SFSA``), is **out of scope**: the output here is the offi
 Classes. The official class file's first line holds the background words, split at spaces and commas,
 each a text row of the softmax that never becomes an output map; label 0 is "background". Each other
 line is one foreground class, its text used verbatim, label ``c`` for line ``c``. ovdense keeps that
-numbering: class 0 is the background class and its words are the background words (its name too;
-but a class 0 named ``"background"`` with synonyms is labelled "background" and prompted by the
-synonyms only, so ``"background, ground, land, ..."`` is VOC's first line); classes ``1..C`` are
-the foreground, each prompted by its synonyms joined with ``", "`` (the official line:
-``"person with clothes, people, human"`` is one text). ``Vocabulary.from_file`` of an official class
-file therefore gives the official rows, except that it strips lines (context60's ``"wood "``) and splits
-the first line at commas only (every official first line separates its words with ``", "``).
+numbering: class 0 must be named ``"background"`` (so that a list like ``["cat", "dog"]`` cannot make
+"cat" the background unnoticed); alone, its text row is the word "background" (ADE20K's, Context's,
+COCO-Stuff's and Cityscapes' first line); with synonyms, the synonyms are the rows
+(``"background, ground, land, ..."`` is VOC's first line ``"ground, land, ..."``). Classes ``1..C`` are
+the foreground, each one text: its synonyms joined with ``", "`` (the official line
+``"person with clothes, people, human"`` is one text). ``Vocabulary.from_file`` of an official class file
+whose first line is "background" gives the official rows, but for stripping each line (context60's
+``"wood "``); VOC's and COCO-Object's files need "background, " in front of their first line.
 
 Departures from the official code, each shown against the official output in ``tests/test_cliper.py``:
 
@@ -309,10 +310,9 @@ def maps_to_labels(seg: torch.Tensor, size: tuple[int, int], score_threshold: fl
 
 
 def background_words(words: Sequence[str]) -> list[str]:
-    """The background text rows of class 0's words: all of them, but a class named ``"background"``
-    with synonyms is prompted by the synonyms only."""
-    words = list(words)
-    return words[1:] if words[0] == BACKGROUND and len(words) > 1 else words
+    """The background text rows of class 0's words ``("background", *synonyms)``: the synonyms, or
+    ``["background"]`` when there are none."""
+    return list(words[1:]) or [BACKGROUND]
 
 
 class CliperSegmenter:
@@ -323,8 +323,9 @@ class CliperSegmenter:
 
     Args:
         backbone: the shared CLIP backbone (``L ≥ 2`` blocks).
-        classes: class 0 is the background (its words are the background text rows), classes ``1..C``
-            the foreground; a string with commas (or a list) gives a class's words.
+        classes: class 0, named ``"background"``, gives the background text rows (its synonyms, or the
+            word itself), classes ``1..C`` the foreground; a string with commas (or a list) gives a
+            class's words, joined into one text for a foreground class.
         templates: ``"car"`` (the official ``car_template.txt``), ``"imagenet80"`` (the official
             ``openai_template.txt``), another ovdense set or a list of templates with ``{}``.
         short_side: resize the short side to this (``size``); ``0`` keeps it; both sides are then
@@ -382,6 +383,10 @@ class CliperSegmenter:
         if L < 2:
             raise OvdenseError(f"CLIPer fuses the attention of the blocks before the last; this model has "
                                f"{L} block")
+        if self.vocabulary.names[0] != BACKGROUND:
+            raise OvdenseError(f"CLIPer's class 0 is the background: name it 'background' (its synonyms, if "
+                               f"any, are the background words: 'background, ground, sky'); got "
+                               f"{self.vocabulary.names[0]!r}")
         if len(self.vocabulary) < 2:
             raise OvdenseError("CLIPer needs the background class 0 and at least one class after it, e.g. "
                                "['background', 'cat']")
