@@ -199,7 +199,8 @@ def _spread(clip: torch.nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in clip.named_parameters():
-            if name.split(".")[-2:-1] and name.split(".")[-2].startswith("ln_") and name.endswith("weight"):
+            parts = name.split(".")  # LayerNorms: ln_pre, ln_1, ln_2, ln_post, ln_final
+            if len(parts) > 1 and parts[-2].startswith("ln_") and parts[-1] == "weight":
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=generator))
             elif name.endswith(("positional_embedding", "class_embedding")):
                 p.copy_(0.5 * torch.randn(p.shape, generator=generator))

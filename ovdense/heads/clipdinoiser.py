@@ -215,6 +215,9 @@ class ClipDinoiserSegmenter:
     the average resized bilinearly to the image; ``labels`` = argmax (mmseg's final softmax
     does not change it), ``scores`` = the winning class's averaged probability.
 
+    ``None`` takes the official default; ``templates``, ``short_side`` and ``window`` first take the
+    backbone's own defaults where its config has them (only the toy model's does; as ``Segmenter``).
+
     Args:
         backbone: the backbone the head was trained on (the official: ``ViT-B-16``,
             ``laion2b_s34b_b88k``).
@@ -226,9 +229,6 @@ class ClipDinoiserSegmenter:
             ``configs/maskclip.yaml``).
         short_side: resize the short side to this; ``0`` keeps the size; ``None`` = 448.
         window: ``(crop, stride)``; ``(0, 0)`` = one pass over the whole image; ``None`` = (448, 224).
-
-        ``templates``, ``short_side`` and ``window`` first take the backbone's own defaults where its
-        config has them (the toy model; as ``Segmenter`` does), then the official ones.
         bg_threshold: pixels whose winning averaged probability is below it become class 0 (an
             ovdense option; the official has none). ``None``: plain argmax.
         found_background: the learned background filter (``apply_found``) on class 0; ``None`` =
