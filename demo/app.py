@@ -262,19 +262,21 @@ class Heads:
     Args:
         backbone: the shared CLIP backbone.
         sam: a segment-anything model for the heads that need one (SAM + CLIP; ``load_sam``), or ``None``.
+        vfm: a second vision model for the heads that need one (ProxyCLIP; ``create_vfm``), or ``None``.
         size: how many heads to keep.
         head_checkpoints: ``<name>_head=PATH`` for a trained head of the registry (``san_head``,
             ``fvit_head``); one not given is the head that ships for the backbone, if any. Each
             is also an attribute (``heads.san_head``: the path, or ``None``).
     """
 
-    def __init__(self, backbone: ClipBackbone, sam=None, size: int = CACHE_SIZE,
+    def __init__(self, backbone: ClipBackbone, sam=None, size: int = CACHE_SIZE, vfm=None,
                  **head_checkpoints: str | Path | None):
         unknown = sorted(set(head_checkpoints) - {head_keyword(name) for name in TRAINED})
         if unknown:
             raise TypeError(f"Heads() got unexpected arguments {unknown}; trained heads: {list(TRAINED)}")
         self.backbone = backbone
         self.sam = sam
+        self.vfm = vfm
         self.size = size
         self.checkpoints: dict[str, str | Path | None] = {}
         for name in TRAINED:
@@ -312,6 +314,8 @@ class Heads:
             return f"no {entry.title} head: start the demo with --{entry.name}-head PATH"
         if "sam" in entry.needs and self.sam is None:
             return "no SAM model: start the demo with --sam-checkpoint PATH"
+        if "vfm" in entry.needs and self.vfm is None:
+            return "no second vision model: start the demo with --vfm NAME --vfm-weights PATH"
         return ""
 
     def head(self, name: str, *args, **settings):
@@ -325,7 +329,7 @@ class Heads:
         foreign = [key for key in given if OPTION_NAMES.get(key, key) not in entry.options]
         if foreign:
             raise OvdenseError(f"{entry.title} has no {' or '.join(foreign)} option; leave it at the default")
-        needs = {"sam": self.sam} if "sam" in entry.needs else {}
+        needs = {key: getattr(self, key) for key in ("sam", "vfm") if key in entry.needs}
         if entry.trained:
             needs["head_checkpoint"] = self.checkpoints[entry.name]
         key = (name, _frozen(args), _frozen(given))
@@ -554,10 +558,11 @@ def _examples() -> list[list[str]]:
 
 
 def build_app(backbone: ClipBackbone, sam=None, title: str = "ovdense demo", queue_size: int = QUEUE_SIZE,
-              **head_checkpoints: str | Path | None):
+              vfm=None, **head_checkpoints: str | Path | None):
     """The gradio page (a ``gr.Blocks``) on one shared ``backbone``; ``launch()`` serves it.
 
-    One tab per head; the SAM + CLIP tab only with a ``sam`` model (``sam_clip.load_sam``). The
+    One tab per head; the SAM + CLIP tab only with a ``sam`` model (``sam_clip.load_sam``); ProxyCLIP
+    among the Segment tab's methods only with a ``vfm`` (``vfm.create_vfm``). The
     model's handlers take turns (``CONCURRENCY``) and at most ``queue_size`` requests wait. The
     Segment tab offers every segmentation head of the registry that can run here (``Heads``): a
     trained one with its checkpoint (``<name>_head=PATH``, e.g. ``san_head``, or the one that
@@ -566,7 +571,7 @@ def build_app(backbone: ClipBackbone, sam=None, title: str = "ovdense demo", que
     ``Heads.prompt_methods`` (CLIPSeg: ``clipseg_head`` or the shipped one)."""
     import gradio as gr
 
-    heads = Heads(backbone, sam, **head_checkpoints)
+    heads = Heads(backbone, sam, vfm=vfm, **head_checkpoints)
     weights = backbone.weights.value or backbone.weights.kind
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"# {title}\nModel **{Path(backbone.name).name}** ({Path(weights).name}). "
@@ -857,6 +862,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="SAM weights (e.g. sam_vit_b_01ec64.pth): adds the SAM + CLIP tab ([sam] extra)")
     parser.add_argument("--sam-model", choices=("vit_b", "vit_l", "vit_h"),
                         help="SAM model type (default: read from the checkpoint's file name)")
+    parser.add_argument("--vfm", choices=("dino_vitb8", "dino_vitb16", "dinov2_vitb14_reg", "sam_vit_b"),
+                        help="with --vfm-weights: adds ProxyCLIP to the Segment tab (default dino_vitb8)")
+    parser.add_argument("--vfm-weights",
+                        help="the VFM's official weights file (e.g. dino_vitbase8_pretrain.pth)")
     for name in TRAINED:  # --san-head, --fvit-head: one per trained head of the registry
         entry = HEADS[name]
         where = {"segmentation": "the Segment tab's methods", "detection": "the Detect tab"}.get(
@@ -894,6 +903,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ovdense.heads.sam_clip import load_sam
 
             sam = load_sam(args.sam_checkpoint, args.sam_model, device=args.device)
+        vfm = None
+        if args.vfm_weights:
+            from ovdense.backbone.vfm import create_vfm
+
+            vfm = create_vfm(args.vfm or "dino_vitb8", args.vfm_weights, device=args.device)
+        elif args.vfm:
+            raise OvdenseError(f"--vfm {args.vfm} needs --vfm-weights PATH (its official weights file)")
         checkpoints = {head_keyword(name): getattr(args, head_keyword(name)) for name in TRAINED}
         for name in TRAINED:  # refuse a wrong head before serving
             if checkpoints[head_keyword(name)]:
@@ -901,7 +917,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OvdenseError as e:
         print(f"ovdense demo: error: {e}", file=sys.stderr)
         return 2
-    app = build_app(backbone, sam, queue_size=args.queue_size, **checkpoints)
+    app = build_app(backbone, sam, queue_size=args.queue_size, vfm=vfm, **checkpoints)
     try:
         app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
     except (OSError, ValueError) as e:  # the port is taken, the address is not this machine's, or

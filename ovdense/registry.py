@@ -172,6 +172,18 @@ _ENTRIES: tuple[HeadEntry, ...] = (
         hint="--head-checkpoint (the toy model ships one), --bg-threshold",
     ),
     HeadEntry(
+        "clipdinoiser", "segmentation", "ovdense.heads.clipdinoiser:ClipDinoiserSegmenter",
+        title="CLIP-DINOiser",
+        summary="MaskCLIP's features pooled over the patch correlations that two trained convolutions "
+        "learned from DINO, and FOUND's background rule",
+        paper="Wysoczańska et al., ECCV 2024 (CLIP-DINOiser)",
+        options=("head_checkpoint", "window", "bg_threshold", "found_background"),
+        checkpoints="ovdense.heads.clipdinoiser", outputs=_SEGMENT_OUTPUTS,
+        table=("448", "448/224", "100", "off"),
+        hint="--head-checkpoint (the official checkpoints/last.pt through "
+        "tools/model_converters/clipdinoiser2ovdense.py)",
+    ),
+    HeadEntry(
         "sam-clip", "segmentation", "ovdense.heads.sam_clip:SamClipSegmenter", title="SAM + CLIP",
         summary="masks classified by one dense CLIP pass", paper="Kirillov et al., ICCV 2023 (SAM)",
         options=_SAM_OPTIONS, needs=("sam",), outputs=("_labels.png", "_overlay.jpg", "_instances.json"),

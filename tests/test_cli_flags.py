@@ -64,6 +64,8 @@ SUCCEEDING_RUNS = {
         "--unknown-threshold": "test_sam_clip.py::test_cli_unknown_threshold",
         "--crop-area": "test_sam_clip.py::test_cli_crop_area_and_weight",
         "--crop-weight": "test_sam_clip.py::test_cli_crop_area_and_weight",
+        "--found-background": "test_clipdinoiser.py::test_cli_clipdinoiser_is_the_segmenter",
+        "--no-found-background": "test_clipdinoiser.py::test_cli_clipdinoiser_is_the_segmenter",
         "--vfm": "test_proxyclip.py::test_cli_proxyclip_is_the_segmenter",
         "--vfm-weights": "test_proxyclip.py::test_cli_proxyclip_is_the_segmenter",
     },

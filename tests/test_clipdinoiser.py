@@ -566,3 +566,28 @@ def test_the_converter_writes_atomically(world, tmp_path, monkeypatch):
     world.converter.convert(world.last, out, world.backbone)
     assert [p.name for p in out.iterdir()] == [target.name]
     assert _contents(target) == _contents(world.head_file)
+
+
+@pytest.mark.parametrize("found", ["--found-background", "--no-found-background"])
+def test_cli_clipdinoiser_is_the_segmenter(world, tmp_path, capsys, monkeypatch, found):
+    """``ovdense segment --method clipdinoiser --head-checkpoint FILE`` writes ``ClipDinoiserSegmenter``'s
+    labels with the same head; ``--found-background`` / ``--no-found-background`` reach it."""
+    from PIL import Image
+    from tool_runs import run_cli
+
+    monkeypatch.setenv("OVDENSE_CACHE", str(tmp_path / "cache"))
+    image = tmp_path / "scene.png"
+    Image.fromarray(_scene(100, 140, seed=9)).save(image)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["segment", image, "--model", world.config, "--pretrained", world.weights,
+                            "--method", "clipdinoiser", "--head-checkpoint", world.head_file, found,
+                            "--classes", ",".join(CLASSES), "--window", "64", "32", "--short-side", "96",
+                            "--out", out], capsys)
+    assert code == 0, err
+    labels = np.asarray(Image.open(out / "scene_labels.png"))
+    report = json.loads((out / "scene.json").read_text())
+    on = found == "--found-background"
+    assert report["settings"]["found_background"] is on
+    expected = _segmenter(world, found_background=on, window=(64, 32), short_side=96).predict(
+        np.asarray(Image.open(image))).labels
+    assert np.array_equal(labels, expected) and len(np.unique(labels)) > 1

@@ -86,13 +86,12 @@ def _import_official(dest: Path) -> types.SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """The official modules, a random CLIP of ``CONFIG`` as OpenAI's ``clip.model.CLIP`` (the official
-    side) and the same weights in ovdense's backbone."""
+def tiny(tmp_path_factory):
+    """A random CLIP of ``CONFIG`` (open_clip) and the same weights in ovdense's backbone, read from a
+    JSON config and a weights file."""
     import open_clip
 
-    root = tmp_path_factory.mktemp("cliper")
-    official = _import_official(root / "repo")
+    root = tmp_path_factory.mktemp("cliper-tiny")
     torch.manual_seed(0)
     model = open_clip.CLIP(**CONFIG).eval()
     generator = torch.Generator().manual_seed(1)
@@ -107,19 +106,26 @@ def setup(tmp_path_factory):
     torch.save(model.state_dict(), weights)
     backbone = create_backbone(str(config), pretrained=str(weights), cache_dir=root / "cache")
     assert type(backbone.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    return types.SimpleNamespace(model=model, backbone=backbone)
 
+
+@pytest.fixture(scope="module")
+def setup(tiny, tmp_path_factory):
+    """The official modules and the tiny CLIP as OpenAI's ``clip.model.CLIP`` (the official side) beside
+    ovdense's backbone; skips without the mirrors."""
+    official = _import_official(tmp_path_factory.mktemp("cliper-official"))
     vision, text = CONFIG["vision_cfg"], CONFIG["text_cfg"]
     theirs = official.clip.model.CLIP(
         CONFIG["embed_dim"], vision["image_size"], vision["layers"], vision["width"], vision["patch_size"],
         text["context_length"], text["vocab_size"], text["width"], text["heads"], text["layers"])
-    theirs.load_state_dict(model.state_dict(), strict=True)
+    theirs.load_state_dict(tiny.model.state_dict(), strict=True)
     # OpenAI's CLIP gives its tower width // 64 heads; build the tower with this one's four
     theirs.visual = official.clip.model.VisionTransformer(
         input_resolution=vision["image_size"], patch_size=vision["patch_size"], width=vision["width"],
         layers=vision["layers"], heads=vision["width"] // vision["head_width"],
         output_dim=CONFIG["embed_dim"])
-    theirs.visual.load_state_dict(model.visual.state_dict(), strict=True)
-    return types.SimpleNamespace(official=official, clip_model=theirs.eval(), backbone=backbone)
+    theirs.visual.load_state_dict(tiny.model.visual.state_dict(), strict=True)
+    return types.SimpleNamespace(official=official, clip_model=theirs.eval(), backbone=tiny.backbone)
 
 
 def _cfg(size: int, crop: int = 0, select_layer: int = -1, thr: float = 0.2, scale: int = 50, **more):
@@ -199,6 +205,27 @@ def test_preprocessing_is_the_official_resize(setup, monkeypatch):
     assert torch.allclose(_ours(setup, cfg).prepare(rgb), expected, rtol=0, atol=1e-6)
 
 
+def test_palette_and_transparent_images_are_converted_first(setup, monkeypatch):
+    """Departure 3: ovdense converts an image to RGB (``load_image``: a palette expanded, alpha composited
+    over white) before the official resize; the official code resizes the opened image first (a palette
+    image by nearest neighbour, Pillow's rule for mode "P") and then drops alpha. For such images the
+    inputs differ; ovdense's is the official preprocessing of the converted image."""
+    from ovdense.io import load_image
+
+    cfg = _cfg(224)
+    official = _official(setup, monkeypatch, cfg)
+    ours = _ours(setup, cfg)
+    rgb = _scene(200, 260, seed=5)
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    rgba[50:150, 60:200, 3] = 0  # a transparent hole
+    for image in (Image.fromarray(rgb).quantize(16), Image.fromarray(rgba)):
+        converted = load_image(image)
+        got = ours.prepare(converted)
+        assert (got - official.preprocess(image)[None]).abs().max() > 0.1
+        expected = official.preprocess(Image.fromarray(converted))[None]
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def scene_text(setup):
     """A scene and text rows that split it: the random text tower's words are nearly parallel, so one class
@@ -265,18 +292,20 @@ def test_text_and_classes_are_the_officials(setup, monkeypatch, tmp_path):
              for name in ("car", "openai")}
     assert list(cliper.CAR_TEMPLATES) == [line.strip() for line in lines["car"]]
     assert list(imagenet80_templates()) == [line.strip() for line in lines["openai"]]
-    heads = {}
-    for name in ("data/voc/cls_voc21.txt", "data/ade/cls_ade20k.txt"):
-        lines = (tree / name).read_text().splitlines()
-        heads[name] = CliperSegmenter(setup.backbone, Vocabulary.from_file(tree / name), templates=["{}"])
-        assert heads[name].background_words == re.split(r"[\s,]+", lines[0])
-        assert heads[name].foreground_names == lines[1:]
-    assert len(heads["data/voc/cls_voc21.txt"].background_words) == 25
-    assert "person with clothes, people, human" in heads["data/voc/cls_voc21.txt"].foreground_names
-    assert heads["data/ade/cls_ade20k.txt"].background_words == ["background"]
+    ade = (tree / "data/ade/cls_ade20k.txt").read_text().splitlines()
+    head = CliperSegmenter(setup.backbone, Vocabulary.from_file(tree / "data/ade/cls_ade20k.txt"),
+                           templates=["{}"])
+    assert head.background_words == ["background"] == re.split(r"[\s,]+", ade[0])
+    assert head.foreground_names == ade[1:] and len(ade) == 151
+    voc = (tree / "data/voc/cls_voc21.txt").read_text().splitlines()
+    with pytest.raises(OvdenseError, match="class 0 is the background: name it 'background'.*got 'ground'"):
+        CliperSegmenter(setup.backbone, Vocabulary.from_file(tree / "data/voc/cls_voc21.txt"))
+    head = CliperSegmenter(setup.backbone, ["background, " + voc[0], *voc[1:]], templates=["{}"])
+    assert head.background_words == re.split(r"[\s,]+", voc[0]) and len(head.background_words) == 25
+    assert head.foreground_names == voc[1:] and "person with clothes, people, human" in voc
 
 
-def test_defaults_are_the_official_ade20k_config(setup, tmp_path):
+def test_defaults_are_the_official_ade20k_config(tmp_path):
     """``DEFAULTS`` are the active lines of the official ViT-B/16 ADE20K config."""
     import yaml
 
@@ -289,12 +318,29 @@ def test_defaults_are_the_official_ade20k_config(setup, tmp_path):
     assert tuple(yaml_cfg[key] for key in keys) == (d.short_side, d.window[0], d.logit_scale, d.select_layer,
                                                     d.attention_threshold, d.score_threshold, d.bg_threshold,
                                                     d.normalize_maps)
-    head = CliperSegmenter(setup.backbone, CLASSES)
+
+
+def test_settings_name_every_setting(tiny):
+    head = CliperSegmenter(tiny.backbone, CLASSES)
     assert head.settings() == {
         "method": "cliper", "templates": "car", "short_side": 336, "window": [0, 0], "logit_scale": 100.0,
         "select_layer": -1, "attention_threshold": 0.2, "score_threshold": 0.3, "bg_threshold": 0.3,
         "normalize_maps": False, "background_words": ["ground", "sky"], "refinement": None,
     }
+    alone = CliperSegmenter(tiny.backbone, ["background", "cat"], templates=["{}"])
+    assert alone.background_words == ["background"] and alone.foreground_names == ["cat"]
+
+
+def test_the_toy_models_own_defaults_come_first(toy, tmp_path):
+    """Templates, short side and window come from the backbone's config first (the toy's: one template,
+    128 px, 64/32 windows), as for the other heads; a file path is read by ``load_image``."""
+    head = CliperSegmenter(toy, ["background", "red circle", "blue square"])
+    assert (head.templates, head.short_side, head.window) == (["a photo of a {}"], 128, (64, 32))
+    path = tmp_path / "scene.png"
+    Image.fromarray(_scene(90, 120, seed=2)).save(path)
+    result = head.predict(path)
+    assert result.labels.shape == (90, 120) and result.labels.max() <= 2
+    assert result.settings["window"] == [64, 32] and result.to_json()["method"] == "cliper"
 
 
 def test_mutations_are_caught(setup, monkeypatch):
@@ -356,6 +402,7 @@ def test_a_window_with_gaps_is_refused(setup, monkeypatch):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(classes=["background"]), "at least one class after it"),
+    (dict(classes=["cat", "dog"]), "class 0 is the background: name it 'background'.*got 'cat'"),
     (dict(window=(200, 112)), "multiples of the patch size 16"),
     (dict(window=(224,)), "must be .crop, stride."),
     (dict(select_layer=12), r"select_layer must be an integer in \[-12, 11\]"),
@@ -368,14 +415,14 @@ def test_a_window_with_gaps_is_refused(setup, monkeypatch):
     (dict(templates="nope"), "unknown template set"),
     (dict(classes=[]), "the class list is empty"),
 ])
-def test_bad_settings_are_one_clear_error(setup, kwargs, message):
+def test_bad_settings_are_one_clear_error(tiny, kwargs, message):
     kwargs = {"classes": CLASSES, **kwargs}
     with pytest.raises(OvdenseError, match=message):
-        CliperSegmenter(setup.backbone, **kwargs)
+        CliperSegmenter(tiny.backbone, **kwargs)
 
 
-def test_bad_images_are_one_clear_error(setup):
-    head = CliperSegmenter(setup.backbone, CLASSES, templates=["{}"], short_side=0)
+def test_bad_images_are_one_clear_error(tiny):
+    head = CliperSegmenter(tiny.backbone, CLASSES, templates=["{}"], short_side=0)
     with pytest.raises(OvdenseError, match="smaller than one 16-pixel patch"):
         head.predict(np.zeros((7, 300, 3), np.uint8))
     with pytest.raises(OvdenseError, match="one prepared image"):

@@ -47,7 +47,7 @@ def rgb():
     return render_scene(np.random.default_rng([25, 1]), SceneConfig(size=(64, 80))).image
 
 
-def build(name, toy, sam, fvit_head, rgb, tiny_backbone):
+def build(name, toy, sam, fvit_head, rgb, tiny_backbone, tmp_path):
     """``create_head(name, ...)`` and the same head built by its own class (on the toy backbone;
     a method that needs more blocks than the toy's 6, ITACLIP, on the tiny 12-block one)."""
     from ovdense.anomaly.winclip import WinClip
@@ -74,6 +74,13 @@ def build(name, toy, sam, fvit_head, rgb, tiny_backbone):
         from ovdense.heads.clipseg import ClipSegSegmenter
 
         return create_head(name, toy, SEGMENT_CLASSES), ClipSegSegmenter(toy, SEGMENT_CLASSES)
+    if name == "clipdinoiser":
+        from ovdense.heads.clipdinoiser import ClipDinoiserHead, ClipDinoiserSegmenter, save_head
+
+        head = tmp_path.with_name(tmp_path.name + "-head") / "clipdinoiser_head.safetensors"
+        save_head(head, ClipDinoiserHead(toy), toy)
+        return (create_head(name, toy, SEGMENT_CLASSES, head_checkpoint=head),
+                ClipDinoiserSegmenter(toy, SEGMENT_CLASSES, head_checkpoint=head))
     if name == "sam-clip":
         return (create_head(name, toy, SEGMENT_CLASSES, sam=sam, **SAM_OPTIONS),
                 SamClipSegmenter(toy, sam, SEGMENT_CLASSES, **SAM_OPTIONS))  # the earlier argument order
@@ -98,7 +105,7 @@ def predict(head, rgb):
 def test_every_head_builds_by_name_and_equals_its_own_class(name, toy, sam, fvit_head, rgb, tmp_path,
                                                             tiny_backbone):
     entry = HEADS[name]
-    by_name, own = build(name, toy, sam, fvit_head, rgb, tiny_backbone)
+    by_name, own = build(name, toy, sam, fvit_head, rgb, tiny_backbone, tmp_path)
     assert type(by_name) is type(own) is entry.load()
     got, want = predict(by_name, rgb), predict(own, rgb)
     arrays = {"segmentation": ("labels", "scores"), "detection": ("boxes", "scores", "class_ids"),
@@ -233,11 +240,19 @@ def app():
 def test_cli_methods_and_demo_list_the_registry(toy, sam, fvit_head, app, tmp_path, capsys):
     assert methods_listed(capsys) == list_heads()
     assert [n for n in list_heads() if accepted(n, tmp_path, capsys)] == list_heads("segmentation")
-    heads = app.Heads(toy, sam, fvit_head=fvit_head)
+    from ovdense.backbone.vfm import create_vfm
+    from ovdense.heads.clipdinoiser import ClipDinoiserHead, save_head
+
+    clipdinoiser_head = save_head(tmp_path / "clipdinoiser_head.safetensors", ClipDinoiserHead(toy), toy)
+    heads = app.Heads(toy, sam, vfm=create_vfm("dino_vitb16", "random"), fvit_head=fvit_head,
+                      clipdinoiser_head=clipdinoiser_head)
     assert heads.methods == list_heads("segmentation")
     assert heads.available("detection") == list_heads("detection")
     assert heads.available("anomaly") == list_heads("anomaly")
-    assert app.Heads(toy).methods == [n for n in list_heads("segmentation") if not HEADS[n].needs]
+    # without SAM, a VFM or a head that does not ship for the toy: the rest
+    runnable = [n for n in list_heads("segmentation")
+                if not HEADS[n].needs and (not HEADS[n].trained or HEADS[n].shipped_checkpoint(toy))]
+    assert app.Heads(toy).methods == runnable and "clearclip" in runnable and "san" in runnable
     args = app._parse_args([])
     for name in list_heads():
         assert hasattr(args, f"{name}_head") == HEADS[name].trained, name

@@ -98,6 +98,13 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="a trained head (san_head.safetensors / clipseg_head.safetensors from "
                      "tools/train.py, or converted by tools/model_converters/; default for --model toy: "
                      "the shipped one)")
+    found = seg.add_argument_group(_group_title("found_background", "a learned background"),
+                                   "the learned background filter on class 0")
+    found_flag = found.add_mutually_exclusive_group()
+    found_flag.add_argument("--found-background", dest="found_background", action="store_true", default=None,
+                            help="class 0 wins where the head sees background (default: on when class 0 is "
+                            "named 'background', as the official VOC and COCO-Object evaluations)")
+    found_flag.add_argument("--no-found-background", dest="found_background", action="store_false")
     clipseg = seg.add_argument_group(_group_title("image_prompt", "image prompts"),
                                      "classes named by an example image")
     clipseg.add_argument("--image-prompt", action="append", metavar="NAME=IMAGE[:MASK]",

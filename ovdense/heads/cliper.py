@@ -55,9 +55,12 @@ Departures from the official code, each shown against the official output in ``t
   stride is not a multiple of the patch size (the official code has no padding);
 * the image is read by ``ovdense.io.load_image`` (EXIF orientation applied, alpha composited over
   white, a palette expanded) and then resized; the official code resizes the opened PIL image before
-  converting it to RGB, the same for RGB and greyscale images, not for palette (Pillow resizes them
-  by nearest neighbour) or RGBA images;
-* the labels are computed in float32 (the official code: in the model's dtype, fp16 on CUDA).
+  converting it to RGB (dropping alpha): the same for RGB and greyscale images, not for palette images
+  (Pillow resizes them by nearest neighbour) or transparent ones.
+
+Precision: every step runs in the backbone's dtype, as the official code runs in its model's (fp32 on
+the CPU; fp16 on CUDA, where ``clip.load`` keeps OpenAI's fp16 weights); ``scores`` are returned as
+float32.
 
 Text: ``ClipBackbone.encode_text`` is the official ``CLIPer.classifier`` (``model.py:176-188``): each
 template's embedding normalised, the mean over templates normalised again.
@@ -283,8 +286,7 @@ def maps_to_labels(seg: torch.Tensor, size: tuple[int, int], score_threshold: fl
     """Class maps ``[C, h, w]`` → labels ``[H, W]`` (0 background, ``c`` foreground class ``c``) and
     the winning map value ``[H, W]`` at ``size = (H, W)`` (``main_ovs.py:46-49`` with ``cam_to_label``,
     ``miou.py:73-104``; the score of a class is its map's maximum, ``pipeline.py:113-115`` without
-    refinement)."""
-    seg = seg.float()
+    refinement). Computed in ``seg``'s dtype, as the official code does."""
     score = seg.amax(dim=(-1, -2))  # C
     cam = F.interpolate(seg[None], size=size, mode="bilinear", align_corners=False)  # 1, C, H, W
     cam = cam / (cam.amax(dim=(-1, -2), keepdim=True) + 1e-5) * score[:, None, None]
@@ -459,7 +461,7 @@ class CliperSegmenter:
         seg = self.maps(self.prepare(rgb))
         labels, scores = maps_to_labels(seg, rgb.shape[:2], self.score_threshold, self.bg_threshold,
                                         self.normalize_maps)
-        return SegmentationResult(labels.cpu().numpy(), scores.cpu().numpy(), self.classes,
+        return SegmentationResult(labels.cpu().numpy(), scores.float().cpu().numpy(), self.classes,
                                   tuple(self.vocabulary.synonyms()), self.settings())
 
 
