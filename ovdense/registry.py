@@ -184,6 +184,17 @@ _ENTRIES: tuple[HeadEntry, ...] = (
         "tools/model_converters/clipdinoiser2ovdense.py)",
     ),
     HeadEntry(
+        "cliper", "segmentation", "ovdense.heads.cliper:CliperSegmenter", title="CLIPer",
+        summary="training-free: the attention of CLIP's early blocks, fused, replaces the last block's on "
+        "every block's features; classes scored against background words (no diffusion refinement)",
+        paper="Sun et al., ICCV 2025 (CLIPer)",
+        options=("window", "logit_scale", "bg_threshold", "select_layer", "attention_threshold",
+                 "score_threshold", "normalize_maps"),
+        outputs=_SEGMENT_OUTPUTS, table=("336", "0/0", "100", "off"),
+        hint="class 0 is 'background' (its synonyms: background words); --select-layer, "
+        "--attention-threshold, --score-threshold",
+    ),
+    HeadEntry(
         "sam-clip", "segmentation", "ovdense.heads.sam_clip:SamClipSegmenter", title="SAM + CLIP",
         summary="masks classified by one dense CLIP pass", paper="Kirillov et al., ICCV 2023 (SAM)",
         options=_SAM_OPTIONS, needs=("sam",), outputs=("_labels.png", "_overlay.jpg", "_instances.json"),

@@ -33,7 +33,7 @@ from PIL import Image
 
 from ovdense import create_backbone
 from ovdense.backbone import runner
-from ovdense.backbone.prompts import Vocabulary, imagenet80_templates
+from ovdense.backbone.prompts import CAR_TEMPLATES, Vocabulary, imagenet80_templates
 from ovdense.errors import OvdenseError
 from ovdense.heads import cliper
 from ovdense.heads.cliper import CliperSegmenter
@@ -282,15 +282,15 @@ def test_text_and_classes_are_the_officials(setup, monkeypatch, tmp_path):
     ours = _ours(setup, _cfg(224))
     assert ours.foreground_names == ["red circle", "blue square, blue box", "green triangle"]
     with torch.no_grad():
-        fg = official.classifier(ours.foreground_names, list(cliper.CAR_TEMPLATES))
-        bg = official.classifier(["ground", "sky"], list(cliper.CAR_TEMPLATES))
+        fg = official.classifier(ours.foreground_names, list(CAR_TEMPLATES))
+        bg = official.classifier(["ground", "sky"], list(CAR_TEMPLATES))
     torch.testing.assert_close(ours.text, torch.cat([fg, bg, fg.mean(0, keepdim=True)]), rtol=0, atol=1e-5)
 
     files = ("template", "data/voc/cls_voc21.txt", "data/ade/cls_ade20k.txt")
     tree = mirror_checkout(CLIPER_REPO, tmp_path, files, "OVDENSE_CLIPER_REPO")
     lines = {name: (tree / f"template/{name}_template.txt").read_text().splitlines()
              for name in ("car", "openai")}
-    assert list(cliper.CAR_TEMPLATES) == [line.strip() for line in lines["car"]]
+    assert list(CAR_TEMPLATES) == [line.strip() for line in lines["car"]]
     assert list(imagenet80_templates()) == [line.strip() for line in lines["openai"]]
     ade = (tree / "data/ade/cls_ade20k.txt").read_text().splitlines()
     head = CliperSegmenter(setup.backbone, Vocabulary.from_file(tree / "data/ade/cls_ade20k.txt"),
@@ -429,3 +429,41 @@ def test_bad_images_are_one_clear_error(tiny):
         head.maps(torch.zeros(1, 3, 40, 48))
     result = head.predict(_scene(40, 70, seed=0))  # short side kept: 48 x 64 (patch-rounded), labels 40 x 70
     assert result.labels.shape == (40, 70) and result.scores.dtype == np.float32
+
+
+def test_cli_cliper_is_the_segmenter(tiny, tmp_path, capsys, monkeypatch):
+    """``ovdense segment --method cliper`` with every CLIPer flag writes ``CliperSegmenter``'s labels for
+    the same settings, and records them in its JSON."""
+    from tool_runs import run_cli
+
+    monkeypatch.setenv("OVDENSE_CACHE", str(tmp_path / "cache"))
+    image = tmp_path / "scene.png"
+    Image.fromarray(_scene(100, 140, seed=4)).save(image)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(CONFIG))
+    weights = tmp_path / "tiny.pt"
+    torch.save(tiny.model.state_dict(), weights)
+    settings = dict(short_side=112, window=(0, 0), select_layer=-2, attention_threshold=0.3,
+                    score_threshold=0.1, bg_threshold=0.5, logit_scale=50.0)
+    written = {}
+    for flag in ("--normalize-maps", "--no-normalize-maps"):
+        out = tmp_path / flag
+        argv = ["segment", image, "--model", config, "--pretrained", weights, "--method", "cliper",
+                "--classes", "background|ground|sky,red circle,blue square", "--templates", "car",
+                "--short-side", "112", "--select-layer", "-2", "--attention-threshold", "0.3",
+                "--score-threshold", "0.1", "--bg-threshold", "0.5", "--logit-scale", "50", flag,
+                "--out", out]
+        code, _, err = run_cli(argv, capsys)
+        assert code == 0, err
+        labels = np.asarray(Image.open(out / "scene_labels.png"))
+        on = flag == "--normalize-maps"
+        expected = CliperSegmenter(tiny.backbone, ["background, ground, sky", "red circle", "blue square"],
+                                   templates="car", normalize_maps=on, **settings).predict(image)
+        assert np.array_equal(labels, expected.labels)
+        report = json.loads((out / "scene.json").read_text())
+        assert report["settings"]["normalize_maps"] is on and report["settings"]["select_layer"] == -2
+        written[flag] = labels
+    # min-max normalised maps fall below the background threshold in places; the maps scaled to their
+    # peak score do not, on this random text tower
+    assert len(np.unique(written["--normalize-maps"])) == 3
+    assert not np.array_equal(written["--normalize-maps"], written["--no-normalize-maps"])

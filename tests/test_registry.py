@@ -74,6 +74,10 @@ def build(name, toy, sam, fvit_head, rgb, tiny_backbone, tmp_path):
         from ovdense.heads.clipseg import ClipSegSegmenter
 
         return create_head(name, toy, SEGMENT_CLASSES), ClipSegSegmenter(toy, SEGMENT_CLASSES)
+    if name == "cliper":
+        from ovdense.heads.cliper import CliperSegmenter
+
+        return create_head(name, toy, SEGMENT_CLASSES), CliperSegmenter(toy, SEGMENT_CLASSES)
     if name == "clipdinoiser":
         from ovdense.heads.clipdinoiser import ClipDinoiserHead, ClipDinoiserSegmenter, save_head
 

@@ -62,6 +62,16 @@ _VILD = (
 )
 VILD_TEMPLATES = tuple("This is " + t if t.startswith(("a", "the")) else t for t in _VILD)
 
+#: CLIPer's ``template/car_template.txt`` (linsun449/cliper.code; its 15 lines, stripped): most of its
+#: configs use it; its ``openai_template.txt`` is ``"imagenet80"``, line for line
+CAR_TEMPLATES = (
+    "a clean origami {}.", "a photo of a {}.", "This is a photo of a {}", "There is a {} in the scene",
+    "There is the {} in the scene", "a photo of a {} in the scene", "a photo of a small {}.",
+    "a photo of a medium {}.", "a photo of a large {}.", "This is a photo of a small {}.",
+    "This is a photo of a medium {}.", "This is a photo of a large {}.", "There is a small {} in the scene.",
+    "There is a medium {} in the scene.", "There is a large {} in the scene.",
+)
+
 
 def fill(template: str, name: str) -> str:
     """``template`` with ``name`` in its ``{}`` and, where it has one, ``{article}`` as ViLD's rule
@@ -87,10 +97,12 @@ def resolve_templates(templates: Templates) -> tuple[str, ...]:
             return SINGLE_TEMPLATE
         if templates == "vild":
             return VILD_TEMPLATES
+        if templates == "car":
+            return CAR_TEMPLATES
         if "{}" in templates:
             return (templates,)
         raise OvdenseError(
-            f"unknown template set {templates!r}: use 'imagenet80', 'single', 'vild' or a list of "
+            f"unknown template set {templates!r}: use 'imagenet80', 'single', 'vild', 'car' or a list of "
             "strings with '{}' where the class name goes"
         )
     resolved = tuple(templates)

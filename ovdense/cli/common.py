@@ -25,7 +25,7 @@ def _parse_cli_classes(text: str) -> list[list[str]]:
     return classes
 
 
-TEMPLATE_SETS = ("imagenet80", "single")
+TEMPLATE_SETS = ("imagenet80", "single", "vild", "car")
 
 
 def _read_text_file(path: Path, what: str, option: str) -> str:

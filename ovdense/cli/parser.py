@@ -105,6 +105,18 @@ def _build_parser() -> argparse.ArgumentParser:
                             help="class 0 wins where the head sees background (default: on when class 0 is "
                             "named 'background', as the official VOC and COCO-Object evaluations)")
     found_flag.add_argument("--no-found-background", dest="found_background", action="store_false")
+    fusion = seg.add_argument_group(_group_title("select_layer", "early-layer fusion"),
+                                    "CLIP's early attention fused into its last block (no diffusion step)")
+    fusion.add_argument("--select-layer", type=int,
+                        help="the block whose class maps the fused attention smooths (default -1, the last)")
+    fusion.add_argument("--attention-threshold", type=float,
+                        help="zero class-map values below this fraction of the class's maximum (default 0.2)")
+    fusion.add_argument("--score-threshold", type=float,
+                        help="drop classes whose map peaks at or below this (default 0.3)")
+    normalize = fusion.add_mutually_exclusive_group()
+    normalize.add_argument("--normalize-maps", dest="normalize_maps", action="store_true", default=None,
+                           help="min-max normalise each class map before the background threshold")
+    normalize.add_argument("--no-normalize-maps", dest="normalize_maps", action="store_false")
     clipseg = seg.add_argument_group(_group_title("image_prompt", "image prompts"),
                                      "classes named by an example image")
     clipseg.add_argument("--image-prompt", action="append", metavar="NAME=IMAGE[:MASK]",

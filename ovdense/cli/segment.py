@@ -65,7 +65,8 @@ def _check_segment_arguments(args: argparse.Namespace) -> None:
     _check_range(args, "short_side", 0)
     _check_range(args, "logit_scale", 0, low_open=True)
     for name in ("bg_threshold", "area_threshold", "pred_iou_thresh", "stability_score_thresh",
-                 "box_nms_thresh", "unknown_threshold", "crop_area", "crop_weight"):
+                 "box_nms_thresh", "unknown_threshold", "crop_area", "crop_weight", "attention_threshold",
+                 "score_threshold"):
         _check_range(args, name, 0, 1)
     _check_range(args, "points_per_side", 1, 1024)
     _check_range(args, "min_mask_region_area", 0)

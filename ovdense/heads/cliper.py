@@ -89,17 +89,6 @@ from ovdense.errors import OvdenseError
 from ovdense.heads.training_free import SegmentationResult, window_boxes
 from ovdense.io import ImageInput, load_image
 
-#: ``template/car_template.txt`` of the official repository (its 15 lines, stripped)
-CAR_TEMPLATES = (
-    "a clean origami {}.", "a photo of a {}.", "This is a photo of a {}", "There is a {} in the scene",
-    "There is the {} in the scene", "a photo of a {} in the scene", "a photo of a small {}.",
-    "a photo of a medium {}.", "a photo of a large {}.", "This is a photo of a small {}.",
-    "This is a photo of a medium {}.", "This is a photo of a large {}.", "There is a small {} in the scene.",
-    "There is a medium {} in the scene.", "There is a large {} in the scene.",
-)
-#: template sets by name beside ovdense's own (``prompts.resolve_templates``); the official
-#: ``openai_template.txt`` is ovdense's ``"imagenet80"``, line for line
-TEMPLATE_SETS = {"car": CAR_TEMPLATES}
 #: the official sliding-window stride in pixels (``forward_slide``'s default, ``model.py:235``)
 SLIDE_STRIDE = 112
 BACKGROUND = "background"
@@ -374,10 +363,8 @@ class CliperSegmenter:
         words = self.vocabulary.synonyms()
         self.background_words = background_words(words[0])
         self.foreground_names = [", ".join(group) for group in words[1:]]
-        resolved = TEMPLATE_SETS.get(self.templates, self.templates) if isinstance(self.templates, str) \
-            else self.templates
-        fg = backbone.encode_text(self.foreground_names, resolved)  # C, D
-        bg = backbone.encode_text(self.background_words, resolved)  # B, D
+        fg = backbone.encode_text(self.foreground_names, self.templates)  # C, D ("car": CAR_TEMPLATES)
+        bg = backbone.encode_text(self.background_words, self.templates)  # B, D
         self.text = torch.cat([fg, bg, fg.mean(dim=0, keepdim=True)])  # C + B + 1, D (model.py:214)
 
     def _validate(self) -> None:
