@@ -34,7 +34,8 @@ from ovdense.eval.segmentation import ConfusionMatrix  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-METHODS = ("vanilla", "maskclip", "sclip", "clearclip", "naclip", "cliptrase", "itaclip", "proxyclip")
+METHODS = ("vanilla", "maskclip", "sclip", "clearclip", "naclip", "cliptrase", "itaclip", "proxyclip",
+           "cliper")
 NEEDS_VFM = ("proxyclip",)
 SIZE = 64  # synthetic image side (Cityscapes: SIZE × 2·SIZE)
 
@@ -137,7 +138,7 @@ def independent_scores(dataset: str, root: Path, predictions: Path) -> dict:
 # Configs
 
 
-def test_every_config_parses_and_builds(tiny, monkeypatch):
+def test_every_config_parses_and_builds(tiny, monkeypatch, tmp_path):
     """Every file in configs/ parses; every method config builds its model and its class file
     has as many classes as the dataset it evaluates. (The 56 models share one tiny backbone.)"""
     from mmseg.registry import DATASETS, MODELS
@@ -159,7 +160,13 @@ def test_every_config_parses_and_builds(tiny, monkeypatch):
     method_configs = [f for f in files if f.parent.name == "training_free"]
     assert len(method_configs) == len(METHODS) * 8
     overrides = parse_options([item for item in tiny if item.startswith("model.")])
-    built = 0
+    built = built_heads = 0
+    from ovdense.heads.clipdinoiser import ClipDinoiserHead, save_head
+
+    tiny_backbone = shared_backbone(**{k.split(".")[-1]: v for k, v in (i.split("=", 1) for i in tiny
+                                                                       if i.startswith("model.backbone."))})
+    clipdinoiser_head = save_head(tmp_path / "clipdinoiser_head.safetensors", ClipDinoiserHead(tiny_backbone),
+                                  tiny_backbone)
     for path in files:
         cfg = Config.fromfile(str(path))
         if path.parent.name == "_base_" or path.parent == CONFIGS / "_base_" / "models":  # shared
@@ -173,12 +180,23 @@ def test_every_config_parses_and_builds(tiny, monkeypatch):
             assert cfg.train_dataloader.dataset.type == "ClipSelfDataset", path
             continue
         assert "Resize" not in str(cfg.test_dataloader.dataset.pipeline), path
+        if path.parent.name == "clipdinoiser":  # a trained head: the tiny backbone's random one
+            cfg.merge_from_dict(parse_options([*[item for item in tiny if item.startswith("model.")],
+                                               f"model.head_checkpoint={clipdinoiser_head}"]))
+            model = MODELS.build(cfg.model)
+            dataset_cls = DATASETS.get(cfg.test_dataloader.dataset.type)
+            assert model.num_classes == len(dataset_cls.METAINFO["classes"]), path
+            assert model.segmenter.found_background == path.stem.endswith(("voc21", "coco_object")), path
+            built_heads += 1
+            continue
         if path.parent.name != "training_free":
             continue
         assert cfg.model.method in METHODS and path.name.startswith(cfg.model.method + "_"), path
         dataset_cls = DATASETS.get(cfg.test_dataloader.dataset.type)
         classes = dataset_cls.METAINFO["classes"]
-        assert len(Vocabulary.from_file(cfg.model.classnames)) == len(classes), path
+        listed = len(Vocabulary.from_file(cfg.model.classnames))
+        # CLIPer's class files list the background first, also for a dataset without one
+        assert listed == len(classes) + int(cfg.model.get("dataset_background") is False), path
         if cfg.model.method in NEEDS_VFM:
             assert cfg.model.vfm.name == "dino_vitb8", path  # ProxyCLIP's tables
             cfg.merge_from_dict(parse_options(RANDOM_VFM))
@@ -186,7 +204,7 @@ def test_every_config_parses_and_builds(tiny, monkeypatch):
         model = MODELS.build(cfg.model)
         assert model.num_classes == len(classes) and model.segmenter.method == cfg.model.method
         built += 1
-    assert built == len(METHODS) * 8 and len(backbones) == 1
+    assert built == len(METHODS) * 8 and built_heads == 8 and len(backbones) == 1
     ade847 = Config.fromfile(str(CONFIGS / "_base_" / "datasets" / "ade847.py"))
     assert len(Vocabulary.from_file(ade847.model.classnames)) == 847
     assert ade847.test_dataloader.dataset.classnames == ade847.model.classnames
@@ -247,13 +265,32 @@ def photo(tmp_path_factory):
     return path
 
 
+def test_cliper_without_a_dataset_background_maps_its_labels_back(tiny, photo):
+    """CLIPer on a dataset without a background class (ADE-150): the segmentor's labels are CLIPer's
+    ``c − 1``, its background 255 (IoUMetric's miss), and it counts the dataset's 150 classes."""
+    from ovdense.heads.cliper import CliperSegmenter
+
+    cfg, model = _build(CONFIGS / "training_free" / "cliper_vit-b16_ade150.py", tiny,
+                        ["model.short_side=96", "model.bg_threshold=0.9", "model.normalize_maps=True"])
+    [sample] = model.test_step(_sample(photo))
+    labels = sample.pred_sem_seg.data[0].numpy()
+    not_head = ("type", "backbone", "classnames", "data_preprocessor", "method", "dataset_background")
+    settings = {k: v for k, v in cfg.model.items() if k not in not_head}
+    vocabulary = Vocabulary.from_file(cfg.model.classnames)
+    own = CliperSegmenter(model.backbone, vocabulary, **settings).predict(photo)
+    assert model.num_classes == 150 and len(own.classes) == 151
+    assert (own.labels == 0).any() and (own.labels > 0).any()
+    np.testing.assert_array_equal(labels, np.where(own.labels == 0, 255, own.labels - 1))
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_predictions_equal_the_segmenter(method, tiny, photo):
     """The mm segmentor (mmseg pipeline, data preprocessor, test_step) gives ovdense.Segmenter's
     labels for the same image and settings; the windows slide (short side 96, 64/32)."""
     from mmseg.datasets.transforms import LoadAnnotations  # noqa: F401  (registers mmseg transforms)
 
-    extra = ["model.short_side=96", "model.window=(64,32)", *vfm_options(method)]
+    extra = ["model.short_side=96", "model.window=(64,32)" if method != "cliper" else "model.window=(0,0)",
+             *vfm_options(method)]
     cfg, model = _build(CONFIGS / "training_free" / f"{method}_vit-b16_voc21.py", tiny, extra)
     [sample] = model.test_step(_sample(photo))
     labels = sample.pred_sem_seg.data[0].numpy()
@@ -264,11 +301,17 @@ def test_predictions_equal_the_segmenter(method, tiny, photo):
         settings["vfm"] = model.vfm
     args = cfg.model.backbone
     backbone = create_backbone(args.name, args.pretrained, cache_dir=args.cache_dir)
-    segmenter = Segmenter(backbone, method, Vocabulary.from_file(cfg.model.classnames), **settings)
+    vocabulary = Vocabulary.from_file(cfg.model.classnames)
+    if method == "cliper":
+        from ovdense.heads.cliper import CliperSegmenter
+
+        segmenter = CliperSegmenter(backbone, vocabulary, **settings)
+    else:
+        segmenter = Segmenter(backbone, method, vocabulary, **settings)
     expected = segmenter.predict(photo).labels
     assert labels.shape == (72, 96)
     np.testing.assert_array_equal(labels, expected)
-    if method != "cliptrase":  # its cluster vote may leave one label on a random tiny model
+    if method not in ("cliptrase", "cliper"):  # its cluster vote (CLIPer: its thresholds) may leave one label
         assert len(np.unique(expected)) > 1, "a constant map would make the comparison empty"
 
 

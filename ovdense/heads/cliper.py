@@ -333,6 +333,10 @@ class CliperSegmenter:
         normalize_maps: min–max normalise each class map before ``bg_threshold`` (``is_normalize``).
     """
 
+    method = "cliper"
+    #: class 0 must be "background" (the mm segmentor adds it for a dataset without one)
+    background_first = True
+
     def __init__(
         self,
         backbone: ClipBackbone,

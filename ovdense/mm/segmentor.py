@@ -29,7 +29,10 @@ from ovdense.backbone.prompts import Vocabulary
 from ovdense.backbone.protocols import METHOD_INFO
 from ovdense.errors import OvdenseError
 from ovdense.heads.training_free import Segmenter
-from ovdense.registry import get_head
+from ovdense.registry import create_head, get_head
+
+#: the segmentation heads besides the training-free methods that this segmentor runs
+HEADS_OF_THEIR_OWN = ("cliper", "clipdinoiser")
 
 
 @MODELS.register_module()
@@ -53,7 +56,15 @@ class OvdenseDataPreprocessor(BaseDataPreprocessor):
 
 @MODELS.register_module()
 class OvdenseSegmentor(BaseSegmentor):
-    """Any training-free method of ``ovdense.Segmenter`` as an mmseg segmentor.
+    """Any training-free method of ``ovdense.Segmenter`` as an mmseg segmentor, and the segmentation
+    heads in ``HEADS_OF_THEIR_OWN`` (CLIPer; CLIP-DINOiser with its ``head_checkpoint``), built by the
+    registry.
+
+    CLIPer's class 0 is "background" (the text rows its classes compete with, never a dataset class
+    unless the dataset has one): for a class list whose first class is not "background" the segmentor
+    adds it in front; for a dataset without a background class (``dataset_background=False``) it maps
+    the predictions back (class ``c`` → ``c − 1``; background → 255, which IoUMetric counts as a miss,
+    as the official evaluation counts a background prediction).
 
     Args:
         backbone: ``create_backbone`` arguments: ``name`` (open_clip name, JSON config path or
@@ -65,10 +76,12 @@ class OvdenseSegmentor(BaseSegmentor):
             ``configs/_base_/classnames/``) or a list of class entries. Its order must be the
             dataset's class order.
         data_preprocessor: defaults to ``OvdenseDataPreprocessor``.
+        dataset_background: for CLIPer, whether the dataset's class 0 is the background (default: whether
+            the class list's first class is named "background").
         vfm: for a method that needs a second vision model (ProxyCLIP), ``create_vfm`` arguments:
             ``name`` (``dino_vitb8``, ...) and ``weights`` (the official file, or ``"random"``); it
             is a submodule, so the runner moves it with the backbone.
-        segmenter_options: any other keyword argument of ``ovdense.Segmenter`` (``short_side``,
+        segmenter_options: any other keyword argument of ``ovdense.Segmenter`` or of the head (``short_side``,
             ``window``, ``logit_scale``, ``bg_threshold``, ``pamr``, ...); one left out takes
             the method's official default, so a config names only what its dataset changes.
     """
@@ -81,15 +94,18 @@ class OvdenseSegmentor(BaseSegmentor):
         data_preprocessor: Mapping | None = None,
         init_cfg: Mapping | None = None,
         vfm: Mapping | None = None,
+        dataset_background: bool | None = None,
         **segmenter_options,
     ):
         if data_preprocessor is None:
             data_preprocessor = dict(type="OvdenseDataPreprocessor")
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         entry = get_head(method, "segmentation")  # an unknown name: the error lists the heads
-        if not entry.training_free:
-            raise OvdenseError(f"OvdenseSegmentor runs the training-free methods ({', '.join(METHOD_INFO)}); "
-                               f"{method} is not one (SAN: OvdenseSAN in ovdense.mm.san)")
+        if not entry.training_free and method not in HEADS_OF_THEIR_OWN:
+            raise OvdenseError(f"OvdenseSegmentor runs the training-free methods ({', '.join(METHOD_INFO)}) "
+                               f"and {', '.join(HEADS_OF_THEIR_OWN)}; {method} is not one (SAN: OvdenseSAN "
+                               "in ovdense.mm.san, CLIPSeg: OvdenseCLIPSeg in ovdense.mm.clipseg)")
+        self.entry = entry
         self.vfm = None
         if vfm is not None:
             from ovdense.backbone.vfm import create_vfm
@@ -98,10 +114,21 @@ class OvdenseSegmentor(BaseSegmentor):
         self.backbone = create_backbone(**dict(backbone))
         self.method = method
         self.vocabulary = _vocabulary(classnames)
+        listed = self.vocabulary.names[0] == "background"
+        self.extra_background = False
+        if getattr(entry.load(), "background_first", False):
+            if not listed:
+                self.vocabulary = Vocabulary.parse([["background"], *map(list, self.vocabulary.synonyms())])
+            self.extra_background = not (listed if dataset_background is None else dataset_background)
+        elif dataset_background is not None:
+            raise OvdenseError(f"dataset_background is for a head whose class 0 is the background (CLIPer), "
+                               f"not {method}")
         self.segmenter_options = segmenter_options  # Segmenter's keyword arguments, its defaults
         self.segmenter = self._build_segmenter()
 
-    def _build_segmenter(self) -> Segmenter:
+    def _build_segmenter(self):
+        if not self.entry.training_free:
+            return create_head(self.method, self.backbone, self.vocabulary, **self.segmenter_options)
         return Segmenter(self.backbone, self.method, self.vocabulary, vfm=self.vfm, **self.segmenter_options)
 
     def _segmenter_on_device(self) -> Segmenter:
@@ -113,7 +140,7 @@ class OvdenseSegmentor(BaseSegmentor):
 
     @property
     def num_classes(self) -> int:
-        return len(self.vocabulary)
+        return len(self.vocabulary) - int(self.extra_background)
 
     # ----------------------------------------------------------------------------------------
 
@@ -128,6 +155,8 @@ class OvdenseSegmentor(BaseSegmentor):
             rgb = _to_rgb(image)  # H, W, 3
             result = segmenter.predict(rgb)
             labels = torch.from_numpy(result.labels).to(image.device)  # H, W
+            if self.extra_background:  # the dataset's classes back; the added background is a miss
+                labels = torch.where(labels == 0, torch.full_like(labels, 255), labels - 1)
             sample.set_data({"pred_sem_seg": PixelData(data=labels[None])})
         return data_samples
 
@@ -135,6 +164,8 @@ class OvdenseSegmentor(BaseSegmentor):
         """Per-prompt cosine logits ``[B, Q, H, W]`` of same-size images (the ``Segmenter``'s
         full-resolution path, PAMR included)."""
         segmenter = self._segmenter_on_device()
+        if not hasattr(segmenter, "logits"):
+            raise OvdenseError(f"{self.method} has no per-prompt logits; evaluate its labels (tools/test.py)")
         logits = []
         for image in inputs:
             _check_input(image, None)
@@ -149,6 +180,8 @@ class OvdenseSegmentor(BaseSegmentor):
         """Dense features ``[1, D, h, w]`` of each image after the ``Segmenter``'s short-side
         resize and normalisation, zero-padded at the bottom and right to a patch multiple."""
         segmenter = self._segmenter_on_device()
+        if not hasattr(segmenter, "features"):
+            raise OvdenseError(f"{self.method} has no dense features of its own to extract")
         p = self.backbone.patch_size
         features = []
         for image in inputs:
