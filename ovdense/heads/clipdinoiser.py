@@ -7,7 +7,7 @@ guided by correlations; background refinement; both learned from CLIP features, 
 being the teachers). Official code: wysoczanska/clip_dinoiser at a954aae (model code of 5fac64e),
 cited as ``cd.py`` = ``models/clip_dinoiser/clip_dinoiser.py``, ``mc.py`` =
 ``models/maskclip/maskclip.py``, the eval wrapper ``segmentation/evaluation/clip_dinoiser_eval.py``
-and ``main_eval.py``; the precise reading is ``/work/shared/notes/issue29-clipdinoiser.md``.
+and ``main_eval.py`` (docs/vfm_methods.md describes the method and the differences).
 
 For one window ``x`` (``[B, 3, H, W]`` RGB in ``[0, 1]``; ``h, w = ⌈H/p⌉, ⌈W/p⌉``; ``L`` blocks)::
 
