@@ -58,6 +58,7 @@ def embed(
     images: torch.Tensor,
     pos_embed: torch.Tensor | None = None,
     resize: str = "dino",
+    pos_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Patch embedding, class token, position embedding, then ``ln_pre``: ``[B, 1 + h·w, W]``.
 
@@ -70,6 +71,8 @@ def embed(
             (``dense.interpolate_pos_embed``, what ``dense.embed`` does), ``"size"``
             (``resize_pos_embed``, bicubic: the official SAN's, mmseg's and CLIP-DINOiser's rule) or
             ``"bilinear"`` (``resize_pos_embed`` with bilinear interpolation: CLIPer's).
+        pos_dtype: round the resized position embedding through this dtype before adding it (CLIPer
+            rounds it to fp16 also in fp32 runs); ``None`` keeps it.
     """
     if resize not in POS_RESIZE:
         raise ValueError(f"resize must be one of {POS_RESIZE}, got {resize!r}")
@@ -91,6 +94,8 @@ def embed(
         pos = interpolate_pos_embed(pos, native, (h, w))
     else:
         pos = resize_pos_embed(pos, native, (h, w), mode="bicubic" if resize == "size" else "bilinear")
+    if pos_dtype is not None:
+        pos = pos.to(pos_dtype)
     x = x + pos.to(x.dtype)
     return visual.ln_pre(x)
 

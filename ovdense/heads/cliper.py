@@ -140,19 +140,10 @@ def resize(rgb: np.ndarray, size: int, patch: int) -> np.ndarray:
 
 def embed(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Patch, class and position embeddings, then ``ln_pre``: ``[B, 1 + h·w, W]``
-    (``forward_visual`` and ``upsample_pos_emb``, ``model.py:94-110, 165-174``).
-
-    ``runner.embed(..., resize="bilinear")`` but for one reproduced quirk: the resized position
-    embedding is rounded to fp16 (``model.py:174``) also when the model runs in fp32.
-    """
-    grid = (images.shape[-2] // visual.patch_size[0], images.shape[-1] // visual.patch_size[1])
-    native = tuple(int(g) for g in visual.grid_size)
-    pos = runner.resize_pos_embed(visual.positional_embedding, native, grid, mode="bilinear").half()
-    x = visual.conv1(images.to(visual.conv1.weight.dtype))  # B, W, h, w
-    x = x.flatten(2).transpose(1, 2)  # B, hw, W
-    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-    x = torch.cat([cls, x], dim=1)  # B, 1+hw, W
-    return visual.ln_pre(x + pos.to(x.dtype))
+    (``forward_visual`` and ``upsample_pos_emb``, ``model.py:94-110, 165-174``): the position
+    embedding resized bilinearly to the grid and, a reproduced quirk, rounded to fp16
+    (``model.py:174``) also when the model runs in fp32."""
+    return runner.embed(visual, images, resize="bilinear", pos_dtype=torch.float16)
 
 
 def sinkhorn_step(attn: torch.Tensor) -> torch.Tensor:
