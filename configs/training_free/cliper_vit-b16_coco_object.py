@@ -2,17 +2,12 @@ _base_ = "../_base_/datasets/coco_object.py"
 
 # Settings of linsun449/cliper.code scripts/config/vit-b-16/ovs_coco5k.yaml (its active lines; the sliding
 # window's stride is always 112 px), without the diffusion refinement (--refinement None: the README's
-# figures in parentheses). Class files: the official ones (configs/_base_/classnames/cliper/).
+# figures in parentheses). Everything else is CLIPer's default (its ADE20K settings). Class files: the
+# official ones (configs/_base_/classnames/cliper/).
 model = dict(
     method="cliper",
     classnames="{{fileDirname}}/../_base_/classnames/cliper/coco_object.txt",
     templates="imagenet80",
-    short_side=336,
     window=(224, 112),
     logit_scale=50.0,
-    attention_threshold=0.2,
-    score_threshold=0.3,
-    bg_threshold=0.3,
-    normalize_maps=False,
-    select_layer=-1,
 )

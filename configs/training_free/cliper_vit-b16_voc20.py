@@ -2,18 +2,13 @@ _base_ = "../_base_/datasets/voc20.py"
 
 # Settings of linsun449/cliper.code scripts/config/vit-b-16/ovs_voc20.yaml (its active lines; the sliding
 # window's stride is always 112 px), without the diffusion refinement (--refinement None: the README's
-# figures in parentheses). Class files: the official ones (configs/_base_/classnames/cliper/).
+# figures in parentheses). Everything else is CLIPer's default (its ADE20K settings). Class files: the
+# official ones (configs/_base_/classnames/cliper/).
 model = dict(
     method="cliper",
     classnames="{{fileDirname}}/../_base_/classnames/cliper/voc21.txt",
     dataset_background=False,  # CLIPer's background is not one of the dataset's classes
-    templates="car",
-    short_side=336,
-    window=(0, 0),
-    logit_scale=100.0,
     attention_threshold=0.1,
     score_threshold=0.0,
     bg_threshold=0.001,
-    normalize_maps=False,
-    select_layer=-1,
 )

@@ -58,7 +58,12 @@ from ovdense.backbone.prompts import ClassSpec, Templates, Vocabulary
 from ovdense.backbone.runner import embed, run_blocks
 from ovdense.errors import OvdenseError
 from ovdense.heads.head_files import read_head, write_head
-from ovdense.heads.training_free import SegmentationResult, rescale_size, window_boxes
+from ovdense.heads.training_free import (
+    SegmentationResult,
+    check_resize_and_window,
+    rescale_size,
+    window_boxes,
+)
 from ovdense.io import ImageInput, load_image
 
 HEAD_FORMAT = "ovdense-clipdinoiser-head-v1"
@@ -282,16 +287,7 @@ class ClipDinoiserSegmenter:
         self.class_of_prompt = torch.tensor(self.vocabulary.class_of_prompt, device=backbone.device)
 
     def _validate(self) -> None:
-        if self.short_side < 0:
-            raise OvdenseError(f"short_side must be ≥ 0, got {self.short_side}")
-        if len(self.window) != 2:
-            raise OvdenseError(f"window must be (crop, stride), got {self.window}")
-        crop, stride = self.window
-        if (crop, stride) != (0, 0) and (crop <= 0 or stride <= 0):
-            raise OvdenseError(f"window must be two positive ints (or 0 0), got {self.window}")
-        if stride > crop:
-            raise OvdenseError(f"window {self.window}: the stride is larger than the crop, so the windows "
-                               "would leave gaps; use a stride ≤ the crop")
+        check_resize_and_window(self.short_side, self.window)
         if self.bg_threshold is not None and not 0.0 <= self.bg_threshold <= 1.0:
             raise OvdenseError(f"bg_threshold must lie in [0, 1], got {self.bg_threshold}")
         if not -1.0 <= self.gamma <= 1.0:

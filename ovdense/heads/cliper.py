@@ -86,7 +86,7 @@ from ovdense.backbone.clip import ClipBackbone
 from ovdense.backbone.dense import attend, qkv
 from ovdense.backbone.prompts import ClassSpec, Templates, Vocabulary
 from ovdense.errors import OvdenseError
-from ovdense.heads.training_free import SegmentationResult, window_boxes
+from ovdense.heads.training_free import SegmentationResult, check_resize_and_window, window_boxes
 from ovdense.io import ImageInput, load_image
 
 #: the official sliding-window stride in pixels (``forward_slide``'s default, ``model.py:235``)
@@ -374,18 +374,7 @@ class CliperSegmenter:
         if len(self.vocabulary) < 2:
             raise OvdenseError("CLIPer needs the background class 0 and at least one class after it, e.g. "
                                "['background', 'cat']")
-        if self.short_side < 0:
-            raise OvdenseError(f"short_side must be ≥ 0, got {self.short_side}")
-        if len(self.window) != 2:
-            raise OvdenseError(f"window must be (crop, stride), got {self.window}")
-        crop, stride = self.window
-        if (crop, stride) != (0, 0):
-            if crop <= 0 or stride <= 0 or crop % p or stride % p:
-                raise OvdenseError(f"window {self.window}: crop and stride must be positive multiples of the "
-                                   f"patch size {p} (or 0 0); the official stride is {SLIDE_STRIDE}")
-            if stride > crop:
-                raise OvdenseError(f"window {self.window}: the stride is larger than the crop, so the "
-                                   "windows would leave gaps; use a stride ≤ the crop")
+        check_resize_and_window(self.short_side, self.window, multiple=p)  # the official stride: 112
         if not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
             raise OvdenseError(f"logit_scale must be positive, got {self.logit_scale}")
         if isinstance(self.select_layer, bool) or not isinstance(self.select_layer, (int, np.integer)) \

@@ -110,6 +110,25 @@ class SegmentationResult:
                 write_json(out / f"{stem}.json", self.to_json(**info))]
 
 
+def check_resize_and_window(short_side: int, window: tuple[int, ...], multiple: int = 1) -> None:
+    """One clear error for a negative short side, or a window that is not ``(crop, stride)`` of positive
+    multiples of ``multiple`` (or ``(0, 0)``: one pass) with the stride at most the crop (else the
+    windows would leave gaps): the check every windowed head makes of its settings."""
+    if short_side < 0:
+        raise OvdenseError(f"short_side must be ≥ 0, got {short_side}")
+    if len(window) != 2:
+        raise OvdenseError(f"window must be (crop, stride), got {window}")
+    crop, stride = window
+    if (crop, stride) == (0, 0):
+        return
+    if crop <= 0 or stride <= 0 or crop % multiple or stride % multiple:
+        what = "two positive ints" if multiple == 1 else f"positive multiples of the patch size {multiple}"
+        raise OvdenseError(f"window {window}: crop and stride must be {what} (or 0 0)")
+    if stride > crop:
+        raise OvdenseError(f"window {window}: the stride is larger than the crop, so the windows would "
+                           "leave gaps; use a stride ≤ the crop")
+
+
 def rescale_size(height: int, width: int, short_side: int, long_cap: int = MAX_LONG_SIDE) -> tuple[int, int]:
     """mmcv ``rescale_size`` for ``scale=(long_cap, short_side)``, keep ratio: ``(H', W')``."""
     factor = min(long_cap / max(height, width), short_side / min(height, width))
@@ -253,16 +272,7 @@ class Segmenter:
             raise OvdenseError(f"unknown kernel {self.kernel!r}; choose from: {', '.join(kernels.KERNELS)}")
         if self.batch_windows < 1:
             raise OvdenseError(f"batch_windows must be ≥ 1, got {self.batch_windows}")
-        if self.short_side < 0:
-            raise OvdenseError(f"short_side must be ≥ 0, got {self.short_side}")
-        if len(self.window) != 2:
-            raise OvdenseError(f"window must be (crop, stride), got {self.window}")
-        crop, stride = self.window
-        if (crop, stride) != (0, 0) and (crop <= 0 or stride <= 0):
-            raise OvdenseError(f"window must be two positive ints (or 0 0), got {self.window}")
-        if stride > crop:
-            raise OvdenseError(f"window {self.window}: the stride is larger than the crop, so the windows "
-                               "would leave gaps; use a stride ≤ the crop")
+        check_resize_and_window(self.short_side, self.window)
         for name in ("bg_threshold", "area_threshold"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
