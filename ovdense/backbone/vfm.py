@@ -8,6 +8,9 @@ own position-embedding rule, and says its grid (``grid(H, W)``). Built offline:
 - ``dino_vitb8`` / ``dino_vitb16``: DINO ViT-B/8 and B/16 (Caron et al., ICCV 2021), official files
   ``dino_vitbase8_pretrain.pth`` / ``dino_vitbase16_pretrain.pth``, built as timm's
   ``vit_base_patch8_224`` / ``vit_base_patch16_224`` (the same keys), DINO's position rule;
+- ``dino_vits8``: DINO ViT-S/8, official file ``dino_deitsmall8_300ep_pretrain.pth`` (the one FOUND,
+  CLIP-DINOiser's background teacher, loads; ``dino_deitsmall8_pretrain.pth`` has the same keys), built
+  as timm's ``vit_small_patch8_224``;
 - ``dinov2_vitb14_reg``: DINOv2 ViT-B/14 with 4 registers (Darcet et al., ICLR 2024), official file
   ``dinov2_vitb14_reg4_pretrain.pth``, built as timm's ``vit_base_patch14_reg4_dinov2`` (timm's key
   map), DINOv2's position rule (which is timm's);
@@ -22,7 +25,9 @@ so ovdense runs timm's layers with DINO's rule. DINOv2's are ``get_intermediate_
 of ``facebookresearch/dinov2`` (final norm, class and register tokens dropped); timm's dynamic resize
 (fp32, bicubic, antialias, no offset) is that model's own. SAM's are its image encoder's neck output
 for the image resized (bilinear) to 1024 × 1024, as ProxyCLIP's ``proxyclip_segmentor.py`` takes them.
-``tests/test_vfm.py`` checks each against its official code on random weights.
+``tests/test_vfm.py`` checks each against its official code on random weights. ``last_block_qkv(rgb, kind)``
+gives DINO's last-block query, key or value tokens instead (the output of ``blocks[-1].attn.qkv``, heads
+concatenated), as FOUND's and CLIP-DINOiser's forward hooks take them.
 
 Weights: ``weights=PATH`` loads the official file (``torch.load(weights_only=True)`` or safetensors;
 DINOv2's through timm's key map); ``weights="random"`` builds random weights (tests); ``None`` is an
@@ -66,6 +71,9 @@ VFMS: dict[str, VfmSpec] = {
     "dino_vitb16": VfmSpec("dino", "vit_base_patch16_224", 16, 768, "dino_vitbase16_pretrain.pth",
                            "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/"
                            "dino_vitbase16_pretrain.pth"),
+    "dino_vits8": VfmSpec("dino", "vit_small_patch8_224", 8, 384, "dino_deitsmall8_300ep_pretrain.pth",
+                          "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_300ep_pretrain/"
+                          "dino_deitsmall8_300ep_pretrain.pth"),
     "dinov2_vitb14_reg": VfmSpec("dinov2", "vit_base_patch14_reg4_dinov2", 14, 768,
                                  "dinov2_vitb14_reg4_pretrain.pth",
                                  "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/"
@@ -115,17 +123,41 @@ class VisionModel(nn.Module):
 
     @torch.no_grad()
     def features(self, rgb: torch.Tensor) -> torch.Tensor:
+        self._check(rgb)
+        x = self.normalise(rgb)
+        return {"dino": self._dino, "dinov2": self._dinov2, "sam": self._sam}[self.spec.family](x)
+
+    @torch.no_grad()
+    def last_block_qkv(self, rgb: torch.Tensor, kind: str) -> torch.Tensor:
+        """DINO's last-block ``kind`` tokens (``"q"``, ``"k"`` or ``"v"``): the output of
+        ``blocks[-1].attn.qkv`` (on ``norm1`` of the block's input, with its bias) split in three,
+        the heads concatenated, the class token dropped, not normalised: ``[B, width, h, w]``.
+        This is what a forward hook on that layer gives FOUND (``model.py: extract_feats``, ``"k"``)
+        and CLIP-DINOiser (``clip_dinoiser.py: extract_feats``, ``"v"``)."""
+        if self.spec.family != "dino":
+            raise OvdenseError(f"{self.name}: last-block q/k/v tokens are for the DINO models "
+                               f"({', '.join(n for n, s in VFMS.items() if s.family == 'dino')})")
+        if kind not in ("q", "k", "v"):
+            raise OvdenseError(f"kind must be 'q', 'k' or 'v', got {kind!r}")
+        self._check(rgb)
+        tokens, (h, w) = self._dino_tokens(self.normalise(rgb))  # B, 1+hw, C
+        last = self.model.blocks[-1]
+        tokens = self.model.blocks[:-1](tokens)
+        qkv = last.attn.qkv(last.norm1(tokens))  # B, 1+hw, 3C: (3, heads, head width) in that order
+        C = qkv.shape[-1] // 3
+        part = qkv[:, 1:, "qkv".index(kind) * C:("qkv".index(kind) + 1) * C]  # B, hw, C
+        return part.float().transpose(1, 2).reshape(part.shape[0], C, h, w)
+
+    def _check(self, rgb: torch.Tensor) -> None:
         if rgb.ndim != 4 or rgb.shape[1] != 3:
             raise OvdenseError(f"{self.name}: expected RGB images [B, 3, H, W], got {tuple(rgb.shape)}")
         H, W = rgb.shape[-2:]
         if min(H, W) < self.patch_size:
             raise OvdenseError(f"{self.name}: the image ({H}x{W}) is smaller than one "
                                f"{self.patch_size} px patch")
-        x = self.normalise(rgb)
-        return {"dino": self._dino, "dinov2": self._dinov2, "sam": self._sam}[self.spec.family](x)
 
-    def _dino(self, x: torch.Tensor) -> torch.Tensor:
-        """DINO's ``prepare_tokens`` → blocks → ``norm`` on timm's layers; patch tokens on the grid."""
+    def _dino_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """DINO's ``prepare_tokens`` on timm's layers: ``[B, 1+hw, C]`` and the grid ``(h, w)``."""
         vit = self.model
         tokens = vit.patch_embed.proj(x)  # B, C, h, w (the conv floors a partial last patch away)
         B, C, h, w = tokens.shape
@@ -133,7 +165,13 @@ class VisionModel(nn.Module):
         native = int(round((vit.pos_embed.shape[1] - 1) ** 0.5))
         pos = interpolate_pos_embed(vit.pos_embed[0], (native, native), (h, w))  # 1+hw, C
         tokens = torch.cat([vit.cls_token.expand(B, -1, -1), tokens], dim=1) + pos.unsqueeze(0)
-        tokens = vit.norm(vit.blocks(tokens))
+        return tokens, (h, w)
+
+    def _dino(self, x: torch.Tensor) -> torch.Tensor:
+        """DINO's ``prepare_tokens`` → blocks → ``norm`` on timm's layers; patch tokens on the grid."""
+        tokens, (h, w) = self._dino_tokens(x)
+        tokens = self.model.norm(self.model.blocks(tokens))
+        B, _, C = tokens.shape
         return tokens[:, 1:].transpose(1, 2).reshape(B, C, h, w)
 
     def _dinov2(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ Configs load it with ``custom_imports = dict(imports=["ovdense.mm"])``. It needs
 (``pip install -e ".[mm]"``). Nothing else in ovdense imports this package.
 """
 
+import ovdense.mm.clipdinoiser  # noqa: F401 - registers OvdenseClipDinoiser, its dataset and hook
 from ovdense.mm.clipseg import ClipSegPromptDataset, OvdenseCLIPSeg
 from ovdense.mm.clipself import ClipSelfDataset, ExportClipSelfHook, OvdenseCLIPSelf
 from ovdense.mm.custom import ClassFileDataset
