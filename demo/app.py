@@ -55,6 +55,7 @@ import numpy as np
 from ovdense import ClipBackbone, OvdenseError, create_backbone, create_head
 from ovdense.backbone.prompts import single_names
 from ovdense.backbone.protocols import METHOD_INFO
+from ovdense.cli.parser import VFM_NAMES
 from ovdense.io import IMAGE_SUFFIXES, MAX_PIXELS, colorize, load_image
 from ovdense.registry import DEFAULT_HEADS, HEADS, default_head, get_head, list_heads
 
@@ -862,7 +863,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="SAM weights (e.g. sam_vit_b_01ec64.pth): adds the SAM + CLIP tab ([sam] extra)")
     parser.add_argument("--sam-model", choices=("vit_b", "vit_l", "vit_h"),
                         help="SAM model type (default: read from the checkpoint's file name)")
-    parser.add_argument("--vfm", choices=("dino_vitb8", "dino_vitb16", "dinov2_vitb14_reg", "sam_vit_b"),
+    parser.add_argument("--vfm", choices=VFM_NAMES,
                         help="with --vfm-weights: adds ProxyCLIP to the Segment tab (default dino_vitb8)")
     parser.add_argument("--vfm-weights",
                         help="the VFM's official weights file (e.g. dino_vitbase8_pretrain.pth)")

@@ -496,3 +496,11 @@ def test_anomaly_eval_prompt_set_device_and_max_pixels(tiny_backbone, tiny_confi
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("ovdense:")]  # (not tqdm's)
     assert code == 2 and len(lines) == 1 and "over the limit of 0.001599 megapixels" in lines[0], err
+
+
+def test_the_vfm_choices_are_the_vfms_ovdense_builds():
+    """``--vfm``'s choices (the CLI's and the demo's, kept torch-free) are ``ovdense.backbone.vfm.VFMS``."""
+    from ovdense.backbone.vfm import VFMS
+    from ovdense.cli.parser import VFM_NAMES
+
+    assert VFM_NAMES == tuple(VFMS)

@@ -17,8 +17,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"ovdense: error: {message} (see `{self.prog} --help`)\n")
 
 
-#: the VFMs ``ovdense.backbone.vfm`` builds (torch-free copy of its keys; tests/test_cli_flags.py checks it)
-VFM_NAMES = ("dino_vitb8", "dino_vitb16", "dinov2_vitb14_reg", "sam_vit_b")
+#: the VFMs ``ovdense.backbone.vfm`` builds (a torch-free copy of its keys; tests/test_cli_flags.py checks it)
+VFM_NAMES = ("dino_vitb8", "dino_vitb16", "dino_vits8", "dinov2_vitb14_reg", "sam_vit_b")
 
 
 def _group_title(option: str, what: str) -> str:
