@@ -8,20 +8,13 @@ hard-codes, ``cd.py:232``) built by the official open_clip and loaded by ovdense
 a weights file, and random convolutions written as an official ``last.pt`` and converted by the
 converter. What is stubbed: ``create_model_from_pretrained`` returns copies of that CLIP (no download),
 and the two mmcv/mmseg 0.x names the official code imports (``mmcv.utils.Registry``, ``mmseg.ops.resize``)
-get minimal stand-ins; the mmseg 0.27 sliding-window loop of the official eval is written out here
-(``_official_slide``).
+get minimal stand-ins; the mmseg 0.27 sliding-window loop of the official eval is written out
+(``clip_dinoiser_slide``). The loaders live in tests/official_segmenters.py (the benchmark uses them too).
 """
 
 from __future__ import annotations
 
-import copy
-import io
 import json
-import os
-import subprocess
-import sys
-import tarfile
-import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,16 +23,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from official_clim import mirror_checkout
+from official_segmenters import clip_dinoiser_slide, import_clip_dinoiser, official_clip_dinoiser, resize
 from tool_runs import load_tool
 
 from ovdense.errors import OvdenseError
 from ovdense.heads import clipdinoiser as cdn
 from ovdense.heads.clipdinoiser import ClipDinoiserConfig, ClipDinoiserHead, ClipDinoiserSegmenter, load_head
-
-CD_REPO = Path(os.environ.get("OVDENSE_CLIPDINOISER_REPO", "/work/.mirror/wysoczanska+clip_dinoiser/repo"))
-OC_REPO = Path(os.environ.get("OVDENSE_OPEN_CLIP_REPO", "/work/.mirror/mlfoundations+open_clip/repo"))
-OC_TAG = "v2.24.0"  # clip_dinoiser requirements.txt: open_clip_torch==2.24
 
 #: ViT-B/16-shaped (patch 16, native 224, width 768, 12 heads), 4 blocks; a small text tower
 TOWER = {
@@ -54,131 +43,6 @@ SMALL = (160, 240)  # off the native grid, quick: the mutations' input
 #: probability, so that both sides of ``max prob < δ`` occur (with 0.99 every patch is uncertain here)
 CASES = [(SIZES[0], False), (SIZES[0], True), (SIZES[1], False), (SIZES[1], True), (SIZES[1], "mid"),
          (SMALL, False)]
-
-
-# --------------------------------------------------------------------------------------------
-# The official code
-
-
-def checkout_ref(repo: Path, dest: Path, ref: str, paths: tuple[str, ...], variable: str) -> Path:
-    """``mirror_checkout`` at ``ref`` (a tag) instead of HEAD, or skip, naming ``variable``."""
-    if not repo.is_dir():
-        pytest.skip(f"no mirror at {repo} (set {variable})")
-    git_dir = repo / ".git" if (repo / ".git").exists() else repo
-    result = subprocess.run(["git", f"--git-dir={git_dir}", "archive", "--format=tar", ref, "--", *paths],
-                            capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"{repo} lacks {ref}:{paths}: {result.stderr.decode(errors='replace').strip()}")
-    dest.mkdir(parents=True, exist_ok=True)
-    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-    with tarfile.open(fileobj=io.BytesIO(result.stdout)) as archive:
-        archive.extractall(dest, **safe)
-    return dest
-
-
-class Registry:
-    """mmcv 1.x ``Registry`` as ``models/builder.py`` uses it: ``register_module()`` and
-    ``build(cfg, default_args)`` (``cfg['type']`` names the class, ``default_args`` fill the rest)."""
-
-    def __init__(self, name, parent=None):
-        self.name, self.modules = name, {}
-
-    def register_module(self, name=None, force=False, module=None):
-        def register(cls):
-            self.modules[name or cls.__name__] = cls
-            return cls
-        return register
-
-    def build(self, cfg, default_args=None):
-        cfg = dict(cfg)
-        kind = cfg.pop("type")
-        for key, value in (default_args or {}).items():
-            cfg.setdefault(key, value)
-        return self.modules[kind](**cfg)
-
-
-def resize(input, size=None, scale_factor=None, mode="nearest", align_corners=None, warning=True):
-    """mmseg 0.27 ``mmseg.ops.resize`` (``mmseg/ops/wrappers.py``) without its warning: ``F.interpolate``."""
-    return F.interpolate(input, size, scale_factor, mode, align_corners)
-
-
-def _ours(name: str) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in ("open_clip", "mmcv", "mmseg", "models"))
-
-
-def import_clip_dinoiser(dest: Path) -> SimpleNamespace:
-    """The official ``models`` package of clip_dinoiser with open_clip 2.24 as ``open_clip``, the
-    stand-ins as ``mmcv.utils`` / ``mmseg.ops``, during the import only (pip's open_clip, mmcv and mmseg
-    come back after; the official modules keep their own references)."""
-    tree = mirror_checkout(CD_REPO, dest / "cd", ("models", "configs"), "OVDENSE_CLIPDINOISER_REPO")
-    oc = checkout_ref(OC_REPO, dest / "oc", OC_TAG, ("src/open_clip",), "OVDENSE_OPEN_CLIP_REPO")
-    import open_clip as pip_open_clip
-
-    import ovdense.backbone.clip  # noqa: F401 - ovdense binds pip's open_clip first
-
-    own = {name: sys.modules.pop(name) for name in list(sys.modules) if _ours(name)}
-    mmcv, mmseg = types.ModuleType("mmcv"), types.ModuleType("mmseg")
-    mmcv.utils, mmseg.ops = types.ModuleType("mmcv.utils"), types.ModuleType("mmseg.ops")
-    mmcv.utils.Registry, mmseg.ops.resize = Registry, resize
-    sys.modules.update({"mmcv": mmcv, "mmcv.utils": mmcv.utils, "mmseg": mmseg, "mmseg.ops": mmseg.ops})
-    folders = [str(oc / "src"), str(tree)]
-    sys.path[:0] = folders
-    try:
-        import models  # noqa: F401
-        import open_clip as oc224
-
-        names = ("models.builder", "models.maskclip.maskclip", "models.clip_dinoiser.clip_dinoiser",
-                 "models.maskclip.utils.prompt_templates")
-        found = {name.split(".")[-1]: sys.modules[name] for name in names}  # models.maskclip is rebound (Q16)
-    finally:
-        for name in [name for name in sys.modules if _ours(name)]:
-            sys.modules.pop(name)
-        sys.path[:] = [p for p in sys.path if p not in folders]
-        sys.modules.update(own)
-    import open_clip
-
-    assert open_clip is pip_open_clip and oc224 is not pip_open_clip
-    assert oc224.version.__version__ == "2.24.0"
-    assert found["maskclip"].create_model_from_pretrained is oc224.create_model_from_pretrained
-    return SimpleNamespace(open_clip=oc224, tree=tree, **found)
-
-
-def official_model(off, clip, class_names, head_state, monkeypatch):
-    """``build_model(configs/clip_dinoiser.yaml model, class_names)`` as ``main_eval.py:37-47`` builds it,
-    with ``checkpoints/last.pt``'s tensors loaded ``strict=False``; both CLIPs it creates are ``clip``."""
-    from omegaconf import OmegaConf
-
-    monkeypatch.setattr(off.maskclip, "create_model_from_pretrained",
-                        lambda name, pretrained=None, **kwargs: (copy.deepcopy(clip), None))
-    monkeypatch.chdir(off.tree)  # configs/maskclip.yaml is read relative to the cwd (cd.py:39)
-    config = OmegaConf.load("configs/clip_dinoiser.yaml").model
-    model = off.builder.build_model(config, class_names=class_names)
-    result = model.load_state_dict(head_state, strict=False)
-    assert not result.unexpected_keys and all(k.startswith("clip_backbone.") for k in result.missing_keys)
-    return model.eval()
-
-
-def _official_slide(model, x: torch.Tensor, crop: int, stride: int, ori: tuple[int, int]):
-    """mmseg 0.27 ``EncoderDecoder.slide_inference`` with ``DinoCLIP_Infrencer.encode_decode``
-    (``clip_dinoiser_eval.py:27-36``): the windows' average ``[1, K, H, W]``; and with ``rescale=True``
-    and ``inference``'s softmax, ``[1, K, *ori]``."""
-    _, _, H, W = x.shape
-    h_grids = max(H - crop + stride - 1, 0) // stride + 1
-    w_grids = max(W - crop + stride - 1, 0) // stride + 1
-    preds, count = None, x.new_zeros((1, 1, H, W))
-    for h_idx in range(h_grids):
-        for w_idx in range(w_grids):
-            y1, x1 = h_idx * stride, w_idx * stride
-            y2, x2 = min(y1 + crop, H), min(x1 + crop, W)
-            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
-            img = x[:, :, y1:y2, x1:x2]
-            with torch.no_grad():
-                seg = resize(model(img), size=img.shape[-2:], mode="bilinear", align_corners=False)
-            preds = x.new_zeros((1, seg.shape[1], H, W)) if preds is None else preds
-            preds += F.pad(seg, (x1, W - x2, y1, H - y2))
-            count[:, :, y1:y2, x1:x2] += 1
-    preds = preds / count
-    return preds, F.softmax(resize(preds, size=ori, mode="bilinear", align_corners=False), dim=1)
 
 
 def _scene(height: int, width: int, seed: int) -> np.ndarray:
@@ -247,7 +111,7 @@ def world(tmp_path_factory):
     converter = load_tool("model_converters/clipdinoiser2ovdense")
     head_file = converter.convert(last, root / "converted", backbone)
     with pytest.MonkeyPatch.context() as patch:
-        model = official_model(off, clip, CLASSES, head_state, patch)
+        model = official_clip_dinoiser(off, clip, CLASSES, head_state, patch)
     inputs = {size: torch.rand((1, 3) + size, generator=generator) for size in SIZES + [SMALL]}
     outputs, delta = {}, {}
     with torch.no_grad():
@@ -332,7 +196,7 @@ def test_labels_are_the_official_eval(world):
     size = (int(260 * scale + 0.5), int(400 * scale + 0.5))
     resized = cv2.resize(rgb, size[::-1], interpolation=cv2.INTER_LINEAR)
     world.model.apply_found = True
-    average, probs = _official_slide(world.model, _tensor(resized), 448, 224, (260, 400))
+    average, probs = clip_dinoiser_slide(world.model, _tensor(resized), 448, 224, (260, 400))
     assert tuple(seg.prepare(rgb).shape[-2:]) == size == (448, 689)
     kept = []
     canvas = seg.canvas

@@ -12,23 +12,27 @@ built by open_clip, saved, and read by ``create_backbone`` (ovdense) and by Open
 Stable Diffusion module (``diffusion_model.stable_diffusion``, only for the refinement, which is off)
 and ``texttable`` (the mIoU table) are empty stand-ins. Everything runs in fp32 on the CPU, where the
 official ``clip.load`` also gives fp32; the official fp16 rounding of the position embedding is kept.
+The loaders live in tests/official_segmenters.py (the benchmark uses them too).
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 import re
-import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from official_clim import mirror_checkout
+from official_segmenters import (
+    CLIPER_REPO,
+    cliper_clip,
+    cliper_config,
+    cliper_labels,
+    import_cliper,
+    official_cliper,
+)
 from PIL import Image
 
 from ovdense import create_backbone
@@ -37,9 +41,6 @@ from ovdense.backbone.prompts import CAR_TEMPLATES, Vocabulary, imagenet80_templ
 from ovdense.errors import OvdenseError
 from ovdense.heads import cliper
 from ovdense.heads.cliper import CliperSegmenter
-
-CLIPER_REPO = Path(os.environ.get("OVDENSE_CLIPER_REPO", "/work/.mirror/linsun449+cliper.code/repo"))
-OPENAI_CLIP_REPO = Path(os.environ.get("OVDENSE_OPENAI_CLIP_REPO", "/work/.mirror/openai+CLIP/repo"))
 
 #: a ViT-B/16-shaped CLIP, small: patch 16, native 224 (grid 14), twelve blocks, four heads, QuickGELU
 CONFIG = {
@@ -51,40 +52,6 @@ CONFIG = {
 #: class 0 carries the background words; the rest is the foreground, one text per class
 CLASSES = ["background, ground, sky", "red circle", "blue square, blue box", "green triangle"]
 C = len(CLASSES) - 1
-#: the names the checkout imports (restored afterwards: no other test sees them)
-_OFFICIAL_MODULES = ("clip", "modified_clip", "ovs", "util", "diffusion_model", "texttable")
-
-
-def _is_official(name: str) -> bool:
-    return any(name == top or name.startswith(top + ".") for top in _OFFICIAL_MODULES)
-
-
-def _import_official(dest: Path) -> types.SimpleNamespace:
-    """``modified_clip.model``, ``ovs.pipeline`` and ``util.miou`` of the CLIPer mirror with OpenAI's ``clip``
-    package of its mirror, stand-ins for ``diffusion_model.stable_diffusion`` and ``texttable``."""
-    mirror_checkout(CLIPER_REPO, dest, ("modified_clip", "ovs", "util"), "OVDENSE_CLIPER_REPO")
-    mirror_checkout(OPENAI_CLIP_REPO, dest, ("clip",), "OVDENSE_OPENAI_CLIP_REPO")
-    own = {name: sys.modules.pop(name) for name in list(sys.modules) if _is_official(name)}
-    stable_diffusion = types.ModuleType("diffusion_model.stable_diffusion")
-    stable_diffusion.diffusion = None
-    sys.modules.update({"diffusion_model": types.ModuleType("diffusion_model"),
-                        "diffusion_model.stable_diffusion": stable_diffusion,
-                        "texttable": types.SimpleNamespace(Texttable=object)})
-    sys.path.insert(0, str(dest))
-    try:
-        import clip
-        import modified_clip.model as model
-        import ovs.pipeline as pipeline
-        import util.miou as miou
-    finally:
-        sys.path.remove(str(dest))
-        for name in [name for name in sys.modules if _is_official(name)]:
-            sys.modules.pop(name)
-        sys.modules.update(own)
-    assert model.clip is clip and pipeline.CLIPer is model.CLIPer
-    return types.SimpleNamespace(clip=clip, model=model, pipeline=pipeline, miou=miou)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random CLIP of ``CONFIG`` (open_clip) and the same weights in ovdense's backbone, read from a
@@ -113,36 +80,18 @@ def tiny(tmp_path_factory):
 def setup(tiny, tmp_path_factory):
     """The official modules and the tiny CLIP as OpenAI's ``clip.model.CLIP`` (the official side) beside
     ovdense's backbone; skips without the mirrors."""
-    official = _import_official(tmp_path_factory.mktemp("cliper-official"))
-    vision, text = CONFIG["vision_cfg"], CONFIG["text_cfg"]
-    theirs = official.clip.model.CLIP(
-        CONFIG["embed_dim"], vision["image_size"], vision["layers"], vision["width"], vision["patch_size"],
-        text["context_length"], text["vocab_size"], text["width"], text["heads"], text["layers"])
-    theirs.load_state_dict(tiny.model.state_dict(), strict=True)
-    # OpenAI's CLIP gives its tower width // 64 heads; build the tower with this one's four
-    theirs.visual = official.clip.model.VisionTransformer(
-        input_resolution=vision["image_size"], patch_size=vision["patch_size"], width=vision["width"],
-        layers=vision["layers"], heads=vision["width"] // vision["head_width"],
-        output_dim=CONFIG["embed_dim"])
-    theirs.visual.load_state_dict(tiny.model.visual.state_dict(), strict=True)
-    return types.SimpleNamespace(official=official, clip_model=theirs.eval(), backbone=tiny.backbone)
+    official = import_cliper(tmp_path_factory.mktemp("cliper-official"))
+    theirs = cliper_clip(official, tiny.model)
+    assert theirs.visual.transformer.resblocks[0].attn.num_heads == 4  # width 64, head width 16
+    return types.SimpleNamespace(official=official, clip_model=theirs, backbone=tiny.backbone)
 
 
-def _cfg(size: int, crop: int = 0, select_layer: int = -1, thr: float = 0.2, scale: int = 50, **more):
-    """An official config (``scripts/config/*.yaml`` with ``util/args.py``'s defaults), no refinement."""
-    return types.SimpleNamespace(model_name="ViT-B/16", attn_type="fused-attn", fuse_feature=True, size=size,
-                                 select_layer=select_layer, logit_scale=scale, sliding_crop_size=crop,
-                                 attention_thr=thr, **more)
+_cfg = cliper_config
 
 
 def _official(setup, monkeypatch, cfg, build=None):
-    """A fresh ``CLIPer`` (or ``build(cfg, "cpu")``, the ``Pipeline``) whose ``clip.load`` returns a copy of
-    the shared random CLIP (``CLIPer.modify()`` rebinds the model's forward: one model per instance) with
-    OpenAI's preprocessing."""
-    clip = setup.official.clip
-    monkeypatch.setattr(clip, "load", lambda name, device="cpu", jit=False, download_root=None: (
-        copy.deepcopy(setup.clip_model), clip.clip._transform(CONFIG["vision_cfg"]["image_size"])))
-    return (build or setup.official.model.CLIPer)(cfg, "cpu")
+    """A fresh ``CLIPer`` (or ``build(cfg, "cpu")``, the ``Pipeline``) on a copy of the shared random CLIP."""
+    return official_cliper(setup.official, setup.clip_model, cfg, monkeypatch, build)
 
 
 def _ours(setup, cfg, **kwargs) -> CliperSegmenter:
@@ -256,15 +205,8 @@ def test_labels_are_the_official_post_processing(setup, monkeypatch, scene_text,
                  normalize_maps=cfg.is_normalize)
     ours.text = torch.cat([fg, bg, fg.mean(dim=0, keepdim=True)])
     img = pipe.cliper.preprocess(Image.fromarray(rgb))[None]
-    ori_height, ori_width = rgb.shape[:2]
     with torch.no_grad():
-        pred_mask, final_score = pipe(None, img, fg, bg)
-    # main_ovs.py:46-49
-    pred_mask = F.interpolate(pred_mask[None], size=(ori_height, ori_width), mode='bilinear')[0]
-    pred_mask = pred_mask / (pred_mask.amax((-1, -2), keepdim=True) + 1e-5) * final_score[..., None, None]
-    _, arg_mask = setup.official.miou.cam_to_label(pred_mask[None].clone(), cls_label=final_score[None],
-                                                   bkg_thre=cfg.bkg_thre, cls_thre=cfg.score_threshold,
-                                                   is_normalize=cfg.is_normalize)
+        arg_mask = cliper_labels(setup.official, pipe, img, fg, bg, rgb.shape[:2], cfg)
     result = ours.predict(rgb)
     assert result.labels.shape == (200, 260) and result.scores.shape == (200, 260)
     assert np.array_equal(result.labels, arg_mask[0].numpy())

@@ -19,6 +19,18 @@ single template): CPU time per image (best of ``--repeats``), peak extra memory,
 spent in the VFM (ProxyCLIP: DINO ViT-B/8, random weights) and, where the official code's mirror is
 here (tests/official_vfm.py finds it), the official code's time on the same resized input and weights
 (mc-lan/ProxyCLIP's ``forward_slide`` + ``postprocess_result`` in fp32, one window at a time).
+
+    python tools/benchmarks/segment.py --methods cliper clipdinoiser --out runs/bench_methods.csv
+
+``cliper`` (class 0 named "background", as CLIPer requires) and ``clipdinoiser`` (a random head for the
+backbone, written to a temporary head file) are timed the same way; their official code
+(tests/official_segmenters.py) runs on the same resized input and weights, fp32 on the CPU (no official
+time on another device): linsun449/cliper.code's ``Pipeline`` (``CLIPer.forward``, no refinement) and its
+post-processing (``main_ovs.py:46-49``, ``cam_to_label``); wysoczanska/clip_dinoiser's model (open_clip
+2.24, the head's tensors as its ``last.pt``, ovdense's text rows as its class embeddings) through the
+mmseg 0.27 sliding-window eval. ``--size`` (the image's side) and ``--short-side`` (every head's short side,
+windows of that side with half its stride; CLIPer keeps its single pass) shrink the run for a smoke test;
+``--methods`` uses the first of ``--classes`` as the number of classes (21 by default).
 """
 
 from __future__ import annotations
@@ -107,7 +119,9 @@ def run_ovdense(segmenter: Segmenter, images: list[np.ndarray]) -> list:
 VFM_FOR_BENCHMARK = "dino_vitb8"
 
 
-def _method_head(backbone, name: str, names: list[str]):
+def _method_head(backbone, name: str, names: list[str], folder: Path, short_side: int | None = None):
+    """Head ``name`` with its official defaults (``short_side``: this short side and windows of it, stride
+    half of it, instead); ``clipdinoiser`` gets a random head written to ``folder``."""
     from ovdense import create_head
     from ovdense.backbone.protocols import METHOD_INFO
     from ovdense.backbone.vfm import create_vfm
@@ -115,6 +129,17 @@ def _method_head(backbone, name: str, names: list[str]):
     options = {}
     if name in METHOD_INFO and "vfm" in METHOD_INFO[name].needs:
         options["vfm"] = create_vfm(VFM_FOR_BENCHMARK, "random", device=backbone.device)
+    if name == "cliper":  # class 0 must be the background
+        names = ["background", *names[1:]]
+    if name == "clipdinoiser":
+        from ovdense.heads.clipdinoiser import ClipDinoiserHead, save_head
+
+        options["head_checkpoint"] = save_head(folder / "clipdinoiser-head.safetensors",
+                                               ClipDinoiserHead(backbone), backbone)
+    if short_side is not None:
+        options["short_side"] = short_side
+        if name != "cliper":
+            options["window"] = (short_side, short_side // 2)
     return create_head(name, backbone, names, templates="single", **options)
 
 
@@ -141,11 +166,9 @@ class _Timed:
         delattr(self.obj, self.attr)
 
 
-def _official_proxyclip(head, rgb: np.ndarray, repeats: int, device: torch.device):
-    """The official ProxyCLIP segmentor on the same weights and the same resized input: its seconds
-    per image, or ``None`` when its mirror is not here."""
-    import tempfile
-
+def _official_proxyclip(head, rgb: np.ndarray, repeats: int, device: torch.device, folder: Path):
+    """The official ProxyCLIP segmentor on the same weights and the same resized input (its code checked
+    out under ``folder``): its seconds per image, or ``None`` when its mirror is not here."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
     try:
         import pytest
@@ -154,14 +177,17 @@ def _official_proxyclip(head, rgb: np.ndarray, repeats: int, device: torch.devic
         return None
     if not PROXYCLIP_REPO.is_dir():
         return None
-    folder = Path(tempfile.mkdtemp(prefix="bench_proxyclip_"))
     try:
         module, fork = import_proxyclip(folder / "repo")
         dino = import_official_dino(folder / "dino").vit_base(patch_size=8, num_classes=0).eval()
     except pytest.skip.Exception:
         return None
     dino.load_state_dict(head.vfm.model.state_dict())
-    clip = fork.create_model(head.backbone.name, pretrained=None, precision="fp32").eval()
+    name = head.backbone.name
+    if Path(name).is_file():  # a JSON config (as create_backbone takes it): the fork registers it by its stem
+        fork.add_model_config(name)
+        name = Path(name).stem
+    clip = fork.create_model(name, pretrained=None, precision="fp32").eval()
     clip.load_state_dict(head.backbone.model.state_dict(), strict=False)
     names = folder / "names.txt"
     names.write_text("\n".join(head.classes) + "\n")
@@ -181,32 +207,119 @@ def _official_proxyclip(head, rgb: np.ndarray, repeats: int, device: torch.devic
     return seconds
 
 
-def method_table(backbone, methods: list[str], repeats: int, device: torch.device) -> list[dict]:
-    """``--methods``: one row per method (see the module's docstring)."""
-    rgb = (np.random.default_rng(1).random((448, 448, 3)) * 255).astype(np.uint8)
-    names = [f"class {i}" for i in range(21)]
+def _official_segmenters():
+    """tests/official_segmenters.py and pytest (its skips), or ``None`` when either is missing."""
+    tests = str(Path(__file__).resolve().parents[2] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    try:
+        import official_segmenters
+        import pytest
+    except ImportError:
+        return None
+    return official_segmenters, pytest
+
+
+def _official_cliper(head, rgb: np.ndarray, repeats: int, device: torch.device, folder: Path):
+    """The official CLIPer ``Pipeline`` (no refinement) and its post-processing on the same weights, text
+    rows and resized input: its seconds per image, or ``None`` without its mirrors or off the CPU."""
+    loaded = _official_segmenters()
+    if loaded is None or device.type != "cpu":
+        return None
+    official_segmenters, pytest = loaded
+    try:
+        official = official_segmenters.import_cliper(folder / "cliper")
+    except pytest.skip.Exception:
+        return None
+    clip_model = official_segmenters.cliper_clip(official, head.backbone.model)
+    cfg = official_segmenters.cliper_config(
+        head.short_side, crop=head.window[0], select_layer=head.select_layer, thr=head.attention_threshold,
+        scale=head.logit_scale, score_threshold=head.score_threshold, bkg_thre=head.bg_threshold,
+        is_normalize=head.normalize_maps)
+    with pytest.MonkeyPatch.context() as patch:
+        pipe = official_segmenters.official_cliper(official, clip_model, cfg, patch,
+                                                   build=official.pipeline.Pipeline)
+    C = len(head.vocabulary) - 1
+    fg, bg = head.text[:C], head.text[C:-1]  # the foreground rows, the background words' rows
+    x = head.prepare(rgb)  # 1, 3, H', W' (the official preprocess)
+    seconds, _, _ = measure(lambda: official_segmenters.cliper_labels(
+        official, pipe, x, fg, bg, rgb.shape[:2], cfg), device, repeats)
+    return seconds
+
+
+def _official_clipdinoiser(head, rgb: np.ndarray, repeats: int, device: torch.device, folder: Path):
+    """The official CLIP-DINOiser model on the same CLIP weights, head tensors (its ``last.pt``) and text
+    rows (its class embeddings), through the mmseg 0.27 sliding-window eval on the same resized input: its
+    seconds per image, or ``None`` without its mirrors or off the CPU."""
+    loaded = _official_segmenters()
+    if loaded is None or device.type != "cpu":
+        return None
+    official_segmenters, pytest = loaded
+    try:
+        off = official_segmenters.import_clip_dinoiser(folder / "clipdinoiser")
+    except pytest.skip.Exception:
+        return None
+    clip = official_segmenters.clip_dinoiser_clip(off, head.backbone)
+    state = {key: value.detach().clone() for key, value in head.head.state_dict().items()}
+    with pytest.MonkeyPatch.context() as patch:
+        model = official_segmenters.official_clip_dinoiser(off, clip, list(head.classes), state, patch)
+    decode = model.clip_backbone.decode_head
+    if decode.class_embeddings.shape == head.text.shape:  # one word per class: ovdense's text rows
+        decode.class_embeddings = head.text.clone()
+    model.apply_found = head.found_background
+    x = head.prepare(rgb)  # 1, 3, H', W' in [0, 1]
+    crop, stride = head.window if head.window[0] else (max(x.shape[-2:]),) * 2
+    seconds, _, _ = measure(lambda: official_segmenters.clip_dinoiser_slide(
+        model, x, crop, stride, rgb.shape[:2]), device, repeats)
+    return seconds
+
+
+#: the official code's seconds per image for a head: ``(head, rgb, repeats, device, folder) -> s or None``
+OFFICIAL = {"proxyclip": _official_proxyclip, "cliper": _official_cliper,
+            "clipdinoiser": _official_clipdinoiser}
+
+
+def method_table(backbone, methods: list[str], repeats: int, device: torch.device, size: int = 448,
+                 classes: int = 21, short_side: int | None = None) -> list[dict]:
+    """``--methods``: one row per method on one ``size``² image with ``classes`` classes (see the module's
+    docstring; ``short_side`` overrides every head's, for a quick run)."""
+    import shutil
+    import tempfile
+
+    rgb = (np.random.default_rng(1).random((size, size, 3)) * 255).astype(np.uint8)
+    names = [f"class {i}" for i in range(classes)]
     rows = []
-    for name in methods:
-        head = _method_head(backbone, name, names)
-        with torch.inference_mode():
-            seconds, peak, _ = measure(partial(head.predict, rgb), device, repeats)
-            vfm = getattr(head, "vfm", None)
-            vfm_share = None
-            if vfm is not None:
-                with _Timed(vfm, "features") as timed:
-                    start = time.perf_counter()
-                    head.predict(rgb)
-                    total = time.perf_counter() - start
-                vfm_share = timed.seconds / total
-            official = _official_proxyclip(head, rgb, repeats, device) if name == "proxyclip" else None
-        row = {"device": device.type, "method": name, "image": "448x448", "classes": 21,
-               "seconds_per_image": seconds, "peak_mb": peak / 1e6, "vfm_share": vfm_share,
-               "official_seconds_per_image": official}
-        rows.append(row)
-        extra = f", VFM {100 * vfm_share:.0f} % of it" if vfm_share is not None else ""
-        extra += f"; the official code {official:.2f} s" if official is not None else ""
-        print(f"{name:>12}: {seconds:.2f} s per image, peak {peak / 1e6:.0f} MB{extra}")
+    folder = Path(tempfile.mkdtemp(prefix="bench_methods_"))
+    try:
+        for name in methods:
+            rows.append(_method_row(backbone, name, names, rgb, repeats, device, folder / name, short_side))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return rows
+
+
+def _method_row(backbone, name: str, names: list[str], rgb: np.ndarray, repeats: int, device: torch.device,
+                folder: Path, short_side: int | None) -> dict:
+    folder.mkdir(parents=True)
+    head = _method_head(backbone, name, names, folder, short_side)
+    with torch.inference_mode():
+        seconds, peak, _ = measure(partial(head.predict, rgb), device, repeats)
+        vfm = getattr(head, "vfm", None)
+        vfm_share = None
+        if vfm is not None:
+            with _Timed(vfm, "features") as timed:
+                start = time.perf_counter()
+                head.predict(rgb)
+                total = time.perf_counter() - start
+            vfm_share = timed.seconds / total
+        official = OFFICIAL[name](head, rgb, repeats, device, folder) if name in OFFICIAL else None
+    row = {"device": device.type, "method": name, "image": f"{rgb.shape[0]}x{rgb.shape[1]}",
+           "classes": len(names), "seconds_per_image": seconds, "peak_mb": peak / 1e6,
+           "vfm_share": vfm_share, "official_seconds_per_image": official}
+    extra = f", VFM {100 * vfm_share:.0f} % of it" if vfm_share is not None else ""
+    extra += f"; the official code {official:.2f} s" if official is not None else ""
+    print(f"{name:>12}: {seconds:.2f} s per image, peak {peak / 1e6:.0f} MB{extra}")
+    return row
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
@@ -216,6 +329,33 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {path}")
+
+
+def _methods_apart(argv: list[str], args) -> int:
+    """``--methods`` with several: each method in a process of its own (this script with that one
+    method), so that its peak memory is its own and not hidden by what an earlier method freed; the
+    rows are gathered into ``--out``."""
+    import subprocess
+    import tempfile
+
+    rest, skip = [], False
+    for item in argv:  # drop --methods and --out with their values
+        if skip and not item.startswith("--"):
+            continue
+        skip = item in ("--methods", "--out")
+        if not skip:
+            rest.append(item)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_methods_") as folder:
+        for index, name in enumerate(args.methods):
+            out = Path(folder) / f"{index}.csv"
+            done = subprocess.run([sys.executable, __file__, *rest, "--methods", name, "--out", str(out)])
+            if done.returncode != 0:
+                return done.returncode
+            with open(out, newline="") as f:
+                rows += list(csv.DictReader(f))
+    _write_rows(args.out, rows)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -230,14 +370,20 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="best of this many timed runs")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_segment.csv"))
     parser.add_argument("--methods", nargs="+",
-                        help="time these methods per 448² image instead (e.g. naclip proxyclip)")
+                        help="time these methods per 448² image instead (e.g. naclip proxyclip cliper)")
+    parser.add_argument("--size", type=int, default=448, help="--methods: the image's side in pixels")
+    parser.add_argument("--short-side", type=int, default=None,
+                        help="--methods: every head's short side (and windows of it) instead of its own")
     args = parser.parse_args(argv)
+    if args.methods and len(args.methods) > 1:
+        return _methods_apart(list(argv) if argv is not None else sys.argv[1:], args)
 
     device = torch.device(args.device)
     torch.manual_seed(0)
     backbone = create_backbone(args.model, pretrained=args.pretrained, device=args.device)
     if args.methods:
-        _write_rows(args.out, method_table(backbone, args.methods, args.repeats, device))
+        _write_rows(args.out, method_table(backbone, args.methods, args.repeats, device, args.size,
+                                           args.classes[0], args.short_side))
         return 0
     rng = np.random.default_rng(0)
     images = [(rng.random((512, 683, 3)) * 255).astype(np.uint8) for _ in range(args.images)]
