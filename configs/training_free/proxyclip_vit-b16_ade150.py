@@ -1,11 +1,13 @@
 _base_ = "../_base_/datasets/ade150.py"
 
 # Settings of mc-lan/ProxyCLIP configs/cfg_ade20k.py (its tables: OpenAI ViT-B/16 with DINO ViT-B/8).
-# Everything else is the method's official default (ovdense methods). The DINO weights are the
-# official file (https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth):
-# put it in checkpoints/ or set --cfg-options model.vfm.weights=PATH.
+# Its class files (configs/_base_/classnames/proxyclip/); everything else is the method's official
+# default (ovdense methods). The DINO weights are the official file
+# (https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth): put it in
+# checkpoints/ or set --cfg-options model.vfm.weights=PATH.
 model = dict(
     method="proxyclip",
+    classnames="{{fileDirname}}/../_base_/classnames/proxyclip/ade150.txt",
     vfm=dict(name="dino_vitb8", weights="checkpoints/dino_vitbase8_pretrain.pth"),
     short_side=448,
 )
