@@ -7,7 +7,8 @@ The protocol is the official repos' (SCLIP ``clip_segmentor.py``, ClearCLIP and 
    rule with bilinear interpolation), normalise with the backbone's mean and std;
 2. sliding windows of ``window = (crop, stride)`` (mmseg ``slide_inference``): each window is
    zero-padded to a patch multiple, centred (ClearCLIP's ``compute_padsize``; a no-op for the
-   usual patch-multiple windows), its patch–prompt cosine logits are upsampled bilinearly to
+   usual patch-multiple windows; ProxyCLIP pads to multiples of 56 and its VFM sees the window
+   too), its patch–prompt cosine logits are upsampled bilinearly to
    the padded window and cut back; the canvas sums them and divides by the number of windows
    covering each pixel;
 3. the canvas is resized bilinearly to the original image; optional PAMR refines these logits
