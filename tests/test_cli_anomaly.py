@@ -129,7 +129,7 @@ def test_anomaly_eval_writes_the_metrics_of_the_predictions(mvtec, tiny_config_p
                  "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0
-    columns = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "pixel_ap"]
+    columns = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "pixel_ap", "image_ap"]
     want = {}
     for category in categories:
         references, samples = read_mvtec(root, category, 1)

@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from ovdense.eval.anomaly import AnomalyMetrics
+from ovdense.eval.anomaly import AnomalyMetrics, aupro_fixed_steps
 
 BINS = 256
 
@@ -51,7 +51,8 @@ def reference_metrics(scores, labels, maps, masks, bins=1 << 16, pro_bins=1 << 1
 
     truth = np.concatenate([k.ravel() for k in masks])
     pixels = np.concatenate([m.ravel() for m in binned(bins)])
-    return {"image_auroc": roc_auc_score(labels, scores), "image_f1_max": f1_max(labels, scores),
+    return {"image_auroc": roc_auc_score(labels, scores), "image_ap": average_precision_score(labels, scores),
+            "image_f1_max": f1_max(labels, scores),
             "pixel_auroc": roc_auc_score(truth, pixels), "pixel_ap": average_precision_score(truth, pixels),
             "pixel_f1_max": f1_max(truth, pixels), "aupro": plain_aupro(binned(pro_bins), masks)}
 
@@ -80,6 +81,7 @@ def test_pixel_and_image_metrics_match_references(rng):
     assert got.pixel_ap == pytest.approx(average_precision_score(truth, pixels), abs=1e-12)
     assert got.pixel_f1_max == pytest.approx(f1_max(truth, pixels), abs=1e-12)
     assert got.image_auroc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert got.image_ap == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
     assert got.image_f1_max == pytest.approx(f1_max(labels, scores), abs=1e-12)
     assert got.aupro == pytest.approx(plain_aupro(maps, masks), abs=1e-9)
 
@@ -100,3 +102,50 @@ def test_perfect_and_inverted_maps():
 def test_mask_of_another_size_is_an_error():
     with pytest.raises(ValueError, match="mask is"):
         AnomalyMetrics().update(0.5, 1, np.zeros((4, 4)), np.zeros((5, 4), bool))
+
+
+def fixed_step_pro_reference(masks, amaps, max_step=200, expect_fpr=0.3):
+    """The zero-shot repositories' ``cal_pro_score`` (AnomalyCLIP's evaluation, after cflow-ad), written
+    out on ``[N, H, W]`` arrays with scipy's 8-connected labelling and scikit-learn's ``auc``."""
+    from sklearn.metrics import auc
+
+    binary = np.zeros_like(amaps, dtype=bool)
+    low, high = amaps.min(), amaps.max()
+    pros, fprs = [], []
+    for th in np.arange(low, high, (high - low) / max_step):
+        binary[amaps <= th], binary[amaps > th] = 0, 1
+        pro = []
+        for b, m in zip(binary, masks):
+            labelled, count = ndimage.label(m, structure=np.ones((3, 3)))
+            pro += [b[labelled == r].sum() / (labelled == r).sum() for r in range(1, count + 1)]
+        inverse = 1 - masks
+        pros.append(np.mean(pro))
+        fprs.append(np.logical_and(inverse, binary).sum() / inverse.sum())
+    pros, fprs = np.array(pros), np.array(fprs)
+    keep = fprs < expect_fpr
+    x = fprs[keep]
+    return auc((x - x.min()) / (x.max() - x.min()), pros[keep])
+
+
+def test_fixed_step_aupro_is_the_zero_shot_repositories_and_not_the_exact_one(rng):
+    """``aupro_fixed_steps`` against the written-out ``cal_pro_score``; on the same maps the exact
+    AUPRO (``AnomalyMetrics``) differs, so a table must say which one it reports."""
+    maps, masks = [], []
+    for i in range(5):
+        mask = np.zeros((20, 26), bool)
+        if i % 2 == 0:
+            mask[rng.integers(0, 10):rng.integers(12, 20), rng.integers(0, 12):rng.integers(14, 26)] = True
+            mask[18:, 0:3] = True  # a second region, touching the first only diagonally at most
+        amap = rng.random(mask.shape) + 0.6 * mask
+        maps.append(amap)
+        masks.append(mask)
+    maps[1][0, 0] = 12.0  # one far outlier in a normal image: the 200 even steps grow coarse
+    got = aupro_fixed_steps(maps, masks)
+    want = fixed_step_pro_reference(np.stack(masks).astype(np.uint8), np.stack(maps))
+    assert got == pytest.approx(want, abs=1e-12) and 0.2 < got < 1.0
+    exact = AnomalyMetrics(pro_bins=1 << 16)
+    for amap, mask in zip(maps, masks):
+        exact.update(float(amap.max()), int(mask.any()), np.clip(amap / 1.6, 0, 1), mask)
+    assert abs(exact.aupro() - got) > 0.01
+    with pytest.raises(ValueError, match="one mask of its map's size"):
+        aupro_fixed_steps(maps, masks[:-1])

@@ -107,7 +107,7 @@ def _command_anomaly_eval(args: argparse.Namespace) -> int:
                                device=args.device)
     results = evaluate(backbone, args.dataset, args.root, categories, args.shots, args.prompt_set,
                        max_pixels=args.max_pixels)
-    columns = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "pixel_ap"]
+    columns = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "pixel_ap", "image_ap"]
     rows = [[name] + [100 * getattr(r, c) for c in columns] for name, r in results.items()]
     rows.append(["mean"] + [sum(row[i] for row in rows) / len(rows) for i in range(1, len(columns) + 1)])
     lines = [f"{'category':<14}" + "".join(f"{c:>13}" for c in columns)]

@@ -1,4 +1,4 @@
-"""Anomaly metrics: image AUROC and F1-max; pixel AUROC, AP, F1-max and AUPRO@30 %.
+"""Anomaly metrics: image AUROC, AP and F1-max; pixel AUROC, AP, F1-max and AUPRO@30 %.
 
 Image-level scores are few and kept exactly. Pixel-level scores are streamed into histograms
 over ``[low, high]`` (``bins`` equal bins; scores outside are clipped), so a dataset's maps are
@@ -13,7 +13,12 @@ different scores share a bin, and differ by at most the mass of shared bins othe
 * AUPRO (Bergmann et al., "The MVTec Anomaly Detection Dataset", IJCV 2021, §4.2): for each
   threshold, PRO is the mean over ground-truth connected regions (8-connectivity) of the
   fraction of the region above it; the PRO–FPR curve is integrated up to FPR = 0.3 (the last
-  segment interpolated linearly) and divided by 0.3.
+  segment interpolated linearly) and divided by 0.3. This is what ``AnomalyMetrics`` and
+  ``ovdense anomaly-eval`` report.
+* ``aupro_fixed_steps``: the approximation the zero-shot anomaly repositories report (AnomalyCLIP's
+  and its successors' ``cal_pro_score``, after cflow-ad): 200 thresholds evenly spaced over the maps'
+  range, the FPRs below 0.3 rescaled to [0, 1] by their own minimum and maximum before the area.
+  Its figures are not comparable with the exact AUPRO's; compare each table with its own kind.
 """
 
 from __future__ import annotations
@@ -67,9 +72,53 @@ def _exact_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     return pos, neg
 
 
+def aupro_fixed_steps(maps, masks, steps: int = 200, max_fpr: float = 0.3) -> float:
+    """AUPRO as the zero-shot anomaly repositories compute it (``cal_pro_score`` of AnomalyCLIP and the
+    methods that reuse its evaluation, from cflow-ad's ``train.py``), on all maps at once.
+
+    The thresholds are ``min + k · (max − min) / steps`` for ``k = 0 … steps − 1`` over every map's
+    values; at each, a pixel is positive when its score is *above* the threshold. PRO is the mean, over
+    every ground-truth region (8-connected, of every image), of the fraction of the region's pixels
+    that are positive; FPR is the fraction of normal pixels that are positive. The points with
+    FPR < ``max_fpr`` are kept, their FPRs rescaled to ``[0, 1]`` by their own minimum and maximum, and
+    the area under PRO over them is the trapezoid rule's. (The exact AUPRO, ``AnomalyMetrics``, instead
+    thresholds at every score and divides the area up to ``max_fpr`` by ``max_fpr``.)
+
+    Args:
+        maps: anomaly maps, each ``[H, W]`` (a list, or an array ``[N, H, W]``).
+        masks: their ground truth, the same shapes, non-zero = defect.
+    """
+    maps = [np.asarray(m, dtype=np.float64) for m in maps]
+    masks = [np.asarray(k) > 0 for k in masks]
+    if len(maps) != len(masks) or any(m.shape != k.shape for m, k in zip(maps, masks)):
+        raise ValueError("aupro_fixed_steps needs one mask of its map's size per map")
+    low = min(float(m.min()) for m in maps)
+    high = max(float(m.max()) for m in maps)
+    normal = sum(int((~k).sum()) for k in masks)
+    regions = []  # (image index, flat indices of the region's pixels)
+    for index, mask in enumerate(masks):
+        count, labelled = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+        regions += [(index, np.flatnonzero(labelled == r)) for r in range(1, count)]
+    if not regions or normal == 0 or high <= low:
+        return float("nan")
+    pros, fprs = [], []
+    for threshold in np.arange(low, high, (high - low) / steps):
+        above = [m > threshold for m in maps]
+        pros.append(np.mean([above[i].ravel()[pixels].mean() for i, pixels in regions]))
+        fprs.append(sum(int((a & ~k).sum()) for a, k in zip(above, masks)) / normal)
+    pros, fprs = np.array(pros), np.array(fprs)
+    keep = fprs < max_fpr
+    if keep.sum() < 2:
+        return float("nan")
+    x = fprs[keep]
+    x = (x - x.min()) / (x.max() - x.min())
+    return float(abs(np.trapezoid(pros[keep], x)))  # FPR falls as the threshold rises: monotonic
+
+
 @dataclass
 class AnomalyScores:
     image_auroc: float
+    image_ap: float
     image_f1_max: float
     pixel_auroc: float
     pixel_ap: float
@@ -142,6 +191,7 @@ class AnomalyMetrics:
         pos, neg = _exact_counts(np.array(self.image_scores), labels)
         return AnomalyScores(
             image_auroc=auroc_from_counts(pos, neg),
+            image_ap=ap_from_counts(pos, neg),
             image_f1_max=f1_max_from_counts(pos, neg),
             pixel_auroc=auroc_from_counts(self.pos, self.neg),
             pixel_ap=ap_from_counts(self.pos, self.neg),
