@@ -65,6 +65,7 @@ from ovdense.heads.training_free import (
     window_boxes,
 )
 from ovdense.io import ImageInput, load_image
+from ovdense.kernels.reference import class_max
 
 HEAD_FORMAT = "ovdense-clipdinoiser-head-v1"
 CONVERTER = "tools/model_converters/clipdinoiser2ovdense.py"
@@ -341,11 +342,7 @@ class ClipDinoiserSegmenter:
     def _class_probabilities(self, probs: torch.Tensor) -> torch.Tensor:
         """``[B, Q, h, w]`` word probabilities → ``[B, C, h, w]``: max over each class's words."""
         C = len(self.vocabulary)
-        if probs.shape[1] == C:
-            return probs
-        index = self.class_of_prompt.view(1, -1, 1, 1).expand_as(probs)
-        out = probs.new_full((probs.shape[0], C) + probs.shape[2:], -1.0)
-        return out.scatter_reduce(1, index, probs, reduce="amax")
+        return probs if probs.shape[1] == C else class_max(probs, self.class_of_prompt, C)
 
     def prepare(self, rgb: np.ndarray) -> torch.Tensor:
         """Resize by the short side (mmcv ``imrescale``, ``cv2.INTER_LINEAR``): ``[1, 3, H', W']``

@@ -48,6 +48,7 @@ from ovdense.backbone.dense import METHODS, MethodSpec, block_input_affinity
 from ovdense.backbone.prompts import ClassSpec, Templates, Vocabulary
 from ovdense.errors import OvdenseError
 from ovdense.io import ImageInput, load_image, ordered, overlay, write_image, write_json, write_label_png
+from ovdense.kernels.reference import class_max
 from ovdense.refine.cluster import cluster_vote, default_dbscan_params
 from ovdense.refine.pamr import pamr as pamr_refine
 
@@ -391,9 +392,7 @@ class Segmenter:
         probs = torch.softmax(logits.float() * self.logit_scale, dim=0)  # Q, H, W
         C = len(self.vocabulary)
         if len(self.vocabulary.prompts) != C:  # max over each class's synonyms
-            class_probs = probs.new_full((C,) + probs.shape[1:], -1.0)
-            index = self.class_of_prompt.view(-1, 1, 1).expand_as(probs)
-            class_probs = class_probs.scatter_reduce(0, index, probs, reduce="amax")
+            class_probs = class_max(probs[None], self.class_of_prompt, C)[0]
         else:
             class_probs = probs
         if self.area_threshold is not None:

@@ -166,20 +166,34 @@ class _Timed:
         delattr(self.obj, self.attr)
 
 
+def _official_helpers(name: str):
+    """The module ``name`` of tests/ that loads official code (``official_vfm``, ``official_segmenters``)
+    and pytest (its skips), or ``None`` when either is missing."""
+    import importlib
+
+    tests = str(Path(__file__).resolve().parents[2] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    try:
+        module = importlib.import_module(name)
+        import pytest
+    except ImportError:
+        return None
+    return module, pytest
+
+
 def _official_proxyclip(head, rgb: np.ndarray, repeats: int, device: torch.device, folder: Path):
     """The official ProxyCLIP segmentor on the same weights and the same resized input (its code checked
     out under ``folder``): its seconds per image, or ``None`` when its mirror is not here."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-    try:
-        import pytest
-        from official_vfm import PROXYCLIP_REPO, import_official_dino, import_proxyclip
-    except ImportError:
+    loaded = _official_helpers("official_vfm")
+    if loaded is None:
         return None
-    if not PROXYCLIP_REPO.is_dir():
+    official_vfm, pytest = loaded
+    if not official_vfm.PROXYCLIP_REPO.is_dir():
         return None
     try:
-        module, fork = import_proxyclip(folder / "repo")
-        dino = import_official_dino(folder / "dino").vit_base(patch_size=8, num_classes=0).eval()
+        module, fork = official_vfm.import_proxyclip(folder / "repo")
+        dino = official_vfm.import_official_dino(folder / "dino").vit_base(patch_size=8, num_classes=0).eval()
     except pytest.skip.Exception:
         return None
     dino.load_state_dict(head.vfm.model.state_dict())
@@ -207,23 +221,10 @@ def _official_proxyclip(head, rgb: np.ndarray, repeats: int, device: torch.devic
     return seconds
 
 
-def _official_segmenters():
-    """tests/official_segmenters.py and pytest (its skips), or ``None`` when either is missing."""
-    tests = str(Path(__file__).resolve().parents[2] / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    try:
-        import official_segmenters
-        import pytest
-    except ImportError:
-        return None
-    return official_segmenters, pytest
-
-
 def _official_cliper(head, rgb: np.ndarray, repeats: int, device: torch.device, folder: Path):
     """The official CLIPer ``Pipeline`` (no refinement) and its post-processing on the same weights, text
     rows and resized input: its seconds per image, or ``None`` without its mirrors or off the CPU."""
-    loaded = _official_segmenters()
+    loaded = _official_helpers("official_segmenters")
     if loaded is None or device.type != "cpu":
         return None
     official_segmenters, pytest = loaded
@@ -251,7 +252,7 @@ def _official_clipdinoiser(head, rgb: np.ndarray, repeats: int, device: torch.de
     """The official CLIP-DINOiser model on the same CLIP weights, head tensors (its ``last.pt``) and text
     rows (its class embeddings), through the mmseg 0.27 sliding-window eval on the same resized input: its
     seconds per image, or ``None`` without its mirrors or off the CPU."""
-    loaded = _official_segmenters()
+    loaded = _official_helpers("official_segmenters")
     if loaded is None or device.type != "cpu":
         return None
     official_segmenters, pytest = loaded
