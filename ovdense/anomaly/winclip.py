@@ -59,20 +59,24 @@ TEMPERATURE = 0.07
 class AnomalyResult:
     """``score``: the image's anomaly score in [0, 1]; ``map``: ``[H, W]`` float32 pixel scores
     at the input image's resolution; ``object_name``, ``shots`` (0: zero-shot WinCLIP, else
-    WinCLIP+ with that many references) and ``prompt_set``: the head's settings."""
+    WinCLIP+ with that many references), ``prompt_set`` and ``method`` (the head's title):
+    the head's settings."""
 
     score: float
     map: np.ndarray
     object_name: str = ""
     shots: int = 0
     prompt_set: str = ""
+    method: str = "WinCLIP"
 
     OUTPUTS = ("_anomaly.npy", "_heatmap.png", "_anomaly.json")  # what ``save`` writes, the JSON last
     JSON_KEYS = ("image", "size", "object", "score", "map_max", "mode", "references", "model", "prompt_set")
 
     @property
     def mode(self) -> str:
-        return f"WinCLIP+ ({self.shots}-shot)" if self.shots else "WinCLIP (zero-shot)"
+        if self.method == "WinCLIP":
+            return f"WinCLIP+ ({self.shots}-shot)" if self.shots else "WinCLIP (zero-shot)"
+        return f"{self.method} ({self.shots}-shot)" if self.shots else f"{self.method} (zero-shot)"
 
     def to_json(self, **info) -> dict:
         """The JSON ``ovdense anomaly`` writes: size, object, image score, the map's maximum, the
