@@ -73,7 +73,8 @@ def import_adaptclip(dest: Path) -> SimpleNamespace:
         sys.modules["tools"] = tools
         utils = importlib.import_module("tools.utils")
         logger = importlib.import_module("tools.logger")
-        tools.get_transform, tools.setup_seed, tools.normalize = utils.get_transform, utils.setup_seed, utils.normalize
+        tools.get_transform, tools.setup_seed = utils.get_transform, utils.setup_seed
+        tools.normalize = utils.normalize
         tools.get_logger, tools.Evaluator, tools.visualizer = logger.get_logger, Recorder, None
         table = types.ModuleType("tabulate")
         table.tabulate = lambda *args, **kwargs: ""
@@ -189,7 +190,8 @@ def run_official_test(official: SimpleNamespace, model, args) -> dict:
 def train_args(data: Path, out: Path, batch_size: int, image_size: int):
     """``train.py``'s arguments as ``scripts/train_adaptclip.sh`` gives them, for one epoch."""
     return SimpleNamespace(train_data_path=str(data), save_path=str(out), dataset="mvtec",
-                           pretrained_model="ViT-L/14@336px", n_ctx=12, features_list=[6, 12, 18, 24], epoch=1,
+                           pretrained_model="ViT-L/14@336px", n_ctx=12, features_list=[6, 12, 18, 24],
+                           epoch=1,
                            learning_rate=0.001, batch_size=batch_size, image_size=image_size, print_freq=1,
                            save_freq=1, seed=10, k_shots=1, visual_learner=True, textual_learner=True,
                            pq_learner=True, vl_reduction=4, pq_mid_dim=128, pq_context=True)
@@ -224,7 +226,8 @@ def run_official_train(official: SimpleNamespace, model, args) -> SimpleNamespac
     def loader(dataset, **kwargs):
         kwargs["num_workers"] = 0
         for items in real_loader(dataset, **kwargs):
-            record.batches.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in items.items()})
+            record.batches.append({k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                                   for k, v in items.items()})
             yield items
 
     class Loader:

@@ -138,7 +138,8 @@ class ResidualMLP(nn.Module):
     def __init__(self, dim: int, reduction: int):
         super().__init__()
         hidden = dim // reduction
-        self.fc = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+        self.fc = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden),
+                                nn.ReLU(inplace=True),
                                 nn.Linear(hidden, dim, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,12 +179,14 @@ class AdaptClipHead(nn.Module):
         patch = backbone.model.visual.patch_size
         patch = patch[0] if isinstance(patch, tuple) else int(patch)
         if c.image_size % patch or c.image_size // patch < 1:
-            raise OvdenseError(f"AdaptCLIP's image_size {c.image_size} is not a multiple of the patch size {patch}")
+            raise OvdenseError(f"AdaptCLIP's image_size {c.image_size} is not a multiple of the patch size "
+                               f"{patch}")
         if c.n_ctx < 1 or c.reduction < 1 or c.pq_mid_dim < 2 or c.sigma < 0:
             raise OvdenseError(f"AdaptCLIP needs n_ctx, reduction ≥ 1, pq_mid_dim ≥ 2 and sigma ≥ 0; got {c}")
         self.grid = c.image_size // patch
         if self.grid ** 2 < TOP_K:
-            raise OvdenseError(f"AdaptCLIP's image_size {c.image_size} gives {self.grid ** 2} patches, fewer than "
+            raise OvdenseError(f"AdaptCLIP's image_size {c.image_size} gives {self.grid ** 2} patches, fewer "
+                               "than "
                                f"the {TOP_K} its image score averages")
         dim = output_dim(backbone)
         text_width = text_tower(backbone).ln_final.weight.shape[0]
@@ -205,7 +208,8 @@ def output_dim(backbone: ClipBackbone) -> int:
 def text_tower(backbone: ClipBackbone):
     tower = causal_text_tower(backbone.model)
     if tower is None:
-        raise OvdenseError(f"AdaptCLIP's textual adapter needs a causal CLIP text tower; {backbone.name}'s is not")
+        raise OvdenseError(f"AdaptCLIP's textual adapter needs a causal CLIP text tower; {backbone.name}'s "
+                           "is not")
     return tower
 
 
@@ -332,7 +336,8 @@ def visual_scores(head: AdaptClipHead, image: torch.Tensor, patches: torch.Tenso
     return text_scores(head.visual_global(image), head.visual_local(patches), static, size)
 
 
-def prompt_query_scores(head: AdaptClipHead, patches: Sequence[torch.Tensor], references: Sequence[torch.Tensor],
+def prompt_query_scores(head: AdaptClipHead, patches: Sequence[torch.Tensor],
+                        references: Sequence[torch.Tensor],
                         size: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """The prompt–query adapter (``ac.py`` ``PQAdapter.forward``): per tap, query tokens ``[B, 1 + P, D]``
     against reference tokens ``[B, K, 1 + P, D]`` (K shots) → image logits ``[B, 2]``, the head's map
@@ -460,7 +465,8 @@ class AdaptClip:
         rgbs = [load_image(image) for image in images]
         sizes = sorted({rgb.shape[:2] for rgb in rgbs})
         if len(sizes) > 1:
-            raise OvdenseError(f"the reference images have different sizes {sizes}: AdaptCLIP compares patches "
+            raise OvdenseError(f"the reference images have different sizes {sizes}: AdaptCLIP compares "
+                               "patches "
                                "position by position, give normal images of one size, the queries' size")
         _, patches = self.encode(self.prepare(rgbs))
         self.memory = [p[None] for p in patches]  # 1, K, 1+P, D
@@ -496,6 +502,7 @@ class AdaptClip:
         for rgb, score, grid_map in zip(rgbs, scores, maps):
             full = F.interpolate(grid_map[None, None].float(), size=rgb.shape[:2], mode="bilinear",
                                  align_corners=False)[0, 0]
-            results.append(AnomalyResult(float(score), full.cpu().numpy().astype(np.float32), self.object_name,
+            results.append(AnomalyResult(float(score), full.cpu().numpy().astype(np.float32),
+                                         self.object_name,
                                          self.shots, "adaptclip", method="AdaptCLIP"))
         return results

@@ -34,8 +34,10 @@ GAMMA = 2.0
 SMOOTH = 1e-5
 
 
-def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = GAMMA, smooth: float = SMOOTH) -> torch.Tensor:
-    """The official ``FocalLoss()`` on probabilities ``[B, C, H, W]`` and labels ``[B, H, W]`` in ``0 … C-1``."""
+def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = GAMMA,
+               smooth: float = SMOOTH) -> torch.Tensor:
+    """The official ``FocalLoss()`` on probabilities ``[B, C, H, W]`` and labels ``[B, H, W]`` in
+    ``0 … C-1``."""
     C = probs.shape[1]
     p = probs.movedim(1, -1).reshape(-1, C)
     one_hot = F.one_hot(target.reshape(-1).long(), C).to(p.dtype).clamp(smooth / (C - 1), 1.0 - smooth)

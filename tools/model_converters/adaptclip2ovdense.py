@@ -87,7 +87,8 @@ def map_state(checkpoint: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str,
     unexpected = sorted(set(text) - {"ctx_pos", "ctx_neg", *TEXT_BUFFERS})
     if unexpected:
         raise ConversionError(f"textual_learner has unexpected keys {unexpected[:5]}")
-    for official, own in (("global_adapter.fc.", "visual_global.fc."), ("local_adater.fc.", "visual_local.fc.")):
+    for official, own in (("global_adapter.fc.", "visual_global.fc."),
+                          ("local_adater.fc.", "visual_local.fc.")):
         keys = [k for k in visual if k.startswith(official)]
         if not keys:
             raise ConversionError(f"visual_learner lacks {official}*")
@@ -151,8 +152,9 @@ def convert(checkpoint: str | Path, out_dir: str | Path, backbone, image_size: i
         raise ConversionError(f"the adapters do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ConversionError(f"{key} has shape {tuple(tensor.shape)}, the head for {backbone.name} expects "
-                                  f"{tuple(expected[key].shape)}: were the adapters trained on another backbone?")
+            raise ConversionError(f"{key} has shape {tuple(tensor.shape)}, the head for {backbone.name} "
+                                  f"expects {tuple(expected[key].shape)}: were the adapters trained on "
+                                  "another backbone?")
     head.load_state_dict(state, strict=True)
     return save_head(Path(out_dir) / HEAD_FILE, head, backbone)
 
@@ -162,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="the official epoch_15.pth")
     parser.add_argument("out_dir", help=f"folder for {HEAD_FILE}")
     parser.add_argument("--backbone", default="ViT-L-14-336",
-                        help="the ovdense backbone the adapters were trained on (default: ViT-L-14-336, the official)")
+                        help="the ovdense backbone the adapters were trained on (default: ViT-L-14-336, "
+                        "the official)")
     parser.add_argument("--pretrained", default="openai", help="the --backbone's weights: a tag or a file")
-    parser.add_argument("--image-size", type=int, default=518, help="the input side (default 518, the official)")
+    parser.add_argument("--image-size", type=int, default=518,
+                        help="the input side (default 518, the official)")
     parser.add_argument("--taps", type=int, nargs="+", default=[],
                         help="1-indexed tapped blocks (default: the depth's quarters, 6 12 18 24 on ViT-L)")
     parser.add_argument("--no-pq-context", action="store_true",
