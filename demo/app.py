@@ -3,7 +3,8 @@ methods side by side, find things like an example image (CLIPSeg), detect object
 words, and see defect maps.
 
     python demo/app.py [--model toy|ViT-B-16|CONFIG.json] [--pretrained TAG|FILE|none] [--port 7860]
-                       [--san-head PATH] [--clipseg-head PATH] [--fvit-head PATH] [--sam-checkpoint PATH]
+                       [--san-head PATH] [--clipseg-head PATH] [--fvit-head PATH] [--adaptclip-head PATH]
+                       [--sam-checkpoint PATH]
 
 Needs the ``[demo]`` extra (gradio). The default model is ``toy``, the embedded CLIP of the
 synthetic world: the page then runs offline and on a CPU. The server binds to 127.0.0.1 unless
@@ -13,12 +14,16 @@ The work is done by plain functions on numpy images — ``read_image``, ``parse_
 ``read_image_prompt``, ``parse_region``, ``parse_prompt_name``, ``segment_image``,
 ``compare_methods``, ``detect_image``, ``anomaly_map``, ``sam_clip_image`` — and ``build_app``
 only wires them to gradio. One backbone is loaded at start and shared by every tab; the heads
-(``Segmenter``, ``ClipSegSegmenter``, ``Detector``, ``WinClip``, ``SamClipSegmenter``, each
-holding its text embeddings) are kept per (head, settings) in a small LRU (``Heads``), and the
+(``Segmenter``, ``ClipSegSegmenter``, ``Detector``, ``WinClip``, ``AdaptClip``, ``SamClipSegmenter``,
+each holding its text embeddings) are kept per (head, settings) in a small LRU (``Heads``), and the
 library's disk cache keeps text embeddings across runs. The SAM + CLIP tab appears only with
 ``--sam-checkpoint``; the Detect tab with an F-ViT head (``--fvit-head``, or the one that ships
 for the toy model). User errors (``OvdenseError``) are shown in the page as one message, never a
 stack trace.
+
+The Anomaly tab runs WinCLIP (WinCLIP+ with normal references) or AdaptCLIP (``ovdense.anomaly.adaptclip``:
+zero-shot, few-shot with references of the query's size) with its adapters: ``--adaptclip-head``, or the
+ones that ship for the toy model.
 
 The Find like this tab (with a CLIPSeg head: ``--clipseg-head``, or the one that ships for the
 toy model) adds one class named by an example image: the object is marked by a mask upload (its
@@ -265,16 +270,16 @@ class Heads:
         sam: a segment-anything model for the heads that need one (SAM + CLIP; ``load_sam``), or ``None``.
         vfm: a second vision model for the heads that need one (ProxyCLIP; ``create_vfm``), or ``None``.
         size: how many heads to keep.
-        head_checkpoints: ``<name>_head=PATH`` for a trained head of the registry (``san_head``,
-            ``fvit_head``); one not given is the head that ships for the backbone, if any. Each
-            is also an attribute (``heads.san_head``: the path, or ``None``).
+        head_checkpoints: ``<name>_head=PATH`` for a trained head (``san_head``, ``fvit_head``,
+            ``adaptclip_head``: ``TRAINED``); one not given is the head that ships for the
+            backbone, if any. Each is also an attribute (``heads.san_head``: the path, or ``None``).
     """
 
     def __init__(self, backbone: ClipBackbone, sam=None, size: int = CACHE_SIZE, vfm=None,
                  **head_checkpoints: str | Path | None):
         unknown = sorted(set(head_checkpoints) - {head_keyword(name) for name in TRAINED})
         if unknown:
-            raise TypeError(f"Heads() got unexpected arguments {unknown}; trained heads: {list(TRAINED)}")
+            raise TypeError(f"Heads() got unexpected arguments {unknown}; trained heads: {TRAINED}")
         self.backbone = backbone
         self.sam = sam
         self.vfm = vfm
@@ -342,7 +347,25 @@ class Heads:
         return self.head(method, [list(c) for c in classes], **settings)
 
     def winclip(self, object_name: str):
+        """The WinCLIP head for ``object_name`` (its prompts name the object), one per name."""
         return self.head(DEFAULT_HEADS["anomaly"], object_name.strip())
+
+    def adaptclip(self):
+        """The AdaptCLIP head (``ovdense.anomaly.adaptclip.AdaptClip``), built once for the backbone:
+        its prompts say "object" whatever the object, so one head serves every name.
+
+        Raises:
+            OvdenseError: no adapters for this backbone (none given, none ship), or a file that
+                is not AdaptCLIP's adapters for it.
+        """
+        from ovdense.anomaly.adaptclip import AdaptClip
+
+        checkpoint = self.checkpoints[ADAPTCLIP]
+        if checkpoint is None:
+            raise OvdenseError(f"no AdaptCLIP adapters for {Path(self.backbone.name).name}: start the demo "
+                               "with --adaptclip-head PATH (they ship for the toy model only; docs/demo.md)")
+        return self._get((ADAPTCLIP, str(checkpoint)),
+                         lambda: AdaptClip(self.backbone, head_checkpoint=checkpoint))
 
     def sam_clip(self, method: str, classes: Sequence[tuple[str, ...]], **settings):
         """The head that needs SAM (SAM + CLIP) with the dense features of ``method``."""
@@ -366,6 +389,7 @@ class Heads:
 
 
 TRAINED = [name for name in HEADS if HEADS[name].trained]  # each has a --<name>-head flag
+ADAPTCLIP = "adaptclip"  # the Anomaly tab's trained head (Heads.adaptclip)
 
 
 def head_keyword(name: str) -> str:
@@ -468,18 +492,37 @@ def comparison_table(results: dict[str, Segmentation | str]) -> list[list]:
     return rows
 
 
-def anomaly_map(heads: Heads, rgb: np.ndarray, object_name: str,
-                references: Sequence[np.ndarray] = ()) -> tuple[np.ndarray, float, np.ndarray]:
-    """WinCLIP (zero-shot) or, with normal ``references``, WinCLIP+ on ``rgb [H, W, 3]``:
-    the heat-map overlay ``[H, W, 3]`` (JET on the fixed scale 0–1), the image score in
-    [0, 1] and the map ``[H, W]`` float32."""
-    winclip = heads.winclip(object_name)
-    if references:
-        winclip.set_references(list(references))
+ANOMALY_METHODS = ("WinCLIP", "AdaptCLIP")  # the Anomaly tab's choices
+
+
+def anomaly_map(heads: Heads, rgb: np.ndarray, object_name: str, references: Sequence[np.ndarray] = (),
+                method: str = "WinCLIP") -> tuple[np.ndarray, float, np.ndarray, str]:
+    """Defects in ``rgb [H, W, 3]`` by ``method`` (``ANOMALY_METHODS``): WinCLIP (zero-shot) or, with
+    normal ``references``, WinCLIP+; AdaptCLIP zero-shot or, with ``references`` (all of the image's
+    size: its prompt–query adapter compares patches position by position), few-shot.
+
+    Returns the heat-map overlay ``[H, W, 3]`` (JET on the fixed scale 0–1), the image score in
+    [0, 1], the map ``[H, W]`` float32 and the mode that ran (``AnomalyResult.mode``, e.g.
+    ``"AdaptCLIP (2-shot)"``).
+
+    Raises:
+        OvdenseError: an unknown method, an empty object name (WinCLIP), no AdaptCLIP adapters for
+            the backbone, references of different sizes or of another size than the image (AdaptCLIP).
+    """
+    if method == "WinCLIP":
+        head = heads.winclip(object_name)
+    elif method == "AdaptCLIP":
+        head = heads.adaptclip()  # "object" in its prompts: the name is not needed
     else:
-        winclip.memory = None  # the cached head may hold an earlier request's references
-    (result,) = winclip.predict([rgb])
-    return result.overlay(rgb), result.score, result.map
+        raise OvdenseError(f"unknown anomaly method {method!r}; choose from: {', '.join(ANOMALY_METHODS)}")
+    if references:
+        head.set_references(list(references))
+    else:  # the cached head may hold an earlier request's references
+        head.memory = None
+        if method == "AdaptCLIP":
+            head.reference_size = None
+    (result,) = head.predict([rgb])
+    return result.overlay(rgb), result.score, result.map, result.mode
 
 
 @dataclass
@@ -778,32 +821,34 @@ def _anomaly_tab(heads: Heads) -> None:
 
     progress_bar = gr.Progress()
 
-    def run(path, object_name, reference_paths, progress=progress_bar):
+    def run(path, object_name, reference_paths, method="WinCLIP", progress=progress_bar):
         rgb, _ = read_image(path)
         reference_paths = reference_paths or []
         if len(reference_paths) > MAX_REFERENCES:
             raise OvdenseError(f"{len(reference_paths)} reference images; the limit is {MAX_REFERENCES}")
         references = [read_image(p)[0] for p in reference_paths]
-        progress(0, desc="WinCLIP+" if references else "WinCLIP")
-        heat, score, _ = anomaly_map(heads, rgb, object_name, references)
-        mode = f"WinCLIP+, {len(references)}-shot" if references else "WinCLIP, zero-shot"
-        return heat, f"**image score {score:.3f}** ({mode}; 0 = normal, 1 = anomalous)"
+        progress(0, desc=f"{method}: {len(references)}-shot" if references else f"{method}: zero-shot")
+        heat, score, _, mode = anomaly_map(heads, rgb, object_name, references, method)
+        return heat, f"**image score {score:.3f}** by {mode} (0 = normal, 1 = anomalous)"
 
     with gr.Row():
         with gr.Column(scale=1):
             upload = gr.File(label="Image", file_types=list(IMAGE_SUFFIXES), type="filepath",
                              elem_id="anomaly-upload")
-            object_name = gr.Textbox(label="Object", placeholder="bottle", info="what the image shows",
-                                     elem_id="object-name")
-            references = gr.File(label=f"Normal references (optional, at most {MAX_REFERENCES})",
-                                 file_types=list(IMAGE_SUFFIXES), file_count="multiple", type="filepath",
-                                 elem_id="references")
+            method = gr.Radio(list(ANOMALY_METHODS), value="WinCLIP", label="Method",
+                              info="AdaptCLIP: trained adapters (the toy model's ship; --adaptclip-head)",
+                              elem_id="anomaly-method")
+            object_name = gr.Textbox(label="Object", placeholder="bottle", elem_id="object-name",
+                                     info="what the image shows (WinCLIP's prompts; AdaptCLIP says 'object')")
+            references = gr.File(label=f"Normal references (optional, at most {MAX_REFERENCES}; "
+                                 "for AdaptCLIP of the image's size)", file_types=list(IMAGE_SUFFIXES),
+                                 file_count="multiple", type="filepath", elem_id="references")
             button = gr.Button("Find defects", variant="primary", elem_id="run-anomaly")
         with gr.Column(scale=2):
             score = gr.Markdown(elem_id="anomaly-score")
             heat = gr.Image(label="Anomaly heat map (0–1)", format="png", interactive=False,
                             elem_id="heatmap")
-    button.click(_shown_in_page(run), [upload, object_name, references], [heat, score],
+    button.click(_shown_in_page(run), [upload, object_name, references, method], [heat, score],
                  api_name="anomaly", concurrency_id="model", concurrency_limit=CONCURRENCY)
 
 

@@ -68,6 +68,7 @@ class HeadEntry:
         options: the head's own options, by their command-line names (``args`` attributes):
             any other option of its command is refused for this head.
         required: keyword arguments ``create_head`` must be given (``winclip+``: references).
+        accepts: keyword arguments a command may give it (``adaptclip``: references, few-shot).
         needs: what the head needs beyond the backbone that a caller supplies, by keyword
             (``sam``: a segment-anything model).
         checkpoints: for a trained head, the module whose ``default_head_checkpoint(backbone)``
@@ -89,6 +90,7 @@ class HeadEntry:
     fixed: Mapping[str, Any] = field(default_factory=dict)
     options: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
+    accepts: tuple[str, ...] = ()
     needs: tuple[str, ...] = ()
     checkpoints: str | None = None
     outputs: tuple[str, ...] = ()
@@ -220,6 +222,14 @@ _ENTRIES: tuple[HeadEntry, ...] = (
         summary="few-shot: WinCLIP plus the distance to the windows and patches of normal reference images",
         paper="Jeong et al., CVPR 2023 (WinCLIP)", options=("prompt_set",), required=("references",),
         outputs=("_anomaly.npy", "_heatmap.png", "_anomaly.json"), hint="--object NAME --reference DIR",
+    ),
+    HeadEntry(
+        "adaptclip", "anomaly", "ovdense.anomaly.adaptclip:AdaptClip", title="AdaptCLIP",
+        summary="trained adapters (textual, visual, prompt-query) that carry to unseen categories; "
+        "zero-shot, few-shot with normal images",
+        paper="Gao et al., AAAI 2026 (AdaptCLIP)", options=("head_checkpoint",), accepts=("references",),
+        checkpoints="ovdense.anomaly.adaptclip", outputs=("_anomaly.npy", "_heatmap.png", "_anomaly.json"),
+        hint="--head-checkpoint (the toy model ships one) [--normal DIR --shots K]",
     ),
 )
 

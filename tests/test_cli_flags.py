@@ -102,8 +102,13 @@ SUCCEEDING_RUNS = {
         "--max-pixels": f"{HERE}::test_anomaly_device_and_max_pixels",
         "--skip-existing": "test_resume_cli.py::"
                            "test_skip_existing_checks_every_output_and_builds_no_model_when_all_exist",
+        "--normal": "test_cli_adaptclip.py::test_anomaly_outputs_agree",
+        "--head-checkpoint": "test_cli_adaptclip.py::test_anomaly_outputs_agree",
     },
     "anomaly-eval": {
+        "--method": "test_cli_adaptclip.py::test_anomaly_eval_against_sklearn",
+        "--head-checkpoint": "test_cli_adaptclip.py::test_anomaly_eval_against_sklearn",
+        "--reference-seed": "test_cli_adaptclip.py::test_anomaly_eval_reference_seed",
         "--dataset": "test_cli_anomaly.py::test_anomaly_eval_writes_the_metrics_of_the_predictions",
         "--root": "test_cli_anomaly.py::test_anomaly_eval_writes_the_metrics_of_the_predictions",
         "--shots": "test_cli_anomaly.py::test_anomaly_eval_writes_the_metrics_of_the_predictions",

@@ -234,11 +234,12 @@ def test_anomaly_map_is_winclips_and_forgets_references(app, small_backbone, rng
     few_shot_head.set_references([reference])
     few_shot = few_shot_head.predict([rgb])[0]
 
-    heat, score, amap = app.anomaly_map(heads, rgb, "bottle", [reference])
+    heat, score, amap, mode = app.anomaly_map(heads, rgb, "bottle", [reference])
     assert score == pytest.approx(few_shot.score, abs=1e-6)
     np.testing.assert_allclose(amap, few_shot.map, atol=1e-6)
-    heat, score, amap = app.anomaly_map(heads, rgb, " bottle ")  # the cached head, no references
-    assert score == pytest.approx(zero_shot.score, abs=1e-6)
+    assert mode == "WinCLIP+ (1-shot)"
+    heat, score, amap, mode = app.anomaly_map(heads, rgb, " bottle ")  # the cached head, no references
+    assert score == pytest.approx(zero_shot.score, abs=1e-6) and mode == "WinCLIP (zero-shot)"
     np.testing.assert_array_equal(heat, heatmap_overlay(rgb, amap))
     with pytest.raises(OvdenseError, match="object name is empty"):
         app.anomaly_map(heads, rgb, "  ")

@@ -97,6 +97,13 @@ def build(name, toy, sam, fvit_head, rgb, tiny_backbone, tmp_path):
         own = WinClip(toy, "ring")
         own.set_references([rgb[::-1].copy()])
         return create_head(name, toy, "ring", references=[rgb[::-1].copy()]), own
+    if name == "adaptclip":
+        from ovdense.anomaly.adaptclip import AdaptClip, AdaptClipConfig, AdaptClipHead, save_head
+
+        head = tmp_path.with_name(tmp_path.name + "-head") / "adaptclip_head.safetensors"
+        save_head(head, AdaptClipHead(toy, AdaptClipConfig(image_size=128, sigma=1.0)), toy)
+        return (create_head(name, toy, "ring", head_checkpoint=head, references=[rgb[::-1].copy()]),
+                AdaptClip(toy, "ring", head_checkpoint=head, references=[rgb[::-1].copy()]))
     raise AssertionError(f"a registered head without a test: {name}; add it to build()")
 
 
@@ -244,12 +251,15 @@ def app():
 def test_cli_methods_and_demo_list_the_registry(toy, sam, fvit_head, app, tmp_path, capsys):
     assert methods_listed(capsys) == list_heads()
     assert [n for n in list_heads() if accepted(n, tmp_path, capsys)] == list_heads("segmentation")
+    from ovdense.anomaly import adaptclip
     from ovdense.backbone.vfm import create_vfm
     from ovdense.heads.clipdinoiser import ClipDinoiserHead, save_head
 
     clipdinoiser_head = save_head(tmp_path / "clipdinoiser_head.safetensors", ClipDinoiserHead(toy), toy)
+    adapters = adaptclip.AdaptClipHead(toy, adaptclip.AdaptClipConfig(image_size=128))
+    adaptclip_head = adaptclip.save_head(tmp_path / "adaptclip_head.safetensors", adapters, toy)
     heads = app.Heads(toy, sam, vfm=create_vfm("dino_vitb16", "random"), fvit_head=fvit_head,
-                      clipdinoiser_head=clipdinoiser_head)
+                      clipdinoiser_head=clipdinoiser_head, adaptclip_head=adaptclip_head)
     assert heads.methods == list_heads("segmentation")
     assert heads.available("detection") == list_heads("detection")
     assert heads.available("anomaly") == list_heads("anomaly")

@@ -1,4 +1,4 @@
-"""Evaluate WinCLIP / WinCLIP+ on MVTec AD or VisA folders, category by category."""
+"""Evaluate WinCLIP / WinCLIP+ or AdaptCLIP on MVTec AD or VisA folders, category by category."""
 
 from __future__ import annotations
 
@@ -83,6 +83,22 @@ def _no_categories_message(dataset: str, root: Path) -> str:
     return f"{root} lists no VisA category in split_csv/1cls.csv"
 
 
+METHODS = ("winclip", "adaptclip")
+
+
+def reference_images(dataset: str, root: str | Path, category: str, shots: int,
+                     seed: int | None = None) -> list[Path]:
+    """The ``shots`` normal training images of a category used as references: the first ``shots``
+    (sorted by name), or with ``seed`` a seeded draw without replacement (``random.Random(seed)``)."""
+    import random
+
+    _, iterate = READERS[dataset]
+    images = [s.image for s in iterate(root, category, "train")]
+    if seed is None:
+        return images[:shots]
+    return random.Random(seed).sample(images, shots)
+
+
 def evaluate(
     backbone: ClipBackbone,
     dataset: str,
@@ -92,24 +108,44 @@ def evaluate(
     prompt_set: str = "paper",
     batch: int = 8,
     max_pixels: int | None = MAX_PIXELS,
+    method: str = "winclip",
+    head_checkpoint: str | Path | None = None,
+    reference_seed: int | None = None,
+    defects: list[str] | None = None,
 ) -> dict[str, AnomalyScores]:
-    """Per category, the metrics of WinCLIP (``shots = 0``) or WinCLIP+ with the first
-    ``shots`` normal training images as references; every image and mask is read under the
-    pixel limit ``max_pixels`` (``ovdense.io``)."""
+    """Per category, the metrics of ``method``: WinCLIP (``shots = 0``) or WinCLIP+, or AdaptCLIP
+    (``head_checkpoint``: its adapters; ``None``: those that ship for the backbone) zero- or
+    few-shot; the references are ``reference_images`` (the first ``shots`` normal training images,
+    or a draw by ``reference_seed``); ``defects``: only the anomalous test images of these defect
+    kinds (with every normal one). Every image and mask is read under the pixel limit
+    ``max_pixels`` (``ovdense.io``)."""
+    if method not in METHODS:
+        raise OvdenseError(f"unknown anomaly method {method!r}; choose from {list(METHODS)}")
     categories = check_dataset(dataset, root, categories, shots)
     _, iterate = READERS[dataset]
+    adapters = None
+    if method == "adaptclip":
+        from ovdense.anomaly.adaptclip import default_head_checkpoint, load_head
+
+        adapters = load_head(head_checkpoint or default_head_checkpoint(backbone), backbone)
     results = {}
     for category in categories:
-        winclip = WinClip(backbone, object_name(category), prompt_set=prompt_set)
+        if adapters is not None:
+            from ovdense.anomaly.adaptclip import AdaptClip
+
+            head = AdaptClip(backbone, object_name(category), head=adapters)
+        else:
+            head = WinClip(backbone, object_name(category), prompt_set=prompt_set)
         if shots:
-            references = [s.image for s in iterate(root, category, "train")]
-            winclip.set_references([load_image(r, max_pixels=max_pixels) for r in references[:shots]])
-        samples = list(iterate(root, category, "test"))
+            references = reference_images(dataset, root, category, shots, reference_seed)
+            head.set_references([load_image(r, max_pixels=max_pixels) for r in references])
+        samples = [s for s in iterate(root, category, "test") if defects is None or s.label == 0
+                   or s.defect in defects]
         metrics = AnomalyMetrics()
         for start in tqdm(range(0, len(samples), batch), desc=category, unit="batch", file=sys.stderr):
             chunk = samples[start:start + batch]
             images = [load_image(s.image, max_pixels=max_pixels) for s in chunk]
-            for sample, result in zip(chunk, winclip.predict(images)):
+            for sample, result in zip(chunk, head.predict(images)):
                 mask = load_mask(sample, result.map.shape, max_pixels=max_pixels)
                 metrics.update(result.score, sample.label, result.map, mask)
         results[category] = metrics.scores()

@@ -1,4 +1,4 @@
-"""``ovdense anomaly`` (WinCLIP, or WinCLIP+ with references, through the registry) and
+"""``ovdense anomaly`` (WinCLIP, WinCLIP+ with references, or AdaptCLIP, through the registry) and
 ``ovdense anomaly-eval`` (the metrics on MVTec AD or VisA)."""
 
 from __future__ import annotations
@@ -23,19 +23,27 @@ ANOMALY_OUTPUTS = default_head("anomaly").outputs  # the JSON last: the completi
 
 
 def _command_anomaly(args: argparse.Namespace) -> int:
+    entry = get_head(args.method, "anomaly") if args.method is not None else None
+    if args.object is None:
+        if entry is None or "head_checkpoint" not in entry.options:  # WinCLIP's prompts name the object
+            raise OvdenseError("--object NAME is needed: say what the images show, e.g. --object bottle")
+        args.object = "object"  # AdaptCLIP's prompts say "object" for every category
     if not args.object.strip():
         raise OvdenseError("the object name is empty: say what the images show, e.g. --object bottle")
     _check_range(args, "max_pixels", 1)
     images = _list_inputs(args.inputs)
     _check_out(args.out)
     references = _reference_images(args)
-    if args.method is not None:  # a head named: its need of references must match --reference
-        entry = get_head(args.method, "anomaly")
+    if entry is not None:  # a head named: its need of references must match --reference
         if "references" in entry.required and not references:
             raise OvdenseError(f"--method {entry.name} needs --reference FOLDER (its normal images)")
-        if references and "references" not in entry.required:
+        if references and "references" not in entry.required + entry.accepts:
             raise OvdenseError(f"--method {entry.name} takes no --reference; leave it out, or choose a "
                                f"head that reads normal images ({', '.join(_with_references())})")
+    if args.head_checkpoint is not None and (entry is None or "head_checkpoint" not in entry.options):
+        named = f"--method {entry.name}" if entry else "WinCLIP"
+        raise OvdenseError(f"--head-checkpoint: not an option of {named}; it is AdaptCLIP's "
+                           "(--method adaptclip)")
     todo, skipped = _pending(args, images, ANOMALY_OUTPUTS)
     if not todo:
         return _report(args.out, len(images), [], "anomaly map", "", skipped)
@@ -64,7 +72,8 @@ def _with_references() -> list[str]:
     """The anomaly heads that take normal reference images."""
     from ovdense.registry import HEADS, list_heads
 
-    return [name for name in list_heads("anomaly") if "references" in HEADS[name].required]
+    return [name for name in list_heads("anomaly")
+            if "references" in HEADS[name].required + HEADS[name].accepts]
 
 
 def _reference_images(args: argparse.Namespace) -> list[Path]:
@@ -73,13 +82,17 @@ def _reference_images(args: argparse.Namespace) -> list[Path]:
 
     if args.reference is None:
         if args.shots is not None:
-            raise OvdenseError("--shots needs --reference FOLDER (the normal images of WinCLIP+)")
+            raise OvdenseError("--shots needs --reference FOLDER (the normal images of WinCLIP+ or "
+                               "AdaptCLIP)")
         return []
     if args.reference.is_file():
         raise OvdenseError(f"--reference {args.reference} is a file; give the folder of normal images")
     if not args.reference.is_dir():
         raise OvdenseError(f"reference folder not found: {args.reference}")
     references = list_images([args.reference])
+    if not references:
+        raise OvdenseError(f"the reference folder {args.reference} holds no images: give normal images of "
+                           "the object")
     shots = 1 if args.shots is None else args.shots
     if shots < 1 or shots > len(references):
         raise OvdenseError(f"--shots {shots} asked, the reference folder has {len(references)} images")
@@ -93,7 +106,11 @@ def _command_anomaly_eval(args: argparse.Namespace) -> int:
     from ovdense.anomaly.evaluate import check_dataset
 
     if args.shots < 0:
-        raise OvdenseError(f"--shots must be ≥ 0 (0 = zero-shot WinCLIP), got {args.shots}")
+        raise OvdenseError(f"--shots must be ≥ 0 (0 = zero-shot), got {args.shots}")
+    if args.head_checkpoint is not None and args.method != "adaptclip":
+        raise OvdenseError("--head-checkpoint is AdaptCLIP's: add --method adaptclip")
+    if args.head_checkpoint is not None and not args.head_checkpoint.is_file():
+        raise OvdenseError(f"AdaptCLIP head checkpoint not found: {args.head_checkpoint}")
     _check_range(args, "max_pixels", 1)
     categories = check_dataset(args.dataset, args.root, args.categories, args.shots)
     _check_out(args.out)
@@ -106,7 +123,8 @@ def _command_anomaly_eval(args: argparse.Namespace) -> int:
     backbone = create_backbone(args.model, pretrained=_pretrained(args.model, args.pretrained),
                                device=args.device)
     results = evaluate(backbone, args.dataset, args.root, categories, args.shots, args.prompt_set,
-                       max_pixels=args.max_pixels)
+                       max_pixels=args.max_pixels, method=args.method, head_checkpoint=args.head_checkpoint,
+                       reference_seed=args.reference_seed)
     columns = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "pixel_ap", "image_ap"]
     rows = [[name] + [100 * getattr(r, c) for c in columns] for name, r in results.items()]
     rows.append(["mean"] + [sum(row[i] for row in rows) / len(rows) for i in range(1, len(columns) + 1)])
@@ -117,7 +135,7 @@ def _command_anomaly_eval(args: argparse.Namespace) -> int:
     writer = csv.writer(buffer)
     writer.writerow(["category"] + columns)
     writer.writerows([[row[0]] + [f"{v:.2f}" for v in row[1:]] for row in rows])
-    stem = f"anomaly_{args.dataset}_{args.shots}shot"
+    stem = f"anomaly_{args.dataset}_{args.shots}shot" + ("_adaptclip" if args.method == "adaptclip" else "")
     write_bytes(args.out / f"{stem}.csv", buffer.getvalue().encode())
     write_image(args.out / f"{stem}.png", _table_picture(lines))
     print(f"ovdense: wrote {args.out / (stem + '.csv')} and {args.out / (stem + '.png')}")

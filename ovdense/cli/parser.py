@@ -136,26 +136,35 @@ def _build_parser() -> argparse.ArgumentParser:
                    "detectors and the anomaly heads")
 
     anomaly = sub.add_parser(
-        "anomaly", help="defect heat maps with WinCLIP (zero-shot) or WinCLIP+ (few-shot)",
+        "anomaly", help="defect heat maps with WinCLIP (zero-shot), WinCLIP+ (few-shot) or AdaptCLIP",
         description="For each image writes <stem>_anomaly.npy (float32 map), "
         "<stem>_heatmap.png (overlay) and <stem>_anomaly.json (image score).",
     )
     anomaly.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders")
-    anomaly.add_argument("--object", required=True, help="what the images show, e.g. bottle")
-    anomaly.add_argument("--reference", type=Path, help="folder of normal images (WinCLIP+)")
+    anomaly.add_argument("--object", help="what the images show, e.g. bottle (WinCLIP's prompts; AdaptCLIP "
+                         "says 'object' for every category)")
+    anomaly.add_argument("--reference", "--normal", dest="reference", type=Path,
+                         help="folder of normal images (WinCLIP+, few-shot AdaptCLIP)")
     anomaly.add_argument("--shots", type=int, help="reference images to use (default 1; needs --reference)")
     anomaly.add_argument("--method", choices=list_heads("anomaly"),
                          help="the anomaly head (see `ovdense methods`; default: "
                          f"{DEFAULT_HEADS['anomaly']}, or the head that takes references with --reference)")
+    _add_anomaly_head_argument(anomaly)
     _add_anomaly_model_arguments(anomaly)
     anomaly.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
     _add_batch_arguments(anomaly)
 
-    evaluation = sub.add_parser("anomaly-eval", help="WinCLIP metrics on MVTec AD or VisA")
+    evaluation = sub.add_parser("anomaly-eval", help="WinCLIP or AdaptCLIP metrics on MVTec AD or VisA")
     evaluation.add_argument("--dataset", required=True, choices=("mvtec", "visa"))
     evaluation.add_argument("--root", type=Path, required=True, help="the dataset's folder")
-    evaluation.add_argument("--shots", type=int, default=0, help="0 = zero-shot WinCLIP")
+    evaluation.add_argument("--method", choices=("winclip", "adaptclip"), default="winclip",
+                            help="winclip (WinCLIP+ with --shots) or adaptclip (default winclip)")
+    evaluation.add_argument("--shots", type=int, default=0,
+                            help="normal training images per category as references (0 = zero-shot)")
+    evaluation.add_argument("--reference-seed", type=int,
+                            help="draw the references with this seed (default: the first --shots by name)")
     evaluation.add_argument("--categories", nargs="+", help="default: all")
+    _add_anomaly_head_argument(evaluation)
     _add_anomaly_model_arguments(evaluation)
     evaluation.add_argument("--out", type=Path, default=Path("outputs"), help="where the CSV and picture go")
     _add_max_pixels_argument(evaluation)
@@ -239,6 +248,13 @@ def _add_sam_clip_arguments(seg: argparse.ArgumentParser) -> None:
     sam.add_argument("--crop-weight", type=float, help="weight of the crop embedding (default 0.5)")
 
 
+
+
+def _add_anomaly_head_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--head-checkpoint", type=Path,
+                        help="AdaptCLIP's adapters (adaptclip_head.safetensors from tools/train.py, or "
+                        "converted by tools/model_converters/adaptclip2ovdense.py; default for --model toy: "
+                        "the shipped ones)")
 
 
 def _add_anomaly_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -273,6 +273,51 @@ def _write_mvtec(root: Path, num: int, seed: int, size: int) -> Path:
     return top
 
 
+# The toy world's anomaly domains (AdaptCLIP's cross-category protocol, issue 30): a category is a
+# (shape, texture) pair, 25 in all; domain A holds the pairs with (shape index + texture index) even
+# (13), domain B the rest (12), so neither domain misses a shape or a texture, and no category is in both.
+
+
+def toy_anomaly_categories(domain: str | None = None) -> list[str]:
+    """The toy anomaly categories ``"<shape>_<texture>"``: all 25, or those of domain ``"A"`` / ``"B"``."""
+    if domain not in (None, "A", "B"):
+        raise ValueError(f"domain must be 'A', 'B' or None, got {domain!r}")
+    pairs = [(i, j) for i in range(len(SHAPES)) for j in range(len(TEXTURES))]
+    keep = {None: (0, 1), "A": (0,), "B": (1,)}[domain]
+    return [f"{SHAPES[i]}_{TEXTURES[j]}" for i, j in pairs if (i + j) % 2 in keep]
+
+
+def write_toy_anomaly(root: str | Path, categories: list[str], num_train: int, num_test: int, seed: int,
+                      size: int = 128, defects: tuple[str, ...] = DEFECTS) -> Path:
+    """The ``categories`` (``toy_anomaly_categories``) in the MVTec AD layout under ``root``: per category
+    ``num_train`` normal training images, ``num_test`` normal test images and ``num_test`` of each of
+    ``defects`` with their masks. One object of the shape's colour (``ANOMALY_COLOUR``) on the texture,
+    every image seeded by (``seed``, category, split, index). Returns ``root``."""
+    top = Path(root)
+    for category in categories:
+        shape, texture = category.split("_", 1)
+        if shape not in SHAPES or texture not in TEXTURES:
+            raise ValueError(f"{category!r} is not a toy anomaly category (<shape>_<texture>)")
+
+        def config(defect: str | None, shape: str = shape, texture: str = texture) -> SceneConfig:
+            return SceneConfig(size=(size, size), objects=(1, 1), radius=(0.3, 0.38),
+                               defect_rate=1.0 if defect else 0.0, defects=(defect,) if defect else DEFECTS,
+                               colours=(ANOMALY_COLOUR[shape],), shapes=(shape,), textures=(texture,),
+                               noise=4.0)
+
+        for split, count in (("train", num_train), ("test", num_test)):
+            for index, scene in enumerate(_scenes(count, seed, f"toy/{category}/{split}", config(None))):
+                write_bytes(top / category / split / "good" / f"{index:03d}.png", _png(scene.image))
+        for defect in defects:
+            scenes = _scenes(num_test, seed, f"toy/{category}/{defect}", config(defect))
+            for index, scene in enumerate(scenes):
+                write_bytes(top / category / "test" / defect / f"{index:03d}.png", _png(scene.image))
+                mask = np.where(scene.defect, 255, 0).astype(np.uint8)
+                mask_path = top / category / "ground_truth" / defect / f"{index:03d}_mask.png"
+                write_bytes(mask_path, _png(mask, "L"))
+    return top
+
+
 def _write_visa(root: Path, num: int, seed: int, size: int) -> Path:
     top = root / "VisA"
     rows = [("object", "split", "label", "image", "mask")]

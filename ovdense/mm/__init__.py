@@ -8,6 +8,8 @@ Importing ``ovdense.mm`` registers, in mmsegmentation 1.x's registries (``defaul
   and ``SanDataPreprocessor``; ``OvdenseCLIPSeg`` (CLIPSeg's decoder, ``ovdense/mm/clipseg.py``);
   mmengine's ``MODELS`` / ``DATASETS`` / ``HOOKS``: ``OvdenseCLIPSelf``, ``ClipSelfDataset`` and
   ``ExportClipSelfHook`` (CLIPSelf's refinement of the backbone, ``ovdense/mm/clipself.py``);
+  ``OvdenseAdaptClip``, ``AnomalyPairDataset`` and ``ExportAdaptClipHook`` (AdaptCLIP's anomaly adapters,
+  ``ovdense/mm/adaptclip.py``);
 * ``DATASETS``: ``PascalVOC20Dataset``, ``COCOObjectDataset``, ``PascalContext459Dataset`` and
   ``ADE20K847Dataset``, the benchmarks mmseg 1.2.2 lacks; ``ClassFileDataset`` (any dataset in
   the images/annotations layout with a class file); ``ClipSegPromptDataset`` (CLIPSeg's
@@ -25,6 +27,7 @@ Configs load it with ``custom_imports = dict(imports=["ovdense.mm"])``. It needs
 (``pip install -e ".[mm]"``). Nothing else in ovdense imports this package.
 """
 
+import ovdense.mm.adaptclip  # noqa: F401 - registers OvdenseAdaptClip, AnomalyPairDataset, ExportAdaptClipHook
 import ovdense.mm.clipdinoiser  # noqa: F401 - registers OvdenseClipDinoiser, its dataset and hook
 from ovdense.mm.clipseg import ClipSegPromptDataset, OvdenseCLIPSeg
 from ovdense.mm.clipself import ClipSelfDataset, ExportClipSelfHook, OvdenseCLIPSelf
