@@ -235,3 +235,20 @@ def test_dual_path_is_the_official_tower(setup):
     with torch.no_grad():
         _, late = ac.encode_image(setup.backbone, x, (6, 12, 18, 24), 5)
     assert (late[0] - patches[0]).abs().max() / patches[0].abs().max() > 1e-2
+
+
+def test_benchmark_runs_and_writes_its_rows(tmp_path):
+    """tools/benchmarks/anomaly.py --adaptclip on the toy CLIP: inference zero- and 1-shot, the training
+    step."""
+    import csv
+
+    from tool_runs import load_tool
+
+    bench = load_tool("benchmarks/anomaly")
+    out = tmp_path / "bench.csv"
+    assert bench.main(["--adaptclip", "--adaptclip-model", "toy", "--adaptclip-size", "64", "--batches", "2",
+                       "--repeats", "1", "--out", str(out)]) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["what"] for r in rows] == ["inference zero-shot", "inference 1-shot", "training step, batch 8"]
+    assert all(float(r["seconds_per_image"]) > 0 for r in rows)

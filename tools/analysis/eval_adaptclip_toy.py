@@ -25,7 +25,8 @@ category's normal training images, the same for every method at a seed), mean ±
 * seen vs unseen category × seen vs unseen defect: head ``A-stained`` on eval-A and eval-B, the anomalous
   images restricted to the seen defects (scratched, holed) or to the unseen one (stained).
 
-Writes ``OUT/results.json``, ``OUT/table.md`` and ``OUT/table.png``.
+Writes ``OUT/results.json``, ``OUT/table.md``, ``OUT/table.png`` and ``OUT/overlays.png`` (unseen
+categories: image, mask, AdaptCLIP's zero-shot map, WinCLIP's).
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ def main(argv=None) -> int:
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     picture(lines, args.out / "table.png")
+    overlays(backbone, heads[("A", args.seeds[0])], args.out / "eval-B", args.out / "overlays.png")
     return 0
 
 
@@ -217,6 +219,27 @@ def table(results: dict, seeds: list[int]) -> list[str]:
                     cells.append(f"{_cell(values, 'image_auroc')} / {_cell(values, 'pixel_ap')}")
             lines.append(f"| {label} | {shots} | " + " | ".join(cells) + " |")
     return lines
+
+
+def overlays(backbone, head_file: Path, root: Path, path: Path, categories: int = 4) -> Path:
+    """A picture: for the first holed image of ``categories`` categories of ``root``, the image, its defect
+    mask, AdaptCLIP's zero-shot map and WinCLIP's (JET, fixed scale 0–1), one row each."""
+    from ovdense.anomaly.adaptclip import AdaptClip
+    from ovdense.anomaly.winclip import WinClip
+    from ovdense.data.anomaly_datasets import iter_mvtec, load_mask, mvtec_categories
+    from ovdense.io import heatmap_overlay, load_image, write_image
+
+    adaptclip = AdaptClip(backbone, head_checkpoint=head_file)
+    rows = []
+    for category in mvtec_categories(root)[:categories]:
+        sample = next(s for s in iter_mvtec(root, category, "test") if s.defect == "holed")
+        rgb = load_image(sample.image)
+        mask = np.repeat(load_mask(sample, rgb.shape[:2])[..., None], 3, axis=2).astype(np.uint8) * 255
+        (ours,) = adaptclip.predict([rgb])
+        (theirs,) = WinClip(backbone, category.split("_")[0]).predict([rgb])
+        maps = [heatmap_overlay(rgb, ours.map), heatmap_overlay(rgb, theirs.map)]
+        rows.append(np.concatenate([rgb, mask, *maps], 1))
+    return write_image(path, np.concatenate(rows, 0))
 
 
 def picture(lines: list[str], path: Path) -> None:

@@ -1,6 +1,16 @@
-"""Benchmark WinCLIP / WinCLIP+ against anomalib 2.7's ``WinClipModel``: agreement, then speed.
+"""Benchmark WinCLIP / WinCLIP+ against anomalib 2.7's ``WinClipModel``: agreement, then speed; with
+``--adaptclip``, AdaptCLIP's inference and training step instead.
 
     python tools/benchmarks/anomaly.py --out runs/bench_anomaly.csv [--device cuda]
+    python tools/benchmarks/anomaly.py --adaptclip --out runs/bench_adaptclip.csv [--device cuda]
+
+**AdaptCLIP** (``--adaptclip``; ``adaptclip_benchmark``): the published setting, a random-weight
+``ViT-L-14-336`` (``--adaptclip-model``) with random adapters at 518 × 518 (a 37 × 37 grid), per image
+for batches of ``--batches`` images, zero-shot and 1-shot (the reference's tokens computed before
+timing): the best wall time over ``--repeats`` calls of ``AdaptClip.score`` on a prepared tensor (the
+dual-path tower, the three adapters, the fusion and the σ = 4 smoothing) and the peak memory; then the
+training step (``ovdense.train.adaptclip.losses`` with backward and an Adam step, batch 8, each query with
+one normal image) of the toy CLIP at 128 px, the toy config's setting, best of ``--repeats``.
 
 anomalib is not a dependency of ovdense. Its model module imports anomalib's whole model zoo;
 the smallest install that imports it next to ovdense (no pip resolution, so torch is never
@@ -235,6 +245,84 @@ def timed(fn, x: torch.Tensor, device: torch.device) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------------------------
+# AdaptCLIP
+
+
+def adaptclip_benchmark(args) -> int:
+    """AdaptCLIP's time per image at the published size and its toy training step (module docstring)."""
+    from ovdense.anomaly.adaptclip import AdaptClip, AdaptClipConfig, AdaptClipHead, static_text
+    from ovdense.train.adaptclip import losses
+
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    backbone = create_backbone(args.adaptclip_model, pretrained=None, device=device)
+    adapters = AdaptClipHead(backbone, AdaptClipConfig(image_size=args.adaptclip_size)).to(device).eval()
+    head = AdaptClip(backbone, head=adapters)
+    print(f"device: {device} ({torch.get_num_threads()} CPU threads), model: random-weight "
+          f"{args.adaptclip_model} at {args.adaptclip_size} px with random adapters (seed {args.seed}); load "
+          f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+    rows = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{'images':>6} {'mode':<10} {'s/image':>9} {'images/s':>9} {'peak MB':>9}", flush=True)
+    for i, B in enumerate(args.batches):
+        repeats = args.repeats[min(i, len(args.repeats) - 1)]
+        x = head.prepare(scenes(B, args.seed + 100, defect_rate=0.75))
+        for mode in ("zero-shot", "1-shot"):
+            head.memory = head.reference_size = None
+            if mode == "1-shot":
+                head.set_references(scenes(1, args.seed + 1000, defect_rate=0.0))
+            head.score(x[:1])  # warm-up
+            best, peak = float("inf"), 0.0
+            for _ in range(repeats):
+                seconds, memory = timed(head.score, x, device)
+                best, peak = min(best, seconds), max(peak, memory)
+            print(f"{B:>6} {mode:<10} {best / B:>9.3f} {B / best:>9.2f} {peak / 1e6:>9.0f}", flush=True)
+            rows.append({"device": device.type, "model": args.adaptclip_model, "size": args.adaptclip_size,
+                         "what": f"inference {mode}", "images": B, "seconds_per_image": best / B,
+                         "peak_mb": peak / 1e6, "repeats": repeats, "load_average": os.getloadavg()[0]})
+            write_csv(args.out, rows)
+    # the toy training step: batch 8 at 128 px, one normal image each
+    del head, adapters, backbone
+    torch.manual_seed(args.seed)
+    toy = create_backbone("toy", device=device)
+    train_head = AdaptClipHead(toy, AdaptClipConfig(image_size=128, sigma=1.0)).to(device).train()
+    optimizer = torch.optim.Adam(train_head.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    static = static_text(toy)
+    prepare = AdaptClip(toy, head=train_head).prepare
+    queries = prepare(scenes(8, args.seed + 200, defect_rate=0.5))
+    prompts = prepare(scenes(8, args.seed + 300, defect_rate=0.0))[:, None]
+    masks = (torch.rand(8, 128, 128, generator=torch.Generator().manual_seed(0)) > 0.97).float().to(device)
+    labels = torch.tensor([0, 1] * 4, device=device)
+    train_head.train()
+
+    def step(_):
+        out = losses(toy, train_head, static, queries, prompts, masks, labels)
+        optimizer.zero_grad()
+        (out["loss_local"] + out["loss_global"]).backward()
+        optimizer.step()
+
+    step(None)  # warm-up
+    times = []
+    for _ in range(max(args.repeats)):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(None)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    print(f"training step, toy CLIP, batch 8 at 128 px: {best:.3f} s (best of {max(args.repeats)}); "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    rows.append({"device": device.type, "model": "toy", "size": 128, "what": "training step, batch 8",
+                 "images": 8, "seconds_per_image": best / 8, "peak_mb": "", "repeats": max(args.repeats),
+                 "load_average": os.getloadavg()[0]})
+    write_csv(args.out, rows)
+    print(f"wrote {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
@@ -254,7 +342,16 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=MODEL, help="another open_clip ViT or JSON config (smoke tests)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_anomaly.csv"))
+    parser.add_argument("--adaptclip", action="store_true",
+                        help="benchmark AdaptCLIP (inference at --adaptclip-size, the toy training step) "
+                        "instead")
+    parser.add_argument("--adaptclip-model", default="ViT-L-14-336",
+                        help="AdaptCLIP's backbone (the paper's)")
+    parser.add_argument("--adaptclip-size", type=int, default=518,
+                        help="AdaptCLIP's input side (the paper's)")
     args = parser.parse_args(argv)
+    if args.adaptclip:
+        return adaptclip_benchmark(args)
     device = torch.device(args.device)
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda"
 
