@@ -29,9 +29,11 @@ setup(
         # transformers: the reference CLIPSeg (CLIPSegForImageSegmentation) tests/test_clipseg.py
         # checks ovdense's against, pinned to the version that was checked; setuptools < 81: its
         # pkg_resources, which the official CLIM code (wusize/CLIM ovdet) imports, run as is by
-        # tests/test_fvit_official.py
+        # tests/test_fvit_official.py; einops, tifffile: imported by the official AdaptCLIP code that
+        # tests/test_adaptclip.py runs as is
         "dev": ["pytest>=8", "ruff>=0.5", "scipy>=1.10", "scikit-learn>=1.3", "pycocotools>=2.0.7",
-                "segment-anything==1.0", "playwright>=1.50", "transformers==5.25.0", "setuptools<81"],
+                "segment-anything==1.0", "playwright>=1.50", "transformers==5.25.0", "setuptools<81",
+                "einops", "tifffile"],
         "sam": ["segment-anything==1.0", "pycocotools>=2.0.7"],
         "mm": ["mmengine>=0.10,<0.11", "mmsegmentation==1.2.2", "mmdet==3.3.0", "pycocotools>=2.0.7",
                "scipy>=1.10", "prettytable"],

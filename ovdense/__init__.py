@@ -24,6 +24,7 @@ from ovdense.errors import OvdenseError
 from ovdense.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from ovdense.anomaly.adaptclip import AdaptClip
     from ovdense.anomaly.winclip import AnomalyResult, WinClip
     from ovdense.backbone.clip import ClipBackbone, create_backbone
     from ovdense.backbone.prompts import Vocabulary
@@ -47,6 +48,7 @@ _LAZY = {
     "DetectionResult": "ovdense.heads.fvit",
     "WinClip": "ovdense.anomaly.winclip",
     "AnomalyResult": "ovdense.anomaly.winclip",
+    "AdaptClip": "ovdense.anomaly.adaptclip",
     "HEADS": "ovdense.registry",
     "create_head": "ovdense.registry",
     "list_heads": "ovdense.registry",

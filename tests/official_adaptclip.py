@@ -60,6 +60,10 @@ def import_adaptclip(dest: Path) -> SimpleNamespace:
     """``adaptcliplib``, ``dataset``, ``test.py`` and ``train.py`` of the mirror, imported from ``dest``; the
     modules they import under common names (``tools``, ``dataset``) are removed from ``sys.modules``
     afterwards (the official modules keep their own references)."""
+    import pytest
+
+    for package in ("ftfy", "regex", "einops", "tifffile", "pkg_resources"):  # the official code's imports
+        pytest.importorskip(package, reason=f"the official AdaptCLIP code imports {package}")
     mirror_checkout(REPO, dest, ("adaptcliplib", "dataset", "tools", "test.py", "train.py"),
                     "OVDENSE_ADAPTCLIP_REPO")
     own = {name: sys.modules.pop(name) for name in list(sys.modules) if _is_official(name)}

@@ -178,7 +178,7 @@ class AdaptClipHead(nn.Module):
         self.taps, self.dual_from = c.blocks(backbone.num_layers)
         patch = backbone.model.visual.patch_size
         patch = patch[0] if isinstance(patch, tuple) else int(patch)
-        if c.image_size % patch or c.image_size // patch < 1:
+        if c.image_size < patch or c.image_size % patch:
             raise OvdenseError(f"AdaptCLIP's image_size {c.image_size} is not a multiple of the patch size "
                                f"{patch}")
         if c.n_ctx < 1 or c.reduction < 1 or c.pq_mid_dim < 2 or c.sigma < 0:
@@ -186,8 +186,7 @@ class AdaptClipHead(nn.Module):
         self.grid = c.image_size // patch
         if self.grid ** 2 < TOP_K:
             raise OvdenseError(f"AdaptCLIP's image_size {c.image_size} gives {self.grid ** 2} patches, fewer "
-                               "than "
-                               f"the {TOP_K} its image score averages")
+                               f"than the {TOP_K} its image score averages")
         dim = output_dim(backbone)
         text_width = text_tower(backbone).ln_final.weight.shape[0]
         self.ctx_normal = nn.Parameter(torch.empty(c.n_ctx, text_width).normal_(std=0.02))
