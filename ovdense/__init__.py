@@ -76,6 +76,7 @@ def list_methods() -> list[str]:
 
 
 __all__ = [
+    "AdaptClip",
     "AnomalyResult",
     "ClipBackbone",
     "DetectionResult",
