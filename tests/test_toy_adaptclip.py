@@ -48,3 +48,31 @@ def test_unseen_categories_beat_winclip(toy, tmp_path):
     assert mean(ours, "image_auroc") > 0.8 and mean(ours, "pixel_ap") > 0.25
     assert mean(ours, "image_auroc") > mean(theirs, "image_auroc") + 0.2
     assert mean(ours, "pixel_ap") > mean(theirs, "pixel_ap") + 0.2
+
+
+def test_the_toy_experiments_scores_are_per_category_means():
+    """tools/analysis/eval_adaptclip_toy.py's ``scores``: metrics per category, then averaged; ``defects``
+    keeps every normal image and the anomalous ones of those kinds (image AUROC against scikit-learn)."""
+    from sklearn.metrics import roc_auc_score
+    from tool_runs import load_tool
+
+    experiment = load_tool("analysis/eval_adaptclip_toy")
+    rng = np.random.default_rng(0)
+    rows = []
+    for category in ("a", "b"):
+        for defect, label in [("good", 0)] * 2 + [("holed", 1)] * 2 + [("stained", 1)] * 2:
+            mask = np.zeros((8, 8), bool)
+            mask[2:4, 2:4] = bool(label)
+            rows.append(dict(category=category, defect=defect, label=label, score=float(rng.random()),
+                             map=rng.random((8, 8)).astype(np.float32), mask=mask))
+
+    def auroc(category, keep):
+        chosen = [r for r in rows if r["category"] == category and (r["label"] == 0 or r["defect"] in keep)]
+        return roc_auc_score([r["label"] for r in chosen], [r["score"] for r in chosen])
+
+    everything = experiment.scores(rows)["image_auroc"]
+    both = {"holed", "stained"}
+    assert everything == pytest.approx(50 * (auroc("a", both) + auroc("b", both)))
+    stained = experiment.scores(rows, {"stained"})["image_auroc"]
+    assert stained == pytest.approx(50 * (auroc("a", {"stained"}) + auroc("b", {"stained"})))
+    assert stained != everything
