@@ -123,17 +123,16 @@ def evaluate(
         raise OvdenseError(f"unknown anomaly method {method!r}; choose from {list(METHODS)}")
     categories = check_dataset(dataset, root, categories, shots)
     _, iterate = READERS[dataset]
-    adapters = None
-    if method == "adaptclip":
-        from ovdense.anomaly.adaptclip import default_head_checkpoint, load_head
+    adaptclip = None
+    if method == "adaptclip":  # one head for every category: its prompts do not name the object
+        from ovdense.anomaly.adaptclip import AdaptClip
 
-        adapters = load_head(head_checkpoint or default_head_checkpoint(backbone), backbone)
+        adaptclip = AdaptClip(backbone, head_checkpoint=head_checkpoint)
     results = {}
     for category in categories:
-        if adapters is not None:
-            from ovdense.anomaly.adaptclip import AdaptClip
-
-            head = AdaptClip(backbone, object_name(category), head=adapters)
+        if adaptclip is not None:
+            head = adaptclip
+            head.object_name, head.memory, head.reference_size = object_name(category), None, None
         else:
             head = WinClip(backbone, object_name(category), prompt_set=prompt_set)
         if shots:

@@ -102,14 +102,15 @@ def _predictions(backbone, method: str, root: Path, shots: int, seed: int,
     from ovdense.io import load_image
 
     rows = []
-    adapters = None
-    if method == "adaptclip":
-        from ovdense.anomaly.adaptclip import AdaptClip, load_head
+    adaptclip = None
+    if method == "adaptclip":  # one head for every category: its prompts do not name the object
+        from ovdense.anomaly.adaptclip import AdaptClip
 
-        adapters = load_head(head_file, backbone)
+        adaptclip = AdaptClip(backbone, head_checkpoint=head_file)
     for category in mvtec_categories(root):
-        if adapters is not None:
-            head = AdaptClip(backbone, object_name(category), head=adapters)
+        if adaptclip is not None:
+            head = adaptclip
+            head.object_name, head.memory, head.reference_size = object_name(category), None, None
         else:
             from ovdense.anomaly.winclip import WinClip
 
